@@ -1,0 +1,61 @@
+#pragma once
+// Argument checks shared by the CPU and CUDA launchers. The Python wrappers raise ValueError /
+// TypeError before any kernel runs; these TORCH_CHECKs protect callers of torch.ops.bilateral_ops.*
+// directly, so that no input, however wrong, reaches a kernel that could index out of bounds.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace bilateral_ops {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ",
+              a.device(), " and ", b.device());
+}
+
+// grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W).
+inline void check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
+  check_floating(grid, "grid");
+  check_floating(guide, "guide");
+  check_same(grid, "grid", guide, "guide");
+  TORCH_CHECK(grid.dim() == 5, "grid must be 5-D (N, C, D, Gh, Gw), got ", grid.dim(), "-D");
+  TORCH_CHECK(guide.dim() == 3, "guide must be 3-D (N, H, W), got ", guide.dim(), "-D");
+  TORCH_CHECK(grid.size(1) >= 1 && grid.size(2) >= 1 && grid.size(3) >= 1 && grid.size(4) >= 1,
+              "grid channel, depth, height and width must be >= 1, got ", grid.sizes());
+  TORCH_CHECK(grid.size(0) == guide.size(0), "grid and guide must have the same batch size, got ",
+              grid.size(0), " and ", guide.size(0));
+}
+
+inline void check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
+                              const at::Tensor& input, bool has_offset) {
+  check_grid_guide(grid, guide);
+  check_floating(input, "input");
+  check_same(grid, "grid", input, "input");
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, Ci, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(input.size(0) == guide.size(0), "input and guide must have the same batch size");
+  TORCH_CHECK(input.size(2) == guide.size(1) && input.size(3) == guide.size(2),
+              "input and guide must have the same height and width, got ", input.sizes(), " and ",
+              guide.sizes());
+  TORCH_CHECK(input.size(1) >= 1, "input must have at least one channel");
+  const int64_t stride = input.size(1) + (has_offset ? 1 : 0);
+  TORCH_CHECK(grid.size(1) % stride == 0, "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ",
+              grid.size(1), " channels for Ci=", input.size(1), ", has_offset=", has_offset);
+}
+
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& like,
+                              at::IntArrayRef expected) {
+  check_floating(grad_output, "grad_output");
+  check_same(grad_output, "grad_output", like, "grid");
+  TORCH_CHECK(grad_output.sizes() == expected, "grad_output must have shape ", expected, ", got ",
+              grad_output.sizes());
+}
+
+}  // namespace bilateral_ops

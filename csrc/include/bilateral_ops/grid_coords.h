@@ -1,0 +1,120 @@
+#pragma once
+// Bilateral-grid sampling geometry: one copy of every formula, used by the CPU loops and the CUDA
+// kernels alike (DESIGN.md, "Grid coordinates").
+//
+// Pixel p of an n-pixel axis sits at grid position g = (p + 0.5) * G / n; the guide value v at
+// g = v * G. Grid sample k sits at k + 0.5. Along each axis the cells i = floor(g - 0.5) and i + 1
+// get tent weights 1 - |i + 0.5 - g|; memory indices clamp to [0, G - 1]. Clamping g itself to
+// [0.5, G - 0.5] first gives the same value (outside that band both taps land on the edge cell)
+// and is what keeps NaN, +-inf and huge guides away from the int conversion. This is exactly
+// F.grid_sample(..., mode="bilinear", padding_mode="border", align_corners=False).
+
+#include "bilateral_ops/macros.h"
+
+namespace bilateral_ops {
+
+template <typename T>
+BO_HOST_DEVICE T pixel_to_grid(int64_t p, int64_t n, int64_t G) {
+  return (static_cast<T>(p) + T(0.5)) * static_cast<T>(G) / static_cast<T>(n);
+}
+
+// Clamp a grid position into the band where interpolation is not constant. NaN maps to 0.5.
+template <typename T>
+BO_HOST_DEVICE T clamp_grid_coord(T g, int64_t G) {
+  return bo_fmin(bo_fmax(g, T(0.5)), static_cast<T>(G) - T(0.5));
+}
+
+// d(clamped g)/dg: 1 strictly inside the band, 0 where the clamp is active (and for NaN).
+template <typename T>
+BO_HOST_DEVICE T grid_coord_slope(T g, int64_t G) {
+  return (g > T(0.5) && g < static_cast<T>(G) - T(0.5)) ? T(1) : T(0);
+}
+
+template <typename T>
+struct AxisTaps {
+  int64_t i0, i1;  // memory indices, already clamped to [0, G - 1]
+  T w0, w1;        // tent weights of i0 and i1, summing to 1
+  T slope;         // d(sample)/dg = slope * (v[i1] - v[i0])
+};
+
+template <typename T>
+BO_HOST_DEVICE AxisTaps<T> axis_taps(T g, int64_t G) {
+  AxisTaps<T> t;
+  const T s = clamp_grid_coord(g, G) - T(0.5);  // in [0, G - 1], never NaN
+  const T fl = bo_floor(s);
+  t.i0 = static_cast<int64_t>(fl);
+  t.i1 = t.i0 + 1 < G ? t.i0 + 1 : G - 1;  // only clamps when the weight of i1 is 0
+  t.w1 = s - fl;
+  t.w0 = T(1) - t.w1;
+  t.slope = grid_coord_slope(g, G);
+  return t;
+}
+
+// The same weights written densely: the weight of cell k for a clamped position gc. Equal to the
+// AxisTaps weights (0 for every cell but i0 and i1); lets CPU loops run over k without gathers.
+template <typename T>
+BO_HOST_DEVICE T tent_weight(T gc, int64_t k) {
+  const T w = T(1) - bo_abs(static_cast<T>(k) + T(0.5) - gc);
+  return w > T(0) ? w : T(0);
+}
+
+// d tent_weight / d gc, with the same one-sided convention as AxisTaps at cell centres
+// (g exactly at k + 0.5 belongs to the interval [k + 0.5, k + 1.5)).
+template <typename T>
+BO_HOST_DEVICE T tent_weight_slope(T gc, int64_t k) {
+  const T d = gc - (static_cast<T>(k) + T(0.5));
+  // Branch-free so that CPU loops over pixels vectorise.
+  return static_cast<T>(d >= T(-1) && d < T(0)) - static_cast<T>(d >= T(0) && d < T(1));
+}
+
+// The eight corners of a trilinear sample in a (D, Gh, Gw) channel slab.
+template <typename T>
+struct TrilinearTaps {
+  int64_t offset[8];  // z-major: corner (dz, dy, dx) is entry dz * 4 + dy * 2 + dx
+  T weight[8];
+  T dweight_dz[8];  // d weight / d gz (zero where the z clamp is active)
+};
+
+template <typename T>
+BO_HOST_DEVICE TrilinearTaps<T> trilinear_taps(const AxisTaps<T>& tx, const AxisTaps<T>& ty,
+                                               const AxisTaps<T>& tz, int64_t Gh, int64_t Gw) {
+  TrilinearTaps<T> t;
+  const int64_t zi[2] = {tz.i0, tz.i1};
+  const int64_t yi[2] = {ty.i0, ty.i1};
+  const int64_t xi[2] = {tx.i0, tx.i1};
+  const T zw[2] = {tz.w0, tz.w1};
+  const T zd[2] = {-tz.slope, tz.slope};
+  const T yw[2] = {ty.w0, ty.w1};
+  const T xw[2] = {tx.w0, tx.w1};
+BO_UNROLL
+  for (int dz = 0; dz < 2; ++dz) {
+BO_UNROLL
+    for (int dy = 0; dy < 2; ++dy) {
+BO_UNROLL
+      for (int dx = 0; dx < 2; ++dx) {
+        const int c = dz * 4 + dy * 2 + dx;
+        t.offset[c] = (zi[dz] * Gh + yi[dy]) * Gw + xi[dx];
+        t.weight[c] = zw[dz] * yw[dy] * xw[dx];
+        t.dweight_dz[c] = zd[dz] * yw[dy] * xw[dx];
+      }
+    }
+  }
+  return t;
+}
+
+// Sample (and its z-derivative) of one channel slab at precomputed taps. Load is any callable
+// mapping an offset to a value in the accumulation type (a plain read on CPU, __ldg on CUDA).
+template <typename T, typename Load>
+BO_HOST_DEVICE void trilinear_sample(const TrilinearTaps<T>& t, const Load& load, T& value, T& dvalue_dz) {
+  T v = T(0), dv = T(0);
+BO_UNROLL
+  for (int c = 0; c < 8; ++c) {
+    const T s = load(t.offset[c]);
+    v += t.weight[c] * s;
+    dv += t.dweight_dz[c] * s;
+  }
+  value = v;
+  dvalue_dz = dv;
+}
+
+}  // namespace bilateral_ops

@@ -1,0 +1,95 @@
+"""Build of the bilateral_ops extension.
+
+CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found, or
+when FORCE_CUDA=1 (then a missing toolchain is an error, never a silent CPU-only build).
+TORCH_CUDA_ARCH_LIST is honoured; it defaults to sm_80, sm_86, sm_89 and sm_90 plus PTX.
+"""
+
+import glob
+import os
+import site
+import sysconfig
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                f"FORCE_CUDA=1 but torch {torch.__version__} was built without CUDA; "
+                "install a CUDA build of torch"
+            )
+        if CUDA_HOME is None:
+            raise RuntimeError(
+                "FORCE_CUDA=1 but no CUDA toolkit was found: put nvcc on PATH or set CUDA_HOME"
+            )
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def nvidia_wheel_includes():
+    """Header folders of pip's nvidia-* wheels (cuSPARSE, cuBLAS, ...), which torch's CUDA headers
+    include but a bare nvcc toolkit may lack: nvidia/cu13/include (CUDA 13 wheels) or
+    nvidia/<lib>/include (CUDA 12 wheels)."""
+    roots = {sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(torch.__file__))}
+    roots.update(site.getsitepackages())
+    found = []
+    for root in sorted(roots):
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if inc not in found:
+                found.append(inc)
+    return found
+
+
+def extensions():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    # -fopenmp: at::parallel_for is an inline template that only runs in parallel when the
+    # extension itself is compiled with OpenMP.
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    link = ["-fopenmp"]
+    if os.environ.get("BILATERAL_OPS_DEBUG", "0") == "1":
+        cxx = ["-O0", "-g", "-fopenmp"]
+    if not want_cuda():
+        return [
+            CppExtension(
+                "bilateral_ops._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=link,
+            )
+        ]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return [
+        CUDAExtension(
+            "bilateral_ops._C",
+            sources,
+            include_dirs=include_dirs + nvidia_wheel_includes(),
+            define_macros=[("BILATERAL_OPS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    ]
+
+
+setup(
+    name="bilateral_ops",
+    version="0.1.0",
+    description="Fast, differentiable bilateral operators for PyTorch (CPU and CUDA)",
+    packages=find_packages(include=["bilateral_ops", "bilateral_ops.*"]),
+    package_data={"bilateral_ops": ["py.typed"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    zip_safe=False,
+)
