@@ -7,12 +7,55 @@ TORCH_CUDA_ARCH_LIST is honoured; it defaults to sm_80, sm_86, sm_89 and sm_90 p
 
 import glob
 import os
+import re
+import shutil
 import site
+import subprocess
 import sysconfig
+import tempfile
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def locate_cuda_home():
+    """Set CUDA_HOME from nvcc itself when nvcc on PATH is a wrapper script.
+
+    torch guesses CUDA_HOME as the parent of nvcc's folder; for a wrapper such as
+    /usr/local/bin/nvcc that is /usr/local, which has no lib64/libcudart. nvcc's dry run names
+    the real toolkit (TOP=...).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        open(src, "w").close()
+        try:
+            out = subprocess.run(
+                [nvcc, "-dryrun", "-c", src], capture_output=True, text=True, timeout=60, cwd=tmp
+            )
+        except (OSError, subprocess.SubprocessError):
+            return
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if match:
+        top = os.path.normpath(match.group(1).strip())
+        if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = top
+
+
+locate_cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME at import
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"

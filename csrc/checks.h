@@ -10,8 +10,8 @@ namespace bilateral_ops {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
+              t.scalar_type());
 }
 
 inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
@@ -46,8 +46,9 @@ inline void check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
               guide.sizes());
   TORCH_CHECK(input.size(1) >= 1, "input must have at least one channel");
   const int64_t stride = input.size(1) + (has_offset ? 1 : 0);
-  TORCH_CHECK(grid.size(1) % stride == 0, "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ",
-              grid.size(1), " channels for Ci=", input.size(1), ", has_offset=", has_offset);
+  TORCH_CHECK(grid.size(1) % stride == 0,
+              "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
+              " channels for Ci=", input.size(1), ", has_offset=", has_offset);
 }
 
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& like,

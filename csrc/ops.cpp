@@ -15,9 +15,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(bilateral_ops, m) {
   m.def("bilateral_slice(Tensor grid, Tensor guide) -> Tensor");
-  m.def("_bilateral_slice_backward(Tensor grad_output, Tensor grid, Tensor guide) -> (Tensor, Tensor)");
-  m.def("bilateral_slice_apply(Tensor grid, Tensor guide, Tensor input, bool has_offset=True) -> Tensor");
   m.def(
-      "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
+      "_bilateral_slice_backward(Tensor grad_output, Tensor grid, Tensor guide) -> (Tensor, "
+      "Tensor)");
+  m.def(
+      "bilateral_slice_apply(Tensor grid, Tensor guide, Tensor input, bool has_offset=True) -> "
+      "Tensor");
+  m.def(
+      "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor "
+      "input, "
       "bool has_offset) -> (Tensor, Tensor, Tensor)");
 }

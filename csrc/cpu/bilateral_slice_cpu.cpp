@@ -13,22 +13,22 @@ namespace bilateral_ops {
 namespace cpu {
 
 // Task functions: the only non-inline code, one copy per instruction set (BO_TARGET_CLONES).
-#define BO_DEFINE_TASKS(T, SUFFIX)                                                             \
-  BO_TARGET_CLONES void slice_forward_task_##SUFFIX(const SliceParams<T>& p, int64_t r0,       \
-                                                    int64_t r1, T* R, T* A) {                  \
-    forward_rows(p, r0, r1, R, A);                                                             \
-  }                                                                                            \
-  BO_TARGET_CLONES void slice_backward_task_##SUFFIX(const SliceParams<T>& p, int64_t n,       \
-                                                     int64_t y0, int64_t y1, double* G, T* R,  \
-                                                     T* B, T* A, T* dA, T* V) {                \
-    backward_rows(p, n, y0, y1, G, R, B, A, dA, V);                                            \
-  }                                                                                            \
-  inline void forward_task(const SliceParams<T>& p, int64_t r0, int64_t r1, T* R, T* A) {      \
-    slice_forward_task_##SUFFIX(p, r0, r1, R, A);                                              \
-  }                                                                                            \
-  inline void backward_task(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1,        \
-                            double* G, T* R, T* B, T* A, T* dA, T* V) {                        \
-    slice_backward_task_##SUFFIX(p, n, y0, y1, G, R, B, A, dA, V);                             \
+#define BO_DEFINE_TASKS(T, SUFFIX)                                                                 \
+  BO_TARGET_CLONES void slice_forward_task_##SUFFIX(const SliceParams<T>& p, int64_t r0,           \
+                                                    int64_t r1, T* R, T* A) {                      \
+    forward_rows(p, r0, r1, R, A);                                                                 \
+  }                                                                                                \
+  BO_TARGET_CLONES void slice_backward_task_##SUFFIX(const SliceParams<T>& p, int64_t n,           \
+                                                     int64_t y0, int64_t y1, double* G, T* R,      \
+                                                     T* B, T* A, T* dA, T* V) {                    \
+    backward_rows(p, n, y0, y1, G, R, B, A, dA, V);                                                \
+  }                                                                                                \
+  inline void forward_task(const SliceParams<T>& p, int64_t r0, int64_t r1, T* R, T* A) {          \
+    slice_forward_task_##SUFFIX(p, r0, r1, R, A);                                                  \
+  }                                                                                                \
+  inline void backward_task(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1, double* G, \
+                            T* R, T* B, T* A, T* dA, T* V) {                                       \
+    slice_backward_task_##SUFFIX(p, n, y0, y1, G, R, B, A, dA, V);                                 \
   }
 
 BO_DEFINE_TASKS(float, f32)
@@ -75,12 +75,11 @@ at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype).contiguous();
-}
+at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 template <typename T>
-SliceParams<T> make_params(const at::Tensor& grid_t, const at::Tensor& guide, int64_t C, int64_t D) {
+SliceParams<T> make_params(const at::Tensor& grid_t, const at::Tensor& guide, int64_t C,
+                           int64_t D) {
   SliceParams<T> p{};
   p.N = guide.size(0);
   p.H = guide.size(1);
@@ -116,7 +115,7 @@ void run_forward(const SliceParams<T>& p) {
 template <typename T>
 void run_backward(const SliceParams<T>& p, at::Tensor& grad_grid) {
   const int64_t plane = p.row_table_size();
-  const int64_t cells = p.Gh * plane;  // one image's grid
+  const int64_t cells = p.Gh * plane;                    // one image's grid
   constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of double partial sums
   const int64_t by_memory = kPartialBudget / std::max<int64_t>(1, p.N * cells * 8);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({16, p.H, by_memory}));
@@ -230,9 +229,11 @@ at::Tensor slice_apply_forward(const at::Tensor& grid, const at::Tensor& guide,
   return out.to(input.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(
-    const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& guide,
-    const at::Tensor& input, bool has_offset) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(const at::Tensor& grad_output,
+                                                                    const at::Tensor& grid,
+                                                                    const at::Tensor& guide,
+                                                                    const at::Tensor& input,
+                                                                    bool has_offset) {
   check_slice_apply(grid, guide, input, has_offset);
   const int64_t N = guide.size(0), H = guide.size(1), W = guide.size(2), C = grid.size(1);
   const int64_t Co = C / affine_stride(input.size(1), has_offset);

@@ -30,7 +30,8 @@
 // One build runs fast on any x86-64: GCC emits an AVX-512, an AVX2+FMA and a baseline copy of each
 // task function and picks one at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
-#define BO_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BO_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BO_TARGET_CLONES
 #endif
@@ -203,14 +204,14 @@ BO_ALWAYS_INLINE void splat_block(const T* V, int64_t vstride, int64_t D, int64_
 
 // Blocks are visited with plain loops, not lambdas, so that everything inlines into the
 // target_clones task functions and is compiled for their instruction sets.
-#define BO_FOR_EACH_BLOCK(p, BODY)                                        \
-  for (int64_t s_ = 0; s_ < (p).nseg; ++s_) {                           \
-    const int64_t c0 = (p).seg_c0[s_], c1 = (p).seg_c1[s_];             \
-    const int64_t end_ = (p).seg_begin[s_ + 1];                         \
-    for (int64_t b = (p).seg_begin[s_]; b < end_; b += kBlock) {        \
-      const int64_t nb = std::min(kBlock, end_ - b);                    \
-      BODY;                                                             \
-    }                                                                   \
+#define BO_FOR_EACH_BLOCK(p, BODY)                               \
+  for (int64_t s_ = 0; s_ < (p).nseg; ++s_) {                    \
+    const int64_t c0 = (p).seg_c0[s_], c1 = (p).seg_c1[s_];      \
+    const int64_t end_ = (p).seg_begin[s_ + 1];                  \
+    for (int64_t b = (p).seg_begin[s_]; b < end_; b += kBlock) { \
+      const int64_t nb = std::min(kBlock, end_ - b);             \
+      BODY;                                                      \
+    }                                                            \
   }
 
 // One block of the forward pass of row y of image n.
@@ -218,31 +219,31 @@ template <typename T>
 BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, T* A, const T* guide,
                                     int64_t n, int64_t y, int64_t b, int64_t nb, int64_t c0,
                                     int64_t c1) {
-      const int64_t HW = p.H * p.W;
-      BlockZ<T> bz;
-      block_z(guide + b, nb, p.D, bz);
-      interp_block<T, false>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, nullptr);
-      if (!p.apply) {
-        T* out = p.output + n * p.C * HW + y * p.W + b;
-        for (int64_t c = 0; c < p.C; ++c) std::memcpy(out + c * HW, A + c * kBlock, nb * sizeof(T));
-        return;
-      }
-      const T* in = p.input + n * p.Ci * HW + y * p.W + b;
-      T* out = p.output + n * p.Co * HW + y * p.W + b;
-      for (int64_t o = 0; o < p.Co; ++o) {
-        T acc[kBlock];
-        if (p.has_offset) {
-          std::memcpy(acc, A + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
-        } else {
-          std::fill(acc, acc + nb, T(0));
-        }
-        for (int64_t i = 0; i < p.Ci; ++i) {
-          const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
-          const T* __restrict x = in + i * HW;
-          for (int64_t j = 0; j < nb; ++j) acc[j] += a[j] * x[j];
-        }
-        std::memcpy(out + o * HW, acc, nb * sizeof(T));
-      }
+  const int64_t HW = p.H * p.W;
+  BlockZ<T> bz;
+  block_z(guide + b, nb, p.D, bz);
+  interp_block<T, false>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, nullptr);
+  if (!p.apply) {
+    T* out = p.output + n * p.C * HW + y * p.W + b;
+    for (int64_t c = 0; c < p.C; ++c) std::memcpy(out + c * HW, A + c * kBlock, nb * sizeof(T));
+    return;
+  }
+  const T* in = p.input + n * p.Ci * HW + y * p.W + b;
+  T* out = p.output + n * p.Co * HW + y * p.W + b;
+  for (int64_t o = 0; o < p.Co; ++o) {
+    T acc[kBlock];
+    if (p.has_offset) {
+      std::memcpy(acc, A + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
+    } else {
+      std::fill(acc, acc + nb, T(0));
+    }
+    for (int64_t i = 0; i < p.Ci; ++i) {
+      const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
+      const T* __restrict x = in + i * HW;
+      for (int64_t j = 0; j < nb; ++j) acc[j] += a[j] * x[j];
+    }
+    std::memcpy(out + o * HW, acc, nb * sizeof(T));
+  }
 }
 
 // Forward over image rows [r0, r1) of the flattened (N * H) row index.
@@ -259,68 +260,70 @@ BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t 
   }
 }
 
-// Backward over rows [y0, y1) of image n. Gacc (Gh, Gw, D, C), accumulated in double so the sum
-// over many pixels keeps float32 grids accurate. Scratch: R and B (row_table_size),
-// A, dA and V (C * kBlock).
+// One block of the backward pass of row y of image n: grad_guide and grad_input are written
+// per pixel, the grid gradient is splatted into the row buffer B.
 template <typename T>
 BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B, T* A, T* dA, T* V,
-                                     const T* guide, T* grad_guide, int64_t n, int64_t y,
-                                     int64_t b, int64_t nb, int64_t c0, int64_t c1) {
-      const int64_t HW = p.H * p.W;
-      const int64_t Cout = p.apply ? p.Co : p.C;
-      const T zscale = static_cast<T>(p.D);  // d gz / d guide
-      BlockZ<T> bz;
-      block_z(guide + b, nb, p.D, bz);
-      interp_block<T, true>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, dA);
-      const T* go = p.grad_output + n * Cout * HW + y * p.W + b;
-      T gg[kBlock];
-      std::fill(gg, gg + nb, T(0));
-      if (!p.apply) {
-        for (int64_t c = 0; c < p.C; ++c) {
-          const T* __restrict g = go + c * HW;
-          const T* __restrict da = dA + c * kBlock;
-          for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * da[j];
-        }
-        for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
-        splat_block(go, HW, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
-        return;
+                                     const T* guide, T* grad_guide, int64_t n, int64_t y, int64_t b,
+                                     int64_t nb, int64_t c0, int64_t c1) {
+  const int64_t HW = p.H * p.W;
+  const int64_t Cout = p.apply ? p.Co : p.C;
+  const T zscale = static_cast<T>(p.D);  // d gz / d guide
+  BlockZ<T> bz;
+  block_z(guide + b, nb, p.D, bz);
+  interp_block<T, true>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, dA);
+  const T* go = p.grad_output + n * Cout * HW + y * p.W + b;
+  T gg[kBlock];
+  std::fill(gg, gg + nb, T(0));
+  if (!p.apply) {
+    for (int64_t c = 0; c < p.C; ++c) {
+      const T* __restrict g = go + c * HW;
+      const T* __restrict da = dA + c * kBlock;
+      for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * da[j];
+    }
+    for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
+    splat_block(go, HW, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
+    return;
+  }
+  const T* in = p.input + n * p.Ci * HW + y * p.W + b;
+  T* gin = p.grad_input + n * p.Ci * HW + y * p.W + b;
+  for (int64_t i = 0; i < p.Ci; ++i) {
+    T acc[kBlock];
+    std::fill(acc, acc + nb, T(0));
+    for (int64_t o = 0; o < p.Co; ++o) {
+      const T* __restrict g = go + o * HW;
+      const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
+      for (int64_t j = 0; j < nb; ++j) acc[j] += g[j] * a[j];
+    }
+    std::memcpy(gin + i * HW, acc, nb * sizeof(T));
+  }
+  for (int64_t o = 0; o < p.Co; ++o) {
+    const T* __restrict g = go + o * HW;
+    T t[kBlock];
+    if (p.has_offset) {
+      std::memcpy(t, dA + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
+      std::memcpy(V + affine_channel(o, p.Ci, p.stride) * kBlock, g, nb * sizeof(T));
+    } else {
+      std::fill(t, t + nb, T(0));
+    }
+    for (int64_t i = 0; i < p.Ci; ++i) {
+      const T* __restrict da = dA + affine_channel(o, i, p.stride) * kBlock;
+      const T* __restrict x = in + i * HW;
+      T* __restrict v = V + affine_channel(o, i, p.stride) * kBlock;
+      for (int64_t j = 0; j < nb; ++j) {
+        t[j] += da[j] * x[j];
+        v[j] = g[j] * x[j];
       }
-      const T* in = p.input + n * p.Ci * HW + y * p.W + b;
-      T* gin = p.grad_input + n * p.Ci * HW + y * p.W + b;
-      for (int64_t i = 0; i < p.Ci; ++i) {
-        T acc[kBlock];
-        std::fill(acc, acc + nb, T(0));
-        for (int64_t o = 0; o < p.Co; ++o) {
-          const T* __restrict g = go + o * HW;
-          const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
-          for (int64_t j = 0; j < nb; ++j) acc[j] += g[j] * a[j];
-        }
-        std::memcpy(gin + i * HW, acc, nb * sizeof(T));
-      }
-      for (int64_t o = 0; o < p.Co; ++o) {
-        const T* __restrict g = go + o * HW;
-        T t[kBlock];
-        if (p.has_offset) {
-          std::memcpy(t, dA + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
-          std::memcpy(V + affine_channel(o, p.Ci, p.stride) * kBlock, g, nb * sizeof(T));
-        } else {
-          std::fill(t, t + nb, T(0));
-        }
-        for (int64_t i = 0; i < p.Ci; ++i) {
-          const T* __restrict da = dA + affine_channel(o, i, p.stride) * kBlock;
-          const T* __restrict x = in + i * HW;
-          T* __restrict v = V + affine_channel(o, i, p.stride) * kBlock;
-          for (int64_t j = 0; j < nb; ++j) {
-            t[j] += da[j] * x[j];
-            v[j] = g[j] * x[j];
-          }
-        }
-        for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * t[j];
-      }
-      for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
-      splat_block(V, kBlock, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
+    }
+    for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * t[j];
+  }
+  for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
+  splat_block(V, kBlock, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
 }
 
+// Backward over rows [y0, y1) of image n. Gacc (Gh, Gw, D, C) is accumulated in double so that
+// the sum over many pixels keeps float32 grids accurate. Scratch: R and B (row_table_size),
+// A, dA and V (C * kBlock).
 template <typename T>
 BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1,
                                     double* Gacc, T* R, T* B, T* A, T* dA, T* V) {

@@ -86,11 +86,11 @@ BO_HOST_DEVICE TrilinearTaps<T> trilinear_taps(const AxisTaps<T>& tx, const Axis
   const T zd[2] = {-tz.slope, tz.slope};
   const T yw[2] = {ty.w0, ty.w1};
   const T xw[2] = {tx.w0, tx.w1};
-BO_UNROLL
+  BO_UNROLL
   for (int dz = 0; dz < 2; ++dz) {
-BO_UNROLL
+    BO_UNROLL
     for (int dy = 0; dy < 2; ++dy) {
-BO_UNROLL
+      BO_UNROLL
       for (int dx = 0; dx < 2; ++dx) {
         const int c = dz * 4 + dy * 2 + dx;
         t.offset[c] = (zi[dz] * Gh + yi[dy]) * Gw + xi[dx];
@@ -105,9 +105,10 @@ BO_UNROLL
 // Sample (and its z-derivative) of one channel slab at precomputed taps. Load is any callable
 // mapping an offset to a value in the accumulation type (a plain read on CPU, __ldg on CUDA).
 template <typename T, typename Load>
-BO_HOST_DEVICE void trilinear_sample(const TrilinearTaps<T>& t, const Load& load, T& value, T& dvalue_dz) {
+BO_HOST_DEVICE void trilinear_sample(const TrilinearTaps<T>& t, const Load& load, T& value,
+                                     T& dvalue_dz) {
   T v = T(0), dv = T(0);
-BO_UNROLL
+  BO_UNROLL
   for (int c = 0; c < 8; ++c) {
     const T s = load(t.offset[c]);
     v += t.weight[c] * s;
