@@ -215,7 +215,8 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "_bilateral_slice_backward")
     def _slice_backward_fake(grad_output, grid, guide):
-        return torch.empty_like(grid), torch.empty_like(guide)
+        # The kernels return contiguous gradients whatever the inputs' strides.
+        return grid.new_empty(grid.shape), guide.new_empty(guide.shape)
 
     @torch.library.register_fake(lib + "bilateral_slice_apply")
     def _slice_apply_fake(grid, guide, input, has_offset=True):
@@ -226,7 +227,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "_bilateral_slice_apply_backward")
     def _slice_apply_backward_fake(grad_output, grid, guide, input, has_offset):
-        return torch.empty_like(grid), torch.empty_like(guide), torch.empty_like(input)
+        return grid.new_empty(grid.shape), guide.new_empty(guide.shape), input.new_empty(input.shape)
 
     def _slice_setup(ctx, inputs, output):
         grid, guide = inputs

@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> slice_backward(const at::Tensor& grad_output,
   check_grid_guide(grid, guide);
   const int64_t N = guide.size(0), H = guide.size(1), W = guide.size(2), C = grid.size(1);
   check_grad_output(grad_output, grid, {N, C, H, W});
-  if (is_empty_image(guide)) return {at::zeros_like(grid), at::zeros_like(guide)};
+  if (is_empty_image(guide))
+    return {at::zeros(grid.sizes(), grid.options()), at::zeros(guide.sizes(), guide.options())};
   const auto dt = compute_dtype(grid.scalar_type());
   at::Tensor grid_t = transposed_grid(grid, dt);
   at::Tensor guide_c = prepared(guide, dt);
@@ -239,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(const at::Te
   const int64_t Co = C / affine_stride(input.size(1), has_offset);
   check_grad_output(grad_output, grid, {N, Co, H, W});
   if (is_empty_image(guide)) {
-    return {at::zeros_like(grid), at::zeros_like(guide), at::zeros_like(input)};
+    return {at::zeros(grid.sizes(), grid.options()), at::zeros(guide.sizes(), guide.options()),
+            at::zeros(input.sizes(), input.options())};
   }
   const auto dt = compute_dtype(input.scalar_type());
   at::Tensor grid_t = transposed_grid(grid, dt);

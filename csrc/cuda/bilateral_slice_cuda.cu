@@ -27,7 +27,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -153,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) slice_forward_kernel(const SliceArgs
     const PixelTaps<acc_t> pt = pixel_taps(a, n, y, x);
     if (!a.apply) {
       scalar_t* out = a.output + n * a.C * HW + r;
-      #pragma unroll 1
+#pragma unroll 1
       for (int64_t c = 0; c < a.C; ++c) {
         acc_t v, dv;
         sample_channel(a, pt.t, n, c, v, dv);
@@ -162,14 +161,14 @@ __global__ void __launch_bounds__(kThreads) slice_forward_kernel(const SliceArgs
     } else {
       const scalar_t* in = a.input + n * a.Ci * HW + r;
       scalar_t* out = a.output + n * a.Co * HW + r;
-      #pragma unroll 1
+#pragma unroll 1
       for (int64_t o = 0; o < a.Co; ++o) {
         acc_t acc = acc_t(0), v, dv;
         if (a.has_offset) {
           sample_channel(a, pt.t, n, affine_channel(o, a.Ci, a.stride), v, dv);
           acc = v;
         }
-        #pragma unroll 1
+#pragma unroll 1
         for (int64_t i = 0; i < a.Ci; ++i) {
           sample_channel(a, pt.t, n, affine_channel(o, i, a.stride), v, dv);
           acc += v * ldg(in + i * HW);
@@ -240,8 +239,9 @@ struct Scatter8 {
         s = peer_sum(s, peers[k], lane);
       }
       if ((__ffs(peers[k]) - 1) == lane) {
-        const int64_t dst = shared ? static_cast<int64_t>(zoff[k >> 2] + yoff[(k >> 1) & 1] + xoff[k & 1])
-                                   : t.offset[k];
+        const int64_t dst =
+            shared ? static_cast<int64_t>(zoff[k >> 2] + yoff[(k >> 1) & 1] + xoff[k & 1])
+                   : t.offset[k];
         atomicAdd(base + dst, s);
       }
     }
@@ -253,8 +253,7 @@ struct Scatter8 {
 // Block = one 32x8 pixel tile; grid-stride over tiles.
 
 template <typename scalar_t, bool kScatter>
-__global__ void __launch_bounds__(kTileThreads)
-    slice_backward_kernel(const SliceArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kTileThreads) slice_backward_kernel(const SliceArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -329,7 +328,7 @@ __global__ void __launch_bounds__(kTileThreads)
     const scalar_t* go = a.grad_output + n * Cout * HW + pix;
     acc_t gg = acc_t(0);
     if (!a.apply) {
-      #pragma unroll 1
+#pragma unroll 1
       for (int64_t c = 0; c < a.C; ++c) {
         acc_t v, dv;
         sample_channel(a, pt.t, n, c, v, dv);
@@ -339,12 +338,12 @@ __global__ void __launch_bounds__(kTileThreads)
       }
     } else {
       const scalar_t* in = a.input + n * a.Ci * HW + pix;
-      #pragma unroll 1
+#pragma unroll 1
       for (int64_t i = 0; i < a.stride; ++i) {
         const bool is_offset = i == a.Ci;  // only when has_offset
         const acc_t xin = is_offset ? acc_t(1) : (valid ? ldg(in + i * HW) : acc_t(0));
         acc_t gin = acc_t(0);
-        #pragma unroll 1
+#pragma unroll 1
         for (int64_t o = 0; o < a.Co; ++o) {
           const int64_t c = affine_channel(o, i, a.stride);
           acc_t v, dv;
@@ -354,7 +353,8 @@ __global__ void __launch_bounds__(kTileThreads)
           gg += g * (dv * xin);
           if (kScatter) sc.add(cbase + c * cstride, pt.t, g * xin, lane);
         }
-        if (!is_offset && valid) a.grad_input[(n * a.Ci + i) * HW + pix] = static_cast<scalar_t>(gin);
+        if (!is_offset && valid)
+          a.grad_input[(n * a.Ci + i) * HW + pix] = static_cast<scalar_t>(gin);
       }
     }
     if (valid) a.grad_guide[n * HW + pix] = static_cast<scalar_t>(gg * zscale);
@@ -496,8 +496,7 @@ void set_apply(SliceArgs<scalar_t>& a, const at::Tensor& input, bool has_offset)
 template <typename scalar_t>
 void launch_forward(const SliceArgs<scalar_t>& a) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  slice_forward_kernel<scalar_t>
-      <<<blocks_for(a.N * a.H * a.W, kThreads), kThreads, 0, stream>>>(a);
+  slice_forward_kernel<scalar_t><<<blocks_for(a.N * a.H * a.W, kThreads), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -513,27 +512,24 @@ template <typename scalar_t>
 at::Tensor launch_backward(SliceArgs<scalar_t>& a, const at::Tensor& grid) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tiles =
-      a.N * ((a.H + kTileH - 1) / kTileH) * ((a.W + kTileW - 1) / kTileW);
+  const int64_t tiles = a.N * ((a.H + kTileH - 1) / kTileH) * ((a.W + kTileW - 1) / kTileW);
   if (at::globalContext().deterministicAlgorithms()) {
     at::Tensor grad_grid = at::empty(grid.sizes(), grid.options());
     a.grad_grid = grad_grid.data_ptr<scalar_t>();
-    slice_backward_kernel<scalar_t, false>
-        <<<blocks_for(tiles, 1), kTileThreads, 0, stream>>>(a);
+    slice_backward_kernel<scalar_t, false><<<blocks_for(tiles, 1), kTileThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t cells = a.N * a.C * a.D * a.Gh * a.Gw;
     grad_grid_gather_kernel<scalar_t><<<blocks_for(cells, kThreads), kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return grad_grid;
   }
-  at::Tensor acc = at::zeros(grid.sizes(),
-                             grid.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor acc =
+      at::zeros(grid.sizes(), grid.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   a.grad_grid_acc = acc.data_ptr<acc_t>();
   const int64_t want = a.C * max_cells(kTileW, a.W, a.Gw) * max_cells(kTileH, a.H, a.Gh) * a.D;
   a.shared_cap = std::min<int64_t>(want, kMaxSharedBytes / static_cast<int64_t>(sizeof(acc_t)));
   const size_t shmem = static_cast<size_t>(a.shared_cap) * sizeof(acc_t);
-  slice_backward_kernel<scalar_t, true>
-      <<<blocks_for(tiles, 1), kTileThreads, shmem, stream>>>(a);
+  slice_backward_kernel<scalar_t, true><<<blocks_for(tiles, 1), kTileThreads, shmem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return acc.scalar_type() == grid.scalar_type() ? acc : acc.to(grid.scalar_type());
 }
@@ -552,10 +548,10 @@ at::Tensor slice_forward(const at::Tensor& grid_in, const at::Tensor& guide_in) 
   at::Tensor out = at::empty({N, C, H, W}, grid.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_cuda", [&] {
-    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
-    a.output = out.data_ptr<scalar_t>();
-    launch_forward(a);
-  });
+                                    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
+                                    a.output = out.data_ptr<scalar_t>();
+                                    launch_forward(a);
+                                  });
   return out;
 }
 
@@ -566,7 +562,9 @@ std::tuple<at::Tensor, at::Tensor> slice_backward(const at::Tensor& grad_output_
   const int64_t N = guide_in.size(0), H = guide_in.size(1), W = guide_in.size(2);
   const int64_t C = grid_in.size(1);
   check_grad_output(grad_output_in, grid_in, {N, C, H, W});
-  if (guide_in.numel() == 0) return {at::zeros_like(grid_in), at::zeros_like(guide_in)};
+  if (guide_in.numel() == 0)
+    return {at::zeros(grid_in.sizes(), grid_in.options()),
+            at::zeros(guide_in.sizes(), guide_in.options())};
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
   const at::Tensor grid = grid_in.contiguous();
   const at::Tensor guide = guide_in.contiguous();
@@ -575,11 +573,11 @@ std::tuple<at::Tensor, at::Tensor> slice_backward(const at::Tensor& grad_output_
   at::Tensor grad_grid;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_backward_cuda", [&] {
-    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
-    a.grad_output = go.data_ptr<scalar_t>();
-    a.grad_guide = grad_guide.data_ptr<scalar_t>();
-    grad_grid = launch_backward(a, grid);
-  });
+                                    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
+                                    a.grad_output = go.data_ptr<scalar_t>();
+                                    a.grad_guide = grad_guide.data_ptr<scalar_t>();
+                                    grad_grid = launch_backward(a, grid);
+                                  });
   return {grad_grid, grad_guide};
 }
 
@@ -596,11 +594,11 @@ at::Tensor slice_apply_forward(const at::Tensor& grid_in, const at::Tensor& guid
   at::Tensor out = at::empty({N, Co, H, W}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_apply_cuda", [&] {
-    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
-    set_apply(a, input, has_offset);
-    a.output = out.data_ptr<scalar_t>();
-    launch_forward(a);
-  });
+                                    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
+                                    set_apply(a, input, has_offset);
+                                    a.output = out.data_ptr<scalar_t>();
+                                    launch_forward(a);
+                                  });
   return out;
 }
 
@@ -612,7 +610,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(
   const int64_t Co = grid_in.size(1) / affine_stride(input_in.size(1), has_offset);
   check_grad_output(grad_output_in, grid_in, {N, Co, H, W});
   if (guide_in.numel() == 0) {
-    return {at::zeros_like(grid_in), at::zeros_like(guide_in), at::zeros_like(input_in)};
+    return {at::zeros(grid_in.sizes(), grid_in.options()),
+            at::zeros(guide_in.sizes(), guide_in.options()),
+            at::zeros(input_in.sizes(), input_in.options())};
   }
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
   const at::Tensor grid = grid_in.contiguous();
@@ -624,13 +624,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(
   at::Tensor grad_grid;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_apply_backward_cuda", [&] {
-    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
-    set_apply(a, input, has_offset);
-    a.grad_output = go.data_ptr<scalar_t>();
-    a.grad_guide = grad_guide.data_ptr<scalar_t>();
-    a.grad_input = grad_input.data_ptr<scalar_t>();
-    grad_grid = launch_backward(a, grid);
-  });
+                                    SliceArgs<scalar_t> a = make_args<scalar_t>(grid, guide);
+                                    set_apply(a, input, has_offset);
+                                    a.grad_output = go.data_ptr<scalar_t>();
+                                    a.grad_guide = grad_guide.data_ptr<scalar_t>();
+                                    a.grad_input = grad_input.data_ptr<scalar_t>();
+                                    grad_grid = launch_backward(a, grid);
+                                  });
   return {grad_grid, grad_guide, grad_input};
 }
 
