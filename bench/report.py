@@ -1,0 +1,116 @@
+"""Markdown tables of the bilateral_ops benchmarks, for bench/RESULTS.md.
+
+    python bench/report.py                 # runs the CPU benches (pytest bench -k cpu), then prints
+    python bench/report.py --cuda          # runs every bench, CUDA included
+    python bench/report.py BENCH.json      # reads a pytest-benchmark --benchmark-json file
+
+Speed-ups are ratios of times measured side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benches(path: str, cuda: bool) -> None:
+    env = dict(os.environ, BILATERAL_OPS_REQUIRE_COMPILED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "pytest", "-q", "bench", "--benchmark-only", f"--benchmark-json={path}"]
+    if not cuda:
+        cmd += ["-k", "cpu"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=sys.stderr)
+
+
+def cpu_table(benches: list[dict]) -> list[str]:
+    rows = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("device") != "cpu":
+            continue
+        rows.setdefault((info["size"], info["op"]), {})[info["impl"]] = b
+    if not rows:
+        return []
+    out = [
+        "| size | op | ours min / median (ms) | grid_sample min / median (ms) | speed-up min / median "
+        "| interleaved speed-up | peak extra memory ours / grid_sample (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {"512x512": 0, "1920x1080": 1}
+    for (size, op) in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1])):
+        r = rows[(size, op)]
+        if "ours" not in r or "grid_sample" not in r:
+            continue
+        o, p = r["ours"]["stats"], r["grid_sample"]["stats"]
+        mem_o = r["ours"]["extra_info"].get("peak_extra_MiB", float("nan"))
+        mem_p = r["grid_sample"]["extra_info"].get("peak_extra_MiB", float("nan"))
+        out.append(
+            f"| {size} | {op.replace('_', ' + ')} "
+            f"| {o['min'] * 1e3:.2f} / {o['median'] * 1e3:.2f} "
+            f"| {p['min'] * 1e3:.1f} / {p['median'] * 1e3:.1f} "
+            f"| {p['min'] / o['min']:.1f}x / {p['median'] / o['median']:.1f}x "
+            f"| {r['ours']['extra_info'].get('interleaved_speedup', float('nan')):.1f}x "
+            f"| {mem_o:.1f} / {mem_p:.1f} |"
+        )
+    return out
+
+
+def cuda_table(benches: list[dict]) -> list[str]:
+    rows = [b for b in benches if b.get("extra_info", {}).get("device", "cpu") != "cpu"]
+    if not rows:
+        return []
+    out = [
+        "| device | size | op | dtype | ours (ms) | GB/s | clone GB/s | % of clone | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["op"] != "forward", b["extra_info"]["dtype"] != "float32")):
+        i = b["extra_info"]
+        notes = []
+        if "grid_sample_event_ms" in i:
+            notes.append(f"grid_sample fwd {i['grid_sample_event_ms']:.3f} ms")
+        if "ours_peak_extra_MiB" in i:
+            notes.append(f"peak extra {i['ours_peak_extra_MiB']} / {i['grid_sample_peak_extra_MiB']} MiB")
+        if "ours_forward_backward_event_ms" in i:
+            notes.append(
+                f"fwd+bwd {i['ours_forward_backward_event_ms']:.3f} ms vs grid_sample "
+                f"{i['grid_sample_forward_backward_event_ms']:.3f} ms"
+            )
+        out.append(
+            f"| {i['device']} | {i['size']} | {i['op']} | {i['dtype']} | {i['event_ms']:.3f} "
+            f"| {i['achieved_GBps']:.0f} | {i['clone_GBps']:.0f} | {i['pct_of_clone']:.0f}% | {'; '.join(notes)} |"
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="?", help="pytest-benchmark JSON; omitted: run the benches now")
+    ap.add_argument("--cuda", action="store_true", help="when running, include the CUDA benches")
+    args = ap.parse_args()
+    if args.json:
+        path = args.json
+    else:
+        path = os.path.join(tempfile.mkdtemp(prefix="bo-bench-"), "bench.json")
+        run_benches(path, args.cuda)
+    with open(path) as f:
+        data = json.load(f)
+    benches = data["benchmarks"]
+    mi = data.get("machine_info", {})
+    print(f"machine: {mi.get('cpu', {}).get('brand_raw', '?')}, {mi.get('cpu', {}).get('count', '?')} cores; "
+          f"python {mi.get('python_version', '?')}; run {data.get('datetime', '?')}")
+    print()
+    for table in (cpu_table(benches), cuda_table(benches)):
+        if table:
+            print("\n".join(table))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
