@@ -118,6 +118,11 @@ SLICE_CASES = [
     (3, 2, 5, 2, 1, 4, 260, "wide"),
     (1, 1, 16, 1, 7, 1, 229, "noisy"),
     (1, 3, 12, 6, 6, 33, 1, "uniform"),
+    # Tall images: the CPU backward splits rows into up to 64 chunks, each accumulating only the
+    # band of grid rows it touches; bands overlap and are summed in chunk order.
+    (1, 3, 8, 300, 3, 1100, 9, "wide"),  # fine grid: many distinct bands
+    (2, 2, 4, 1, 2, 1030, 5, "uniform"),  # Gh = 1: every chunk's band is the one grid row
+    (1, 4, 10, 37, 4, 600, 70, "smooth"),  # bands of a few rows, dense-z path
 ]
 
 

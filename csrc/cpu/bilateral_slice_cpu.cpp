@@ -18,17 +18,17 @@ namespace cpu {
                                                     int64_t r1, T* R, T* A) {                      \
     forward_rows(p, r0, r1, R, A);                                                                 \
   }                                                                                                \
-  BO_TARGET_CLONES void slice_backward_task_##SUFFIX(const SliceParams<T>& p, int64_t n,           \
-                                                     int64_t y0, int64_t y1, double* G, T* R,      \
-                                                     T* B, T* A, T* dA, T* V) {                    \
-    backward_rows(p, n, y0, y1, G, R, B, A, dA, V);                                                \
+  BO_TARGET_CLONES void slice_backward_task_##SUFFIX(                                              \
+      const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1, double* G, int64_t band_lo,      \
+      T* R, T* B, T* A, T* dA, T* V) {                                                             \
+    backward_rows(p, n, y0, y1, G, band_lo, R, B, A, dA, V);                                       \
   }                                                                                                \
   inline void forward_task(const SliceParams<T>& p, int64_t r0, int64_t r1, T* R, T* A) {          \
     slice_forward_task_##SUFFIX(p, r0, r1, R, A);                                                  \
   }                                                                                                \
   inline void backward_task(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1, double* G, \
-                            T* R, T* B, T* A, T* dA, T* V) {                                       \
-    slice_backward_task_##SUFFIX(p, n, y0, y1, G, R, B, A, dA, V);                                 \
+                            int64_t band_lo, T* R, T* B, T* A, T* dA, T* V) {                      \
+    slice_backward_task_##SUFFIX(p, n, y0, y1, G, band_lo, R, B, A, dA, V);                        \
   }
 
 BO_DEFINE_TASKS(float, f32)
@@ -109,41 +109,59 @@ void run_forward(const SliceParams<T>& p) {
   });
 }
 
-// Rows of one image are split into a number of chunks that depends only on the sizes, each chunk
-// accumulating its own grid gradient; the chunks are then summed in a fixed order. The result is
-// therefore bitwise reproducible whatever the thread count, with no atomics.
+// Rows of one image are split into chunks whose number depends only on the sizes. Each chunk
+// accumulates the gradient of just the band of grid rows its image rows touch (the y taps are
+// monotone in y), so the partial sums take about one grid's worth of memory whatever the number
+// of chunks. The bands are then summed in chunk order: bitwise reproducible whatever the thread
+// count, and no atomics.
 template <typename T>
 void run_backward(const SliceParams<T>& p, at::Tensor& grad_grid) {
+  struct Chunk {
+    int64_t y0, y1, band_lo, band_hi, offset;
+  };
   const int64_t plane = p.row_table_size();
-  const int64_t cells = p.Gh * plane;                    // one image's grid
-  constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of double partial sums
-  const int64_t by_memory = kPartialBudget / std::max<int64_t>(1, p.N * cells * 8);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({16, p.H, by_memory}));
-  std::vector<double> partial(static_cast<size_t>(p.N * chunks * cells), 0.0);
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(64, p.H / 16));
+  std::vector<Chunk> chunks(nchunks);
+  int64_t per_image = 0;
+  for (int64_t i = 0; i < nchunks; ++i) {
+    Chunk& c = chunks[i];
+    c.y0 = p.H * i / nchunks;
+    c.y1 = p.H * (i + 1) / nchunks;
+    c.band_lo = axis_taps(pixel_to_grid<T>(c.y0, p.H, p.Gh), p.Gh).i0;
+    c.band_hi = axis_taps(pixel_to_grid<T>(c.y1 - 1, p.H, p.Gh), p.Gh).i1;
+    c.offset = per_image;
+    per_image += (c.band_hi - c.band_lo + 1) * plane;
+  }
+  std::vector<double> partial(static_cast<size_t>(p.N * per_image), 0.0);
 
-  at::parallel_for(0, p.N * chunks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, p.N * nchunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> R(plane), B(plane), A(p.C * kBlock), dA(p.C * kBlock), V(p.C * kBlock);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / chunks, ch = t % chunks;
-      const int64_t y0 = p.H * ch / chunks, y1 = p.H * (ch + 1) / chunks;
-      backward_task(p, n, y0, y1, partial.data() + t * cells, R.data(), B.data(), A.data(),
-                    dA.data(), V.data());
+      const int64_t n = t / nchunks;
+      const Chunk& c = chunks[t % nchunks];
+      backward_task(p, n, c.y0, c.y1, partial.data() + n * per_image + c.offset, c.band_lo,
+                    R.data(), B.data(), A.data(), dA.data(), V.data());
     }
   });
 
-  // Sum the chunks and transpose (Gh, Gw, D, C) back to (C, D, Gh, Gw).
+  // Sum the bands per grid row and transpose (Gh, Gw, D, C) back to (C, D, Gh, Gw).
   T* out = grad_grid.data_ptr<T>();
   const int64_t D = p.D, C = p.C, Gh = p.Gh, Gw = p.Gw;
   at::parallel_for(0, p.N * Gh, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<double> row(plane);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / Gh, yc = r % Gh;
+      std::fill(row.begin(), row.end(), 0.0);
+      for (const Chunk& c : chunks) {
+        if (yc < c.band_lo || yc > c.band_hi) continue;
+        const double* src = partial.data() + n * per_image + c.offset + (yc - c.band_lo) * plane;
+        for (int64_t i = 0; i < plane; ++i) row[i] += src[i];
+      }
       for (int64_t xc = 0; xc < Gw; ++xc) {
         for (int64_t z = 0; z < D; ++z) {
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t cell = ((yc * Gw + xc) * D + z) * C + c;
-            double s = 0.0;
-            for (int64_t ch = 0; ch < chunks; ++ch) s += partial[(n * chunks + ch) * cells + cell];
-            out[(((n * C + c) * D + z) * Gh + yc) * Gw + xc] = static_cast<T>(s);
+            out[(((n * C + c) * D + z) * Gh + yc) * Gw + xc] =
+                static_cast<T>(row[(xc * D + z) * C + c]);
           }
         }
       }

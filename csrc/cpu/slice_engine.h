@@ -114,8 +114,10 @@ BO_ALWAYS_INLINE void interp_block(const T* R, int64_t D, int64_t C, int64_t c0,
                                    const BlockZ<T>& bz, int64_t nb, T* __restrict A,
                                    T* __restrict dA) {
   if (bz.dense) {
-    std::fill(A, A + C * kBlock, T(0));
-    if (kGrad) std::fill(dA, dA + C * kBlock, T(0));
+    for (int64_t c = 0; c < C; ++c) {  // only the nb live columns: segments can be short
+      std::fill(A + c * kBlock, A + c * kBlock + nb, T(0));
+      if (kGrad) std::fill(dA + c * kBlock, dA + c * kBlock + nb, T(0));
+    }
     for (int64_t k = bz.zlo; k <= bz.zhi; ++k) {
       T u0[kBlock], u1[kBlock], du0[kBlock], du1[kBlock];
       for (int64_t j = 0; j < nb; ++j) {
@@ -321,12 +323,13 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B, 
   splat_block(V, kBlock, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
 }
 
-// Backward over rows [y0, y1) of image n. Gacc (Gh, Gw, D, C) is accumulated in double so that
-// the sum over many pixels keeps float32 grids accurate. Scratch: R and B (row_table_size),
-// A, dA and V (C * kBlock).
+// Backward over rows [y0, y1) of image n. Gacc holds grid rows [band_lo, ...) of a
+// (Gh, Gw, D, C) grid gradient: only the band of grid rows that these image rows touch. It is
+// accumulated in double so that the sum over many pixels keeps float32 grids accurate.
+// Scratch: R and B (row_table_size), A, dA and V (C * kBlock).
 template <typename T>
 BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1,
-                                    double* Gacc, T* R, T* B, T* A, T* dA, T* V) {
+                                    double* Gacc, int64_t band_lo, T* R, T* B, T* A, T* dA, T* V) {
   const int64_t plane = p.row_table_size();
   const int64_t HW = p.H * p.W;
   for (int64_t y = y0; y < y1; ++y) {
@@ -336,10 +339,10 @@ BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t 
     const T* guide = p.guide + n * HW + y * p.W;
     T* grad_guide = p.grad_guide + n * HW + y * p.W;
     BO_FOR_EACH_BLOCK(p, backward_block(p, R, B, A, dA, V, guide, grad_guide, n, y, b, nb, c0, c1));
-    double* __restrict g0 = Gacc + ty.i0 * plane;
+    double* __restrict g0 = Gacc + (ty.i0 - band_lo) * plane;
     const double w0 = ty.w0;
     for (int64_t i = 0; i < plane; ++i) g0[i] += w0 * static_cast<double>(B[i]);
-    double* __restrict g1 = Gacc + ty.i1 * plane;
+    double* __restrict g1 = Gacc + (ty.i1 - band_lo) * plane;
     const double w1 = ty.w1;
     for (int64_t i = 0; i < plane; ++i) g1[i] += w1 * static_cast<double>(B[i]);
   }
