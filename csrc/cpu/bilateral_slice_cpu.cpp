@@ -48,7 +48,7 @@ struct XGeometry {
     wx0.reserve(W);
     wx1.reserve(W);
     for (int64_t x = 0; x < W; ++x) {
-      const AxisTaps<T> t = axis_taps(pixel_to_grid<T>(x, W, Gw), Gw);
+      const AxisTaps<T> t = image_taps<T>(x, W, Gw);
       if (x == 0 || t.i0 != seg_c0.back() || t.i1 != seg_c1.back()) {
         seg_begin.push_back(x);
         seg_c0.push_back(t.i0);
@@ -127,8 +127,8 @@ void run_backward(const SliceParams<T>& p, at::Tensor& grad_grid) {
     Chunk& c = chunks[i];
     c.y0 = p.H * i / nchunks;
     c.y1 = p.H * (i + 1) / nchunks;
-    c.band_lo = axis_taps(pixel_to_grid<T>(c.y0, p.H, p.Gh), p.Gh).i0;
-    c.band_hi = axis_taps(pixel_to_grid<T>(c.y1 - 1, p.H, p.Gh), p.Gh).i1;
+    c.band_lo = image_taps<T>(c.y0, p.H, p.Gh).i0;
+    c.band_hi = image_taps<T>(c.y1 - 1, p.H, p.Gh).i1;
     c.offset = per_image;
     per_image += (c.band_hi - c.band_lo + 1) * plane;
   }

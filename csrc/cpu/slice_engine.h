@@ -255,7 +255,7 @@ BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t 
   const int64_t plane = p.row_table_size();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.H, y = r % p.H;
-    const AxisTaps<T> ty = axis_taps(pixel_to_grid<T>(y, p.H, p.Gh), p.Gh);
+    const AxisTaps<T> ty = image_taps<T>(y, p.H, p.Gh);
     build_row_table(p.grid_t + n * p.Gh * plane, ty, plane, R);
     const T* guide = p.guide + r * p.W;
     BO_FOR_EACH_BLOCK(p, forward_block(p, R, A, guide, n, y, b, nb, c0, c1));
@@ -333,7 +333,7 @@ BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t 
   const int64_t plane = p.row_table_size();
   const int64_t HW = p.H * p.W;
   for (int64_t y = y0; y < y1; ++y) {
-    const AxisTaps<T> ty = axis_taps(pixel_to_grid<T>(y, p.H, p.Gh), p.Gh);
+    const AxisTaps<T> ty = image_taps<T>(y, p.H, p.Gh);
     build_row_table(p.grid_t + n * p.Gh * plane, ty, plane, R);
     std::fill(B, B + plane, T(0));
     const T* guide = p.guide + n * HW + y * p.W;

@@ -1,7 +1,7 @@
 // CUDA kernels of bilateral_slice and bilateral_slice_apply, forward and backward.
 //
 // All per-pixel geometry and weights come from the shared HOST_DEVICE headers (axis_taps,
-// trilinear_taps, trilinear_sample, pixel_to_grid, affine_*), so the CPU tests verify this math.
+// trilinear_taps, trilinear_sample, image_taps, affine_*), so the CPU tests verify this math.
 //
 // Forward: one thread per pixel; the taps are computed once and every grid channel is sampled
 // through the read-only cache. The per-pixel affine coefficients of slice_apply are never stored.
@@ -121,8 +121,8 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __device__ __forceinline__ PixelTaps<acc_t> pixel_taps(const SliceArgs<scalar_t>& a, int64_t n,
                                                        int64_t y, int64_t x) {
   PixelTaps<acc_t> p;
-  p.tx = axis_taps(pixel_to_grid<acc_t>(x, a.W, a.Gw), a.Gw);
-  p.ty = axis_taps(pixel_to_grid<acc_t>(y, a.H, a.Gh), a.Gh);
+  p.tx = image_taps<acc_t>(x, a.W, a.Gw);
+  p.ty = image_taps<acc_t>(y, a.H, a.Gh);
   const acc_t g = ldg(a.guide + (n * a.H + y) * a.W + x);
   p.tz = axis_taps(g * static_cast<acc_t>(a.D), a.D);
   p.t = trilinear_taps(p.tx, p.ty, p.tz, a.Gh, a.Gw);
@@ -298,10 +298,10 @@ __global__ void __launch_bounds__(kTileThreads) slice_backward_kernel(const Slic
       __syncthreads();
       const int64_t xl = a.W - 1 < x0 + kTileW - 1 ? a.W - 1 : x0 + kTileW - 1;
       const int64_t yl = a.H - 1 < y0 + kTileH - 1 ? a.H - 1 : y0 + kTileH - 1;
-      bx0 = axis_taps(pixel_to_grid<acc_t>(x0, a.W, a.Gw), a.Gw).i0;
-      bnx = axis_taps(pixel_to_grid<acc_t>(xl, a.W, a.Gw), a.Gw).i1 - bx0 + 1;
-      by0 = axis_taps(pixel_to_grid<acc_t>(y0, a.H, a.Gh), a.Gh).i0;
-      bny = axis_taps(pixel_to_grid<acc_t>(yl, a.H, a.Gh), a.Gh).i1 - by0 + 1;
+      bx0 = image_taps<acc_t>(x0, a.W, a.Gw).i0;
+      bnx = image_taps<acc_t>(xl, a.W, a.Gw).i1 - bx0 + 1;
+      by0 = image_taps<acc_t>(y0, a.H, a.Gh).i0;
+      bny = image_taps<acc_t>(yl, a.H, a.Gh).i1 - by0 + 1;
       bz0 = s_zlo;
       bnz = static_cast<int64_t>(s_zhi) - bz0 + 1;
       const int64_t cells = bnx * bny * bnz;
@@ -440,11 +440,11 @@ __global__ void __launch_bounds__(kThreads) grad_grid_gather_kernel(const SliceA
     pixel_range(yc, a.H, a.Gh, ylo, yhi);
     acc_t sum = acc_t(0);
     for (int64_t y = ylo; y <= yhi; ++y) {
-      const AxisTaps<acc_t> ty = axis_taps(pixel_to_grid<acc_t>(y, a.H, a.Gh), a.Gh);
+      const AxisTaps<acc_t> ty = image_taps<acc_t>(y, a.H, a.Gh);
       const acc_t wy = cell_weight(ty, yc);
       if (wy == acc_t(0)) continue;
       for (int64_t x = xlo; x <= xhi; ++x) {
-        const AxisTaps<acc_t> tx = axis_taps(pixel_to_grid<acc_t>(x, a.W, a.Gw), a.Gw);
+        const AxisTaps<acc_t> tx = image_taps<acc_t>(x, a.W, a.Gw);
         const acc_t wx = cell_weight(tx, xc);
         if (wx == acc_t(0)) continue;
         const int64_t p = y * a.W + x;
