@@ -135,11 +135,23 @@ def test_apply_matches_cpu(shape, dtype, has_offset):
     _apply_check(shape, dtype, has_offset)
 
 
-@pytest.mark.parametrize("Ci", [1, 3, 4])
+# Affine rows of up to 4 coefficients take the float4 forward kernel with one chunk, 5..8 with two,
+# wider rows (Ci = 8 with an offset) the scalar kernel.
+@pytest.mark.parametrize("Ci", [1, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("Co", [1, 3])
 @pytest.mark.parametrize("has_offset", [True, False])
-def test_apply_channel_counts(Ci, Co, has_offset):
-    _apply_check((2, Co, Ci, 8, 8, 8, 41, 67), torch.float32, has_offset)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_apply_channel_counts(Ci, Co, has_offset, dtype):
+    _apply_check((2, Co, Ci, 8, 8, 8, 41, 67), dtype, has_offset)
+
+
+@pytest.mark.parametrize("C", [1, 3, 4, 5, 13])
+def test_slice_channel_counts(C):
+    # Slice packs channels in rows of 4: remainders must neither be lost nor overwrite others.
+    N, D, Gh, Gw, H, W = 2, 6, 5, 7, 33, 45
+    (grid, guide, _), (grid_c, guide_c, _) = _case(N, C, 0, D, Gh, Gw, H, W, torch.float32)
+    _assert_close(ops.bilateral_slice(grid_c, guide_c), ops.bilateral_slice(grid.double(), guide.double()),
+                  torch.float32, f"slice C={C}")
 
 
 @pytest.mark.parametrize("seed", range(4))
