@@ -208,6 +208,16 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     # grad_output, input, guide read once; grad_input and grad_guide written once (grid: negligible).
     nbytes = (3 + 3 + 1 + 3 + 1) * h * w * esz
     _bandwidth(benchmark, lambda: backward(grad_out, grid, guide, x, True), nbytes)
+    # The deterministic grid gradient (per-cell gather) against the default scatter: pick the
+    # faster one as the default once measured.
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        benchmark.extra_info["deterministic_event_ms"] = round(
+            _cuda_ms(lambda: backward(grad_out, grid, guide, x, True), reps=5), 4
+        )
+    finally:
+        torch.use_deterministic_algorithms(before)
 
     # Forward + backward through autograd, ours vs the grid_sample path, for reference.
     leaves = [t.detach().clone().requires_grad_() for t in (grid, guide, x)]
