@@ -77,21 +77,26 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
+// Parameters of one call plus the column geometry they point into (kept alive together).
 template <typename T>
-SliceParams<T> make_params(const at::Tensor& grid_t, const at::Tensor& guide, int64_t C,
-                           int64_t D) {
+struct Problem {
+  XGeometry<T> xg;
   SliceParams<T> p{};
-  p.N = guide.size(0);
-  p.H = guide.size(1);
-  p.W = guide.size(2);
-  p.C = C;
-  p.D = D;
-  p.Gh = grid_t.size(1);
-  p.Gw = grid_t.size(2);
-  p.grid_t = grid_t.data_ptr<T>();
-  p.guide = guide.data_ptr<T>();
-  return p;
-}
+
+  Problem(const at::Tensor& grid_t, const at::Tensor& guide, int64_t C, int64_t D)
+      : xg(guide.size(2), grid_t.size(2)) {
+    p.N = guide.size(0);
+    p.H = guide.size(1);
+    p.W = guide.size(2);
+    p.C = C;
+    p.D = D;
+    p.Gh = grid_t.size(1);
+    p.Gw = grid_t.size(2);
+    p.grid_t = grid_t.data_ptr<T>();
+    p.guide = guide.data_ptr<T>();
+    xg.fill(p);
+  }
+};
 
 // The grid as (N, Gh, Gw, D, C): a row of the image then blends two contiguous planes.
 at::Tensor transposed_grid(const at::Tensor& grid, at::ScalarType dtype) {
@@ -181,9 +186,8 @@ at::Tensor slice_forward(const at::Tensor& grid, const at::Tensor& guide) {
   at::Tensor guide_c = prepared(guide, dt);
   at::Tensor out = at::empty({N, C, H, W}, grid.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_cpu", [&] {
-    SliceParams<scalar_t> p = make_params<scalar_t>(grid_t, guide_c, C, grid.size(2));
-    XGeometry<scalar_t> xg(W, p.Gw);
-    xg.fill(p);
+    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    SliceParams<scalar_t>& p = problem.p;
     p.apply = false;
     p.output = out.data_ptr<scalar_t>();
     run_forward(p);
@@ -205,9 +209,8 @@ std::tuple<at::Tensor, at::Tensor> slice_backward(const at::Tensor& grad_output,
   at::Tensor grad_grid = at::empty(grid.sizes(), grid.options().dtype(dt));
   at::Tensor grad_guide = at::empty({N, H, W}, guide.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_backward_cpu", [&] {
-    SliceParams<scalar_t> p = make_params<scalar_t>(grid_t, guide_c, C, grid.size(2));
-    XGeometry<scalar_t> xg(W, p.Gw);
-    xg.fill(p);
+    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    SliceParams<scalar_t>& p = problem.p;
     p.apply = false;
     p.grad_output = go.data_ptr<scalar_t>();
     p.grad_guide = grad_guide.data_ptr<scalar_t>();
@@ -238,9 +241,8 @@ at::Tensor slice_apply_forward(const at::Tensor& grid, const at::Tensor& guide,
   at::Tensor input_c = prepared(input, dt);
   at::Tensor out = at::empty({N, Co, H, W}, input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_cpu", [&] {
-    SliceParams<scalar_t> p = make_params<scalar_t>(grid_t, guide_c, C, grid.size(2));
-    XGeometry<scalar_t> xg(W, p.Gw);
-    xg.fill(p);
+    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    SliceParams<scalar_t>& p = problem.p;
     set_apply(p, input_c, has_offset);
     p.output = out.data_ptr<scalar_t>();
     run_forward(p);
@@ -270,9 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(const at::Te
   at::Tensor grad_guide = at::empty({N, H, W}, guide.options().dtype(dt));
   at::Tensor grad_input = at::empty(input.sizes(), input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_backward_cpu", [&] {
-    SliceParams<scalar_t> p = make_params<scalar_t>(grid_t, guide_c, C, grid.size(2));
-    XGeometry<scalar_t> xg(W, p.Gw);
-    xg.fill(p);
+    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    SliceParams<scalar_t>& p = problem.p;
     set_apply(p, input_c, has_offset);
     p.grad_output = go.data_ptr<scalar_t>();
     p.grad_guide = grad_guide.data_ptr<scalar_t>();
