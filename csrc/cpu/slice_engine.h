@@ -39,8 +39,9 @@
 namespace bilateral_ops {
 namespace cpu {
 
-constexpr int64_t kBlock = 64;        // pixels per block: per-block arrays stay in L1
-constexpr int64_t kDenseMaxSpan = 8;  // z levels beyond which per-pixel gathers are cheaper
+constexpr int64_t kBlock = 64;           // pixels per block: per-block arrays stay in L1
+constexpr int64_t kDenseMaxSpan = 8;     // z levels beyond which per-pixel gathers are cheaper
+constexpr int64_t kDenseMinPixels = 16;  // shorter blocks (fine grids) do not fill a vector
 
 template <typename T>
 struct SliceParams {
@@ -94,7 +95,7 @@ BO_ALWAYS_INLINE void block_z(const T* guide, int64_t nb, int64_t D, BlockZ<T>& 
   }
   bz.zlo = zlo;
   bz.zhi = zhi;
-  bz.dense = (zhi - zlo + 1) <= kDenseMaxSpan;
+  bz.dense = (zhi - zlo + 1) <= kDenseMaxSpan && nb >= kDenseMinPixels;
 }
 
 // R = wy0 * grid_t[y0] + wy1 * grid_t[y1] over one (Gw, D, C) plane.
