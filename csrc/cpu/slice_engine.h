@@ -10,8 +10,8 @@
 //    sharing the same pair of x cells form a "segment".
 //  * inside a segment, pixels are processed in blocks of kBlock. If the block's guide spans few z
 //    levels (the usual case: guides are smooth), every pixel is interpolated densely over that z
-//    span with tent weights, which is gather-free and vectorises across pixels. Otherwise each
-//    pixel gathers its own two z cells.
+//    span with tent weights, which is gather-free and vectorises across pixels. Otherwise (or when
+//    the block is too short to fill a vector: fine grids) each pixel gathers its own two z cells.
 // Per-pixel scratch lives in fixed-size stack arrays or in buffers allocated once per task.
 
 #include <algorithm>
