@@ -77,31 +77,36 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
-// Parameters of one call plus the column geometry they point into (kept alive together).
+// The grid as (N, Gh, Gw, D, C): a row of the image then blends two contiguous planes.
+at::Tensor transposed_grid(const at::Tensor& grid, at::ScalarType dtype) {
+  return grid.to(dtype).permute({0, 3, 4, 2, 1}).contiguous();
+}
+
+// One call's grid and guide in the compute dtype, the parameters that point into them, and the
+// column geometry, kept alive together. Sizes are read off the tensors.
 template <typename T>
 struct Problem {
+  at::Tensor grid_t;  // (N, Gh, Gw, D, C)
+  at::Tensor guide;   // (N, H, W), contiguous
   XGeometry<T> xg;
   SliceParams<T> p{};
 
-  Problem(const at::Tensor& grid_t, const at::Tensor& guide, int64_t C, int64_t D)
-      : xg(guide.size(2), grid_t.size(2)) {
+  Problem(const at::Tensor& grid, const at::Tensor& guide_in, at::ScalarType dt)
+      : grid_t(transposed_grid(grid, dt)),
+        guide(prepared(guide_in, dt)),
+        xg(guide_in.size(2), grid.size(4)) {
     p.N = guide.size(0);
     p.H = guide.size(1);
     p.W = guide.size(2);
-    p.C = C;
-    p.D = D;
-    p.Gh = grid_t.size(1);
-    p.Gw = grid_t.size(2);
+    p.C = grid.size(1);
+    p.D = grid.size(2);
+    p.Gh = grid.size(3);
+    p.Gw = grid.size(4);
     p.grid_t = grid_t.data_ptr<T>();
     p.guide = guide.data_ptr<T>();
     xg.fill(p);
   }
 };
-
-// The grid as (N, Gh, Gw, D, C): a row of the image then blends two contiguous planes.
-at::Tensor transposed_grid(const at::Tensor& grid, at::ScalarType dtype) {
-  return grid.to(dtype).permute({0, 3, 4, 2, 1}).contiguous();
-}
 
 template <typename T>
 void run_forward(const SliceParams<T>& p) {
@@ -182,11 +187,9 @@ at::Tensor slice_forward(const at::Tensor& grid, const at::Tensor& guide) {
   const int64_t N = guide.size(0), H = guide.size(1), W = guide.size(2), C = grid.size(1);
   if (is_empty_image(guide)) return at::zeros({N, C, H, W}, grid.options());
   const auto dt = compute_dtype(out_dtype);
-  at::Tensor grid_t = transposed_grid(grid, dt);
-  at::Tensor guide_c = prepared(guide, dt);
   at::Tensor out = at::empty({N, C, H, W}, grid.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_cpu", [&] {
-    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    Problem<scalar_t> problem(grid, guide, dt);
     SliceParams<scalar_t>& p = problem.p;
     p.apply = false;
     p.output = out.data_ptr<scalar_t>();
@@ -203,13 +206,11 @@ std::tuple<at::Tensor, at::Tensor> slice_backward(const at::Tensor& grad_output,
   if (is_empty_image(guide))
     return {at::zeros(grid.sizes(), grid.options()), at::zeros(guide.sizes(), guide.options())};
   const auto dt = compute_dtype(grid.scalar_type());
-  at::Tensor grid_t = transposed_grid(grid, dt);
-  at::Tensor guide_c = prepared(guide, dt);
   at::Tensor go = prepared(grad_output, dt);
   at::Tensor grad_grid = at::empty(grid.sizes(), grid.options().dtype(dt));
   at::Tensor grad_guide = at::empty({N, H, W}, guide.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_backward_cpu", [&] {
-    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    Problem<scalar_t> problem(grid, guide, dt);
     SliceParams<scalar_t>& p = problem.p;
     p.apply = false;
     p.grad_output = go.data_ptr<scalar_t>();
@@ -236,12 +237,10 @@ at::Tensor slice_apply_forward(const at::Tensor& grid, const at::Tensor& guide,
   const int64_t Co = C / affine_stride(input.size(1), has_offset);
   if (is_empty_image(guide)) return at::zeros({N, Co, H, W}, input.options());
   const auto dt = compute_dtype(input.scalar_type());
-  at::Tensor grid_t = transposed_grid(grid, dt);
-  at::Tensor guide_c = prepared(guide, dt);
   at::Tensor input_c = prepared(input, dt);
   at::Tensor out = at::empty({N, Co, H, W}, input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_cpu", [&] {
-    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    Problem<scalar_t> problem(grid, guide, dt);
     SliceParams<scalar_t>& p = problem.p;
     set_apply(p, input_c, has_offset);
     p.output = out.data_ptr<scalar_t>();
@@ -264,15 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_apply_backward(const at::Te
             at::zeros(input.sizes(), input.options())};
   }
   const auto dt = compute_dtype(input.scalar_type());
-  at::Tensor grid_t = transposed_grid(grid, dt);
-  at::Tensor guide_c = prepared(guide, dt);
   at::Tensor input_c = prepared(input, dt);
   at::Tensor go = prepared(grad_output, dt);
   at::Tensor grad_grid = at::empty(grid.sizes(), grid.options().dtype(dt));
   at::Tensor grad_guide = at::empty({N, H, W}, guide.options().dtype(dt));
   at::Tensor grad_input = at::empty(input.sizes(), input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_backward_cpu", [&] {
-    Problem<scalar_t> problem(grid_t, guide_c, C, grid.size(2));
+    Problem<scalar_t> problem(grid, guide, dt);
     SliceParams<scalar_t>& p = problem.p;
     set_apply(p, input_c, has_offset);
     p.grad_output = go.data_ptr<scalar_t>();
