@@ -91,7 +91,7 @@ def nvidia_wheel_includes():
 
 
 def extensions():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for is an inline template that only runs in parallel when the
     # extension itself is compiled with OpenMP.

@@ -1,12 +1,14 @@
 """bilateral_ops: fast, differentiable bilateral operators for PyTorch.
 
 Compiled C++ (CPU) and CUDA kernels registered as ``torch.ops.bilateral_ops.*``, with autograd and
-fake kernels so that they work under ``torch.compile``. See DESIGN.md for the full contract.
+fake kernels so that they work under ``torch.compile``. The contract of every op is in the
+project's ``docs/ops.md``.
 """
 
 from . import reference
-from .ops import bilateral_slice, bilateral_slice_apply, compiled_devices
-
-__version__ = "0.1.0"
+from ._library import compiled_devices
+from ._version import __version__
+from .bilateral_slice import bilateral_slice
+from .bilateral_slice_apply import bilateral_slice_apply
 
 __all__ = ["bilateral_slice", "bilateral_slice_apply", "compiled_devices", "reference", "__version__"]

@@ -4,7 +4,7 @@
 
 The grid is a local tone curve, no learning involved. It has D = 8 luma bins and 16 x 16 spatial
 cells, and holds per cell the row-major 3x4 affine matrix ``[[g, 0, 0, b_r], [0, g, 0, b_g],
-[0, 0, g, b_b]]`` (DESIGN.md coefficient order). For a cell at normalised position (u, v) in
+[0, 0, g, b_b]]`` (the coefficient order of docs/ops.md). For a cell at normalised position (u, v) in
 [0, 1]^2 (u left to right, v top to bottom) and luma-bin centre l = (z + 0.5) / D:
 
 * tone curve ``t(l) = l**gamma * (1 - h l**4)``, where ``gamma = 0.7 + 0.25 u`` lifts the
@@ -30,7 +30,7 @@ import time
 import torch
 
 from . import reference
-from .ops import bilateral_slice_apply
+from .bilateral_slice_apply import bilateral_slice_apply
 
 LUMA_BINS, CELLS = 8, 16
 

@@ -1,7 +1,7 @@
 """Pure-torch implementations of every op.
 
 They define the semantics the compiled kernels are tested against, and serve as the fallback where
-no compiled kernel exists for a device (see ``bilateral_ops.ops``). They are written for clarity,
+no compiled kernel exists for a device (see ``bilateral_ops._library``). They are written for clarity,
 not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficient.
 """
 
@@ -14,7 +14,7 @@ __all__ = ["bilateral_slice", "bilateral_slice_apply", "slice_coordinates"]
 
 
 def slice_coordinates(guide: torch.Tensor) -> torch.Tensor:
-    """The (N, 1, H, W, 3) ``grid_sample`` coordinates (x, y, z) of DESIGN.md's convention.
+    """The (N, 1, H, W, 3) ``grid_sample`` coordinates (x, y, z) of the grid convention (docs/ops.md).
 
     ``xn = (2x + 1)/W - 1``, ``yn = (2y + 1)/H - 1``, ``zn = 2 guide - 1``, used with
     ``align_corners=False``, so pixel centres map to grid position ``(x + 0.5) Gw / W``.
@@ -39,7 +39,7 @@ def bilateral_slice(grid: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
 def bilateral_slice_apply(
     grid: torch.Tensor, guide: torch.Tensor, input: torch.Tensor, has_offset: bool = True
 ) -> torch.Tensor:
-    """Slice per-pixel affine coefficients and apply them to ``input`` (DESIGN.md coefficient order)."""
+    """Slice per-pixel affine coefficients and apply them to ``input`` (coefficient order of docs/ops.md)."""
     n, ci, h, w = input.shape
     stride = ci + (1 if has_offset else 0)
     co = grid.shape[1] // stride

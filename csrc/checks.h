@@ -4,7 +4,14 @@
 // directly, so that no input, however wrong, reaches a kernel that could index out of bounds.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+
+#include <array>
+
+#include "bilateral_ops/affine.h"
+#include "bilateral_ops/slice_geometry.h"
 
 namespace bilateral_ops {
 
@@ -21,8 +28,8 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
               a.device(), " and ", b.device());
 }
 
-// grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W).
-inline void check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
+// grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W). Returns the sizes.
+inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
   check_floating(grid, "grid");
   check_floating(guide, "guide");
   check_same(grid, "grid", guide, "guide");
@@ -32,10 +39,13 @@ inline void check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
               "grid channel, depth, height and width must be >= 1, got ", grid.sizes());
   TORCH_CHECK(grid.size(0) == guide.size(0), "grid and guide must have the same batch size, got ",
               grid.size(0), " and ", guide.size(0));
+  return SliceGeometry{grid.size(0), grid.size(1), grid.size(2), grid.size(3),
+                       grid.size(4), guide.size(1), guide.size(2)};
 }
 
-inline void check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
-                              const at::Tensor& input, bool has_offset) {
+// slice_apply's arguments; returns the coefficient layout.
+inline AffineLayout check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
+                                      const at::Tensor& input, bool has_offset) {
   check_grid_guide(grid, guide);
   check_floating(input, "input");
   check_same(grid, "grid", input, "input");
@@ -45,10 +55,11 @@ inline void check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
               "input and guide must have the same height and width, got ", input.sizes(), " and ",
               guide.sizes());
   TORCH_CHECK(input.size(1) >= 1, "input must have at least one channel");
-  const int64_t stride = input.size(1) + (has_offset ? 1 : 0);
+  const int64_t stride = affine_stride(input.size(1), has_offset);
   TORCH_CHECK(grid.size(1) % stride == 0,
               "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
               " channels for Ci=", input.size(1), ", has_offset=", has_offset);
+  return affine_layout(grid.size(1), input.size(1), has_offset);
 }
 
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& like,
@@ -58,5 +69,17 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& l
   TORCH_CHECK(grad_output.sizes() == expected, "grad_output must have shape ", expected, ", got ",
               grad_output.sizes());
 }
+
+// The guide gradient of a dguide product is a second derivative of a function that is piecewise
+// linear in the guide: zero almost everywhere, so never computed (the autograd formulas know).
+template <size_t K>
+void check_output_mask(bool dguide, const std::array<bool, K>& mask) {
+  TORCH_CHECK(!(dguide && mask[1]),
+              "output_mask[1] (grad_guide) must be false when dguide is true: the guide "
+              "derivative of the dguide variant is zero almost everywhere and is not computed");
+}
+
+// What a masked-off gradient comes back as: an empty (0,) tensor like `like`.
+inline at::Tensor masked_out(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 }  // namespace bilateral_ops

@@ -1,28 +1,31 @@
-// The single home of every bilateral_ops schema. Kernels live in csrc/cpu and csrc/cuda; the
-// Python glue (validation, fake kernels, autograd) lives in bilateral_ops/ops.py.
+// The single home of every bilateral_ops schema. Kernels live in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu; the Python glue (validation, fake kernels, autograd) in bilateral_ops/<op>.py.
+//
+// Private companions of each public op, all visible to torch.compile:
+//  * _<op>_backward(grad_output, ..., bool dguide, bool[k] output_mask): the vector-Jacobian
+//    product. output_mask says which gradients are wanted; the others come back as empty (0,)
+//    tensors and cost nothing. With dguide it is the product of the _<op>_dguide companion instead.
+//  * _<op>_dguide(...): the derivative of the op with respect to the guide, pixel by pixel (the
+//    tent weights along z replaced by their slopes). Second derivatives are built from it: the
+//    slice is piecewise linear in the guide, so every derivative beyond this one is zero almost
+//    everywhere.
 
-#include <Python.h>
 #include <torch/library.h>
-
-// A minimal Python module so that `import bilateral_ops._C` loads this shared library through the
-// normal import machinery, which runs the static TORCH_LIBRARY registrations below. Every real
-// entry point is a torch op; no Python bindings are needed.
-// PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(bilateral_ops, m) {
   m.def("bilateral_slice(Tensor grid, Tensor guide) -> Tensor");
+  m.def("_bilateral_slice_dguide(Tensor grid, Tensor guide) -> Tensor");
   m.def(
-      "_bilateral_slice_backward(Tensor grad_output, Tensor grid, Tensor guide) -> (Tensor, "
-      "Tensor)");
+      "_bilateral_slice_backward(Tensor grad_output, Tensor grid, Tensor guide, bool dguide, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+
   m.def(
       "bilateral_slice_apply(Tensor grid, Tensor guide, Tensor input, bool has_offset=True) -> "
       "Tensor");
   m.def(
-      "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor "
-      "input, "
-      "bool has_offset) -> (Tensor, Tensor, Tensor)");
+      "_bilateral_slice_apply_dguide(Tensor grid, Tensor guide, Tensor input, bool has_offset) -> "
+      "Tensor");
+  m.def(
+      "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
+      "bool has_offset, bool dguide, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

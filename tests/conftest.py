@@ -26,21 +26,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bilateral_ops  # noqa: E402
-import bilateral_ops.ops  # noqa: E402
-
-# Every op with a compiled CPU kernel: the public ones and their backward ops.
-COMPILED_OPS = (
-    "bilateral_slice",
-    "_bilateral_slice_backward",
-    "bilateral_slice_apply",
-    "_bilateral_slice_apply_backward",
-)
+import bilateral_ops._library as lib  # noqa: E402
 
 
 def _compiled_library_problem() -> str | None:
-    if bilateral_ops.ops.LOAD_ERROR is not None:
-        return f"the compiled extension failed to load: {bilateral_ops.ops.LOAD_ERROR!r}"
-    missing = [op for op in COMPILED_OPS if "cpu" not in bilateral_ops.compiled_devices(op)]
+    if lib.LOAD_ERROR is not None:
+        return f"the compiled extension failed to load: {lib.LOAD_ERROR!r}"
+    if not lib.OPS:
+        return "no bilateral_ops op is registered"
+    missing = [op for op in lib.OPS if "cpu" not in bilateral_ops.compiled_devices(op)]
     if missing:
         return f"no compiled CPU kernel for {missing}"
     return None

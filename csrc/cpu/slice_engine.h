@@ -1,18 +1,24 @@
 #pragma once
-// CPU engine shared by bilateral_slice and bilateral_slice_apply (and, later, grid_splat: the
-// splat half below is the adjoint of the slice half).
+// CPU engine of bilateral_slice (kApply = false) and bilateral_slice_apply (kApply = true); the
+// splat half below is the adjoint of the slice half, which grid_splat will reuse.
 //
-// Work is organised so that the hot loops run over pixels, contiguously, and vectorise:
+// Work is organised so that the hot loops run over pixels, contiguously, in short vectors
+// (simd.h):
 //  * y is constant along an image row, so each row first blends its two grid rows into a row
 //    table R[xcell][z][c] (the grid is pre-transposed to (N, Gh, Gw, D, C) to make that blend one
 //    contiguous axpy).
 //  * x cells and weights do not depend on the row: they are computed once per call, and columns
 //    sharing the same pair of x cells form a "segment".
-//  * inside a segment, pixels are processed in blocks of kBlock. If the block's guide spans few z
-//    levels (the usual case: guides are smooth), every pixel is interpolated densely over that z
-//    span with tent weights, which is gather-free and vectorises across pixels. Otherwise (or when
-//    the block is too short to fill a vector: fine grids) each pixel gathers its own two z cells.
-// Per-pixel scratch lives in fixed-size stack arrays or in buffers allocated once per task.
+//  * inside a segment, pixels are processed in blocks of at most kBlock. Every per-pixel row a
+//    block reads (weights, input, grad_output) is first copied into block buffers padded with
+//    zeros to whole vectors, so the vector loops need no tails and never read past a row.
+//  * if the block's guide spans at most kDenseMaxSpan z levels (smooth guides, and any guide when
+//    D is small), every pixel is interpolated densely over that span with tent weights: no
+//    gathers, all vector FMAs. Otherwise (or when the block is too short to fill vectors: fine
+//    grids) each pixel gathers its own two z cells.
+// kDguide swaps the tent weights along z for their slopes times D: the same code then computes
+// the derivative of the slice with respect to the guide (used for second derivatives).
+// Scratch lives in fixed-size stack arrays or in buffers allocated once per task.
 
 #include <algorithm>
 #include <cstdint>
@@ -20,6 +26,8 @@
 
 #include "bilateral_ops/affine.h"
 #include "bilateral_ops/grid_coords.h"
+#include "bilateral_ops/slice_geometry.h"
+#include "simd.h"
 
 #if defined(__GNUC__)
 #define BO_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -41,61 +49,175 @@ namespace cpu {
 
 constexpr int64_t kBlock = 64;           // pixels per block: per-block arrays stay in L1
 constexpr int64_t kDenseMaxSpan = 8;     // z levels beyond which per-pixel gathers are cheaper
-constexpr int64_t kDenseMinPixels = 16;  // shorter blocks (fine grids) do not fill a vector
+constexpr int64_t kDenseMinPixels = 16;  // shorter blocks (fine grids) do not fill the vectors
+// Vectors processed together in the dense loops: independent accumulator chains hide the FMA
+// latency. Blocks are padded to a multiple of kUnroll vectors.
+constexpr int64_t kUnroll = 4;
 
+// Column geometry shared by all rows (see XGeometry in slice_runner.h).
 template <typename T>
-struct SliceParams {
-  int64_t N, C, D, Gh, Gw, H, W;
-  // slice_apply only
-  bool apply, has_offset;
-  int64_t Ci, Co, stride;
-  // x geometry, shared by all rows
+struct ColumnTaps {
   const T* wx0;              // (W,) weight of the segment's first cell
   const T* wx1;              // (W,)
   const int64_t* seg_begin;  // (nseg + 1,) first column of each segment
   const int64_t* seg_c0;     // (nseg,) first x cell of each segment
   const int64_t* seg_c1;     // (nseg,)
   int64_t nseg;
-  // tensors, all contiguous
-  const T* grid_t;       // (N, Gh, Gw, D, C)
-  const T* guide;        // (N, H, W)
-  const T* input;        // (N, Ci, H, W), apply only
-  const T* grad_output;  // (N, C or Co, H, W), backward only
-  T* output;             // forward
-  T* grad_guide;         // backward, (N, H, W)
-  T* grad_input;         // backward, apply only
-  int64_t row_table_size() const { return Gw * D * C; }
 };
 
+// Everything one forward or backward call reads and writes; tensors are contiguous.
+template <typename T>
+struct SliceParams {
+  SliceGeometry g;
+  AffineLayout l;  // slice_apply only
+  ColumnTaps<T> x;
+  const T* grid_t;       // (N, Gh, Gw, D, C)
+  const T* guide;        // (N, H, W)
+  const T* input;        // (N, Ci, H, W), slice_apply only
+  const T* grad_output;  // (N, C or Co, H, W), backward only
+  T* output;             // forward
+  T* grad_guide;         // backward, (N, H, W), when need_guide
+  T* grad_input;         // backward, slice_apply only, when need_input
+  bool need_grid, need_guide, need_input;
+  int64_t row_table_size() const { return g.Gw * g.D * g.C; }
+  int64_t values() const { return g.C; }  // channels of the sampled coefficients
+};
+
+// Per-task scratch, each C * kBlock elements unless said otherwise.
+template <typename T>
+struct Scratch {
+  T* A;    // samples, channel c at A + c * kBlock
+  T* dA;   // d sample / d gz (backward)
+  T* V;    // values splatted into the grid gradient (backward)
+  T* X;    // input rows (Ci * kBlock), slice_apply
+  T* G;    // grad_output rows (Cout * kBlock), backward
+  T* OUT;  // output rows (Cout * kBlock or Ci * kBlock for grad_input)
+};
+
+// Per-pixel z state of a block, padded with neutral values (x weights 0) to whole vector groups.
 template <typename T>
 struct BlockZ {
-  T gc[kBlock];     // z position clamped to [0.5, D - 0.5]
-  T slope[kBlock];  // d gc / d gz
-  int64_t z0[kBlock], z1[kBlock];
-  T wz0[kBlock], wz1[kBlock];
+  alignas(32) T wx0[kBlock];
+  alignas(32) T wx1[kBlock];
+  alignas(32) T gc[kBlock];     // z position clamped to [0.5, D - 0.5]
+  alignas(32) T slope[kBlock];  // d gc / d gz; with kDguide, times D (the scale of the slopes)
+  alignas(32) T wz0[kBlock];    // weights of z0 and z1 (slopes with kDguide)
+  alignas(32) T wz1[kBlock];
+  alignas(32) int32_t z0[kBlock];
+  alignas(32) int32_t z1[kBlock];
   int64_t zlo, zhi;
+  int64_t nb, nv;  // live pixels, vectors covering them (a multiple of kUnroll)
   bool dense;
 };
 
-template <typename T>
-BO_ALWAYS_INLINE void block_z(const T* guide, int64_t nb, int64_t D, BlockZ<T>& bz) {
-  int64_t zlo = D, zhi = -1;
-  const T scale = static_cast<T>(D);
+template <typename T, bool kDguide>
+BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_t nb, int64_t D,
+                              BlockZ<T>& bz) {
+  using V = vec_t<T>;
+  using I = ivec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  static_assert(kBlock % (kUnroll * W) == 0, "blocks are whole groups of vectors");
+  bz.nb = nb;
+  bz.nv = (nb + kUnroll * W - 1) / (kUnroll * W) * kUnroll;
+  const int64_t padded = bz.nv * W;
+  // Padding columns repeat the first pixel's guide (the z span is unchanged) with x weights 0.
+  alignas(32) T gbuf[kBlock];
   for (int64_t j = 0; j < nb; ++j) {
-    const T gz = guide[j] * scale;
-    const AxisTaps<T> t = axis_taps(gz, D);
-    bz.gc[j] = clamp_grid_coord(gz, D);
-    bz.slope[j] = t.slope;
-    bz.z0[j] = t.i0;
-    bz.z1[j] = t.i1;
-    bz.wz0[j] = t.w0;
-    bz.wz1[j] = t.w1;
-    zlo = std::min(zlo, t.i0);
-    zhi = std::max(zhi, t.i1);
+    gbuf[j] = guide[j];
+    bz.wx0[j] = wx0[j];
+    bz.wx1[j] = wx1[j];
+  }
+  for (int64_t j = nb; j < padded; ++j) {
+    gbuf[j] = guide[0];
+    bz.wx0[j] = bz.wx1[j] = T(0);
+  }
+  const T scale = static_cast<T>(D);
+  I lo = I{} + static_cast<int32_t>(D), hi = I{} - 1;
+  for (int64_t v = 0; v < bz.nv; ++v) {
+    const VecTaps<T> t = vguide_taps<T>(vload(gbuf + v * W), D);
+    vstore(bz.gc + v * W, t.gc);
+    __builtin_memcpy(bz.z0 + v * W, &t.i0, sizeof(I));
+    __builtin_memcpy(bz.z1 + v * W, &t.i1, sizeof(I));
+    if (kDguide) {  // guide_taps with dguide: the weights become -/+ D * slope
+      const V sd = t.slope * scale;
+      vstore(bz.slope + v * W, sd);
+      vstore(bz.wz0 + v * W, -sd);
+      vstore(bz.wz1 + v * W, sd);
+    } else {
+      vstore(bz.slope + v * W, t.slope);
+      vstore(bz.wz0 + v * W, t.w0);
+      vstore(bz.wz1 + v * W, t.w1);
+    }
+    lo = t.i0 < lo ? t.i0 : lo;
+    hi = t.i1 > hi ? t.i1 : hi;
+  }
+  int64_t zlo = D, zhi = -1;
+  for (int64_t l = 0; l < W; ++l) {
+    zlo = std::min<int64_t>(zlo, lo[l]);
+    zhi = std::max<int64_t>(zhi, hi[l]);
   }
   bz.zlo = zlo;
   bz.zhi = zhi;
   bz.dense = (zhi - zlo + 1) <= kDenseMaxSpan && nb >= kDenseMinPixels;
+}
+
+// (Whole vectors first, then the tail: small library memcpy calls cost more than the copy.)
+template <typename T>
+BO_ALWAYS_INLINE void load_rows(const T* src, int64_t stride, int64_t rows, const BlockZ<T>& bz,
+                                T* buf) {
+  constexpr int64_t W = vec_width<T>();
+  const int64_t full = bz.nb / W * W, padded = bz.nv * W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* from = src + r * stride;
+    T* to = buf + r * kBlock;
+    for (int64_t j = 0; j < full; j += W) vstore(to + j, vload(from + j));
+    for (int64_t j = full; j < bz.nb; ++j) to[j] = from[j];
+    for (int64_t j = bz.nb; j < padded; ++j) to[j] = T(0);
+  }
+}
+
+template <typename T>
+BO_ALWAYS_INLINE void store_rows(const T* buf, int64_t rows, const BlockZ<T>& bz, T* dst,
+                                 int64_t stride) {
+  constexpr int64_t W = vec_width<T>();
+  const int64_t full = bz.nb / W * W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* from = buf + r * kBlock;
+    T* to = dst + r * stride;
+    for (int64_t j = 0; j < full; j += W) vstore(to + j, vload(from + j));
+    for (int64_t j = full; j < bz.nb; ++j) to[j] = from[j];
+  }
+}
+
+// Dense z weights of the block: U0[k][j] = w(j, zlo + k) * wx0[j], U1 likewise with wx1, and the
+// slopes DU0 / DU1 with kGrad. w is the tent (its slope times D with kDguide).
+template <typename T>
+struct DenseWeights {
+  alignas(32) T U0[kDenseMaxSpan][kBlock];
+  alignas(32) T U1[kDenseMaxSpan][kBlock];
+  alignas(32) T DU0[kDenseMaxSpan][kBlock];
+  alignas(32) T DU1[kDenseMaxSpan][kBlock];
+};
+
+template <typename T, bool kDguide, bool kGrad>
+BO_ALWAYS_INLINE void dense_weights(const BlockZ<T>& bz, DenseWeights<T>& dw) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  for (int64_t k = 0; k <= bz.zhi - bz.zlo; ++k) {
+    const T kc = static_cast<T>(bz.zlo + k) + T(0.5);
+    for (int64_t v = 0; v < bz.nv; ++v) {
+      const V gc = vload(bz.gc + v * W);
+      const V wx0 = vload(bz.wx0 + v * W), wx1 = vload(bz.wx1 + v * W);
+      const V w = kDguide ? vtent_slope(gc, kc) * vload(bz.slope + v * W) : vtent(gc, kc);
+      vstore(dw.U0[k] + v * W, w * wx0);
+      vstore(dw.U1[k] + v * W, w * wx1);
+      if (kGrad) {
+        const V s = vtent_slope(gc, kc) * vload(bz.slope + v * W);
+        vstore(dw.DU0[k] + v * W, s * wx0);
+        vstore(dw.DU1[k] + v * W, s * wx1);
+      }
+    }
+  }
 }
 
 // R = wy0 * grid_t[y0] + wy1 * grid_t[y1] over one (Gw, D, C) plane.
@@ -108,238 +230,285 @@ BO_ALWAYS_INLINE void build_row_table(const T* __restrict grid_n, const AxisTaps
   for (int64_t i = 0; i < plane; ++i) R[i] = w0 * g0[i] + w1 * g1[i];
 }
 
-// A[c][j] = sample of channel c at pixel j; with kGrad also dA[c][j] = d sample / d gz.
+// A[c] = samples of channel c over the block; with kGrad also dA[c] = d sample / d gz. Whole
+// vectors are written (zeros beyond nb).
 template <typename T, bool kGrad>
 BO_ALWAYS_INLINE void interp_block(const T* R, int64_t D, int64_t C, int64_t c0, int64_t c1,
-                                   const T* __restrict wx0, const T* __restrict wx1,
-                                   const BlockZ<T>& bz, int64_t nb, T* __restrict A,
+                                   const BlockZ<T>& bz, const DenseWeights<T>& dw, T* __restrict A,
                                    T* __restrict dA) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
   if (bz.dense) {
-    for (int64_t c = 0; c < C; ++c) {  // only the nb live columns: segments can be short
-      std::fill(A + c * kBlock, A + c * kBlock + nb, T(0));
-      if (kGrad) std::fill(dA + c * kBlock, dA + c * kBlock + nb, T(0));
-    }
-    for (int64_t k = bz.zlo; k <= bz.zhi; ++k) {
-      T u0[kBlock], u1[kBlock], du0[kBlock], du1[kBlock];
-      for (int64_t j = 0; j < nb; ++j) {
-        const T w = tent_weight(bz.gc[j], k);
-        u0[j] = w * wx0[j];
-        u1[j] = w * wx1[j];
-        if (kGrad) {
-          const T s = tent_weight_slope(bz.gc[j], k) * bz.slope[j];
-          du0[j] = s * wx0[j];
-          du1[j] = s * wx1[j];
+    // U vectors per group of pixel vectors, each with separate chains for the two x cells.
+    constexpr int64_t U = kGrad ? kUnroll / 2 : kUnroll;
+    const int64_t span = bz.zhi - bz.zlo + 1;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p0 = R + (c0 * D + bz.zlo) * C + c;  // level k at p0[k * C]
+      const T* p1 = R + (c1 * D + bz.zlo) * C + c;
+      for (int64_t v0 = 0; v0 < bz.nv; v0 += U) {
+        V a0[U] = {}, a1[U] = {}, d0[U] = {}, d1[U] = {};
+        for (int64_t k = 0; k < span; ++k) {
+          const T s0 = p0[k * C], s1 = p1[k * C];
+          for (int64_t u = 0; u < U; ++u) {
+            const int64_t off = (v0 + u) * W;
+            a0[u] += vload(dw.U0[k] + off) * s0;
+            a1[u] += vload(dw.U1[k] + off) * s1;
+            if (kGrad) {
+              d0[u] += vload(dw.DU0[k] + off) * s0;
+              d1[u] += vload(dw.DU1[k] + off) * s1;
+            }
+          }
+        }
+        for (int64_t u = 0; u < U; ++u) {
+          vstore(A + c * kBlock + (v0 + u) * W, a0[u] + a1[u]);
+          if (kGrad) vstore(dA + c * kBlock + (v0 + u) * W, d0[u] + d1[u]);
         }
       }
-      const T* p0 = R + (c0 * D + k) * C;
-      const T* p1 = R + (c1 * D + k) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const T s0 = p0[c], s1 = p1[c];
-        T* __restrict a = A + c * kBlock;
-        for (int64_t j = 0; j < nb; ++j) a[j] += u0[j] * s0 + u1[j] * s1;
-        if (kGrad) {
-          T* __restrict da = dA + c * kBlock;
-          for (int64_t j = 0; j < nb; ++j) da[j] += du0[j] * s0 + du1[j] * s1;
-        }
-      }
     }
-  } else {
-    for (int64_t j = 0; j < nb; ++j) {
-      const T* p00 = R + (c0 * D + bz.z0[j]) * C;
-      const T* p01 = R + (c0 * D + bz.z1[j]) * C;
-      const T* p10 = R + (c1 * D + bz.z0[j]) * C;
-      const T* p11 = R + (c1 * D + bz.z1[j]) * C;
-      const T a0 = wx0[j], a1 = wx1[j], b0 = bz.wz0[j], b1 = bz.wz1[j], s = bz.slope[j];
-      for (int64_t c = 0; c < C; ++c) {
-        A[c * kBlock + j] = a0 * (b0 * p00[c] + b1 * p01[c]) + a1 * (b0 * p10[c] + b1 * p11[c]);
-        if (kGrad) dA[c * kBlock + j] = s * (a0 * (p01[c] - p00[c]) + a1 * (p11[c] - p10[c]));
-      }
+    return;
+  }
+  for (int64_t j = 0; j < bz.nb; ++j) {
+    const T* p00 = R + (c0 * D + bz.z0[j]) * C;
+    const T* p01 = R + (c0 * D + bz.z1[j]) * C;
+    const T* p10 = R + (c1 * D + bz.z0[j]) * C;
+    const T* p11 = R + (c1 * D + bz.z1[j]) * C;
+    const T a0 = bz.wx0[j], a1 = bz.wx1[j], b0 = bz.wz0[j], b1 = bz.wz1[j], s = bz.slope[j];
+    for (int64_t c = 0; c < C; ++c) {
+      A[c * kBlock + j] = a0 * (b0 * p00[c] + b1 * p01[c]) + a1 * (b0 * p10[c] + b1 * p11[c]);
+      if (kGrad) dA[c * kBlock + j] = s * (a0 * (p01[c] - p00[c]) + a1 * (p11[c] - p10[c]));
     }
+  }
+  const int64_t padded = bz.nv * W;
+  for (int64_t c = 0; c < C; ++c) {
+    std::fill(A + c * kBlock + bz.nb, A + c * kBlock + padded, T(0));
+    if (kGrad) std::fill(dA + c * kBlock + bz.nb, dA + c * kBlock + padded, T(0));
   }
 }
 
-// The adjoint of interp_block: B[xcell][z][c] += sum_j weight(j, cell) * V[c][j], with V's
-// channel c at V + c * vstride.
+// The adjoint of interp_block: B[xcell][z][c] += sum_j weight(j, cell) * V[c][j] (V zero beyond
+// nb, up to whole vectors).
 template <typename T>
-BO_ALWAYS_INLINE void splat_block(const T* V, int64_t vstride, int64_t D, int64_t C, int64_t c0,
-                                  int64_t c1, const T* __restrict wx0, const T* __restrict wx1,
-                                  const BlockZ<T>& bz, int64_t nb, T* B) {
+BO_ALWAYS_INLINE void splat_block(const T* Vb, int64_t D, int64_t C, int64_t c0, int64_t c1,
+                                  const BlockZ<T>& bz, const DenseWeights<T>& dw, T* B) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
   if (bz.dense) {
-    for (int64_t k = bz.zlo; k <= bz.zhi; ++k) {
-      T u0[kBlock], u1[kBlock];
-      for (int64_t j = 0; j < nb; ++j) {
-        const T w = tent_weight(bz.gc[j], k);
-        u0[j] = w * wx0[j];
-        u1[j] = w * wx1[j];
-      }
-      T* q0 = B + (c0 * D + k) * C;  // q0 == q1 at the x border: accumulate one after the other
-      T* q1 = B + (c1 * D + k) * C;
+    const int64_t span = bz.zhi - bz.zlo + 1;
+    for (int64_t k = 0; k < span; ++k) {
+      T* q0 = B + (c0 * D + bz.zlo + k) * C;  // q0 == q1 at the x border: add one after the other
+      T* q1 = B + (c1 * D + bz.zlo + k) * C;
       for (int64_t c = 0; c < C; ++c) {
-        const T* __restrict v = V + c * vstride;
-        T s0 = 0, s1 = 0;
-#pragma omp simd reduction(+ : s0, s1)
-        for (int64_t j = 0; j < nb; ++j) {
-          s0 += u0[j] * v[j];
-          s1 += u1[j] * v[j];
+        V s0[kUnroll] = {}, s1[kUnroll] = {};
+        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
+          for (int64_t u = 0; u < kUnroll; ++u) {
+            const int64_t off = (v0 + u) * W;
+            const V x = vload(Vb + c * kBlock + off);
+            s0[u] += vload(dw.U0[k] + off) * x;
+            s1[u] += vload(dw.U1[k] + off) * x;
+          }
         }
-        q0[c] += s0;
-        q1[c] += s1;
+        q0[c] += vsum<T>((s0[0] + s0[1]) + (s0[2] + s0[3]));
+        q1[c] += vsum<T>((s1[0] + s1[1]) + (s1[2] + s1[3]));
       }
     }
-  } else {
-    for (int64_t j = 0; j < nb; ++j) {
-      T* q00 = B + (c0 * D + bz.z0[j]) * C;  // may alias each other at the borders
-      T* q01 = B + (c0 * D + bz.z1[j]) * C;
-      T* q10 = B + (c1 * D + bz.z0[j]) * C;
-      T* q11 = B + (c1 * D + bz.z1[j]) * C;
-      const T w00 = wx0[j] * bz.wz0[j], w01 = wx0[j] * bz.wz1[j];
-      const T w10 = wx1[j] * bz.wz0[j], w11 = wx1[j] * bz.wz1[j];
-      for (int64_t c = 0; c < C; ++c) {
-        const T v = V[c * vstride + j];
-        q00[c] += w00 * v;
-        q01[c] += w01 * v;
-        q10[c] += w10 * v;
-        q11[c] += w11 * v;
-      }
+    return;
+  }
+  for (int64_t j = 0; j < bz.nb; ++j) {
+    T* q00 = B + (c0 * D + bz.z0[j]) * C;  // may alias each other at the borders
+    T* q01 = B + (c0 * D + bz.z1[j]) * C;
+    T* q10 = B + (c1 * D + bz.z0[j]) * C;
+    T* q11 = B + (c1 * D + bz.z1[j]) * C;
+    const T w00 = bz.wx0[j] * bz.wz0[j], w01 = bz.wx0[j] * bz.wz1[j];
+    const T w10 = bz.wx1[j] * bz.wz0[j], w11 = bz.wx1[j] * bz.wz1[j];
+    for (int64_t c = 0; c < C; ++c) {
+      const T x = Vb[c * kBlock + j];
+      q00[c] += w00 * x;
+      q01[c] += w01 * x;
+      q10[c] += w10 * x;
+      q11[c] += w11 * x;
     }
   }
 }
 
 // Blocks are visited with plain loops, not lambdas, so that everything inlines into the
 // target_clones task functions and is compiled for their instruction sets.
-#define BO_FOR_EACH_BLOCK(p, BODY)                               \
-  for (int64_t s_ = 0; s_ < (p).nseg; ++s_) {                    \
-    const int64_t c0 = (p).seg_c0[s_], c1 = (p).seg_c1[s_];      \
-    const int64_t end_ = (p).seg_begin[s_ + 1];                  \
-    for (int64_t b = (p).seg_begin[s_]; b < end_; b += kBlock) { \
-      const int64_t nb = std::min(kBlock, end_ - b);             \
-      BODY;                                                      \
-    }                                                            \
+#define BO_FOR_EACH_BLOCK(p, BODY)                                 \
+  for (int64_t s_ = 0; s_ < (p).x.nseg; ++s_) {                    \
+    const int64_t c0 = (p).x.seg_c0[s_], c1 = (p).x.seg_c1[s_];    \
+    const int64_t end_ = (p).x.seg_begin[s_ + 1];                  \
+    for (int64_t b = (p).x.seg_begin[s_]; b < end_; b += kBlock) { \
+      const int64_t nb = std::min(kBlock, end_ - b);               \
+      BODY;                                                        \
+    }                                                              \
   }
 
 // One block of the forward pass of row y of image n.
-template <typename T>
-BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, T* A, const T* guide,
-                                    int64_t n, int64_t y, int64_t b, int64_t nb, int64_t c0,
-                                    int64_t c1) {
-  const int64_t HW = p.H * p.W;
+template <typename T, bool kApply, bool kDguide>
+BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const Scratch<T>& s,
+                                    const T* guide, int64_t n, int64_t y, int64_t b, int64_t nb,
+                                    int64_t c0, int64_t c1) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  const int64_t HW = p.g.H * p.g.W;
+  const int64_t pix = y * p.g.W + b;
   BlockZ<T> bz;
-  block_z(guide + b, nb, p.D, bz);
-  interp_block<T, false>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, nullptr);
-  if (!p.apply) {
-    T* out = p.output + n * p.C * HW + y * p.W + b;
-    for (int64_t c = 0; c < p.C; ++c) std::memcpy(out + c * HW, A + c * kBlock, nb * sizeof(T));
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, bz);
+  DenseWeights<T> dw;
+  if (bz.dense) dense_weights<T, kDguide, false>(bz, dw);
+  interp_block<T, false>(R, p.g.D, p.g.C, c0, c1, bz, dw, s.A, nullptr);
+  if (!kApply) {
+    store_rows(s.A, p.g.C, bz, p.output + n * p.g.C * HW + pix, HW);
     return;
   }
-  const T* in = p.input + n * p.Ci * HW + y * p.W + b;
-  T* out = p.output + n * p.Co * HW + y * p.W + b;
-  for (int64_t o = 0; o < p.Co; ++o) {
-    T acc[kBlock];
-    if (p.has_offset) {
-      std::memcpy(acc, A + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
-    } else {
-      std::fill(acc, acc + nb, T(0));
+  const AffineLayout& l = p.l;
+  load_rows(p.input + n * l.Ci * HW + pix, HW, l.Ci, bz, s.X);
+  for (int64_t o = 0; o < l.Co; ++o) {
+    for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
+      V acc[kUnroll];
+      for (int64_t u = 0; u < kUnroll; ++u) {
+        const int64_t off = (v0 + u) * W;
+        acc[u] = l.has_offset ? vload(s.A + l.offset_channel(o) * kBlock + off) : V{};
+      }
+      for (int64_t i = 0; i < l.Ci; ++i) {
+        const T* a = s.A + l.channel(o, i) * kBlock;
+        const T* x = s.X + i * kBlock;
+        for (int64_t u = 0; u < kUnroll; ++u) {
+          const int64_t off = (v0 + u) * W;
+          acc[u] += vload(a + off) * vload(x + off);
+        }
+      }
+      for (int64_t u = 0; u < kUnroll; ++u) vstore(s.OUT + o * kBlock + (v0 + u) * W, acc[u]);
     }
-    for (int64_t i = 0; i < p.Ci; ++i) {
-      const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
-      const T* __restrict x = in + i * HW;
-      for (int64_t j = 0; j < nb; ++j) acc[j] += a[j] * x[j];
-    }
-    std::memcpy(out + o * HW, acc, nb * sizeof(T));
   }
+  store_rows(s.OUT, l.Co, bz, p.output + n * l.Co * HW + pix, HW);
 }
 
-// Forward over image rows [r0, r1) of the flattened (N * H) row index.
-// Scratch: R (row_table_size), A (C * kBlock).
-template <typename T>
-BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t r1, T* R, T* A) {
+// Forward over image rows [r0, r1) of the flattened (N * H) row index. R: row_table_size.
+template <typename T, bool kApply, bool kDguide>
+BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t r1, T* R,
+                                   const Scratch<T>& s) {
   const int64_t plane = p.row_table_size();
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.H, y = r % p.H;
-    const AxisTaps<T> ty = image_taps<T>(y, p.H, p.Gh);
-    build_row_table(p.grid_t + n * p.Gh * plane, ty, plane, R);
-    const T* guide = p.guide + r * p.W;
-    BO_FOR_EACH_BLOCK(p, forward_block(p, R, A, guide, n, y, b, nb, c0, c1));
+    const int64_t n = r / p.g.H, y = r % p.g.H;
+    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh);
+    build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+    const T* guide = p.guide + r * p.g.W;
+    BO_FOR_EACH_BLOCK(p, (forward_block<T, kApply, kDguide>(p, R, s, guide, n, y, b, nb, c0, c1)));
   }
 }
 
 // One block of the backward pass of row y of image n: grad_guide and grad_input are written
 // per pixel, the grid gradient is splatted into the row buffer B.
-template <typename T>
-BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B, T* A, T* dA, T* V,
-                                     const T* guide, T* grad_guide, int64_t n, int64_t y, int64_t b,
-                                     int64_t nb, int64_t c0, int64_t c1) {
-  const int64_t HW = p.H * p.W;
-  const int64_t Cout = p.apply ? p.Co : p.C;
-  const T zscale = static_cast<T>(p.D);  // d gz / d guide
+template <typename T, bool kApply, bool kDguide, bool kGrad>
+BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
+                                     const Scratch<T>& s, const T* guide, int64_t n, int64_t y,
+                                     int64_t b, int64_t nb, int64_t c0, int64_t c1) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  const int64_t HW = p.g.H * p.g.W;
+  const int64_t pix = y * p.g.W + b;
+  const int64_t C = p.g.C;
   BlockZ<T> bz;
-  block_z(guide + b, nb, p.D, bz);
-  interp_block<T, true>(R, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, A, dA);
-  const T* go = p.grad_output + n * Cout * HW + y * p.W + b;
-  T gg[kBlock];
-  std::fill(gg, gg + nb, T(0));
-  if (!p.apply) {
-    for (int64_t c = 0; c < p.C; ++c) {
-      const T* __restrict g = go + c * HW;
-      const T* __restrict da = dA + c * kBlock;
-      for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * da[j];
-    }
-    for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
-    splat_block(go, HW, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
-    return;
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, bz);
+  DenseWeights<T> dw;
+  if (bz.dense) dense_weights<T, kDguide, kGrad>(bz, dw);
+  // grad_input needs the samples, grad_guide their z-derivative; the grid gradient needs neither.
+  if (kGrad || (kApply && p.need_input)) {
+    interp_block<T, kGrad>(R, p.g.D, C, c0, c1, bz, dw, s.A, s.dA);
   }
-  const T* in = p.input + n * p.Ci * HW + y * p.W + b;
-  T* gin = p.grad_input + n * p.Ci * HW + y * p.W + b;
-  for (int64_t i = 0; i < p.Ci; ++i) {
-    T acc[kBlock];
-    std::fill(acc, acc + nb, T(0));
-    for (int64_t o = 0; o < p.Co; ++o) {
-      const T* __restrict g = go + o * HW;
-      const T* __restrict a = A + affine_channel(o, i, p.stride) * kBlock;
-      for (int64_t j = 0; j < nb; ++j) acc[j] += g[j] * a[j];
-    }
-    std::memcpy(gin + i * HW, acc, nb * sizeof(T));
-  }
-  for (int64_t o = 0; o < p.Co; ++o) {
-    const T* __restrict g = go + o * HW;
-    T t[kBlock];
-    if (p.has_offset) {
-      std::memcpy(t, dA + affine_channel(o, p.Ci, p.stride) * kBlock, nb * sizeof(T));
-      std::memcpy(V + affine_channel(o, p.Ci, p.stride) * kBlock, g, nb * sizeof(T));
-    } else {
-      std::fill(t, t + nb, T(0));
-    }
-    for (int64_t i = 0; i < p.Ci; ++i) {
-      const T* __restrict da = dA + affine_channel(o, i, p.stride) * kBlock;
-      const T* __restrict x = in + i * HW;
-      T* __restrict v = V + affine_channel(o, i, p.stride) * kBlock;
-      for (int64_t j = 0; j < nb; ++j) {
-        t[j] += da[j] * x[j];
-        v[j] = g[j] * x[j];
+  const int64_t Cout = kApply ? p.l.Co : C;
+  load_rows(p.grad_output + n * Cout * HW + pix, HW, Cout, bz, s.G);
+  V gg[kBlock / vec_width<T>()];  // nv <= kBlock / W
+  if (kGrad) std::fill(gg, gg + bz.nv, V{});
+  if (!kApply) {
+    if (kGrad) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t v = 0; v < bz.nv; ++v) {
+          gg[v] += vload(s.G + c * kBlock + v * W) * vload(s.dA + c * kBlock + v * W);
+        }
       }
     }
-    for (int64_t j = 0; j < nb; ++j) gg[j] += g[j] * t[j];
+  } else {
+    const AffineLayout& l = p.l;
+    load_rows(p.input + n * l.Ci * HW + pix, HW, l.Ci, bz, s.X);
+    if (p.need_input) {
+      for (int64_t i = 0; i < l.Ci; ++i) {
+        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
+          V acc[kUnroll] = {};
+          for (int64_t o = 0; o < l.Co; ++o) {
+            const T* g = s.G + o * kBlock;
+            const T* a = s.A + l.channel(o, i) * kBlock;
+            for (int64_t u = 0; u < kUnroll; ++u) {
+              const int64_t off = (v0 + u) * W;
+              acc[u] += vload(g + off) * vload(a + off);
+            }
+          }
+          for (int64_t u = 0; u < kUnroll; ++u) vstore(s.OUT + i * kBlock + (v0 + u) * W, acc[u]);
+        }
+      }
+      store_rows(s.OUT, l.Ci, bz, p.grad_input + n * l.Ci * HW + pix, HW);
+    }
+    for (int64_t o = 0; o < l.Co; ++o) {
+      const T* g = s.G + o * kBlock;
+      if (kGrad) {
+        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
+          V t[kUnroll];
+          for (int64_t u = 0; u < kUnroll; ++u) {
+            const int64_t off = (v0 + u) * W;
+            t[u] = l.has_offset ? vload(s.dA + l.offset_channel(o) * kBlock + off) : V{};
+          }
+          for (int64_t i = 0; i < l.Ci; ++i) {
+            const T* da = s.dA + l.channel(o, i) * kBlock;
+            const T* x = s.X + i * kBlock;
+            for (int64_t u = 0; u < kUnroll; ++u) {
+              const int64_t off = (v0 + u) * W;
+              t[u] += vload(da + off) * vload(x + off);
+            }
+          }
+          for (int64_t u = 0; u < kUnroll; ++u) gg[v0 + u] += vload(g + (v0 + u) * W) * t[u];
+        }
+      }
+      if (p.need_grid) {
+        for (int64_t i = 0; i < l.Ci; ++i) {
+          const T* x = s.X + i * kBlock;
+          T* dst = s.V + l.channel(o, i) * kBlock;
+          for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W) * vload(x + v * W));
+        }
+        if (l.has_offset) {
+          T* dst = s.V + l.offset_channel(o) * kBlock;
+          for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W));
+        }
+      }
+    }
   }
-  for (int64_t j = 0; j < nb; ++j) grad_guide[b + j] = gg[j] * zscale;
-  splat_block(V, kBlock, p.D, p.C, c0, c1, p.wx0 + b, p.wx1 + b, bz, nb, B);
+  if (kGrad) {
+    const T zscale = static_cast<T>(p.g.D);  // d gz / d guide
+    for (int64_t v = 0; v < bz.nv; ++v) vstore(s.OUT + v * W, gg[v] * zscale);
+    store_rows(s.OUT, 1, bz, p.grad_guide + n * HW + pix, HW);
+  }
+  if (p.need_grid) {
+    // slice: the splatted values are grad_output itself (already padded in s.G).
+    splat_block(kApply ? s.V : s.G, p.g.D, C, c0, c1, bz, dw, B);
+  }
 }
 
 // Backward over rows [y0, y1) of image n. Gacc holds grid rows [band_lo, ...) of a
 // (Gh, Gw, D, C) grid gradient: only the band of grid rows that these image rows touch. It is
 // accumulated in double so that the sum over many pixels keeps float32 grids accurate.
-// Scratch: R and B (row_table_size), A, dA and V (C * kBlock).
-template <typename T>
+// R and B: row_table_size.
+template <typename T, bool kApply, bool kDguide, bool kGrad>
 BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t y0, int64_t y1,
-                                    double* Gacc, int64_t band_lo, T* R, T* B, T* A, T* dA, T* V) {
+                                    double* Gacc, int64_t band_lo, T* R, T* B,
+                                    const Scratch<T>& s) {
   const int64_t plane = p.row_table_size();
-  const int64_t HW = p.H * p.W;
   for (int64_t y = y0; y < y1; ++y) {
-    const AxisTaps<T> ty = image_taps<T>(y, p.H, p.Gh);
-    build_row_table(p.grid_t + n * p.Gh * plane, ty, plane, R);
-    std::fill(B, B + plane, T(0));
-    const T* guide = p.guide + n * HW + y * p.W;
-    T* grad_guide = p.grad_guide + n * HW + y * p.W;
-    BO_FOR_EACH_BLOCK(p, backward_block(p, R, B, A, dA, V, guide, grad_guide, n, y, b, nb, c0, c1));
+    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh);
+    build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+    if (p.need_grid) std::fill(B, B + plane, T(0));
+    const T* guide = p.guide + (n * p.g.H + y) * p.g.W;
+    BO_FOR_EACH_BLOCK(
+        p, (backward_block<T, kApply, kDguide, kGrad>(p, R, B, s, guide, n, y, b, nb, c0, c1)));
+    if (!p.need_grid) continue;
     double* __restrict g0 = Gacc + (ty.i0 - band_lo) * plane;
     const double w0 = ty.w0;
     for (int64_t i = 0; i < plane; ++i) g0[i] += w0 * static_cast<double>(B[i]);

@@ -1,6 +1,6 @@
 #pragma once
 // Bilateral-grid sampling geometry: one copy of every formula, used by the CPU loops and the CUDA
-// kernels alike (DESIGN.md, "Grid coordinates").
+// kernels alike (docs/ops.md, "Grid coordinates").
 //
 // Pixel p of an n-pixel axis sits at grid position g = (p + 0.5) * G / n; the guide value v at
 // g = v * G. Grid sample k sits at k + 0.5. Along each axis the cells i = floor(g - 0.5) and i + 1
@@ -65,6 +65,22 @@ BO_HOST_DEVICE AxisTaps<T> image_taps(int64_t p, int64_t n, int64_t G) {
   return r;
 }
 
+// Taps along z of guide value v (g = v * D). With dguide they are the taps of the derivative with
+// respect to v instead: the tent weights become their slopes, -D * slope on i0 and +D * slope on
+// i1, and the slope itself (the second derivative) becomes 0, since the sample is piecewise
+// linear in v. The same trilinear code then computes either the sample or its guide derivative.
+template <typename T>
+BO_HOST_DEVICE AxisTaps<T> guide_taps(T v, int64_t D, bool dguide) {
+  AxisTaps<T> t = axis_taps(v * static_cast<T>(D), D);
+  if (dguide) {
+    const T s = t.slope * static_cast<T>(D);
+    t.w0 = -s;
+    t.w1 = s;
+    t.slope = T(0);
+  }
+  return t;
+}
+
 // The same weights written densely: the weight of cell k for a clamped position gc. Equal to the
 // AxisTaps weights (0 for every cell but i0 and i1); lets CPU loops run over k without gathers.
 template <typename T>
@@ -78,8 +94,10 @@ BO_HOST_DEVICE T tent_weight(T gc, int64_t k) {
 template <typename T>
 BO_HOST_DEVICE T tent_weight_slope(T gc, int64_t k) {
   const T d = gc - (static_cast<T>(k) + T(0.5));
-  // Branch-free so that CPU loops over pixels vectorise.
-  return static_cast<T>(d >= T(-1) && d < T(0)) - static_cast<T>(d >= T(0) && d < T(1));
+  // Selects rather than bool-to-float casts: those are scalar conversions on x86, selects are
+  // blends, so CPU loops over pixels vectorise.
+  const T up = (d >= T(-1) && d < T(0)) ? T(1) : T(0);
+  return (d >= T(0) && d < T(1)) ? T(-1) : up;
 }
 
 // The eight corners of a trilinear sample in a (D, Gh, Gw) channel slab.

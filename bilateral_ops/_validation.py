@@ -1,0 +1,97 @@
+"""Argument validation shared by the public functions (eager) and the fake kernels.
+
+Every rule raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+size or device) naming the argument and what was expected, before any kernel runs. The shape
+rules only read ``.shape``, ``.dim()``, ``.dtype`` and ``.device``, so they work unchanged on the
+fake tensors of ``torch.compile`` (where they become guards on the symbolic sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def as_guide(guide: torch.Tensor) -> torch.Tensor:
+    """Accept a guide as (N, H, W) or (N, 1, H, W); return (N, H, W)."""
+    if guide.dim() == 4 and guide.shape[1] == 1:
+        return guide[:, 0]
+    if guide.dim() != 3:
+        raise ValueError(f"guide must have shape (N, H, W) or (N, 1, H, W), got {tuple(guide.shape)}")
+    return guide
+
+
+def check_grid_guide(grid: torch.Tensor, guide: torch.Tensor) -> None:
+    """grid (N, C, D, Gh, Gw) with C, D, Gh, Gw >= 1 and guide (N, H, W) of the same dtype and
+    device."""
+    if grid.dim() != 5:
+        raise ValueError(f"grid must have shape (N, C, D, Gh, Gw), got {tuple(grid.shape)}")
+    if min(grid.shape[1:]) < 1:
+        raise ValueError(f"grid channels, depth, height and width must be >= 1, got {tuple(grid.shape)}")
+    if guide.dim() != 3:
+        raise ValueError(f"guide must have shape (N, H, W), got {tuple(guide.shape)}")
+    if guide.shape[0] != grid.shape[0]:
+        raise ValueError(f"guide batch size ({guide.shape[0]}) must match grid batch size ({grid.shape[0]})")
+    check_like("guide", guide, "grid", grid)
+
+
+def affine_stride(in_channels: int, has_offset: bool) -> int:
+    """Grid channels per output channel of bilateral_slice_apply: Ci + 1 with an offset, Ci without."""
+    return in_channels + (1 if has_offset else 0)
+
+
+def check_slice_apply(grid: torch.Tensor, guide: torch.Tensor, input: torch.Tensor, has_offset: bool) -> int:
+    """bilateral_slice_apply's arguments (guide already (N, H, W)); returns the output channels Co."""
+    check_bool("has_offset", has_offset)
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape (N, Ci, H, W), got {tuple(input.shape)}")
+    n, ci, h, w = input.shape
+    if guide.dim() != 3 or tuple(guide.shape) != (n, h, w):
+        raise ValueError(
+            f"guide must have shape (N, H, W) = {(n, h, w)} to match input {tuple(input.shape)}, "
+            f"got {tuple(guide.shape)}"
+        )
+    if ci < 1:
+        raise ValueError("input must have at least one channel")
+    check_grid_guide(grid, guide)
+    check_like("input", input, "grid", grid)
+    stride = affine_stride(ci, has_offset)
+    if grid.shape[1] % stride != 0:
+        expected = "Co*(Ci+1)" if has_offset else "Co*Ci"
+        raise ValueError(
+            f"grid must have {expected} channels for Ci={ci} input channels "
+            f"(has_offset={has_offset}), got {grid.shape[1]}"
+        )
+    return grid.shape[1] // stride
+
+
+def check_grad_output(grad_output: torch.Tensor, like: torch.Tensor, shape: tuple) -> None:
+    check_like("grad_output", grad_output, "grid", like)
+    if tuple(grad_output.shape) != tuple(shape):
+        raise ValueError(f"grad_output must have shape {tuple(shape)}, got {tuple(grad_output.shape)}")
+
+
+def check_output_mask(dguide: bool, output_mask) -> None:
+    if dguide and output_mask[1]:
+        raise ValueError(
+            "output_mask[1] (grad_guide) must be false when dguide is true: the guide derivative of "
+            "the dguide variant is zero almost everywhere and is not computed"
+        )

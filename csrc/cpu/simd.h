@@ -1,0 +1,133 @@
+#pragma once
+// Portable short vectors for the CPU engine: GCC/Clang vector extensions of 32 bytes (8 floats,
+// 4 doubles). Every target_clones copy of a task function compiles them for its own instruction
+// set (ymm registers under AVX2 and AVX-512; pairs of xmm on the baseline), which the
+// auto-vectoriser does not do reliably for these loops (reductions, selects, accumulators held
+// in registers across an inner loop).
+
+#include <cstdint>
+
+namespace bilateral_ops {
+namespace cpu {
+
+constexpr int kVecBytes = 32;
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+  typedef int32_t mask __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+  typedef int64_t mask __attribute__((vector_size(kVecBytes)));
+};
+
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+
+// int32 lanes, as many as vec_t<T> has: cell indices.
+template <typename T>
+struct IndexVecOf;
+template <>
+struct IndexVecOf<float> {
+  typedef int32_t type __attribute__((vector_size(32)));
+};
+template <>
+struct IndexVecOf<double> {
+  typedef int32_t type __attribute__((vector_size(16)));
+};
+
+template <typename T>
+using ivec_t = typename IndexVecOf<T>::type;
+
+template <typename T>
+constexpr int64_t vec_width() {
+  return kVecBytes / static_cast<int64_t>(sizeof(T));
+}
+
+// Unaligned load and store (memcpy compiles to one vector move).
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  __builtin_memcpy(&v, p, kVecBytes);
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  __builtin_memcpy(p, &v, kVecBytes);
+}
+
+template <typename T>
+inline vec_t<T> vsplat(T x) {
+  return vec_t<T>{} + x;
+}
+
+// Sum of the lanes, as a tree of half-swaps.
+template <typename T>
+inline T vsum(vec_t<T> v) {
+  using M = typename VecOf<T>::mask;
+  if constexpr (vec_width<T>() == 8) {
+    v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+  } else {
+    v += __builtin_shuffle(v, M{2, 3, 0, 1});
+    v += __builtin_shuffle(v, M{1, 0, 3, 2});
+  }
+  return v[0];
+}
+
+// The vector form of guide_taps (grid_coords.h) without dguide: the same operations in the same
+// order, so the same bits. The clamp's comparisons map NaN to the lower edge; s >= 0, so the
+// truncating conversion is the floor.
+template <typename T>
+struct VecTaps {
+  ivec_t<T> i0, i1;
+  vec_t<T> gc, w0, w1, slope;
+};
+
+template <typename T>
+inline VecTaps<T> vguide_taps(vec_t<T> v, int64_t D) {
+  using V = vec_t<T>;
+  using I = ivec_t<T>;
+  const T hi = static_cast<T>(D) - T(0.5);
+  const V g = v * static_cast<T>(D);
+  V gc = g > T(0.5) ? g : vsplat<T>(T(0.5));
+  gc = gc < hi ? gc : vsplat<T>(hi);
+  VecTaps<T> t;
+  t.gc = gc;
+  const V s = gc - T(0.5);
+  t.i0 = __builtin_convertvector(s, I);
+  t.w1 = s - __builtin_convertvector(t.i0, V);
+  t.w0 = T(1) - t.w1;
+  const I next = t.i0 + 1;
+  t.i1 = next < static_cast<int32_t>(D) ? next : I{} + static_cast<int32_t>(D - 1);
+  const V one = vsplat<T>(T(1));
+  t.slope = ((g > T(0.5)) & (g < hi)) ? one : V{};
+  return t;
+}
+
+// Tent weight of cell k (centre kc = k + 0.5) at clamped positions gc, and its slope with the
+// one-sided convention of grid_coords.h: the vector forms of tent_weight / tent_weight_slope.
+template <typename T>
+inline vec_t<T> vtent(vec_t<T> gc, T kc) {
+  const vec_t<T> t = gc - kc;
+  const vec_t<T> a = t < T(0) ? -t : t;
+  const vec_t<T> w = T(1) - a;
+  return w > T(0) ? w : vec_t<T>{};
+}
+
+template <typename T>
+inline vec_t<T> vtent_slope(vec_t<T> gc, T kc) {
+  const vec_t<T> d = gc - kc;
+  const vec_t<T> one = vsplat<T>(T(1));
+  const vec_t<T> up = ((d >= T(-1)) & (d < T(0))) ? one : vec_t<T>{};
+  return ((d >= T(0)) & (d < T(1))) ? -one : up;
+}
+
+}  // namespace cpu
+}  // namespace bilateral_ops

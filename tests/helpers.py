@@ -1,0 +1,168 @@
+"""Helpers shared by the op test files: inputs, comparisons against the reference, devices, and
+the guard that proves an error is raised before any kernel runs."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+OPS = torch.ops.bilateral_ops
+F64 = torch.float64
+
+# Every test that runs a kernel runs on each device of this list; CUDA is skipped without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+# Relative tolerance of a kernel against the float64 reference, scaled by 1 + max|reference|.
+TOL = {("cpu", torch.float64): 1e-10, ("cpu", torch.float32): 1e-5, ("cuda", torch.float64): 1e-10, ("cuda", torch.float32): 1e-4}
+
+
+def tol(device: str, dtype: torch.dtype) -> float:
+    return TOL[(torch.device(device).type, dtype)]
+
+
+def _id(case) -> str:
+    return "x".join(str(v) for v in case)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _smooth_guide(n: int, h: int, w: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A low-frequency guide: over 64 pixels of a row it moves by < 0.15, i.e. < 4 z cells at D=24,
+    so the CPU kernel takes its dense-z path."""
+    ys = torch.arange(h, dtype=F64).view(1, h, 1)
+    xs = torch.arange(w, dtype=F64).view(1, 1, w)
+    phase = torch.rand(n, 1, 1, generator=gen, dtype=F64)
+    g = 0.5 + 0.25 * torch.sin(2 * math.pi * (xs / 700 + ys / 250 + phase)) + 0.1 * torch.cos(
+        2 * math.pi * (ys / 97 - phase)
+    )
+    return g.to(dtype)
+
+
+def make_guide(kind: str, n: int, h: int, w: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Guides of every regime the kernels distinguish: uniform noise (per-pixel gathers when D is
+    large, dense spans otherwise), values outside [0, 1], smooth fields, and rows that switch."""
+    if kind in ("uniform", "noisy"):
+        return torch.rand(n, h, w, generator=gen, dtype=F64).to(dtype)
+    if kind == "wide":  # partly outside [0, 1]: clamps to the edge cells
+        return (torch.rand(n, h, w, generator=gen, dtype=F64) * 1.6 - 0.3).to(dtype)
+    if kind == "smooth":
+        return _smooth_guide(n, h, w, dtype, gen)
+    if kind == "mixed":  # alternating smooth and noisy 50-pixel bands: paths switch inside a row
+        g = _smooth_guide(n, h, w, F64, gen)
+        noisy = torch.rand(n, h, w, generator=gen, dtype=F64) * 1.6 - 0.3
+        band = (torch.arange(w) // 50) % 2 == 1
+        g[..., band] = noisy[..., band]
+        return g.to(dtype)
+    raise AssertionError(kind)
+
+
+def make_apply_case(n, ci, co, d, gh, gw, h, w, has_offset, dtype, guide_kind, gen, device="cpu"):
+    stride = ci + (1 if has_offset else 0)
+    grid = torch.randn(n, co * stride, d, gh, gw, generator=gen, dtype=F64).to(dtype)
+    guide = make_guide(guide_kind, n, h, w, dtype, gen)
+    inp = torch.rand(n, ci, h, w, generator=gen, dtype=F64).to(dtype)
+    return grid.to(device), guide.to(device), inp.to(device)
+
+
+def make_slice_case(n, c, d, gh, gw, h, w, dtype, guide_kind, gen, device="cpu"):
+    grid = torch.randn(n, c, d, gh, gw, generator=gen, dtype=F64).to(dtype)
+    guide = make_guide(guide_kind, n, h, w, dtype, gen)
+    return grid.to(device), guide.to(device)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and comparing
+
+
+def run_with_grads(fn, tensors, extra=(), grad_output=None, gen=None):
+    """fn(*tensors, *extra) with every tensor a fresh leaf; returns (out, grads, grad_output)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves, *extra)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, grad_output)
+    return out.detach(), [g.detach() for g in grads], grad_output
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, mask=None) -> None:
+    """|got - want| <= rel * (1 + max|want|) elementwise (optionally only where mask is True)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.detach().cpu(), want.detach().cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    g, w = got.double(), want.double()
+    if mask is not None:
+        g, w = g[mask.cpu()], w[mask.cpu()]
+    if w.numel() == 0:
+        return
+    tol_ = rel * (1 + w.abs().max().item())
+    err = (g - w).abs().max().item()
+    assert err <= tol_, f"{what}: max abs err {err:.3e} > tol {tol_:.3e}"
+
+
+def away_from_z_kinks(guide: torch.Tensor, d: int, margin: float = 1e-4) -> torch.Tensor:
+    """Pixels whose z coordinate is not within ``margin`` cells of a kink of the tent (a cell centre
+    or the clamp boundary), where float32 and float64 may legitimately pick different sides."""
+    s = guide.double() * d - 0.5
+    return (s - s.round()).abs() > margin
+
+
+def reference_dguide(fn, grid: torch.Tensor, guide: torch.Tensor, *rest) -> torch.Tensor:
+    """d fn(grid, guide, *rest) / d guide, pixel by pixel, by autograd of the reference: each output
+    pixel depends on its own guide pixel only, so channel c's derivative is the gradient of the
+    sum of channel c."""
+    leaf = guide.detach().clone().requires_grad_(True)
+    out = fn(grid, leaf, *rest)
+    rows = [torch.autograd.grad(out[:, c].sum(), leaf, retain_graph=True)[0] for c in range(out.shape[1])]
+    return torch.stack(rows, dim=1)
+
+
+def second_derivative_probe(fn, tensors, extra=()):
+    """Gradients of a scalar built from first derivatives (a gradient penalty): the quantity users
+    of create_graph=True get. Returns the second-order gradients for every input."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves, *extra)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    grads = torch.autograd.grad((out * out * weight).sum(), leaves, create_graph=True)
+    penalty = sum((g * g).sum() for g in grads)
+    return [g.detach() for g in torch.autograd.grad(penalty, leaves, allow_unused=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors before any kernel
+
+
+def no_kernel_runs(monkeypatch) -> None:
+    """Make every compiled op and the reference raise, so a test proves that an error comes before
+    any kernel."""
+
+    class _Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError(f"kernel {name} reached despite invalid arguments")
+
+    # import_module returns the modules; attribute access would give the functions of that name.
+    for name in ("bilateral_ops.bilateral_slice", "bilateral_ops.bilateral_slice_apply"):
+        mod = importlib.import_module(name)
+        monkeypatch.setattr(mod, "_ops", _Poisoned())
+        monkeypatch.setattr(mod, "reference", _Poisoned())
+
+
+def t64(*shape, dtype=F64):
+    return torch.rand(*shape, dtype=dtype)
