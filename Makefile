@@ -6,12 +6,12 @@ TORCH_CPU  ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cuda
 CPY        := $(CUDA_VENV)/bin/python
 TORCH_CUDA ?= torch==2.14.1
-TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel
+TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel build
 DEMO_DEPS  := scikit-image
 BENCH_DEPS := kornia opencv-python-headless
 export MAX_JOBS ?= 2
 
-.PHONY: all build test demo bench cuda-check clean
+.PHONY: all build test demo bench sdist-check cuda-check clean
 
 all: build
 
@@ -38,6 +38,17 @@ bench: build $(VENV)/.bench-deps
 	BILATERAL_OPS_REQUIRE_COMPILED=1 $(VPY) -m pytest -q bench --benchmark-only \
 		--benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name
 
+# The sdist must be complete: build it, install it into a fresh venv beside the CPU torch, and run
+# every op compiled from outside the source tree.
+SDIST_VENV ?= .venv-sdist
+sdist-check: $(VENV)/.deps
+	rm -rf dist $(SDIST_VENV)
+	$(VPY) -m build --sdist --no-isolation --outdir dist . > /dev/null
+	$(PYTHON) -m venv $(SDIST_VENV)
+	$(SDIST_VENV)/bin/python -m pip install -q $(TORCH_CPU) numpy ninja setuptools wheel
+	$(SDIST_VENV)/bin/python -m pip install -q --no-build-isolation dist/bilateral_ops-*.tar.gz
+	cd /tmp && BILATERAL_OPS_REQUIRE_COMPILED=1 $(CURDIR)/$(SDIST_VENV)/bin/python $(CURDIR)/tools/sdist_smoke.py
+
 # Compile the CUDA kernels (nothing runs: no GPU needed) against the CUDA build of torch and
 # check that every bilateral_ops op has a CUDA kernel registered.
 $(CUDA_VENV)/.deps:
@@ -50,4 +61,4 @@ cuda-check: $(CUDA_VENV)/.deps
 	$(CPY) tools/check_cuda_build.py build/cuda-lib
 
 clean:
-	rm -rf build bilateral_ops/_C*.so *.egg-info out
+	rm -rf build dist bilateral_ops/_C*.so *.egg-info out

@@ -58,6 +58,16 @@ from torch.utils.cpp_extension import (  # noqa: E402
 )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    """The version, written once in bilateral_ops/_version.py (read as text: importing the package
+    would need the extension built)."""
+    with open(os.path.join(ROOT, "bilateral_ops", "_version.py")) as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("no __version__ in bilateral_ops/_version.py")
+    return match.group(1)
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
@@ -112,6 +122,10 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    # ptxas's resource report (registers, spills, shared memory per kernel and arch), which
+    # `make cuda-check` feeds to tools/ptxas_report.py.
+    if os.environ.get("BILATERAL_OPS_PTXAS_VERBOSE", "0") == "1":
+        nvcc += ["-Xptxas", "-v"]
     return [
         CUDAExtension(
             "bilateral_ops._C",
@@ -126,7 +140,7 @@ def extensions():
 
 setup(
     name="bilateral_ops",
-    version="0.1.0",
+    version=read_version(),
     description="Fast, differentiable bilateral operators for PyTorch (CPU and CUDA)",
     packages=find_packages(include=["bilateral_ops", "bilateral_ops.*"]),
     package_data={"bilateral_ops": ["py.typed"]},

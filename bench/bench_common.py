@@ -38,32 +38,42 @@ def _photo() -> torch.Tensor:
         return F.interpolate(coarse, (512, 512), mode="bicubic", align_corners=False).clamp_(0, 1)
 
 
+GUIDES = ("photo", "noise")
+
+
 def make_inputs(
-    h: int, w: int, dtype: torch.dtype = torch.float32, device: str = "cpu", photo: bool = True
+    h: int, w: int, dtype: torch.dtype = torch.float32, device: str = "cpu", photo: bool = True, guide: str = "photo"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grid, guide, input) for an h x w image: the photo resized (bilinear) as input, its Rec.709
-    luminance as guide in [0, 1], and a fixed near-identity random grid (seeded)."""
+    """(grid, guide, input) for an h x w image: the photo resized (bilinear) as input, and a fixed
+    near-identity random grid (seeded). The guide is the photo's Rec.709 luminance in [0, 1]
+    ("photo": smooth, few z cells per neighbourhood) or uniform noise in [0, 1] ("noise": what
+    textured or noisy photos give, every z cell everywhere)."""
     g = torch.Generator().manual_seed(0)
     if photo:
         src = _photo()
     else:  # cheap smooth random field (memory probe: values do not matter)
         src = torch.rand(1, 3, 8, 8, generator=g)
     x = F.interpolate(src, (h, w), mode="bilinear", align_corners=False).clamp_(0, 1)
-    guide = (0.2126 * x[:, 0] + 0.7152 * x[:, 1] + 0.0722 * x[:, 2]).clamp_(0, 1)
+    if guide == "photo":
+        guide_t = (0.2126 * x[:, 0] + 0.7152 * x[:, 1] + 0.0722 * x[:, 2]).clamp_(0, 1)
+    elif guide == "noise":
+        guide_t = torch.rand(1, h, w, generator=torch.Generator().manual_seed(2))
+    else:
+        raise ValueError(f"unknown guide {guide!r}")
     eye = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]).reshape(1, 12, 1, 1, 1)
     grid = eye + 0.1 * torch.randn(GRID_SHAPE, generator=g)
     return (
         grid.to(device=device, dtype=dtype).contiguous(),
-        guide.to(device=device, dtype=dtype).contiguous(),
+        guide_t.to(device=device, dtype=dtype).contiguous(),
         x.to(device=device, dtype=dtype).contiguous(),
     )
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_inputs(size: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CPU float32 inputs of a named size, built once per process."""
+def cpu_inputs(size: str, guide: str = "photo") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU float32 inputs of a named size and guide, built once per process."""
     h, w = SIZES[size]
-    return make_inputs(h, w)
+    return make_inputs(h, w, guide=guide)
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,9 +94,10 @@ def impl_fn(impl: str):
 
 
 def forward_backward(fn, grid, guide, x, grad_out):
-    """One forward and one backward for grid, guide and input (no accumulation into .grad)."""
+    """One forward and one backward for every argument that requires grad (no accumulation into
+    .grad). HDRNet's input requires none: the backward then skips grad_input."""
     out = fn(grid, guide, x)
-    return torch.autograd.grad(out, (grid, guide, x), grad_out)
+    return torch.autograd.grad(out, [t for t in (grid, guide, x) if t.requires_grad], grad_out)
 
 
 # ----------------------------------------------------------------------------------------------

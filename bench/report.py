@@ -28,35 +28,42 @@ def run_benches(path: str, cuda: bool) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=sys.stderr)
 
 
+OP_NAMES = {"forward": "forward", "forward_backward": "forward + backward", "hdrnet": "fwd + bwd, no input grad"}
+
+
 def cpu_table(benches: list[dict]) -> list[str]:
     rows = {}
     for b in benches:
         info = b.get("extra_info", {})
         if info.get("device") != "cpu":
             continue
-        rows.setdefault((info["size"], info["op"]), {})[info["impl"]] = b
+        key = (info["size"], info.get("guide", "photo"), info["op"])
+        rows.setdefault(key, {})[info["impl"]] = b
     if not rows:
         return []
     out = [
-        "| size | op | ours min / median (ms) | grid_sample min / median (ms) | speed-up min / median "
+        "| size | guide | op | ours min / median (ms) | grid_sample min / median (ms) | speed-up min / median "
         "| interleaved speed-up | peak extra memory ours / grid_sample (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = {"512x512": 0, "1920x1080": 1}
-    for (size, op) in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1])):
-        r = rows[(size, op)]
+    ops = list(OP_NAMES)
+    for key in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], ops.index(k[2]) if k[2] in ops else 9)):
+        size, guide, op = key
+        r = rows[key]
         if "ours" not in r or "grid_sample" not in r:
             continue
         o, p = r["ours"]["stats"], r["grid_sample"]["stats"]
-        mem_o = r["ours"]["extra_info"].get("peak_extra_MiB", float("nan"))
-        mem_p = r["grid_sample"]["extra_info"].get("peak_extra_MiB", float("nan"))
+        mem_o = r["ours"]["extra_info"].get("peak_extra_MiB")
+        mem_p = r["grid_sample"]["extra_info"].get("peak_extra_MiB")
+        mem = f"{mem_o:.1f} / {mem_p:.1f}" if mem_o is not None and mem_p is not None else "-"
         out.append(
-            f"| {size} | {op.replace('_', ' + ')} "
+            f"| {size} | {guide} | {OP_NAMES.get(op, op)} "
             f"| {o['min'] * 1e3:.2f} / {o['median'] * 1e3:.2f} "
             f"| {p['min'] * 1e3:.1f} / {p['median'] * 1e3:.1f} "
             f"| {p['min'] / o['min']:.1f}x / {p['median'] / o['median']:.1f}x "
             f"| {r['ours']['extra_info'].get('interleaved_speedup', float('nan')):.1f}x "
-            f"| {mem_o:.1f} / {mem_p:.1f} |"
+            f"| {mem} |"
         )
     return out
 
@@ -76,6 +83,12 @@ def cuda_table(benches: list[dict]) -> list[str]:
             notes.append(f"grid_sample fwd {i['grid_sample_event_ms']:.3f} ms")
         if "ours_peak_extra_MiB" in i:
             notes.append(f"peak extra {i['ours_peak_extra_MiB']} / {i['grid_sample_peak_extra_MiB']} MiB")
+        if "hdrnet_mask_event_ms" in i:
+            notes.append(f"no grad_input {i['hdrnet_mask_event_ms']:.3f} ms")
+        if "noise_guide_event_ms" in i:
+            notes.append(f"noise guide {i['noise_guide_event_ms']:.3f} ms")
+        if "deterministic_event_ms" in i:
+            notes.append(f"deterministic {i['deterministic_event_ms']:.3f} ms")
         if "ours_forward_backward_event_ms" in i:
             notes.append(
                 f"fwd+bwd {i['ours_forward_backward_event_ms']:.3f} ms vs grid_sample "

@@ -1,9 +1,11 @@
 """bilateral_slice_apply: ours vs the F.grid_sample path of PyTorch HDRNet ports, side by side.
 
-CPU (float32, batch 1, RGB->RGB with offset, grid (1, 12, 8, 16, 16)), 512x512 and 1920x1080:
-forward, and forward + backward (gradients for grid, guide and input), timed by pytest-benchmark in
-one group per (op, size) so that both implementations sit side by side; the peak extra resident
-memory of one call of each, measured in a fresh process, goes into ``extra_info``.
+CPU (float32, batch 1, RGB->RGB with offset, grid (1, 12, 8, 16, 16)), 512x512 and 1920x1080, a
+photo's luminance and uniform noise as guides: forward; forward + backward with gradients for
+grid, guide and input; and "hdrnet", forward + backward for grid and guide only (HDRNet's input
+needs no gradient). Timed by pytest-benchmark in one group per (op, size, guide) so that both
+implementations sit side by side; the peak extra resident memory of one call of each, measured
+in a fresh process, goes into ``extra_info``.
 
 CUDA (skipped without a device): 3840x2160, float32 and float16, forward and backward of ours,
 against the bandwidth floor of a ``clone()`` of the same bytes measured in the same run.
@@ -21,16 +23,18 @@ import bilateral_ops  # noqa: F401  (registers torch.ops.bilateral_ops)
 import bench_common as bc
 
 IMPLS = ["ours", "grid_sample"]
-MODES = ["forward", "forward_backward"]
-# Fixed rounds per (op, size, impl), so the whole CPU bench takes well under a minute of timing:
-# the grid_sample path takes ~0.3 s (forward) and ~1.5 s (forward + backward) per call at 1080p on
-# two cores. Every timing follows 2 untimed warm-up calls.
+# Modes: forward; forward_backward (gradients for grid, guide and input); hdrnet (grid and guide
+# only: HDRNet's input never needs one, and the backward op then skips grad_input).
+# Fixed rounds per (op, size, impl), so the whole CPU bench takes a few minutes of timing: the
+# grid_sample path takes ~0.3 s (forward) and ~1 s (forward + backward) per call at 1080p on two
+# cores. Every timing follows 2 untimed warm-up calls.
 ROUNDS = {
     ("forward", "512x512"): {"ours": 100, "grid_sample": 15},
     ("forward", "1920x1080"): {"ours": 30, "grid_sample": 5},
     ("forward_backward", "512x512"): {"ours": 30, "grid_sample": 5},
     ("forward_backward", "1920x1080"): {"ours": 10, "grid_sample": 5},
 }
+ROUNDS.update({("hdrnet", size): r for (mode, size), r in list(ROUNDS.items()) if mode == "forward_backward"})
 MIB = 2**20
 
 
@@ -63,44 +67,48 @@ def _run(benchmark, op: str, impl: str, size: str, fn, *args):
     return benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
+def _info(benchmark, impl, size, mode, guide):
+    benchmark.group = f"cpu {mode} {size} {guide}"
+    benchmark.extra_info.update(
+        device="cpu", op=mode, size=size, impl=impl, guide=guide, dtype="float32", threads=torch.get_num_threads()
+    )
+
+
+@pytest.mark.parametrize("guide", bc.GUIDES)
 @pytest.mark.parametrize("size", list(bc.SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cpu_forward(benchmark, impl, size):
-    grid, guide, x = bc.cpu_inputs(size)
+def test_cpu_forward(benchmark, impl, size, guide):
+    grid, guide_t, x = bc.cpu_inputs(size, guide)
     fn = bc.impl_fn(impl)
-    benchmark.group = f"cpu forward {size}"
-    benchmark.extra_info.update(
-        device="cpu", op="forward", size=size, impl=impl, dtype="float32", threads=torch.get_num_threads()
-    )
-    _record_memory(benchmark, impl, size, "forward")
+    _info(benchmark, impl, size, "forward", guide)
+    if guide == "photo":  # memory does not depend on the guide's values
+        _record_memory(benchmark, impl, size, "forward")
     with torch.no_grad():
-        out = _run(benchmark, "forward", impl, size, fn, grid, guide, x)
+        out = _run(benchmark, "forward", impl, size, fn, grid, guide_t, x)
         assert out.shape == x.shape
         if impl == "ours":
-            diff = (out - bc.impl_fn("grid_sample")(grid, guide, x)).abs().max().item()
+            diff = (out - bc.impl_fn("grid_sample")(grid, guide_t, x)).abs().max().item()
             benchmark.extra_info["max_abs_diff_vs_grid_sample"] = diff
             assert diff < 1e-4
-            _interleaved_speedup(benchmark, size, fn, bc.impl_fn("grid_sample"), grid, guide, x)
+            _interleaved_speedup(benchmark, size, fn, bc.impl_fn("grid_sample"), grid, guide_t, x)
 
 
+@pytest.mark.parametrize("mode", ["forward_backward", "hdrnet"])
+@pytest.mark.parametrize("guide", bc.GUIDES)
 @pytest.mark.parametrize("size", list(bc.SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cpu_forward_backward(benchmark, impl, size):
-    grid, guide, x = (t.detach().clone().requires_grad_() for t in bc.cpu_inputs(size))
+def test_cpu_forward_backward(benchmark, impl, size, guide, mode):
+    grid, guide_t, x = (t.detach().clone() for t in bc.cpu_inputs(size, guide))
+    grid.requires_grad_()
+    guide_t.requires_grad_()
+    x.requires_grad_(mode == "forward_backward")
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     fn = bc.impl_fn(impl)
-    benchmark.group = f"cpu forward_backward {size}"
-    benchmark.extra_info.update(
-        device="cpu",
-        op="forward_backward",
-        size=size,
-        impl=impl,
-        dtype="float32",
-        threads=torch.get_num_threads(),
-    )
-    _record_memory(benchmark, impl, size, "forward_backward")
-    grads = _run(benchmark, "forward_backward", impl, size, bc.forward_backward, fn, grid, guide, x, grad_out)
-    assert [g.shape for g in grads] == [grid.shape, guide.shape, x.shape]
+    _info(benchmark, impl, size, mode, guide)
+    if guide == "photo" and mode == "forward_backward":
+        _record_memory(benchmark, impl, size, "forward_backward")
+    grads = _run(benchmark, mode, impl, size, bc.forward_backward, fn, grid, guide_t, x, grad_out)
+    assert len(grads) == (3 if mode == "forward_backward" else 2)
     if impl == "ours":
         fb = bc.forward_backward
         _interleaved_speedup(
@@ -109,7 +117,7 @@ def test_cpu_forward_backward(benchmark, impl, size):
             lambda *a: fb(fn, *a),
             lambda *a: fb(bc.impl_fn("grid_sample"), *a),
             grid,
-            guide,
+            guide_t,
             x,
             grad_out,
         )
@@ -201,13 +209,25 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     size, (h, w) = next(iter(bc.CUDA_SIZE.items()))
     grid, guide, x = bc.make_inputs(h, w, CUDA_DTYPES[dtype], CUDA)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(CUDA, CUDA_DTYPES[dtype])
-    backward = torch.ops.bilateral_ops._bilateral_slice_apply_backward
+    op = torch.ops.bilateral_ops._bilateral_slice_apply_backward
+
+    def backward(grad_out, grid, guide, x, has_offset, mask=(True, True, True)):
+        return op(grad_out, grid, guide, x, has_offset, False, list(mask))
+
     benchmark.group = f"cuda backward {size}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), op="backward", size=size, impl="ours", dtype=dtype)
     esz = x.element_size()
     # grad_output, input, guide read once; grad_input and grad_guide written once (grid: negligible).
     nbytes = (3 + 3 + 1 + 3 + 1) * h * w * esz
     _bandwidth(benchmark, lambda: backward(grad_out, grid, guide, x, True), nbytes)
+    # What the output mask saves (HDRNet: no grad_input), and a noise guide (every z cell).
+    benchmark.extra_info["hdrnet_mask_event_ms"] = round(
+        _cuda_ms(lambda: backward(grad_out, grid, guide, x, True, (True, True, False)), reps=5), 4
+    )
+    _, noise, _ = bc.make_inputs(h, w, CUDA_DTYPES[dtype], CUDA, guide="noise")
+    benchmark.extra_info["noise_guide_event_ms"] = round(
+        _cuda_ms(lambda: backward(grad_out, grid, noise, x, True), reps=5), 4
+    )
     # The deterministic grid gradient (per-cell gather) against the default scatter: pick the
     # faster one as the default once measured.
     before = torch.are_deterministic_algorithms_enabled()

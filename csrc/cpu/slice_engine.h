@@ -50,8 +50,8 @@ namespace cpu {
 constexpr int64_t kBlock = 64;           // pixels per block: per-block arrays stay in L1
 constexpr int64_t kDenseMaxSpan = 8;     // z levels beyond which per-pixel gathers are cheaper
 constexpr int64_t kDenseMinPixels = 16;  // shorter blocks (fine grids) do not fill the vectors
-// Vectors processed together in the dense loops: independent accumulator chains hide the FMA
-// latency. Blocks are padded to a multiple of kUnroll vectors.
+// Vectors processed together in the vector loops: independent accumulator chains hide the FMA
+// latency. Blocks long enough for the dense path are padded to a multiple of kUnroll vectors.
 constexpr int64_t kUnroll = 4;
 
 // Column geometry shared by all rows (see XGeometry in slice_runner.h).
@@ -106,7 +106,7 @@ struct BlockZ {
   alignas(32) int32_t z0[kBlock];
   alignas(32) int32_t z1[kBlock];
   int64_t zlo, zhi;
-  int64_t nb, nv;  // live pixels, vectors covering them (a multiple of kUnroll)
+  int64_t nb, nv;  // live pixels, vectors covering them (a multiple of kUnroll when nb >= 16)
   bool dense;
 };
 
@@ -118,7 +118,10 @@ BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_
   constexpr int64_t W = vec_width<T>();
   static_assert(kBlock % (kUnroll * W) == 0, "blocks are whole groups of vectors");
   bz.nb = nb;
-  bz.nv = (nb + kUnroll * W - 1) / (kUnroll * W) * kUnroll;
+  // Blocks that may take the dense path cover whole groups of kUnroll vectors; short blocks (fine
+  // grids) only the vectors they need, so that they do not pay for three quarters of padding.
+  const bool may_be_dense = nb >= kDenseMinPixels;
+  bz.nv = may_be_dense ? (nb + kUnroll * W - 1) / (kUnroll * W) * kUnroll : (nb + W - 1) / W;
   const int64_t padded = bz.nv * W;
   // Padding columns repeat the first pixel's guide (the z span is unchanged) with x weights 0.
   alignas(32) T gbuf[kBlock];
@@ -158,7 +161,7 @@ BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_
   }
   bz.zlo = zlo;
   bz.zhi = zhi;
-  bz.dense = (zhi - zlo + 1) <= kDenseMaxSpan && nb >= kDenseMinPixels;
+  bz.dense = (zhi - zlo + 1) <= kDenseMaxSpan && may_be_dense;
 }
 
 // (Whole vectors first, then the tail: small library memcpy calls cost more than the copy.)
@@ -230,6 +233,54 @@ BO_ALWAYS_INLINE void build_row_table(const T* __restrict grid_n, const AxisTaps
   for (int64_t i = 0; i < plane; ++i) R[i] = w0 * g0[i] + w1 * g1[i];
 }
 
+// Dense interpolation of channels [cbegin, cend) (a multiple of kCB of them): for each pixel
+// vector, a = sum over the block's z span of U0[k] * R[c0][k][c] + U1[k] * R[c1][k][c].
+template <typename T, bool kGrad, int64_t kCB>
+BO_ALWAYS_INLINE void dense_interp(const T* R, int64_t D, int64_t C, int64_t c0, int64_t c1,
+                                   const BlockZ<T>& bz, const DenseWeights<T>& dw, T* __restrict A,
+                                   T* __restrict dA, int64_t cbegin, int64_t cend) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  constexpr int64_t kVB = kGrad ? 1 : 2;  // nv is a multiple of kUnroll, hence of kVB
+  const int64_t span = bz.zhi - bz.zlo + 1;
+  const T* r0 = R + (c0 * D + bz.zlo) * C;  // level k, channel c at r0[k * C + c]
+  const T* r1 = R + (c1 * D + bz.zlo) * C;
+  for (int64_t cb = cbegin; cb < cend; cb += kCB) {
+    for (int64_t v0 = 0; v0 < bz.nv; v0 += kVB) {
+      V a[kCB][kVB] = {}, d[kCB][kVB] = {};
+      for (int64_t k = 0; k < span; ++k) {
+        V u0[kVB], u1[kVB], du0[kVB], du1[kVB];
+        for (int64_t vb = 0; vb < kVB; ++vb) {
+          const int64_t off = (v0 + vb) * W;
+          u0[vb] = vload(dw.U0[k] + off);
+          u1[vb] = vload(dw.U1[k] + off);
+          if (kGrad) {
+            du0[vb] = vload(dw.DU0[k] + off);
+            du1[vb] = vload(dw.DU1[k] + off);
+          }
+        }
+        for (int64_t ci = 0; ci < kCB; ++ci) {
+          const T s0 = r0[k * C + cb + ci], s1 = r1[k * C + cb + ci];
+          for (int64_t vb = 0; vb < kVB; ++vb) {
+            a[ci][vb] += u0[vb] * s0;
+            a[ci][vb] += u1[vb] * s1;
+            if (kGrad) {
+              d[ci][vb] += du0[vb] * s0;
+              d[ci][vb] += du1[vb] * s1;
+            }
+          }
+        }
+      }
+      for (int64_t ci = 0; ci < kCB; ++ci) {
+        for (int64_t vb = 0; vb < kVB; ++vb) {
+          vstore(A + (cb + ci) * kBlock + (v0 + vb) * W, a[ci][vb]);
+          if (kGrad) vstore(dA + (cb + ci) * kBlock + (v0 + vb) * W, d[ci][vb]);
+        }
+      }
+    }
+  }
+}
+
 // A[c] = samples of channel c over the block; with kGrad also dA[c] = d sample / d gz. Whole
 // vectors are written (zeros beyond nb).
 template <typename T, bool kGrad>
@@ -239,31 +290,12 @@ BO_ALWAYS_INLINE void interp_block(const T* R, int64_t D, int64_t C, int64_t c0,
   using V = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
   if (bz.dense) {
-    // U vectors per group of pixel vectors, each with separate chains for the two x cells.
-    constexpr int64_t U = kGrad ? kUnroll / 2 : kUnroll;
-    const int64_t span = bz.zhi - bz.zlo + 1;
-    for (int64_t c = 0; c < C; ++c) {
-      const T* p0 = R + (c0 * D + bz.zlo) * C + c;  // level k at p0[k * C]
-      const T* p1 = R + (c1 * D + bz.zlo) * C + c;
-      for (int64_t v0 = 0; v0 < bz.nv; v0 += U) {
-        V a0[U] = {}, a1[U] = {}, d0[U] = {}, d1[U] = {};
-        for (int64_t k = 0; k < span; ++k) {
-          const T s0 = p0[k * C], s1 = p1[k * C];
-          for (int64_t u = 0; u < U; ++u) {
-            const int64_t off = (v0 + u) * W;
-            a0[u] += vload(dw.U0[k] + off) * s0;
-            a1[u] += vload(dw.U1[k] + off) * s1;
-            if (kGrad) {
-              d0[u] += vload(dw.DU0[k] + off) * s0;
-              d1[u] += vload(dw.DU1[k] + off) * s1;
-            }
-          }
-        }
-        for (int64_t u = 0; u < U; ++u) {
-          vstore(A + c * kBlock + (v0 + u) * W, a0[u] + a1[u]);
-          if (kGrad) vstore(dA + c * kBlock + (v0 + u) * W, d0[u] + d1[u]);
-        }
-      }
+    // Register blocks of kCB channels x kVB pixel vectors: each U weight load then serves kCB
+    // channels, and the kCB * kVB (x2 with kGrad) accumulators are independent chains.
+    if (C % 4 == 0) {
+      dense_interp<T, kGrad, 4>(R, D, C, c0, c1, bz, dw, A, dA, 0, C);
+    } else {
+      dense_interp<T, kGrad, 1>(R, D, C, c0, c1, bz, dw, A, dA, 0, C);
     }
     return;
   }
@@ -294,17 +326,37 @@ BO_ALWAYS_INLINE void splat_block(const T* Vb, int64_t D, int64_t C, int64_t c0,
   constexpr int64_t W = vec_width<T>();
   if (bz.dense) {
     const int64_t span = bz.zhi - bz.zlo + 1;
+    // Channels in blocks of W/2: their sums for both x cells (W vectors of lane partials) are
+    // reduced together by one transposing tree; leftover channels one at a time.
+    constexpr int64_t CB = W / 2;
+    const int64_t cfull = C / CB * CB;
     for (int64_t k = 0; k < span; ++k) {
       T* q0 = B + (c0 * D + bz.zlo + k) * C;  // q0 == q1 at the x border: add one after the other
       T* q1 = B + (c1 * D + bz.zlo + k) * C;
-      for (int64_t c = 0; c < C; ++c) {
+      const T* u0 = dw.U0[k];
+      const T* u1 = dw.U1[k];
+      for (int64_t c = 0; c < cfull; c += CB) {
+        V acc[W] = {};  // acc[ci]: cell c0, channel c + ci; acc[CB + ci]: cell c1
+        for (int64_t v = 0; v < bz.nv; ++v) {
+          const V w0 = vload(u0 + v * W), w1 = vload(u1 + v * W);
+          for (int64_t ci = 0; ci < CB; ++ci) {
+            const V x = vload(Vb + (c + ci) * kBlock + v * W);
+            acc[ci] += w0 * x;
+            acc[CB + ci] += w1 * x;
+          }
+        }
+        const V sums = vsum_many<T>(acc);
+        for (int64_t ci = 0; ci < CB; ++ci) q0[c + ci] += sums[ci];
+        for (int64_t ci = 0; ci < CB; ++ci) q1[c + ci] += sums[CB + ci];
+      }
+      for (int64_t c = cfull; c < C; ++c) {
         V s0[kUnroll] = {}, s1[kUnroll] = {};
         for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
           for (int64_t u = 0; u < kUnroll; ++u) {
             const int64_t off = (v0 + u) * W;
             const V x = vload(Vb + c * kBlock + off);
-            s0[u] += vload(dw.U0[k] + off) * x;
-            s1[u] += vload(dw.U1[k] + off) * x;
+            s0[u] += vload(u0 + off) * x;
+            s1[u] += vload(u1 + off) * x;
           }
         }
         q0[c] += vsum<T>((s0[0] + s0[1]) + (s0[2] + s0[3]));
@@ -342,6 +394,31 @@ BO_ALWAYS_INLINE void splat_block(const T* Vb, int64_t D, int64_t C, int64_t c0,
     }                                                              \
   }
 
+// OUT[o] = sum_i A[o, i] * X[i] + A[o, offset] over nv vectors, U at a time (nv % U == 0).
+template <typename T, int64_t U>
+BO_ALWAYS_INLINE void apply_affine(const AffineLayout& l, const Scratch<T>& s, int64_t nv) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  for (int64_t o = 0; o < l.Co; ++o) {
+    for (int64_t v0 = 0; v0 < nv; v0 += U) {
+      V acc[U];
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t off = (v0 + u) * W;
+        acc[u] = l.has_offset ? vload(s.A + l.offset_channel(o) * kBlock + off) : V{};
+      }
+      for (int64_t i = 0; i < l.Ci; ++i) {
+        const T* a = s.A + l.channel(o, i) * kBlock;
+        const T* x = s.X + i * kBlock;
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t off = (v0 + u) * W;
+          acc[u] += vload(a + off) * vload(x + off);
+        }
+      }
+      for (int64_t u = 0; u < U; ++u) vstore(s.OUT + o * kBlock + (v0 + u) * W, acc[u]);
+    }
+  }
+}
+
 // One block of the forward pass of row y of image n.
 template <typename T, bool kApply, bool kDguide>
 BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const Scratch<T>& s,
@@ -362,23 +439,10 @@ BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const S
   }
   const AffineLayout& l = p.l;
   load_rows(p.input + n * l.Ci * HW + pix, HW, l.Ci, bz, s.X);
-  for (int64_t o = 0; o < l.Co; ++o) {
-    for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
-      V acc[kUnroll];
-      for (int64_t u = 0; u < kUnroll; ++u) {
-        const int64_t off = (v0 + u) * W;
-        acc[u] = l.has_offset ? vload(s.A + l.offset_channel(o) * kBlock + off) : V{};
-      }
-      for (int64_t i = 0; i < l.Ci; ++i) {
-        const T* a = s.A + l.channel(o, i) * kBlock;
-        const T* x = s.X + i * kBlock;
-        for (int64_t u = 0; u < kUnroll; ++u) {
-          const int64_t off = (v0 + u) * W;
-          acc[u] += vload(a + off) * vload(x + off);
-        }
-      }
-      for (int64_t u = 0; u < kUnroll; ++u) vstore(s.OUT + o * kBlock + (v0 + u) * W, acc[u]);
-    }
+  if (bz.nv % kUnroll == 0) {
+    apply_affine<T, kUnroll>(l, s, bz.nv);
+  } else {
+    apply_affine<T, 1>(l, s, bz.nv);
   }
   store_rows(s.OUT, l.Co, bz, p.output + n * l.Co * HW + pix, HW);
 }
@@ -394,6 +458,67 @@ BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t 
     build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
     const T* guide = p.guide + r * p.g.W;
     BO_FOR_EACH_BLOCK(p, (forward_block<T, kApply, kDguide>(p, R, s, guide, n, y, b, nb, c0, c1)));
+  }
+}
+
+// slice_apply's per-pixel backward over the block, U vectors at a time (nv % U == 0):
+// grad_input (written out), the guide gradient's sum gg, and the values V splatted into the grid
+// gradient.
+template <typename T, int64_t U, bool kGrad>
+BO_ALWAYS_INLINE void apply_backward(const SliceParams<T>& p, const Scratch<T>& s,
+                                     const BlockZ<T>& bz, vec_t<T>* gg, int64_t n, int64_t pix) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  const AffineLayout& l = p.l;
+  const int64_t HW = p.g.H * p.g.W;
+  if (p.need_input) {
+    for (int64_t i = 0; i < l.Ci; ++i) {
+      for (int64_t v0 = 0; v0 < bz.nv; v0 += U) {
+        V acc[U] = {};
+        for (int64_t o = 0; o < l.Co; ++o) {
+          const T* g = s.G + o * kBlock;
+          const T* a = s.A + l.channel(o, i) * kBlock;
+          for (int64_t u = 0; u < U; ++u) {
+            const int64_t off = (v0 + u) * W;
+            acc[u] += vload(g + off) * vload(a + off);
+          }
+        }
+        for (int64_t u = 0; u < U; ++u) vstore(s.OUT + i * kBlock + (v0 + u) * W, acc[u]);
+      }
+    }
+    store_rows(s.OUT, l.Ci, bz, p.grad_input + n * l.Ci * HW + pix, HW);
+  }
+  for (int64_t o = 0; o < l.Co; ++o) {
+    const T* g = s.G + o * kBlock;
+    if (kGrad) {
+      for (int64_t v0 = 0; v0 < bz.nv; v0 += U) {
+        V t[U];
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t off = (v0 + u) * W;
+          t[u] = l.has_offset ? vload(s.dA + l.offset_channel(o) * kBlock + off) : V{};
+        }
+        for (int64_t i = 0; i < l.Ci; ++i) {
+          const T* da = s.dA + l.channel(o, i) * kBlock;
+          const T* x = s.X + i * kBlock;
+          for (int64_t u = 0; u < U; ++u) {
+            const int64_t off = (v0 + u) * W;
+            t[u] += vload(da + off) * vload(x + off);
+          }
+        }
+        for (int64_t u = 0; u < U; ++u) gg[v0 + u] += vload(g + (v0 + u) * W) * t[u];
+      }
+    }
+    if (p.need_grid) {
+      for (int64_t i = 0; i < l.Ci; ++i) {
+        const T* x = s.X + i * kBlock;
+        T* dst = s.V + l.channel(o, i) * kBlock;
+        for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W) * vload(x + v * W));
+      }
+      if (l.has_offset) {
+        T* dst = s.V + l.offset_channel(o) * kBlock;
+        for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W));
+      }
+    }
   }
 }
 
@@ -431,54 +556,10 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
   } else {
     const AffineLayout& l = p.l;
     load_rows(p.input + n * l.Ci * HW + pix, HW, l.Ci, bz, s.X);
-    if (p.need_input) {
-      for (int64_t i = 0; i < l.Ci; ++i) {
-        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
-          V acc[kUnroll] = {};
-          for (int64_t o = 0; o < l.Co; ++o) {
-            const T* g = s.G + o * kBlock;
-            const T* a = s.A + l.channel(o, i) * kBlock;
-            for (int64_t u = 0; u < kUnroll; ++u) {
-              const int64_t off = (v0 + u) * W;
-              acc[u] += vload(g + off) * vload(a + off);
-            }
-          }
-          for (int64_t u = 0; u < kUnroll; ++u) vstore(s.OUT + i * kBlock + (v0 + u) * W, acc[u]);
-        }
-      }
-      store_rows(s.OUT, l.Ci, bz, p.grad_input + n * l.Ci * HW + pix, HW);
-    }
-    for (int64_t o = 0; o < l.Co; ++o) {
-      const T* g = s.G + o * kBlock;
-      if (kGrad) {
-        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
-          V t[kUnroll];
-          for (int64_t u = 0; u < kUnroll; ++u) {
-            const int64_t off = (v0 + u) * W;
-            t[u] = l.has_offset ? vload(s.dA + l.offset_channel(o) * kBlock + off) : V{};
-          }
-          for (int64_t i = 0; i < l.Ci; ++i) {
-            const T* da = s.dA + l.channel(o, i) * kBlock;
-            const T* x = s.X + i * kBlock;
-            for (int64_t u = 0; u < kUnroll; ++u) {
-              const int64_t off = (v0 + u) * W;
-              t[u] += vload(da + off) * vload(x + off);
-            }
-          }
-          for (int64_t u = 0; u < kUnroll; ++u) gg[v0 + u] += vload(g + (v0 + u) * W) * t[u];
-        }
-      }
-      if (p.need_grid) {
-        for (int64_t i = 0; i < l.Ci; ++i) {
-          const T* x = s.X + i * kBlock;
-          T* dst = s.V + l.channel(o, i) * kBlock;
-          for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W) * vload(x + v * W));
-        }
-        if (l.has_offset) {
-          T* dst = s.V + l.offset_channel(o) * kBlock;
-          for (int64_t v = 0; v < bz.nv; ++v) vstore(dst + v * W, vload(g + v * W));
-        }
-      }
+    if (bz.nv % kUnroll == 0) {
+      apply_backward<T, kUnroll, kGrad>(p, s, bz, gg, n, pix);
+    } else {
+      apply_backward<T, 1, kGrad>(p, s, bz, gg, n, pix);
     }
   }
   if (kGrad) {
