@@ -111,7 +111,7 @@ def _linear_part(grid: torch.Tensor, ci: int, has_offset: bool) -> torch.Tensor:
     """The grid without its offset channels: (N, Co*Ci, D, Gh, Gw)."""
     if not has_offset:
         return grid
-    return grid.unflatten(1, (-1, ci + 1))[:, :, :ci].flatten(1, 2)
+    return grid.unflatten(1, (-1, v.affine_stride(ci, has_offset)))[:, :, :ci].flatten(1, 2)
 
 
 def _with_offset(grad_linear: torch.Tensor, ci: int, has_offset: bool) -> torch.Tensor:

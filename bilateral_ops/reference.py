@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._validation import affine_stride
+
 __all__ = ["bilateral_slice", "bilateral_slice_apply", "slice_coordinates"]
 
 
@@ -41,7 +43,7 @@ def bilateral_slice_apply(
 ) -> torch.Tensor:
     """Slice per-pixel affine coefficients and apply them to ``input`` (coefficient order of docs/ops.md)."""
     n, ci, h, w = input.shape
-    stride = ci + (1 if has_offset else 0)
+    stride = affine_stride(ci, has_offset)
     co = grid.shape[1] // stride
     coeffs = bilateral_slice(grid, guide).view(n, co, stride, h, w)
     out = (coeffs[:, :, :ci] * input.unsqueeze(1)).sum(dim=2)
