@@ -394,26 +394,34 @@ BO_ALWAYS_INLINE void splat_block(const T* Vb, int64_t D, int64_t C, int64_t c0,
     }                                                              \
   }
 
-// OUT[o] = sum_i A[o, i] * X[i] + A[o, offset] over nv vectors, U at a time (nv % U == 0).
+// acc[u] = sum_i coef[o, i] * X[i] + coef[o, offset] for pixel vectors v0 .. v0 + U - 1: the affine
+// map of output o, on the samples (A) or on their z-derivatives (dA).
+template <typename T, int64_t U>
+BO_ALWAYS_INLINE void affine_rows(const AffineLayout& l, const T* coef, const T* X, int64_t o,
+                                  int64_t v0, vec_t<T>* acc) {
+  constexpr int64_t W = vec_width<T>();
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t off = (v0 + u) * W;
+    acc[u] = l.has_offset ? vload(coef + l.offset_channel(o) * kBlock + off) : vec_t<T>{};
+  }
+  for (int64_t i = 0; i < l.Ci; ++i) {
+    const T* a = coef + l.channel(o, i) * kBlock;
+    const T* x = X + i * kBlock;
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t off = (v0 + u) * W;
+      acc[u] += vload(a + off) * vload(x + off);
+    }
+  }
+}
+
+// OUT[o] = the affine map of output o on the samples, over nv vectors (nv % U == 0).
 template <typename T, int64_t U>
 BO_ALWAYS_INLINE void apply_affine(const AffineLayout& l, const Scratch<T>& s, int64_t nv) {
-  using V = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
   for (int64_t o = 0; o < l.Co; ++o) {
     for (int64_t v0 = 0; v0 < nv; v0 += U) {
-      V acc[U];
-      for (int64_t u = 0; u < U; ++u) {
-        const int64_t off = (v0 + u) * W;
-        acc[u] = l.has_offset ? vload(s.A + l.offset_channel(o) * kBlock + off) : V{};
-      }
-      for (int64_t i = 0; i < l.Ci; ++i) {
-        const T* a = s.A + l.channel(o, i) * kBlock;
-        const T* x = s.X + i * kBlock;
-        for (int64_t u = 0; u < U; ++u) {
-          const int64_t off = (v0 + u) * W;
-          acc[u] += vload(a + off) * vload(x + off);
-        }
-      }
+      vec_t<T> acc[U];
+      affine_rows<T, U>(l, s.A, s.X, o, v0, acc);
       for (int64_t u = 0; u < U; ++u) vstore(s.OUT + o * kBlock + (v0 + u) * W, acc[u]);
     }
   }
@@ -493,18 +501,7 @@ BO_ALWAYS_INLINE void apply_backward(const SliceParams<T>& p, const Scratch<T>& 
     if (kGrad) {
       for (int64_t v0 = 0; v0 < bz.nv; v0 += U) {
         V t[U];
-        for (int64_t u = 0; u < U; ++u) {
-          const int64_t off = (v0 + u) * W;
-          t[u] = l.has_offset ? vload(s.dA + l.offset_channel(o) * kBlock + off) : V{};
-        }
-        for (int64_t i = 0; i < l.Ci; ++i) {
-          const T* da = s.dA + l.channel(o, i) * kBlock;
-          const T* x = s.X + i * kBlock;
-          for (int64_t u = 0; u < U; ++u) {
-            const int64_t off = (v0 + u) * W;
-            t[u] += vload(da + off) * vload(x + off);
-          }
-        }
+        affine_rows<T, U>(l, s.dA, s.X, o, v0, t);
         for (int64_t u = 0; u < U; ++u) gg[v0 + u] += vload(g + (v0 + u) * W) * t[u];
       }
     }
