@@ -56,8 +56,18 @@ $(CUDA_VENV)/.deps:
 	$(CPY) -m pip install -q $(TORCH_CUDA) numpy ninja setuptools wheel
 	touch $@
 
+# The CUDA objects are always recompiled (ptxas only reports on what it compiles): their output,
+# ptxas's resource report included, is teed to build/cuda-build.log, then tools/ptxas_report.py
+# prints registers / spills / shared memory per kernel and arch and fails on spills in float
+# kernels, shared memory beyond 48 KiB or registers beyond __launch_bounds__.
 cuda-check: $(CUDA_VENV)/.deps
-	FORCE_CUDA=1 $(CPY) setup.py -q build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+	mkdir -p build
+	find build/cuda-temp -path '*csrc/cuda/*.o' -delete 2>/dev/null || true
+	{ BILATERAL_OPS_PTXAS_VERBOSE=1 FORCE_CUDA=1 $(CPY) setup.py -q build_ext \
+		--build-temp build/cuda-temp --build-lib build/cuda-lib 2>&1; echo $$? > build/cuda-build.rc; } \
+		| tee build/cuda-build.log
+	@test "$$(cat build/cuda-build.rc)" = 0 || { echo "cuda-check: the CUDA build failed"; exit 1; }
+	$(CPY) tools/ptxas_report.py build/cuda-build.log --lib build/cuda-lib --require-all
 	$(CPY) tools/check_cuda_build.py build/cuda-lib
 
 clean:

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -81,5 +82,11 @@ void check_output_mask(bool dguide, const std::array<bool, K>& mask) {
 
 // What a masked-off gradient comes back as: an empty (0,) tensor like `like`.
 inline at::Tensor masked_out(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// A gradient of a call that has nothing to compute (no pixels, or nothing asked for): zeros
+// shaped like its argument where wanted, masked_out otherwise.
+inline at::Tensor zero_or_masked(bool wanted, const at::Tensor& like) {
+  return wanted ? at::zeros(like.sizes(), like.options()) : masked_out(like);
+}
 
 }  // namespace bilateral_ops

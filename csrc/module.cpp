@@ -1,10 +1,294 @@
 // The Python module bilateral_ops._C. Importing it loads this shared library, which runs the
 // static TORCH_LIBRARY registrations of csrc/ops.cpp and of the kernels; every op is reached
 // through torch.ops.bilateral_ops. PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
+//
+// The module also exposes the CUDA launch configuration (csrc/cuda/launch_config.h, pure C++, so
+// it is in the CPU-only build too), for tests/test_launch_config.py and tools/ptxas_report.py:
+//   launch_plans(op, pass_, N, C, D, Gh, Gw, H, W, Ci=0, has_offset=True, elem_size=4,
+//                acc_size=4, dguide=False, mask=None, deterministic=False) -> [dict]
+//       the launches one call of the op makes, in order, each {kernel, grid, block,
+//       dynamic_smem, static_smem_budget, opt_in, launch_bounds, ...}
+//   kernel_info(acc_size) -> [dict]   __launch_bounds__ and largest dynamic request per kernel
+//   limits() -> dict                  the architectural limits the plans are built against
+//   max_cells(tile, n, G) -> int      cells a tile of pixels can touch along one axis
+// Plain CPython API: no pybind11, nothing to link beyond what torch's extension build provides.
 
 #include <Python.h>
 
+#include <cstdint>
+
+#include "cuda/launch_config.h"
+
+namespace {
+
+using bilateral_ops::AffineLayout;
+using bilateral_ops::SliceGeometry;
+namespace launch = bilateral_ops::launch;
+
+// Adds value (a new reference, stolen) under key; false (with the Python error set) on failure.
+bool put(PyObject* dict, const char* key, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyDict_SetItemString(dict, key, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+PyObject* int_value(int64_t v) { return PyLong_FromLongLong(static_cast<long long>(v)); }
+
+PyObject* dim3_tuple(const launch::Dim3& d) {
+  return Py_BuildValue("(LLL)", static_cast<long long>(d.x), static_cast<long long>(d.y),
+                       static_cast<long long>(d.z));
+}
+
+// A launch as a dict; extras (key, value) pairs appended. Returns a new reference or nullptr.
+struct Extra {
+  const char* key;
+  int64_t value;
+};
+
+PyObject* launch_dict(const launch::Launch& l, const Extra* extras = nullptr, int n_extras = 0) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  bool ok = put(d, "kernel", PyUnicode_FromString(l.kernel)) &&
+            put(d, "grid", dim3_tuple(l.grid)) && put(d, "block", dim3_tuple(l.block)) &&
+            put(d, "dynamic_smem", int_value(l.dynamic_smem)) &&
+            put(d, "static_smem_budget", int_value(l.static_smem)) &&
+            put(d, "opt_in", PyBool_FromLong(l.opt_in)) &&
+            put(d, "launch_bounds", Py_BuildValue("(ii)", l.max_threads, l.min_blocks));
+  for (int i = 0; ok && i < n_extras; ++i) ok = put(d, extras[i].key, int_value(extras[i].value));
+  if (!ok) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+bool append(PyObject* list, PyObject* item) {
+  if (item == nullptr) return false;
+  const int rc = PyList_Append(list, item);
+  Py_DECREF(item);
+  return rc == 0;
+}
+
+// mask: None (everything wanted) or a sequence of k bools.
+bool parse_mask(PyObject* mask, int k, bool* out) {
+  for (int i = 0; i < k; ++i) out[i] = true;
+  if (mask == Py_None) return true;
+  PyObject* seq = PySequence_Fast(mask, "mask must be a sequence of bools");
+  if (seq == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n != k) {
+    Py_DECREF(seq);
+    PyErr_Format(PyExc_ValueError, "mask must have %d entries, got %zd", k, n);
+    return false;
+  }
+  for (int i = 0; i < k; ++i) {
+    const int t = PyObject_IsTrue(PySequence_Fast_GET_ITEM(seq, i));
+    if (t < 0) {
+      Py_DECREF(seq);
+      return false;
+    }
+    out[i] = t != 0;
+  }
+  Py_DECREF(seq);
+  return true;
+}
+
+PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"op",         "pass_",     "N",         "C",      "D",
+                                   "Gh",         "Gw",        "H",         "W",      "Ci",
+                                   "has_offset", "elem_size", "acc_size",  "dguide", "mask",
+                                   "deterministic", nullptr};
+  const char* op = nullptr;
+  const char* pass = nullptr;
+  long long N, C, D, Gh, Gw, H, W, Ci = 0, elem_size = 4, acc_size = 4;
+  int has_offset = 1, dguide = 0, deterministic = 0;
+  PyObject* mask = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssLLLLLLL|LpLLpOp", const_cast<char**>(keywords),
+                                   &op, &pass, &N, &C, &D, &Gh, &Gw, &H, &W, &Ci, &has_offset,
+                                   &elem_size, &acc_size, &dguide, &mask, &deterministic)) {
+    return nullptr;
+  }
+  const bool apply = PyOS_stricmp(op, "slice_apply") == 0;
+  if (!apply && PyOS_stricmp(op, "slice") != 0) {
+    PyErr_Format(PyExc_ValueError, "op must be 'slice' or 'slice_apply', got '%s'", op);
+    return nullptr;
+  }
+  const bool forward = PyOS_stricmp(pass, "forward") == 0;
+  if (!forward && PyOS_stricmp(pass, "backward") != 0) {
+    PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if (N < 0 || H < 0 || W < 0 || C < 1 || D < 1 || Gh < 1 || Gw < 1) {
+    PyErr_SetString(PyExc_ValueError, "need N, H, W >= 0 and C, D, Gh, Gw >= 1");
+    return nullptr;
+  }
+  if ((acc_size != 4 && acc_size != 8) || (elem_size != 2 && elem_size != 4 && elem_size != 8)) {
+    PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8, elem_size 2, 4 or 8");
+    return nullptr;
+  }
+  AffineLayout l{};
+  if (apply) {
+    if (Ci < 1 || C % bilateral_ops::affine_stride(Ci, has_offset != 0) != 0) {
+      PyErr_Format(PyExc_ValueError, "slice_apply needs Ci >= 1 and C a multiple of Ci%s",
+                   has_offset ? " + 1" : "");
+      return nullptr;
+    }
+    l = bilateral_ops::affine_layout(C, Ci, has_offset != 0);
+  }
+  bool want[3];
+  if (!parse_mask(mask, apply ? 3 : 2, want)) return nullptr;
+  if (!forward && dguide && want[1]) {
+    PyErr_SetString(PyExc_ValueError, "mask[1] (grad_guide) must be false with dguide");
+    return nullptr;
+  }
+  const SliceGeometry g{N, C, D, Gh, Gw, H, W};
+
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  // The launchers return before any launch for empty images, and in the backward when no
+  // gradient is wanted.
+  const bool any = forward || want[0] || want[1] || (apply && want[2]);
+  if (g.pixels() == 0 || !any) return out;
+  bool ok = true;
+  if (forward) {
+    const launch::ForwardPlan p = launch::forward_plan(g, apply, l, acc_size);
+    if (p.pack.present) {
+      const Extra ex[] = {{"rows", p.rows},
+                          {"row_stride", p.row_stride},
+                          {"row_len", 4 * p.chunks},
+                          {"packed_elems", p.packed_elems}};
+      ok = append(out, launch_dict(p.pack, ex, 4));
+    }
+    if (ok) {
+      const Extra ex[] = {{"chunks", p.chunks}, {"rows", p.rows}};
+      ok = append(out, launch_dict(p.forward, ex, p.vectorised ? 2 : 0));
+    }
+  } else {
+    launch::BackwardRequest r;
+    r.need_grid = want[0];
+    r.need_guide = want[1];
+    r.need_input = apply && want[2];
+    r.deterministic = deterministic != 0;
+    const launch::BackwardPlan p = launch::backward_plan(g, apply, l, acc_size, r);
+    if (!p.valid) {
+      Py_DECREF(out);
+      PyErr_SetString(PyExc_ValueError, "no valid plan: too many channels for the gather");
+      return nullptr;
+    }
+    if (p.tile.present) {
+      const Extra ex[] = {{"shared_cap", p.shared_cap},
+                          {"box_x", p.box_x},
+                          {"box_y", p.box_y},
+                          {"header_bytes", launch::kScatterHeaderBytes}};
+      ok = append(out, launch_dict(p.tile, ex, p.scatter ? 4 : 0));
+    }
+    if (ok && p.axis.present) ok = append(out, launch_dict(p.axis));
+    if (ok && p.gather.present) {
+      const Extra ex[] = {{"chunk", p.gather_chunk},   {"split", p.gather_split},
+                          {"slices", p.gather_slices}, {"own", p.gather_own},
+                          {"passes", p.gather_passes}, {"values", p.gather_values},
+                          {"header_bytes", launch::kGatherHeaderBytes}};
+      ok = append(out, launch_dict(p.gather, ex, 7));
+    }
+    if (ok && p.finish.present) ok = append(out, launch_dict(p.finish));
+  }
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+PyObject* kernel_info(PyObject*, PyObject* args) {
+  long long acc_size;
+  if (!PyArg_ParseTuple(args, "L", &acc_size)) return nullptr;
+  if (acc_size != 4 && acc_size != 8) {
+    PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8");
+    return nullptr;
+  }
+  launch::KernelInfo infos[16];
+  const int n = launch::kernel_info(acc_size, nullptr);
+  if (n > 16) {
+    PyErr_SetString(PyExc_RuntimeError, "kernel_info: table larger than expected");
+    return nullptr;
+  }
+  launch::kernel_info(acc_size, infos);
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (int i = 0; i < n; ++i) {
+    PyObject* d = PyDict_New();
+    const bool ok = d != nullptr && put(d, "kernel", PyUnicode_FromString(infos[i].kernel)) &&
+                    put(d, "max_threads", PyLong_FromLong(infos[i].max_threads)) &&
+                    put(d, "min_blocks", PyLong_FromLong(infos[i].min_blocks)) &&
+                    put(d, "static_smem_budget", int_value(infos[i].static_smem)) &&
+                    put(d, "max_dynamic_smem", int_value(infos[i].max_dynamic_smem));
+    if (!ok) {
+      Py_XDECREF(d);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    if (!append(out, d)) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+  }
+  return out;
+}
+
+PyObject* limits(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  PyObject* opt_in = PyDict_New();
+  if (d == nullptr || opt_in == nullptr) {
+    Py_XDECREF(d);
+    Py_XDECREF(opt_in);
+    return nullptr;
+  }
+  bool ok = true;
+  for (int sm : {80, 86, 89, 90}) {
+    char key[8];
+    PyOS_snprintf(key, sizeof(key), "sm_%d", sm);
+    ok = ok && put(opt_in, key, int_value(launch::opt_in_smem_limit(sm)));
+  }
+  ok = ok && put(d, "opt_in_smem", opt_in) &&
+       put(d, "max_threads_per_block", int_value(launch::kMaxThreadsPerBlock)) &&
+       put(d, "max_grid_x", int_value(launch::kMaxGridX)) &&
+       put(d, "max_grid_yz", int_value(launch::kMaxGridYZ)) &&
+       put(d, "smem_no_opt_in", int_value(launch::kSmemNoOptIn)) &&
+       put(d, "registers_per_block", int_value(launch::kRegistersPerBlock)) &&
+       put(d, "max_registers_per_thread", int_value(launch::kMaxRegistersPerThread)) &&
+       put(d, "tile", Py_BuildValue("(ii)", launch::kTileW, launch::kTileH)) &&
+       put(d, "gather_max_chunk", int_value(launch::kGatherMaxChunk));
+  if (!ok) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+PyObject* max_cells(PyObject*, PyObject* args) {
+  long long tile, n, G;
+  if (!PyArg_ParseTuple(args, "LLL", &tile, &n, &G)) return nullptr;
+  if (tile < 1 || n < 1 || G < 1) {
+    PyErr_SetString(PyExc_ValueError, "tile, n and G must be >= 1");
+    return nullptr;
+  }
+  return int_value(launch::max_cells(tile, n, G));
+}
+
+PyMethodDef methods[] = {
+    {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
+     METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
+    {"kernel_info", kernel_info, METH_VARARGS,
+     "__launch_bounds__ and largest dynamic shared memory request of every CUDA kernel."},
+    {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},
+    {"max_cells", max_cells, METH_VARARGS,
+     "Cells a tile of `tile` pixels touches along an n-pixel axis of G cells (upper bound)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -1,18 +1,23 @@
-"""CUDA kernels of bilateral_slice / bilateral_slice_apply against the CPU float64 kernels.
+"""CUDA kernels of bilateral_slice / bilateral_slice_apply against the compiled CPU kernels.
 
-The oracle is the compiled CPU op on float64 copies of exactly the same (dtype-rounded) inputs, so
-every difference is the CUDA kernel's own rounding. grad_grid is checked on both CUDA paths: the
-default atomic scatter and the deterministic gather (torch.use_deterministic_algorithms(True)).
+The oracle is the compiled CPU op in float64 on exactly the same (dtype-rounded) inputs, so every
+difference is the CUDA kernel's own rounding. Covered: every op (forward, the _dguide guide
+derivatives, the backward ops with every output_mask, with and without dguide), every dtype, both
+grad_grid paths (the default atomic scatter, with its shared-tile and global-atomic modes, and the
+deterministic gather, bitwise reproducible), the vectorised and scalar forwards, sizes that broke
+launches before (tiny images), the current stream, and double backward through the public API.
+Skipped without a CUDA device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
 
-import bilateral_ops  # noqa: F401  (registers the ops)
+import bilateral_ops as bo
 
 pytestmark = [
     pytest.mark.cuda,
@@ -20,12 +25,12 @@ pytestmark = [
 ]
 
 ops = torch.ops.bilateral_ops
-
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-# (N, Co, Ci, D, Gh, Gw, H, W): odd sizes, a 1x1x1 grid, images smaller than the grid, tiles that
-# touch many cells (the shared-memory path), a grid as fine as the image (the global-atomic
-# fallback), wide cells (whole warps on one cell).
+# (N, Co, Ci, D, Gh, Gw, H, W); slice uses C = Co * (Ci + 1) channels. Odd sizes, a 1x1x1 grid,
+# images smaller than the grid, tiles that touch many cells (shared tile), a grid as fine as the
+# image (global-atomic fallback), wide cells (whole warps on one cell).
 SHAPES = [
     (1, 3, 3, 8, 16, 16, 37, 53),
     (2, 1, 1, 1, 1, 1, 5, 7),
@@ -34,6 +39,40 @@ SHAPES = [
     (1, 1, 4, 16, 64, 64, 64, 64),
     (1, 3, 3, 8, 2, 4, 64, 256),
 ]
+# HDRNet's grid on images the old scatter could not launch for (its 48 KiB request plus static
+# shared memory), and a 1x1 image.
+TINY_SHAPES = [(1, 3, 3, 8, 16, 16, 1, 1), (1, 3, 3, 8, 16, 16, 31, 42), (1, 3, 3, 8, 16, 16, 42, 31)]
+# Gather coverage: several passes of outputs per thread (C * D > 1024), a coarse grid whose cell
+# footprints are split into bands (and summed by the finish kernel), many slices per output.
+GATHER_SHAPES = [(1, 12, 3, 64, 4, 4, 40, 50), (1, 3, 3, 8, 1, 1, 256, 256), (2, 1, 0, 2, 3, 3, 33, 65)]
+CHANNEL_SHAPE = (2, 0, 0, 8, 8, 8, 41, 67)  # Co, Ci filled in by the channel-count tests
+MISC_SHAPE = (2, 3, 3, 8, 8, 8, 33, 47)
+STREAM_SHAPE = (1, 3, 3, 8, 8, 8, 64, 64)
+DOUBLE_BACKWARD_SHAPE = (1, 2, 2, 3, 3, 4, 5, 6)
+
+
+def _random_shape(seed: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def r(a, b):
+        return int(torch.randint(a, b + 1, (1,), generator=g))
+
+    return (r(1, 2), r(1, 3), r(1, 4), r(1, 9), r(1, 17), r(1, 17), r(1, 90), r(1, 90))
+
+
+def all_shapes() -> list[tuple[int, ...]]:
+    """Every (N, Co, Ci, D, Gh, Gw, H, W) this file launches kernels for, as slice_apply shapes
+    (slice runs with Co * (Ci + 1) or Co * Ci channels): tests/test_launch_config.py checks their
+    launch plans on the CPU, with and without offset."""
+    shapes = SHAPES + TINY_SHAPES + [MISC_SHAPE, STREAM_SHAPE, DOUBLE_BACKWARD_SHAPE]
+    shapes += [(n, co, max(ci, 1), *rest) for (n, co, ci, *rest) in GATHER_SHAPES]
+    N, _, _, D, Gh, Gw, H, W = CHANNEL_SHAPE
+    shapes += [(N, co, ci, D, Gh, Gw, H, W) for co in (1, 3) for ci in (1, 3, 4, 5, 7, 8)]
+    shapes += [(2, c, 1, 6, 5, 7, 33, 45) for c in (1, 2, 3, 4, 5, 13)]  # slice channel counts
+    shapes += [_random_shape(seed) for seed in range(4)]
+    shapes += [(1, 12, 3, 64, 64, 64, 64, 64), (2, 3, 3, 8, 8, 8, 19, 23), (2, 3, 3, 8, 16, 16, 96, 128)]
+    shapes += [(1, 3, 1, 4, 1, 2, 300, 400)]
+    return shapes
 
 
 @contextlib.contextmanager
@@ -55,11 +94,11 @@ def _noncontiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _case(N, C, Ci, D, Gh, Gw, H, W, dtype, *, lo=0.0, hi=1.0, noncontig=False, seed=0):
+    """CPU tensors rounded to dtype, and their CUDA copies."""
     g = torch.Generator().manual_seed(seed)
     grid = torch.randn(N, C, D, Gh, Gw, generator=g, dtype=torch.float64)
     guide = lo + (hi - lo) * torch.rand(N, H, W, generator=g, dtype=torch.float64)
     inp = torch.rand(N, Ci, H, W, generator=g, dtype=torch.float64) if Ci else None
-    # Round to the tested dtype once: CPU oracle and CUDA see the same values.
     grid, guide = grid.to(dtype), guide.to(dtype)
     inp = inp.to(dtype) if inp is not None else None
     cuda = [t.cuda() if t is not None else None for t in (grid, guide, inp)]
@@ -68,7 +107,12 @@ def _case(N, C, Ci, D, Gh, Gw, H, W, dtype, *, lo=0.0, hi=1.0, noncontig=False, 
     return (grid, guide, inp), tuple(cuda)
 
 
+def _randn(shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
 def _assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert got.device.type == "cuda", what
     assert got.shape == ref.shape, (what, got.shape, ref.shape)
     assert got.dtype == dtype, (what, got.dtype, dtype)
     got = got.detach().cpu().double()
@@ -78,143 +122,237 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def _cpu64(t):
+def _d(t):
     return t.double() if t is not None else None
 
 
-def _slice_check(shape, dtype, *, lo=0.0, hi=1.0, noncontig=False):
+def _slice_check(shape, dtype, *, lo=0.0, hi=1.0, noncontig=False, paths=(False, True)):
     N, Co, Ci, D, Gh, Gw, H, W = shape
     C = Co * (Ci + 1)
     (grid, guide, _), (grid_c, guide_c, _) = _case(N, C, 0, D, Gh, Gw, H, W, dtype, lo=lo, hi=hi, noncontig=noncontig)
-    ref = ops.bilateral_slice(_cpu64(grid), _cpu64(guide))
-    out = ops.bilateral_slice(grid_c, guide_c)
-    _assert_close(out, ref, dtype, "slice forward")
+    for dguide, fn in ((False, ops.bilateral_slice), (True, ops._bilateral_slice_dguide)):
+        _assert_close(fn(grid_c, guide_c), fn(_d(grid), _d(guide)), dtype, f"slice forward dguide={dguide}")
 
-    gout = torch.randn(N, C, H, W, dtype=torch.float64).to(dtype)
-    ref_gg, ref_gd = ops._bilateral_slice_backward(_cpu64(gout), _cpu64(grid), _cpu64(guide))
+    gout = _randn((N, C, H, W), dtype, 1)
     gout_c = _noncontiguous(gout.cuda()) if noncontig else gout.cuda()
-    for det in (False, True):
-        with deterministic(det):
-            gg, gd = ops._bilateral_slice_backward(gout_c, grid_c, guide_c)
-            torch.cuda.synchronize()
-        _assert_close(gg, ref_gg, dtype, f"slice grad_grid (deterministic={det})")
-        _assert_close(gd, ref_gd, dtype, f"slice grad_guide (deterministic={det})")
+    for dguide in (False, True):
+        mask = [True, not dguide]
+        ref = ops._bilateral_slice_backward(_d(gout), _d(grid), _d(guide), dguide, mask)
+        for det in paths:
+            with deterministic(det):
+                got = ops._bilateral_slice_backward(gout_c, grid_c, guide_c, dguide, mask)
+            for name, g, r, m in zip(("grad_grid", "grad_guide"), got, ref, mask):
+                if m:
+                    _assert_close(g, r, dtype, f"slice {name} (deterministic={det}, dguide={dguide})")
+                else:
+                    assert g.shape == (0,), name
 
 
-def _apply_check(shape, dtype, has_offset, *, lo=0.0, hi=1.0, noncontig=False):
+def _apply_check(shape, dtype, has_offset, *, lo=0.0, hi=1.0, noncontig=False, paths=(False, True)):
     N, Co, Ci, D, Gh, Gw, H, W = shape
-    C = Co * (Ci + (1 if has_offset else 0))
+    C = Co * (Ci + int(has_offset))
     (grid, guide, inp), (grid_c, guide_c, inp_c) = _case(
         N, C, Ci, D, Gh, Gw, H, W, dtype, lo=lo, hi=hi, noncontig=noncontig
     )
-    ref = ops.bilateral_slice_apply(_cpu64(grid), _cpu64(guide), _cpu64(inp), has_offset)
-    out = ops.bilateral_slice_apply(grid_c, guide_c, inp_c, has_offset)
-    _assert_close(out, ref, dtype, "apply forward")
+    for dguide, fn in ((False, ops.bilateral_slice_apply), (True, ops._bilateral_slice_apply_dguide)):
+        ref = fn(_d(grid), _d(guide), _d(inp), has_offset)
+        _assert_close(fn(grid_c, guide_c, inp_c, has_offset), ref, dtype, f"apply forward dguide={dguide}")
 
-    gout = torch.randn(N, Co, H, W, dtype=torch.float64).to(dtype)
-    ref_g = ops._bilateral_slice_apply_backward(_cpu64(gout), _cpu64(grid), _cpu64(guide), _cpu64(inp), has_offset)
+    gout = _randn((N, Co, H, W), dtype, 1)
     gout_c = _noncontiguous(gout.cuda()) if noncontig else gout.cuda()
-    for det in (False, True):
-        with deterministic(det):
-            got = ops._bilateral_slice_apply_backward(gout_c, grid_c, guide_c, inp_c, has_offset)
-            torch.cuda.synchronize()
-        for name, g, r in zip(("grad_grid", "grad_guide", "grad_input"), got, ref_g):
-            _assert_close(g, r, dtype, f"apply {name} (deterministic={det}, has_offset={has_offset})")
+    for dguide in (False, True):
+        mask = [True, not dguide, True]
+        ref = ops._bilateral_slice_apply_backward(_d(gout), _d(grid), _d(guide), _d(inp), has_offset, dguide, mask)
+        for det in paths:
+            with deterministic(det):
+                got = ops._bilateral_slice_apply_backward(gout_c, grid_c, guide_c, inp_c, has_offset, dguide, mask)
+            for name, g, r, m in zip(("grad_grid", "grad_guide", "grad_input"), got, ref, mask):
+                what = f"apply {name} (deterministic={det}, dguide={dguide}, has_offset={has_offset})"
+                if m:
+                    _assert_close(g, r, dtype, what)
+                else:
+                    assert g.shape == (0,), what
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_slice_matches_cpu(shape, dtype):
     _slice_check(shape, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("has_offset", [True, False])
 def test_apply_matches_cpu(shape, dtype, has_offset):
     _apply_check(shape, dtype, has_offset)
 
 
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_images_launch(shape, dtype):
+    """The old scatter asked for exactly 48 KiB of dynamic shared memory on top of its static
+    shared memory for these sizes, and failed to launch (cudaErrorInvalidValue)."""
+    _slice_check(shape, dtype)
+    _apply_check(shape, dtype, True)
+
+
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_passes_bands_and_slices(shape, dtype):
+    if shape[2] == 0:
+        _slice_check(shape, dtype)
+    else:
+        _apply_check(shape, dtype, True)
+
+
+def test_scatter_shared_tile_and_global_fallback():
+    """On a grid as fine as the image the full-depth box does not fit in shared memory: tiles whose
+    guide spans few levels still use the shared tile, the others go straight to global atomics."""
+    shape = (1, 1, 4, 16, 64, 64, 64, 64)
+    _apply_check(shape, torch.float32, True, lo=0.45, hi=0.5)  # flat guide: shared tiles
+    _apply_check(shape, torch.float32, True)  # full range: global fallback
+    _slice_check((1, 12, 3, 64, 64, 64, 64, 64), torch.float32, paths=(False,))  # nothing fits
+
+
 # Affine rows of up to 4 coefficients take the float4 forward kernel with one chunk, 5..8 with two,
-# wider rows (Ci = 8 with an offset) the scalar kernel.
+# wider rows (Ci = 8 with an offset) and float64 the scalar kernel.
 @pytest.mark.parametrize("Ci", [1, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("Co", [1, 3])
 @pytest.mark.parametrize("has_offset", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_apply_channel_counts(Ci, Co, has_offset, dtype):
-    _apply_check((2, Co, Ci, 8, 8, 8, 41, 67), dtype, has_offset)
+    N, _, _, D, Gh, Gw, H, W = CHANNEL_SHAPE
+    _apply_check((N, Co, Ci, D, Gh, Gw, H, W), dtype, has_offset, paths=(False,))
 
 
-@pytest.mark.parametrize("C", [1, 3, 4, 5, 13])
-def test_slice_channel_counts(C):
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slice_channel_counts(C, dtype):
     # Slice packs channels in rows of 4: remainders must neither be lost nor overwrite others.
     N, D, Gh, Gw, H, W = 2, 6, 5, 7, 33, 45
-    (grid, guide, _), (grid_c, guide_c, _) = _case(N, C, 0, D, Gh, Gw, H, W, torch.float32)
-    _assert_close(ops.bilateral_slice(grid_c, guide_c), ops.bilateral_slice(grid.double(), guide.double()),
-                  torch.float32, f"slice C={C}")
+    (grid, guide, _), (grid_c, guide_c, _) = _case(N, C, 0, D, Gh, Gw, H, W, dtype)
+    for fn in (ops.bilateral_slice, ops._bilateral_slice_dguide):
+        _assert_close(fn(grid_c, guide_c), fn(_d(grid), _d(guide)), dtype, f"{fn} C={C}")
+
+
+SLICE_MASKS = [list(m) for m in itertools.product([False, True], repeat=2)]
+APPLY_MASKS = [list(m) for m in itertools.product([False, True], repeat=3)]
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("dguide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_masks(det, dguide, dtype):
+    """Masked-off gradients are empty (0,) tensors; the others equal the unmasked result."""
+    N, Co, Ci, D, Gh, Gw, H, W = MISC_SHAPE
+    C = Co * (Ci + 1)
+    (_, _, _), (grid, guide, inp) = _case(N, C, Ci, D, Gh, Gw, H, W, dtype)
+    gs = _randn((N, C, H, W), dtype, 2).cuda()
+    ga = _randn((N, Co, H, W), dtype, 3).cuda()
+    # grad_grid of the atomic scatter depends on the order of its float atomics.
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    with deterministic(det):
+        full_s = ops._bilateral_slice_backward(gs, grid, guide, dguide, [True, not dguide])
+        full_a = ops._bilateral_slice_apply_backward(ga, grid, guide, inp, True, dguide, [True, not dguide, True])
+        for mask in SLICE_MASKS:
+            if dguide and mask[1]:
+                with pytest.raises(RuntimeError, match="output_mask"):
+                    ops._bilateral_slice_backward(gs, grid, guide, dguide, mask)
+                continue
+            got = ops._bilateral_slice_backward(gs, grid, guide, dguide, mask)
+            for g, f, m in zip(got, full_s, mask):
+                if m:
+                    torch.testing.assert_close(g, f, rtol=tol, atol=tol)
+                else:
+                    assert g.shape == (0,) and g.device.type == "cuda" and g.dtype == dtype
+        for mask in APPLY_MASKS:
+            if dguide and mask[1]:
+                with pytest.raises(RuntimeError, match="output_mask"):
+                    ops._bilateral_slice_apply_backward(ga, grid, guide, inp, True, dguide, mask)
+                continue
+            got = ops._bilateral_slice_apply_backward(ga, grid, guide, inp, True, dguide, mask)
+            for g, f, m in zip(got, full_a, mask):
+                if m:
+                    torch.testing.assert_close(g, f, rtol=tol, atol=tol)
+                else:
+                    assert g.shape == (0,) and g.device.type == "cuda" and g.dtype == dtype
+        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_shapes(seed):
-    g = torch.Generator().manual_seed(100 + seed)
-
-    def r(a, b):
-        return int(torch.randint(a, b + 1, (1,), generator=g))
-
-    shape = (r(1, 2), r(1, 3), r(1, 4), r(1, 9), r(1, 17), r(1, 17), r(1, 90), r(1, 90))
+    shape = _random_shape(seed)
     _slice_check(shape, torch.float32)
     _apply_check(shape, torch.float32, bool(seed % 2))
 
 
 def test_guide_outside_unit_interval():
-    shape = (2, 3, 3, 8, 8, 8, 33, 47)
-    _slice_check(shape, torch.float32, lo=-0.4, hi=1.4)
-    _apply_check(shape, torch.float32, True, lo=-0.4, hi=1.4)
+    _slice_check(MISC_SHAPE, torch.float32, lo=-0.4, hi=1.4)
+    _apply_check(MISC_SHAPE, torch.float32, True, lo=-0.4, hi=1.4)
 
 
 def test_noncontiguous_inputs():
-    shape = (2, 3, 3, 8, 8, 8, 33, 47)
-    _slice_check(shape, torch.float32, noncontig=True)
-    _apply_check(shape, torch.float32, True, noncontig=True)
-    _apply_check(shape, torch.float16, False, noncontig=True)
+    _slice_check(MISC_SHAPE, torch.float32, noncontig=True)
+    _apply_check(MISC_SHAPE, torch.float32, True, noncontig=True)
+    _apply_check(MISC_SHAPE, torch.float16, False, noncontig=True)
 
 
-def test_nonfinite_guide_does_not_crash():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_guide_does_not_crash(dtype):
     N, Co, Ci, D, Gh, Gw, H, W = 2, 3, 3, 8, 8, 8, 19, 23
     C = Co * (Ci + 1)
-    (grid, guide, inp), (grid_c, guide_c, inp_c) = _case(N, C, Ci, D, Gh, Gw, H, W, torch.float32)
-    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30])
+    (grid, guide, inp), (grid_c, _, inp_c) = _case(N, C, Ci, D, Gh, Gw, H, W, dtype)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30]).to(dtype)
     guide = guide.clone()
     guide.view(-1)[: bad.numel() * 7 : 7] = bad
     guide_c = guide.cuda()
-    gout_s = torch.randn(N, C, H, W).cuda()
-    gout_a = torch.randn(N, Co, H, W).cuda()
+    gout_s = _randn((N, C, H, W), dtype, 4).cuda()
+    gout_a = _randn((N, Co, H, W), dtype, 5).cuda()
     for det in (False, True):
         with deterministic(det):
             out = ops.bilateral_slice(grid_c, guide_c)
-            ops._bilateral_slice_backward(gout_s, grid_c, guide_c)
+            ops._bilateral_slice_dguide(grid_c, guide_c)
+            ops._bilateral_slice_backward(gout_s, grid_c, guide_c, False, [True, True])
+            ops._bilateral_slice_backward(gout_s, grid_c, guide_c, True, [True, False])
             out_a = ops.bilateral_slice_apply(grid_c, guide_c, inp_c, True)
-            ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True)
+            ops._bilateral_slice_apply_dguide(grid_c, guide_c, inp_c, True)
+            got = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True, False, [True, True, True])
+            ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True, True, [True, False, True])
             torch.cuda.synchronize()
     # Same semantics as the CPU kernel (NaN clamps like any out-of-range guide).
-    _assert_close(out, ops.bilateral_slice(grid.double(), guide.double()), torch.float32, "nan slice")
-    ref_a = ops.bilateral_slice_apply(grid.double(), guide.double(), inp.double(), True)
-    _assert_close(out_a, ref_a, torch.float32, "nan apply")
+    _assert_close(out, ops.bilateral_slice(_d(grid), _d(guide)), dtype, "nan slice")
+    _assert_close(out_a, ops.bilateral_slice_apply(_d(grid), _d(guide), _d(inp), True), dtype, "nan apply")
+    ref = ops._bilateral_slice_apply_backward(_d(gout_a.cpu()), _d(grid), _d(guide), _d(inp), True, False, [True, True, True])
+    for name, g, r in zip(("grad_grid", "grad_guide", "grad_input"), got, ref):
+        _assert_close(g, r, dtype, f"nan apply {name}")
 
 
-def test_deterministic_grad_grid_is_bitwise_reproducible():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_grad_grid_is_bitwise_reproducible(dtype):
     N, Co, Ci, D, Gh, Gw, H, W = 2, 3, 3, 8, 16, 16, 96, 128
     C = Co * (Ci + 1)
-    _, (grid_c, guide_c, inp_c) = _case(N, C, Ci, D, Gh, Gw, H, W, torch.float32)
-    gout_a = torch.randn(N, Co, H, W).cuda()
-    gout_s = torch.randn(N, C, H, W).cuda()
+    _, (grid_c, guide_c, inp_c) = _case(N, C, Ci, D, Gh, Gw, H, W, dtype)
+    gout_a = _randn((N, Co, H, W), dtype, 6).cuda()
+    gout_s = _randn((N, C, H, W), dtype, 7).cuda()
     with deterministic(True):
-        a1 = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True)
-        a2 = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True)
-        s1 = ops._bilateral_slice_backward(gout_s, grid_c, guide_c)
-        s2 = ops._bilateral_slice_backward(gout_s, grid_c, guide_c)
-    for x, y in zip(a1 + s1, a2 + s2):
-        assert torch.equal(x, y)
+        for dguide in (False, True):
+            ma, ms = [True, not dguide, True], [True, not dguide]
+            a1 = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True, dguide, ma)
+            a2 = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True, dguide, ma)
+            s1 = ops._bilateral_slice_backward(gout_s, grid_c, guide_c, dguide, ms)
+            s2 = ops._bilateral_slice_backward(gout_s, grid_c, guide_c, dguide, ms)
+            # Only the grid gradient: same bits whatever else is asked for.
+            a3 = ops._bilateral_slice_apply_backward(gout_a, grid_c, guide_c, inp_c, True, dguide, [True, False, False])
+            for x, y in zip(a1 + s1, a2 + s2):
+                assert torch.equal(x, y)
+            assert torch.equal(a1[0], a3[0])
+    # A coarse grid: the footprint bands are summed by the finish kernel, in a fixed order too.
+    _, (grid_c, guide_c, _) = _case(1, 3, 0, 4, 1, 2, 300, 400, dtype)
+    gout = _randn((1, 3, 300, 400), dtype, 8).cuda()
+    with deterministic(True):
+        r1 = ops._bilateral_slice_backward(gout, grid_c, guide_c, False, [True, False])[0]
+        r2 = ops._bilateral_slice_backward(gout, grid_c, guide_c, False, [True, False])[0]
+    assert torch.equal(r1, r2)
 
 
 def test_deterministic_flag_is_restored():
@@ -231,15 +369,21 @@ def test_empty_image(H, W):
     grid = torch.randn(N, C, D, Gh, Gw, device="cuda")
     guide = torch.rand(N, H, W, device="cuda")
     inp = torch.rand(N, Ci, H, W, device="cuda")
-    out = ops.bilateral_slice(grid, guide)
-    assert out.shape == (N, C, H, W) and out.device.type == "cuda"
-    gg, gd = ops._bilateral_slice_backward(torch.zeros(N, C, H, W, device="cuda"), grid, guide)
+    for fn in (ops.bilateral_slice, ops._bilateral_slice_dguide):
+        out = fn(grid, guide)
+        assert out.shape == (N, C, H, W) and out.device.type == "cuda"
+    gg, gd = ops._bilateral_slice_backward(torch.zeros(N, C, H, W, device="cuda"), grid, guide, False, [True, True])
     assert gg.shape == grid.shape and bool((gg == 0).all()) and gd.shape == guide.shape
-    out = ops.bilateral_slice_apply(grid, guide, inp, True)
-    assert out.shape == (N, Co, H, W)
-    gg, gd, gi = ops._bilateral_slice_apply_backward(torch.zeros(N, Co, H, W, device="cuda"), grid, guide, inp, True)
+    gg, gd = ops._bilateral_slice_backward(torch.zeros(N, C, H, W, device="cuda"), grid, guide, True, [True, False])
+    assert gg.shape == grid.shape and bool((gg == 0).all()) and gd.shape == (0,)
+    for fn in (ops.bilateral_slice_apply, ops._bilateral_slice_apply_dguide):
+        assert fn(grid, guide, inp, True).shape == (N, Co, H, W)
+    go = torch.zeros(N, Co, H, W, device="cuda")
+    gg, gd, gi = ops._bilateral_slice_apply_backward(go, grid, guide, inp, True, False, [True, True, True])
     assert gg.shape == grid.shape and bool((gg == 0).all())
     assert gd.shape == guide.shape and gi.shape == inp.shape
+    gg, gd, gi = ops._bilateral_slice_apply_backward(go, grid, guide, inp, True, False, [False, False, True])
+    assert gg.shape == (0,) and gd.shape == (0,) and gi.shape == inp.shape
     torch.cuda.synchronize()
 
 
@@ -248,15 +392,102 @@ def test_zero_batch():
     guide = torch.rand(0, 8, 8, device="cuda")
     inp = torch.rand(0, 3, 8, 8, device="cuda")
     assert ops.bilateral_slice_apply(grid, guide, inp, True).shape == (0, 3, 8, 8)
+    assert ops.bilateral_slice(grid, guide).shape == (0, 12, 8, 8)
 
 
-def test_runs_on_current_stream_and_device():
-    N, Co, Ci, D, Gh, Gw, H, W = 1, 3, 3, 8, 8, 8, 64, 64
+# ----------------------------------------------------------------------------------------------
+# The current stream.
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_kernels_run_on_the_current_stream(det):
+    """Inputs start as zeros (synchronised); on a side stream that first sleeps, the real values are
+    copied in and every op runs. A kernel launched on another stream would run at once and read
+    zeros (or half-copied inputs) instead of waiting behind the sleep."""
+    N, Co, Ci, D, Gh, Gw, H, W = STREAM_SHAPE
     C = Co * (Ci + 1)
-    (grid, guide, inp), (grid_c, guide_c, inp_c) = _case(N, C, Ci, D, Gh, Gw, H, W, torch.float32)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        out = ops.bilateral_slice_apply(grid_c, guide_c, inp_c, True)
-    s.synchronize()
-    ref = ops.bilateral_slice_apply(grid.double(), guide.double(), inp.double(), True)
-    _assert_close(out, ref, torch.float32, "stream")
+    (grid, guide, inp), (grid_src, guide_src, inp_src) = _case(N, C, Ci, D, Gh, Gw, H, W, torch.float32)
+    gout_s, gout_a = _randn((N, C, H, W), torch.float32, 9), _randn((N, Co, H, W), torch.float32, 10)
+    srcs = [grid_src, guide_src, inp_src, gout_s.cuda(), gout_a.cuda()]
+    dsts = [torch.zeros_like(t) for t in srcs]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with deterministic(det), torch.cuda.stream(side):
+        torch.cuda._sleep(int(5e8))  # a few hundred ms of GPU time on this stream
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+        g, gd, x, gs, ga = dsts
+        got = {
+            "slice": ops.bilateral_slice(g, gd),
+            "slice_dguide": ops._bilateral_slice_dguide(g, gd),
+            "slice_backward": ops._bilateral_slice_backward(gs, g, gd, False, [True, True]),
+            "slice_backward_dguide": ops._bilateral_slice_backward(gs, g, gd, True, [True, False]),
+            "apply": ops.bilateral_slice_apply(g, gd, x, True),
+            "apply_dguide": ops._bilateral_slice_apply_dguide(g, gd, x, True),
+            "apply_backward": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, False, [True, True, True]),
+            "apply_backward_dguide": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, True, [True, False, True]),
+        }
+    side.synchronize()
+    grid, guide, inp, gout_s, gout_a = _d(grid), _d(guide), _d(inp), _d(gout_s), _d(gout_a)
+    ref = {
+        "slice": ops.bilateral_slice(grid, guide),
+        "slice_dguide": ops._bilateral_slice_dguide(grid, guide),
+        "slice_backward": ops._bilateral_slice_backward(gout_s, grid, guide, False, [True, True]),
+        "slice_backward_dguide": ops._bilateral_slice_backward(gout_s, grid, guide, True, [True, False]),
+        "apply": ops.bilateral_slice_apply(grid, guide, inp, True),
+        "apply_dguide": ops._bilateral_slice_apply_dguide(grid, guide, inp, True),
+        "apply_backward": ops._bilateral_slice_apply_backward(gout_a, grid, guide, inp, True, False, [True, True, True]),
+        "apply_backward_dguide": ops._bilateral_slice_apply_backward(
+            gout_a, grid, guide, inp, True, True, [True, False, True]
+        ),
+    }
+    for name, r in ref.items():
+        outs = got[name] if isinstance(got[name], tuple) else (got[name],)
+        refs = r if isinstance(r, tuple) else (r,)
+        for i, (o, e) in enumerate(zip(outs, refs)):
+            if e.numel() == 0:
+                assert o.shape == (0,)
+                continue
+            _assert_close(o, e, torch.float32, f"{name}[{i}] on a side stream (deterministic={det})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients through the public API, in float64 on CUDA (these run the dguide ops and the backward
+# ops with every mask autograd asks for).
+
+
+def _smooth_guide(N, H, W, D, gen):
+    """Guides whose z position stays at least 0.1 cell away from every cell centre (where the tent
+    weights have kinks), so that finite differences see a smooth function."""
+    k = torch.randint(0, max(D - 1, 1), (N, H, W), generator=gen).double()
+    u = 0.1 + 0.8 * torch.rand(N, H, W, generator=gen, dtype=torch.float64)
+    return ((k + 0.5 + u) / D).clamp(max=(D - 0.6) / D).cuda()
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("has_offset", [True, False])
+def test_gradcheck_and_gradgradcheck_slice_apply(det, has_offset):
+    N, Co, Ci, D, Gh, Gw, H, W = DOUBLE_BACKWARD_SHAPE
+    gen = torch.Generator().manual_seed(11)
+    C = Co * (Ci + int(has_offset))
+    grid = torch.randn(N, C, D, Gh, Gw, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    guide = _smooth_guide(N, H, W, D, gen).requires_grad_()
+    inp = torch.rand(N, Ci, H, W, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+
+    def fn(a, b, c):
+        return bo.bilateral_slice_apply(a, b, c, has_offset)
+
+    with deterministic(det):
+        assert torch.autograd.gradcheck(fn, (grid, guide, inp), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+        assert torch.autograd.gradgradcheck(fn, (grid, guide, inp), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_gradcheck_and_gradgradcheck_slice(det):
+    N, Co, Ci, D, Gh, Gw, H, W = DOUBLE_BACKWARD_SHAPE
+    gen = torch.Generator().manual_seed(12)
+    grid = torch.randn(N, 3, D, Gh, Gw, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    guide = _smooth_guide(N, H, W, D, gen).requires_grad_()
+    with deterministic(det):
+        assert torch.autograd.gradcheck(bo.bilateral_slice, (grid, guide), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+        assert torch.autograd.gradgradcheck(bo.bilateral_slice, (grid, guide), eps=1e-6, atol=1e-5, nondet_tol=1e-9)

@@ -43,8 +43,7 @@ std::tuple<at::Tensor, at::Tensor> bilateral_slice_backward(const at::Tensor& gr
   check_grad_output(grad_output, grid, {g.N, g.C, g.H, g.W});
   check_output_mask(dguide, mask);
   if (g.pixels() == 0 || !(mask[0] || mask[1])) {
-    return {mask[0] ? at::zeros(grid.sizes(), grid.options()) : masked_out(grid),
-            mask[1] ? at::zeros(guide.sizes(), guide.options()) : masked_out(guide)};
+    return {zero_or_masked(mask[0], grid), zero_or_masked(mask[1], guide)};
   }
   const auto dt = compute_dtype(grid.scalar_type());
   const at::Tensor go = prepared(grad_output, dt);

@@ -51,9 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_backward(
   check_grad_output(grad_output, grid, {g.N, l.Co, g.H, g.W});
   check_output_mask(dguide, mask);
   if (g.pixels() == 0 || !(mask[0] || mask[1] || mask[2])) {
-    return {mask[0] ? at::zeros(grid.sizes(), grid.options()) : masked_out(grid),
-            mask[1] ? at::zeros(guide.sizes(), guide.options()) : masked_out(guide),
-            mask[2] ? at::zeros(input.sizes(), input.options()) : masked_out(input)};
+    return {zero_or_masked(mask[0], grid),
+            zero_or_masked(mask[1], guide),
+            zero_or_masked(mask[2], input)};
   }
   const auto dt = compute_dtype(input.scalar_type());
   const at::Tensor input_c = prepared(input, dt);

@@ -1,0 +1,319 @@
+#pragma once
+// Every launch configuration of the CUDA kernels (grid, block, dynamic shared memory, the shared
+// budget of the grad_grid scatter, the chunking of the deterministic gather), computed by plain
+// host functions of the sizes. Pure C++, no CUDA or ATen: the launchers in csrc/cuda/*.cu use
+// these plans as they are, and csrc/module.cpp exposes them to Python, so that
+// tests/test_launch_config.py checks every plan against the limits of every architecture we
+// build for on a machine without a GPU (a bad launch would otherwise only show on a GPU), and
+// tools/ptxas_report.py checks the compiled kernels against the same constants.
+//
+// Kernels declare no static shared memory (kStaticSmem): everything a block shares is carved
+// out of the dynamic buffer, so the dynamic request is the whole story and is budgeted here.
+// Nothing opts in to more than 48 KiB, so no plan depends on the device.
+
+#include <algorithm>
+#include <cstdint>
+
+#include "bilateral_ops/affine.h"
+#include "bilateral_ops/slice_geometry.h"
+
+namespace bilateral_ops {
+namespace launch {
+
+// ---------------------------------------------------------------------------------------------
+// Limits common to sm_80, sm_86, sm_89 and sm_90.
+
+constexpr int64_t kMaxThreadsPerBlock = 1024;
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kSmemNoOptIn = 48 * 1024;  // static + dynamic shared memory per block
+constexpr int64_t kRegistersPerBlock = 64 * 1024;
+constexpr int64_t kMaxRegistersPerThread = 255;
+
+// Largest static + dynamic shared memory per block with cudaFuncSetAttribute opt-in (unused by
+// our plans; the tests check that a plan asking for opt-in would stay within these).
+constexpr int64_t opt_in_smem_limit(int sm) {
+  return sm == 80 ? 163 * 1024 : sm == 86 || sm == 89 ? 99 * 1024 : sm == 90 ? 227 * 1024 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels and their __launch_bounds__ (the kernels use these very constants). Min-blocks values
+// are chosen from ptxas's reports (make cuda-check prints them): each is the largest that does
+// not make the float32 / float16 / bfloat16 instance spill.
+
+constexpr int64_t kStaticSmem = 0;  // bytes of static __shared__ any kernel may declare
+
+constexpr int kForwardThreads = 256;  // pack, forward (vectorised and scalar), axis, finish
+// <= 80 registers: at 64 the vectorised slice_apply kernel (16 float4 loads in flight for rows
+// of 8) and the float64 scalar one spill.
+constexpr int kForwardMinBlocks = 3;
+constexpr int kPackMinBlocks = 4;
+
+// Backward pass per pixel: a block is a 32 x 8 pixel tile, one warp per image row segment, so
+// that y (and everything derived from it) is uniform across a warp.
+constexpr int kTileW = 32;
+constexpr int kTileH = 8;
+constexpr int kTileThreads = kTileW * kTileH;
+// grad_guide / grad_input only: 4 blocks (64 registers) for float math, 3 (80) for double.
+constexpr int tile_min_blocks(int acc_size) { return acc_size == 8 ? 3 : 4; }
+// With the grad_grid scatter: 3 blocks (80 registers) for a float accumulator, 2 (128) for
+// double, whose weights take two registers each. At 64 registers the float kernel spills inside
+// the scatter loop (peer masks and offsets of the 4 corner groups stay live across it).
+constexpr int scatter_min_blocks(int acc_size) { return acc_size == 8 ? 2 : 3; }
+// The scatter's dynamic buffer starts with the tile's z range (two ints), padded to 16 bytes so
+// that the accumulators after it are aligned for double.
+constexpr int64_t kScatterHeaderBytes = 16;
+
+// Deterministic grad_grid gather: a block per grid cell column (n, yc, xc), optionally split
+// into `split` bands of its pixel footprint summed afterwards in a fixed order.
+constexpr int kGatherThreads = 256;
+constexpr int kGatherMinBlocks = 2;              // <= 128 registers
+constexpr int kGatherMaxOwn = 4;                 // (c, z) outputs a thread accumulates at once
+constexpr int64_t kGatherMaxChunk = 256;         // pixels staged in shared memory per round
+constexpr int64_t kGatherHeaderBytes = 32;       // the footprint box, 4 int64
+constexpr int64_t kGatherTargetBlocks = 1024;    // enough blocks to fill a GPU (132 SMs on H100)
+constexpr int64_t kGatherMinPixelsPerBand = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Plans.
+
+struct Dim3 {
+  int64_t x = 1, y = 1, z = 1;
+  int64_t volume() const { return x * y * z; }
+};
+
+struct Launch {
+  bool present = false;        // whether this call launches the kernel at all
+  const char* kernel = "";     // name of the __global__ function (tools/ptxas_report.py joins on it)
+  Dim3 grid, block;
+  int64_t dynamic_smem = 0;    // bytes requested at launch
+  int64_t static_smem = kStaticSmem;  // budgeted static shared memory of the kernel
+  bool opt_in = false;         // whether the launch needs cudaFuncAttributeMaxDynamicSharedMemorySize
+  int max_threads = 0;         // __launch_bounds__ of the kernel
+  int min_blocks = 0;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid-stride kernels: enough blocks for one item per thread, within the grid limit.
+inline int64_t blocks_for(int64_t items, int64_t per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, per_block), kMaxGridX));
+}
+
+inline Launch make_launch(const char* kernel, int64_t blocks, int threads, int min_blocks,
+                          int64_t dynamic_smem = 0) {
+  Launch l;
+  l.present = true;
+  l.kernel = kernel;
+  l.grid.x = blocks;
+  l.block.x = threads;
+  l.dynamic_smem = dynamic_smem;
+  l.max_threads = threads;
+  l.min_blocks = min_blocks;
+  return l;
+}
+
+// Cells that a run of min(tile, n) consecutive pixels of an n-pixel axis touches on a G-cell
+// axis (the extent of a tile's cell box along that axis).
+//
+// Claim: at most ceil((m - 1) * G / n) + 2 with m = min(tile, n), and at most G.
+// Proof. Pixel p sits at s(p) = clamp((p + 0.5) G / n, 0.5, G - 0.5) - 0.5 and touches cells
+// i0 = floor(s) and i1 = min(i0 + 1, G - 1). The clamp is monotone and 1-Lipschitz, so over the
+// run s grows by at most d = (m - 1) G / n. For a <= b, floor(b) - floor(a) is an integer
+// smaller than b - a + 1, hence at most ceil(b - a): the first pixel's i0 and the last pixel's
+// i0 differ by at most ceil(d), and the cells touched, from the first i0 to the last i1 <= last
+// i0 + 1, number at most ceil(d) + 2. Every index lies in [0, G - 1], hence also at most G.
+// Rounding: the kernels compute s in double; s(p) is within a few ulps of its exact value, and
+// an exact s that is not an integer is at least 1 / (2n) away from one (s = k / (2n) - 0.5 with
+// k an integer), far more than those ulps while n * G < 2^40, so floor(s) is exact and the
+// bound holds for the computed taps too. tests/test_launch_config.py checks it exhaustively.
+inline int64_t max_cells(int64_t tile, int64_t n, int64_t G) {
+  const int64_t m = std::min(tile, n);
+  if (m <= 0) return std::min<int64_t>(G, 2);
+  const int64_t span = ceil_div((m - 1) * G, n) + 2;
+  return std::min(G, span);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: bilateral_slice, bilateral_slice_apply and their _dguide companions.
+
+struct ForwardPlan {
+  // Float-opmath dtypes sample a packed copy of the grid with float4 loads when every packed row
+  // is at most 8 floats: slice packs its channels 4 to a row (rows = ceil(C / 4)); slice_apply
+  // packs the `stride` coefficients of one output channel to a row (rows = Co), padded to
+  // 4 * chunks floats. float64 and wider affine rows take the scalar kernel.
+  bool vectorised = false;
+  int64_t chunks = 0;      // float4 per packed row
+  int64_t rows = 0;        // packed rows per cell
+  int64_t row_stride = 0;  // grid channels per packed row (<= 4 * chunks)
+  int64_t packed_elems = 0;
+  Launch pack, forward;
+};
+
+inline ForwardPlan forward_plan(const SliceGeometry& g, bool apply, const AffineLayout& l,
+                                int64_t acc_size) {
+  ForwardPlan p;
+  const int64_t pixels = g.N * g.H * g.W;
+  p.row_stride = apply ? l.stride : 4;
+  const int64_t chunks = p.row_stride > 4 ? 2 : 1;
+  const int64_t rows = apply ? l.Co : ceil_div(g.C, 4);
+  // The kernel indexes one image's packed grid in int32 float4s.
+  p.vectorised = acc_size == 4 && p.row_stride <= 8 &&
+                 g.D * g.Gh * g.Gw * rows * chunks <= int64_t{2147483647};
+  if (p.vectorised) {
+    p.chunks = chunks;
+    p.rows = rows;
+    p.packed_elems = g.N * g.D * g.Gh * g.Gw * p.rows * 4 * p.chunks;
+    p.pack = make_launch("pack_grid_kernel", blocks_for(p.packed_elems, kForwardThreads),
+                         kForwardThreads, kPackMinBlocks);
+    p.forward = make_launch("forward_vec_kernel", blocks_for(pixels, kForwardThreads),
+                            kForwardThreads, kForwardMinBlocks);
+  } else {
+    p.forward = make_launch("forward_scalar_kernel", blocks_for(pixels, kForwardThreads),
+                            kForwardThreads, kForwardMinBlocks);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: _bilateral_slice_backward and _bilateral_slice_apply_backward.
+
+struct BackwardRequest {
+  bool need_grid = true, need_guide = true, need_input = true;  // output_mask
+  bool deterministic = false;  // at::globalContext().deterministicAlgorithms()
+};
+
+struct BackwardPlan {
+  bool valid = true;      // false: the gather cannot stage even one pixel (absurd channel counts)
+  bool scatter = false;   // grad_grid by the atomic scatter of the tile kernel
+  // Tile kernel: "backward_pixel_kernel" (grad_guide / grad_input only) or
+  // "backward_scatter_kernel" (with the grad_grid scatter).
+  Launch tile;
+  int64_t box_x = 0, box_y = 0;  // scatter: most cells a tile touches along x / y
+  int64_t shared_cap = 0;        // scatter: accumulators (acc_t) in shared memory; 0 = global only
+  // Deterministic grad_grid.
+  Launch axis, gather, finish;
+  int64_t gather_chunk = 0;   // pixels staged per round
+  int64_t gather_split = 1;   // bands per cell column (grid.y of the gather)
+  int64_t gather_slices = 1;  // threads sharing one output (summed in a fixed order)
+  int64_t gather_own = 1;     // outputs per thread per pass
+  int64_t gather_passes = 1;
+  int64_t gather_values = 0;  // per-pixel values staged (grad_output and input channels)
+};
+
+// Shared memory of the scatter tile for `cap` accumulators of acc_size bytes.
+inline int64_t scatter_smem(int64_t cap, int64_t acc_size) {
+  return cap > 0 ? kScatterHeaderBytes + cap * acc_size : 0;
+}
+
+inline int64_t scatter_max_cap(int64_t acc_size) {
+  return (kSmemNoOptIn - kStaticSmem - kScatterHeaderBytes) / acc_size;
+}
+
+// Gather shared layout: header | reduction (kGatherThreads double) | chunk x (int2 z taps,
+// 2 weights, `values` staged values).
+inline int64_t gather_pixel_bytes(int64_t values, int64_t acc_size) {
+  return 8 + (2 + values) * acc_size;
+}
+inline int64_t gather_smem(int64_t chunk, int64_t values, int64_t acc_size) {
+  return kGatherHeaderBytes + kGatherThreads * 8 + chunk * gather_pixel_bytes(values, acc_size);
+}
+
+inline BackwardPlan backward_plan(const SliceGeometry& g, bool apply, const AffineLayout& l,
+                                  int64_t acc_size, const BackwardRequest& r) {
+  BackwardPlan p;
+  const bool per_pixel = r.need_guide || (apply && r.need_input);
+  p.scatter = r.need_grid && !r.deterministic;
+  const int64_t tiles = g.N * ceil_div(g.H, kTileH) * ceil_div(g.W, kTileW);
+  if (p.scatter) {
+    p.box_x = max_cells(kTileW, g.W, g.Gw);
+    p.box_y = max_cells(kTileH, g.H, g.Gh);
+    const int64_t max_cap = scatter_max_cap(acc_size);
+    const int64_t column = g.C * p.box_x * p.box_y;  // one z level of the box, every channel
+    const int64_t want = column * g.D;               // the box for a guide spanning every level
+    if (want <= max_cap) {
+      p.shared_cap = want;
+    } else if (column * std::min<int64_t>(g.D, 2) <= max_cap) {
+      p.shared_cap = max_cap;  // tiles whose guide spans few levels still fit
+    } else {
+      p.shared_cap = 0;  // not even a flat tile fits: global atomics, and no shared memory
+    }
+    p.tile = make_launch("backward_scatter_kernel", blocks_for(tiles, 1), kTileThreads,
+                         scatter_min_blocks(static_cast<int>(acc_size)),
+                         scatter_smem(p.shared_cap, acc_size));
+  } else if (per_pixel) {
+    p.tile = make_launch("backward_pixel_kernel", blocks_for(tiles, 1), kTileThreads,
+                         tile_min_blocks(static_cast<int>(acc_size)));
+  }
+  if (!r.need_grid || !r.deterministic) return p;
+
+  p.gather_values = apply ? l.Co + l.Ci : g.C;
+  const int64_t stage = kSmemNoOptIn - kStaticSmem - gather_smem(0, 0, acc_size);
+  int64_t chunk = std::min(kGatherMaxChunk, stage / gather_pixel_bytes(p.gather_values, acc_size));
+  if (chunk >= 32) chunk -= chunk % 32;
+  if (chunk < 1) {
+    p.valid = false;
+    return p;
+  }
+  p.gather_chunk = chunk;
+  const int64_t outputs = g.C * g.D;
+  if (outputs <= kGatherThreads) {
+    p.gather_slices = kGatherThreads / outputs;
+  } else {
+    p.gather_own = std::min<int64_t>(kGatherMaxOwn, ceil_div(outputs, kGatherThreads));
+    p.gather_passes = ceil_div(outputs, kGatherThreads * p.gather_own);
+  }
+  // Split the footprints of few, large cells: enough blocks for the GPU, but bands of at least
+  // kGatherMinPixelsPerBand pixels. Sizes only: the summation order is the same on every run.
+  const int64_t columns = g.N * g.Gh * g.Gw;
+  const int64_t fw = std::min(g.W, 2 * ceil_div(g.W, g.Gw) + 2);
+  const int64_t fh = std::min(g.H, 2 * ceil_div(g.H, g.Gh) + 2);
+  const int64_t split = std::min(ceil_div(kGatherTargetBlocks, columns),
+                                 ceil_div(fw * fh, kGatherMinPixelsPerBand));
+  p.gather_split = std::max<int64_t>(1, std::min(split, kMaxGridYZ));
+  p.axis = make_launch("axis_table_kernel", blocks_for(g.W + g.H, kForwardThreads),
+                       kForwardThreads, 0);
+  p.gather = make_launch("grad_grid_gather_kernel", std::min(columns, kMaxGridX), kGatherThreads,
+                         kGatherMinBlocks, gather_smem(chunk, p.gather_values, acc_size));
+  p.gather.grid.y = p.gather_split;
+  if (p.gather_split > 1) {
+    const int64_t elems = g.N * g.C * g.D * g.Gh * g.Gw;
+    p.finish = make_launch("gather_finish_kernel", blocks_for(elems, kForwardThreads),
+                           kForwardThreads, 0);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-kernel bounds for tools/ptxas_report.py: the __launch_bounds__ of each kernel and the
+// largest dynamic shared memory any plan above requests from it, by accumulator size.
+
+struct KernelInfo {
+  const char* kernel;
+  int max_threads, min_blocks;
+  int64_t static_smem, max_dynamic_smem;
+};
+
+inline int kernel_info(int64_t acc_size, KernelInfo* out) {
+  const int64_t gather_max = kSmemNoOptIn - kStaticSmem;  // chunk is sized to fill at most this
+  const KernelInfo all[] = {
+      {"pack_grid_kernel", kForwardThreads, kPackMinBlocks, kStaticSmem, 0},
+      {"forward_vec_kernel", kForwardThreads, kForwardMinBlocks, kStaticSmem, 0},
+      {"forward_scalar_kernel", kForwardThreads, kForwardMinBlocks, kStaticSmem, 0},
+      {"backward_pixel_kernel", kTileThreads, tile_min_blocks(static_cast<int>(acc_size)),
+       kStaticSmem, 0},
+      {"backward_scatter_kernel", kTileThreads, scatter_min_blocks(static_cast<int>(acc_size)),
+       kStaticSmem, scatter_smem(scatter_max_cap(acc_size), acc_size)},
+      {"axis_table_kernel", kForwardThreads, 0, kStaticSmem, 0},
+      {"grad_grid_gather_kernel", kGatherThreads, kGatherMinBlocks, kStaticSmem, gather_max},
+      {"gather_finish_kernel", kForwardThreads, 0, kStaticSmem, 0},
+  };
+  const int n = static_cast<int>(sizeof(all) / sizeof(all[0]));
+  if (out != nullptr) {
+    for (int i = 0; i < n; ++i) out[i] = all[i];
+  }
+  return n;
+}
+
+}  // namespace launch
+}  // namespace bilateral_ops
