@@ -3,6 +3,7 @@ the guard that proves an error is raised before any kernel runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -79,6 +80,18 @@ def make_slice_case(n, c, d, gh, gw, h, w, dtype, guide_kind, gen, device="cpu")
     grid = torch.randn(n, c, d, gh, gw, generator=gen, dtype=F64).to(dtype)
     guide = make_guide(guide_kind, n, h, w, dtype, gen)
     return grid.to(device), guide.to(device)
+
+
+@contextlib.contextmanager
+def deterministic(flag: bool):
+    """torch.use_deterministic_algorithms(flag) for the duration, restored after."""
+    old = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ Skipped without a CUDA device.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
 
 import bilateral_ops as bo
+from helpers import deterministic, noncontiguous
 
 pytestmark = [
     pytest.mark.cuda,
@@ -75,24 +75,6 @@ def all_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
-@contextlib.contextmanager
-def deterministic(flag: bool):
-    old = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(flag)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old, warn_only=old_warn)
-
-
-def _noncontiguous(t: torch.Tensor) -> torch.Tensor:
-    """The same values in a non-contiguous layout (every other element of a wider buffer)."""
-    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-    wide[..., ::2] = t
-    return wide[..., ::2]
-
-
 def _case(N, C, Ci, D, Gh, Gw, H, W, dtype, *, lo=0.0, hi=1.0, noncontig=False, seed=0):
     """CPU tensors rounded to dtype, and their CUDA copies."""
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +85,7 @@ def _case(N, C, Ci, D, Gh, Gw, H, W, dtype, *, lo=0.0, hi=1.0, noncontig=False, 
     inp = inp.to(dtype) if inp is not None else None
     cuda = [t.cuda() if t is not None else None for t in (grid, guide, inp)]
     if noncontig:
-        cuda = [_noncontiguous(t) if t is not None else None for t in cuda]
+        cuda = [noncontiguous(t) if t is not None else None for t in cuda]
     return (grid, guide, inp), tuple(cuda)
 
 
@@ -134,7 +116,7 @@ def _slice_check(shape, dtype, *, lo=0.0, hi=1.0, noncontig=False, paths=(False,
         _assert_close(fn(grid_c, guide_c), fn(_d(grid), _d(guide)), dtype, f"slice forward dguide={dguide}")
 
     gout = _randn((N, C, H, W), dtype, 1)
-    gout_c = _noncontiguous(gout.cuda()) if noncontig else gout.cuda()
+    gout_c = noncontiguous(gout.cuda()) if noncontig else gout.cuda()
     for dguide in (False, True):
         mask = [True, not dguide]
         ref = ops._bilateral_slice_backward(_d(gout), _d(grid), _d(guide), dguide, mask)
@@ -159,7 +141,7 @@ def _apply_check(shape, dtype, has_offset, *, lo=0.0, hi=1.0, noncontig=False, p
         _assert_close(fn(grid_c, guide_c, inp_c, has_offset), ref, dtype, f"apply forward dguide={dguide}")
 
     gout = _randn((N, Co, H, W), dtype, 1)
-    gout_c = _noncontiguous(gout.cuda()) if noncontig else gout.cuda()
+    gout_c = noncontiguous(gout.cuda()) if noncontig else gout.cuda()
     for dguide in (False, True):
         mask = [True, not dguide, True]
         ref = ops._bilateral_slice_apply_backward(_d(gout), _d(grid), _d(guide), _d(inp), has_offset, dguide, mask)
@@ -399,6 +381,22 @@ def test_zero_batch():
 # The current stream.
 
 
+def _every_op(grid, guide, inp, gout_slice, gout_apply) -> dict:
+    """Every op of the library (forward, guide derivative, backward plain and dguide) on one set of
+    arguments."""
+    g, gd, x, gs, ga = grid, guide, inp, gout_slice, gout_apply
+    return {
+        "slice": ops.bilateral_slice(g, gd),
+        "slice_dguide": ops._bilateral_slice_dguide(g, gd),
+        "slice_backward": ops._bilateral_slice_backward(gs, g, gd, False, [True, True]),
+        "slice_backward_dguide": ops._bilateral_slice_backward(gs, g, gd, True, [True, False]),
+        "apply": ops.bilateral_slice_apply(g, gd, x, True),
+        "apply_dguide": ops._bilateral_slice_apply_dguide(g, gd, x, True),
+        "apply_backward": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, False, [True, True, True]),
+        "apply_backward_dguide": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, True, [True, False, True]),
+    }
+
+
 @pytest.mark.parametrize("det", [False, True])
 def test_kernels_run_on_the_current_stream(det):
     """Inputs start as zeros (synchronised); on a side stream that first sleeps, the real values are
@@ -416,31 +414,9 @@ def test_kernels_run_on_the_current_stream(det):
         torch.cuda._sleep(int(5e8))  # a few hundred ms of GPU time on this stream
         for d, s in zip(dsts, srcs):
             d.copy_(s)
-        g, gd, x, gs, ga = dsts
-        got = {
-            "slice": ops.bilateral_slice(g, gd),
-            "slice_dguide": ops._bilateral_slice_dguide(g, gd),
-            "slice_backward": ops._bilateral_slice_backward(gs, g, gd, False, [True, True]),
-            "slice_backward_dguide": ops._bilateral_slice_backward(gs, g, gd, True, [True, False]),
-            "apply": ops.bilateral_slice_apply(g, gd, x, True),
-            "apply_dguide": ops._bilateral_slice_apply_dguide(g, gd, x, True),
-            "apply_backward": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, False, [True, True, True]),
-            "apply_backward_dguide": ops._bilateral_slice_apply_backward(ga, g, gd, x, True, True, [True, False, True]),
-        }
+        got = _every_op(*dsts)
     side.synchronize()
-    grid, guide, inp, gout_s, gout_a = _d(grid), _d(guide), _d(inp), _d(gout_s), _d(gout_a)
-    ref = {
-        "slice": ops.bilateral_slice(grid, guide),
-        "slice_dguide": ops._bilateral_slice_dguide(grid, guide),
-        "slice_backward": ops._bilateral_slice_backward(gout_s, grid, guide, False, [True, True]),
-        "slice_backward_dguide": ops._bilateral_slice_backward(gout_s, grid, guide, True, [True, False]),
-        "apply": ops.bilateral_slice_apply(grid, guide, inp, True),
-        "apply_dguide": ops._bilateral_slice_apply_dguide(grid, guide, inp, True),
-        "apply_backward": ops._bilateral_slice_apply_backward(gout_a, grid, guide, inp, True, False, [True, True, True]),
-        "apply_backward_dguide": ops._bilateral_slice_apply_backward(
-            gout_a, grid, guide, inp, True, True, [True, False, True]
-        ),
-    }
+    ref = _every_op(_d(grid), _d(guide), _d(inp), _d(gout_s), _d(gout_a))
     for name, r in ref.items():
         outs = got[name] if isinstance(got[name], tuple) else (got[name],)
         refs = r if isinstance(r, tuple) else (r,)
