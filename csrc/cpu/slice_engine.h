@@ -80,10 +80,9 @@ struct SliceParams {
   T* grad_input;         // backward, slice_apply only, when need_input
   bool need_grid, need_guide, need_input;
   int64_t row_table_size() const { return g.Gw * g.D * g.C; }
-  int64_t values() const { return g.C; }  // channels of the sampled coefficients
 };
 
-// Per-task scratch, each C * kBlock elements unless said otherwise.
+// Per-task block buffers (TaskScratch in slice_runner.h allocates them, C * kBlock each).
 template <typename T>
 struct Scratch {
   T* A;    // samples, channel c at A + c * kBlock
