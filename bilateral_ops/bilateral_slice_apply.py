@@ -46,7 +46,6 @@ def bilateral_slice_apply(
     v.check_tensor("grid", grid)
     v.check_tensor("guide", guide)
     v.check_tensor("input", input)
-    v.check_bool("has_offset", has_offset)
     guide = v.as_guide(guide)
     grid, guide, input = lib.autocast((grid, guide, input))
     v.check_slice_apply(grid, guide, input, has_offset)

@@ -44,10 +44,16 @@ inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& 
                        grid.size(4), guide.size(1), guide.size(2)};
 }
 
-// slice_apply's arguments; returns the coefficient layout.
-inline AffineLayout check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
-                                      const at::Tensor& input, bool has_offset) {
-  check_grid_guide(grid, guide);
+// The sizes and coefficient layout of one slice_apply call.
+struct SliceApplyShape {
+  SliceGeometry g;
+  AffineLayout l;
+};
+
+// slice_apply's arguments (grid and guide included); returns their sizes and layout.
+inline SliceApplyShape check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
+                                         const at::Tensor& input, bool has_offset) {
+  const SliceGeometry g = check_grid_guide(grid, guide);
   check_floating(input, "input");
   check_same(grid, "grid", input, "input");
   TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, Ci, H, W), got ", input.dim(), "-D");
@@ -60,7 +66,7 @@ inline AffineLayout check_slice_apply(const at::Tensor& grid, const at::Tensor& 
   TORCH_CHECK(grid.size(1) % stride == 0,
               "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
               " channels for Ci=", input.size(1), ", has_offset=", has_offset);
-  return affine_layout(grid.size(1), input.size(1), has_offset);
+  return SliceApplyShape{g, affine_layout(grid.size(1), input.size(1), has_offset)};
 }
 
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& like,

@@ -16,8 +16,9 @@ namespace {
 
 at::Tensor slice_apply_impl(const at::Tensor& grid, const at::Tensor& guide,
                             const at::Tensor& input, bool has_offset, bool dguide) {
-  const AffineLayout l = check_slice_apply(grid, guide, input, has_offset);
-  const SliceGeometry g = check_grid_guide(grid, guide);
+  const SliceApplyShape shape = check_slice_apply(grid, guide, input, has_offset);
+  const SliceGeometry& g = shape.g;
+  const AffineLayout& l = shape.l;
   if (g.pixels() == 0) return at::zeros({g.N, l.Co, g.H, g.W}, input.options());
   const auto dt = compute_dtype(input.scalar_type());
   const at::Tensor input_c = prepared(input, dt);
@@ -46,8 +47,9 @@ at::Tensor bilateral_slice_apply_dguide(const at::Tensor& grid, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_backward(
     const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& guide,
     const at::Tensor& input, bool has_offset, bool dguide, std::array<bool, 3> mask) {
-  const AffineLayout l = check_slice_apply(grid, guide, input, has_offset);
-  const SliceGeometry g = check_grid_guide(grid, guide);
+  const SliceApplyShape shape = check_slice_apply(grid, guide, input, has_offset);
+  const SliceGeometry& g = shape.g;
+  const AffineLayout& l = shape.l;
   check_grad_output(grad_output, grid, {g.N, l.Co, g.H, g.W});
   check_output_mask(dguide, mask);
   if (g.pixels() == 0 || !(mask[0] || mask[1] || mask[2])) {

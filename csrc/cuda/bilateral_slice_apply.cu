@@ -23,8 +23,9 @@ namespace {
 
 at::Tensor slice_apply_impl(const at::Tensor& grid_in, const at::Tensor& guide_in,
                             const at::Tensor& input_in, bool has_offset, bool dguide) {
-  const AffineLayout l = check_slice_apply(grid_in, guide_in, input_in, has_offset);
-  const SliceGeometry g = check_grid_guide(grid_in, guide_in);
+  const SliceApplyShape shape = check_slice_apply(grid_in, guide_in, input_in, has_offset);
+  const SliceGeometry& g = shape.g;
+  const AffineLayout& l = shape.l;
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
   if (g.pixels() == 0) return at::zeros({g.N, l.Co, g.H, g.W}, input_in.options());
   const at::Tensor grid = grid_in.contiguous();
@@ -52,8 +53,9 @@ at::Tensor bilateral_slice_apply_dguide(const at::Tensor& grid, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_backward(
     const at::Tensor& grad_output_in, const at::Tensor& grid_in, const at::Tensor& guide_in,
     const at::Tensor& input_in, bool has_offset, bool dguide, std::array<bool, 3> mask) {
-  const AffineLayout l = check_slice_apply(grid_in, guide_in, input_in, has_offset);
-  const SliceGeometry g = check_grid_guide(grid_in, guide_in);
+  const SliceApplyShape shape = check_slice_apply(grid_in, guide_in, input_in, has_offset);
+  const SliceGeometry& g = shape.g;
+  const AffineLayout& l = shape.l;
   check_grad_output(grad_output_in, grid_in, {g.N, l.Co, g.H, g.W});
   check_output_mask(dguide, mask);
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
