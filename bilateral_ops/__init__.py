@@ -8,7 +8,19 @@ project's ``docs/ops.md``.
 from . import reference
 from ._library import compiled_devices
 from ._version import __version__
+from .bilateral_grid_filter import bilateral_grid_filter
 from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
+from .grid_blur import grid_blur
+from .grid_splat import grid_splat
 
-__all__ = ["bilateral_slice", "bilateral_slice_apply", "compiled_devices", "reference", "__version__"]
+__all__ = [
+    "bilateral_grid_filter",
+    "bilateral_slice",
+    "bilateral_slice_apply",
+    "compiled_devices",
+    "grid_blur",
+    "grid_splat",
+    "reference",
+    "__version__",
+]

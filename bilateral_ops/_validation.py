@@ -8,6 +8,8 @@ fake tensors of ``torch.compile`` (where they become guards on the symbolic size
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,6 +39,12 @@ def as_guide(guide: torch.Tensor) -> torch.Tensor:
     if guide.dim() != 3:
         raise ValueError(f"guide must have shape (N, H, W) or (N, 1, H, W), got {tuple(guide.shape)}")
     return guide
+
+
+def check_grid(grid: torch.Tensor) -> None:
+    """grid (N, C, D, Gh, Gw)."""
+    if grid.dim() != 5:
+        raise ValueError(f"grid must have shape (N, C, D, Gh, Gw), got {tuple(grid.shape)}")
 
 
 def check_grid_guide(grid: torch.Tensor, guide: torch.Tensor) -> None:
@@ -95,3 +103,71 @@ def check_output_mask(dguide: bool, output_mask) -> None:
             "output_mask[1] (grad_guide) must be false when dguide is true: the guide derivative of "
             "the dguide variant is zero almost everywhere and is not computed"
         )
+
+
+def _is_int(x: object) -> bool:
+    # SymInts pass under torch.compile; bools are ints to Python but never a size.
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def grid_size_tuple(grid_size: object) -> tuple:
+    """grid_splat's grid_size: a sequence of three ints (D, Gh, Gw), each >= 1."""
+    if isinstance(grid_size, torch.Tensor) or not hasattr(grid_size, "__len__") or len(grid_size) != 3:
+        raise TypeError(f"grid_size must be a sequence of three ints (D, Gh, Gw), got {grid_size!r}")
+    if not all(_is_int(s) for s in grid_size):
+        raise TypeError(f"grid_size must contain ints, got {grid_size!r}")
+    if any(s < 1 for s in grid_size):
+        raise ValueError(f"grid_size entries must be >= 1, got {tuple(grid_size)}")
+    return tuple(grid_size)
+
+
+def check_splat(input: torch.Tensor, guide: torch.Tensor) -> None:
+    """grid_splat's input (N, C, H, W) and guide (N, H, W)."""
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape (N, C, H, W), got {tuple(input.shape)}")
+    n, c, h, w = input.shape
+    if c < 1:
+        raise ValueError("input must have at least one channel")
+    if guide.dim() != 3 or tuple(guide.shape) != (n, h, w):
+        raise ValueError(
+            f"guide must have shape (N, H, W) = {(n, h, w)} to match input {tuple(input.shape)}, "
+            f"got {tuple(guide.shape)}"
+        )
+    check_like("guide", guide, "input", input)
+
+
+# Largest grid_blur sigma, in cells (csrc/include/bilateral_ops/grid_blur.h): the normalisation
+# sums the whole window.
+MAX_BLUR_SIGMA = 1e6
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def blur_sigma(sigma: object) -> tuple[float, float, float]:
+    """grid_blur's sigma: one number for every axis or three (D, Gh, Gw), each finite and in
+    [0, MAX_BLUR_SIGMA] cells (0 skips the axis)."""
+    values = (sigma,) * 3 if _real(sigma) else sigma
+    if isinstance(values, torch.Tensor) or not hasattr(values, "__len__") or len(values) != 3:
+        raise TypeError(f"sigma must be a number or a sequence of three numbers (D, Gh, Gw), got {sigma!r}")
+    if not all(_real(s) for s in values):
+        raise TypeError(f"sigma must contain numbers, got {sigma!r}")
+    out = tuple(float(s) for s in values)
+    if any(not math.isfinite(s) for s in out):
+        raise ValueError(f"sigma must be finite, got {sigma!r}")
+    if any(s < 0 for s in out):
+        raise ValueError(f"sigma must be >= 0 (0 skips an axis), got {sigma!r}")
+    if any(s > MAX_BLUR_SIGMA for s in out):
+        raise ValueError(f"sigma must be at most {MAX_BLUR_SIGMA:g} cells, got {sigma!r}")
+    return out
+
+
+def positive_number(name: str, x: object) -> float:
+    """A finite number > 0 (the grid filter's sigmas)."""
+    if not _real(x):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    value = float(x)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+    return value

@@ -7,12 +7,22 @@ not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficie
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ._validation import affine_stride
 
-__all__ = ["bilateral_slice", "bilateral_slice_apply", "slice_coordinates"]
+__all__ = [
+    "bilateral_grid_filter",
+    "bilateral_slice",
+    "bilateral_slice_apply",
+    "grid_blur",
+    "grid_size_for",
+    "grid_splat",
+    "slice_coordinates",
+]
 
 
 def slice_coordinates(guide: torch.Tensor) -> torch.Tensor:
@@ -50,3 +60,87 @@ def bilateral_slice_apply(
     if has_offset:
         out = out + coeffs[:, :, ci]
     return out
+
+
+def _taps(g: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cells (i0, i1) and tent weights (w0, w1) of positions g on an axis of G cells, clamp-to-edge
+    (a NaN position samples the lowest cell, as the kernels do)."""
+    s = torch.where(torch.isnan(g), torch.full_like(g, 0.5), g).clamp(0.5, G - 0.5) - 0.5
+    i0 = s.detach().floor()
+    w1 = s - i0
+    i0 = i0.long()
+    return i0, (i0 + 1).clamp(max=G - 1), 1 - w1, w1
+
+
+def grid_splat(input: torch.Tensor, guide: torch.Tensor, grid_size) -> torch.Tensor:
+    """The transpose of ``bilateral_slice``, written as eight ``scatter_add_`` (one per corner):
+    (N,C,H,W), (N,H,W), (D,Gh,Gw) -> (N,C,D,Gh,Gw)."""
+    n, c, h, w = input.shape
+    d, gh, gw = (int(s) for s in grid_size)
+    kw = dict(device=input.device, dtype=input.dtype)
+    xs = (torch.arange(w, **kw) + 0.5) * gw / w
+    ys = (torch.arange(h, **kw) + 0.5) * gh / h
+    x0, x1, wx0, wx1 = _taps(xs, gw)
+    y0, y1, wy0, wy1 = _taps(ys, gh)
+    z0, z1, wz0, wz1 = _taps(guide * d, d)
+    out = input.new_zeros((n, c, d * gh * gw))
+    values = input.reshape(n, c, h * w)
+    for zi, wz in ((z0, wz0), (z1, wz1)):
+        for yi, wy in ((y0, wy0), (y1, wy1)):
+            for xi, wx in ((x0, wx0), (x1, wx1)):
+                index = (zi * gh + yi.view(1, h, 1)) * gw + xi.view(1, 1, w)
+                weight = wz * wy.view(1, h, 1) * wx.view(1, 1, w)
+                out = out.scatter_add(
+                    2, index.reshape(n, 1, h * w).expand(n, c, h * w), values * weight.reshape(n, 1, h * w)
+                )
+    return out.view(n, c, d, gh, gw)
+
+
+def blur_kernel(sigma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """grid_blur's taps: exp(-t^2/(2 sigma^2)) for |t| <= ceil(2 sigma), summing to 1."""
+    r = math.ceil(2 * sigma)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    return (k / k.sum()).to(dtype)
+
+
+def grid_blur(grid: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian blur of (N,C,D,Gh,Gw) along D, Gh, Gw with zero padding, as three
+    ``conv3d``; sigma is one number or three (0 skips an axis)."""
+    sigmas = (float(sigma),) * 3 if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
+    n, c = grid.shape[:2]
+    out = grid.reshape(n * c, 1, *grid.shape[2:])
+    for axis, s in enumerate(sigmas):
+        if s == 0:
+            continue
+        k = blur_kernel(s).to(device=grid.device, dtype=grid.dtype)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        padding = [0, 0, 0]
+        padding[axis] = k.numel() // 2
+        out = F.conv3d(out, k.view(shape), padding=padding)
+    return out.reshape(grid.shape).clone()
+
+
+def grid_size_for(height: int, width: int, sigma_color: float, sigma_space: float) -> tuple[int, int, int]:
+    """The bilateral grid filter's grid: (ceil(1/sigma_color), ceil(H/sigma_space),
+    ceil(W/sigma_space)), each at least 1."""
+    return (
+        max(1, math.ceil(1 / sigma_color)),
+        max(1, math.ceil(height / sigma_space)),
+        max(1, math.ceil(width / sigma_space)),
+    )
+
+
+def bilateral_grid_filter(
+    input: torch.Tensor, sigma_color: float, sigma_space: float, guide: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Splat [input, 1], blur one cell, slice, divide by the sliced weight."""
+    if guide is None:
+        guide = input.mean(1)
+    n, c, h, w = input.shape
+    size = grid_size_for(h, w, sigma_color, sigma_space)
+    homogeneous = torch.cat([input, torch.ones_like(input[:, :1])], dim=1)
+    sliced = bilateral_slice(grid_blur(grid_splat(homogeneous, guide, size), 1.0), guide)
+    weight = sliced[:, c:].clamp_min(1e-12)
+    return sliced[:, :c] / weight

@@ -11,7 +11,10 @@
 
 #include <array>
 
+#include <cmath>
+
 #include "bilateral_ops/affine.h"
+#include "bilateral_ops/grid_blur.h"
 #include "bilateral_ops/slice_geometry.h"
 
 namespace bilateral_ops {
@@ -42,6 +45,37 @@ inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& 
               grid.size(0), " and ", guide.size(0));
   return SliceGeometry{grid.size(0), grid.size(1), grid.size(2), grid.size(3),
                        grid.size(4), guide.size(1), guide.size(2)};
+}
+
+// grid_splat's input (N, C, H, W), guide (N, H, W) and grid_size (D, Gh, Gw); returns the sizes
+// of the slice whose transpose it is.
+inline SliceGeometry check_grid_splat(const at::Tensor& input, const at::Tensor& guide,
+                                      at::IntArrayRef grid_size) {
+  check_floating(input, "input");
+  check_floating(guide, "guide");
+  check_same(input, "input", guide, "guide");
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(guide.dim() == 3, "guide must be 3-D (N, H, W), got ", guide.dim(), "-D");
+  TORCH_CHECK(input.size(1) >= 1, "input must have at least one channel");
+  TORCH_CHECK(input.size(0) == guide.size(0) && input.size(2) == guide.size(1) &&
+                  input.size(3) == guide.size(2),
+              "guide must have shape (N, H, W) matching input ", input.sizes(), ", got ",
+              guide.sizes());
+  TORCH_CHECK(grid_size.size() == 3 && grid_size[0] >= 1 && grid_size[1] >= 1 && grid_size[2] >= 1,
+              "grid_size must be three sizes (D, Gh, Gw), each >= 1, got ", grid_size);
+  return SliceGeometry{input.size(0), input.size(1), grid_size[0], grid_size[1],
+                       grid_size[2], input.size(2), input.size(3)};
+}
+
+// grid_blur's grid (N, C, D, Gh, Gw) and per-axis sigmas (D, Gh, Gw order).
+inline void check_grid_blur(const at::Tensor& grid, c10::ArrayRef<double> sigma) {
+  check_floating(grid, "grid");
+  TORCH_CHECK(grid.dim() == 5, "grid must be 5-D (N, C, D, Gh, Gw), got ", grid.dim(), "-D");
+  TORCH_CHECK(sigma.size() == 3, "sigma must have three entries (D, Gh, Gw), got ", sigma.size());
+  for (const double s : sigma) {
+    TORCH_CHECK(std::isfinite(s) && s >= 0.0 && s <= kMaxBlurSigma,
+                "sigma must be finite, >= 0 and <= ", kMaxBlurSigma, " cells, got ", sigma);
+  }
 }
 
 // The sizes and coefficient layout of one slice_apply call.

@@ -9,6 +9,8 @@
 //    tent weights along z replaced by their slopes). Second derivatives are built from it: the
 //    slice is piecewise linear in the guide, so every derivative beyond this one is zero almost
 //    everywhere.
+// grid_splat and grid_blur need no companions: their derivatives are the ops above (the splat is
+// the slice's transpose) and grid_blur itself.
 
 #include <torch/library.h>
 
@@ -28,4 +30,11 @@ TORCH_LIBRARY(bilateral_ops, m) {
   m.def(
       "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
       "bool has_offset, bool dguide, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // The transpose of bilateral_slice: its vector-Jacobian products are slices (input) and the
+  // guide part of _bilateral_slice_backward (guide), so it needs no backward op of its own.
+  m.def("grid_splat(Tensor input, Tensor guide, int[3] grid_size) -> Tensor");
+
+  // Linear and self-adjoint: its backward is itself.
+  m.def("grid_blur(Tensor grid, float[3] sigma) -> Tensor");
 }

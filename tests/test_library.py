@@ -15,6 +15,8 @@ from bilateral_ops import reference
 from helpers import F64, make_apply_case
 
 PUBLIC = ("bilateral_slice", "bilateral_slice_apply")
+# Ops whose derivatives are other ops (the splat's are slices; the blur is self-adjoint).
+SELF_CONTAINED = ("grid_splat", "grid_blur")
 
 
 def test_every_op_is_registered_once_with_cpu_kernels():
@@ -22,6 +24,9 @@ def test_every_op_is_registered_once_with_cpu_kernels():
     for name in PUBLIC:
         assert name in lib.OPS
         assert f"_{name}_backward" in lib.OPS and f"_{name}_dguide" in lib.OPS
+        assert getattr(bo, name) is getattr(importlib.import_module(f"bilateral_ops.{name}"), name)
+    for name in SELF_CONTAINED:
+        assert name in lib.OPS
         assert getattr(bo, name) is getattr(importlib.import_module(f"bilateral_ops.{name}"), name)
     for op in lib.OPS:
         assert "cpu" in bo.compiled_devices(op)
@@ -85,3 +90,24 @@ def test_public_functions_use_fallback_without_a_kernel(monkeypatch, gen):
     with pytest.warns(RuntimeWarning):
         out = bo.bilateral_slice(grid, guide)
     torch.testing.assert_close(out, reference.bilateral_slice(grid, guide), rtol=0, atol=0)
+
+
+def test_grid_ops_use_fallback_without_a_kernel(monkeypatch, gen):
+    inp = torch.rand(1, 2, 6, 7, generator=gen, dtype=F64)
+    guide = torch.rand(1, 6, 7, generator=gen, dtype=F64)
+    monkeypatch.setattr(lib, "_WARNED", set())
+    for name in SELF_CONTAINED + ("bilateral_slice",):
+        monkeypatch.setitem(lib.KERNEL_DEVICES, name, frozenset())
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "1")
+    with pytest.raises(RuntimeError, match="grid_splat"):
+        bo.grid_splat(inp, guide, (3, 2, 2))
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "0")
+    with pytest.warns(RuntimeWarning, match="grid_splat"):
+        grid = bo.grid_splat(inp, guide, (3, 2, 2))
+    torch.testing.assert_close(grid, reference.grid_splat(inp, guide, (3, 2, 2)), rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning, match="grid_blur"):
+        blurred = bo.grid_blur(grid, 1.0)
+    torch.testing.assert_close(blurred, reference.grid_blur(grid, 1.0), rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning):
+        out = bo.bilateral_grid_filter(inp, 0.3, 4.0)
+    torch.testing.assert_close(out, reference.bilateral_grid_filter(inp, 0.3, 4.0), rtol=0, atol=0)

@@ -51,7 +51,9 @@ std::tuple<at::Tensor, at::Tensor> bilateral_slice_backward(const at::Tensor& gr
   at::Tensor grad_guide =
       mask[1] ? at::empty({g.N, g.H, g.W}, guide.options().dtype(dt)) : masked_out(guide);
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_backward_cpu", [&] {
-    Problem<scalar_t> problem(grid, guide, g);
+    // The grid gradient alone is a splat of grad_output: the grid itself is never read.
+    Problem<scalar_t> problem =
+        mask[1] ? Problem<scalar_t>(grid, guide, g) : Problem<scalar_t>(guide, g);
     SliceParams<scalar_t>& p = problem.p;
     p.grad_output = go.data_ptr<scalar_t>();
     p.need_grid = mask[0];

@@ -580,7 +580,10 @@ BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t 
   const int64_t plane = p.row_table_size();
   for (int64_t y = y0; y < y1; ++y) {
     const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh);
-    build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+    // Only samples need the grid: a pure splat (slice, grid gradient alone) has none to read.
+    if (kGrad || (kApply && p.need_input)) {
+      build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+    }
     if (p.need_grid) std::fill(B, B + plane, T(0));
     const T* guide = p.guide + (n * p.g.H + y) * p.g.W;
     BO_FOR_EACH_BLOCK(

@@ -40,9 +40,8 @@ namespace cpu {
     }                                                                                           \
   }
 
-#define BO_DEFINE_SLICE_TASKS(PREFIX, KAPPLY)                                                   \
-  BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, float, f32)                                         \
-  BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, double, f64)                                        \
+// The overload set the runners call, over the four task functions of an op.
+#define BO_SLICE_TASKS_STRUCT(PREFIX)                                                           \
   struct PREFIX##_tasks {                                                                       \
     template <typename T>                                                                       \
     static void forward(const SliceParams<T>& p, bool d, int64_t r0, int64_t r1, T* R,          \
@@ -63,6 +62,25 @@ namespace cpu {
       }                                                                                         \
     }                                                                                           \
   };
+
+#define BO_DEFINE_SLICE_TASKS(PREFIX, KAPPLY)                                                   \
+  BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, float, f32)                                         \
+  BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, double, f64)                                        \
+  BO_SLICE_TASKS_STRUCT(PREFIX)
+
+// Another translation unit's tasks (grid_splat runs the slice's backward tasks): declarations
+// only; the symbols are the target_clones dispatchers defined by BO_DEFINE_SLICE_TASKS.
+#define BO_DECLARE_SLICE_TASKS_FOR(PREFIX, T, SUFFIX)                                           \
+  void PREFIX##_forward_##SUFFIX(const SliceParams<T>& p, bool dguide, int64_t r0, int64_t r1,  \
+                                 T* R, const Scratch<T>& s);                                    \
+  void PREFIX##_backward_##SUFFIX(const SliceParams<T>& p, bool dguide, int64_t n, int64_t y0,  \
+                                  int64_t y1, double* G, int64_t band_lo, T* R, T* B,           \
+                                  const Scratch<T>& s);
+
+#define BO_DECLARE_SLICE_TASKS(PREFIX)                                                          \
+  BO_DECLARE_SLICE_TASKS_FOR(PREFIX, float, f32)                                                \
+  BO_DECLARE_SLICE_TASKS_FOR(PREFIX, double, f64)                                               \
+  BO_SLICE_TASKS_STRUCT(PREFIX)
 
 // Half-precision inputs are computed in float32 on the CPU and returned in their dtype.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
@@ -119,6 +137,16 @@ struct Problem {
     p.g = g;
     p.x = xg.taps();
     p.grid_t = grid_t.data_ptr<T>();
+    p.guide = guide.data_ptr<T>();
+  }
+
+  // Without a grid: enough for a backward pass that only splats (grid_splat, or the slice's grid
+  // gradient alone), which never reads the grid.
+  Problem(const at::Tensor& guide_in, const SliceGeometry& g)
+      : guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)), xg(g.W, g.Gw) {
+    p.g = g;
+    p.x = xg.taps();
+    p.grid_t = nullptr;
     p.guide = guide.data_ptr<T>();
   }
 };
