@@ -8,7 +8,7 @@ CPY        := $(CUDA_VENV)/bin/python
 TORCH_CUDA ?= torch==2.14.1
 TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel build
 DEMO_DEPS  := scikit-image
-BENCH_DEPS := kornia opencv-python-headless
+BENCH_DEPS := kornia opencv-python-headless numba
 export MAX_JOBS ?= 2
 
 .PHONY: all build test demo bench sdist-check cuda-check clean

@@ -6,7 +6,10 @@ Every kernel of every op: the forward (vectorised with one and two float4 per ro
 the _dguide forwards, the backward ops with several output masks (with and without dguide), both
 grid-gradient paths (the atomic scatter in its shared-tile and global-fallback modes, the
 deterministic gather with and without split bands), float32 / float64 / float16 / bfloat16, odd
-sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API.
+sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API. The grid
+ops: grid_splat on both paths (scatter in shared tiles and global fallback, deterministic gather
+with and without bands), grid_blur (taps by value and from a device buffer, every sigma 0), and
+bilateral_grid_filter forward and backward (given and default guides).
 
     python bench/sanitize_cuda.py [--dtypes float32,float64] [--quick]
 """
@@ -37,6 +40,34 @@ QUICK = [0, 3, 4, 5, 6, 7]  # racecheck / synccheck: the shared-memory and odd-s
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLICE_MASKS = [[True, True], [True, False], [False, True]]
 APPLY_MASKS = [[True, True, True], [True, False, False], [False, True, False], [False, False, True], [True, True, False]]
+
+
+# grid_splat (N, C, D, Gh, Gw, H, W, guide_lo, guide_hi): a filter-like grid, a grid as fine as
+# the image (global atomics), a 1x1 image, a coarse grid (gather bands + finish).
+SPLAT_SHAPES = [
+    (2, 4, 10, 9, 12, 37, 45, -0.3, 1.3),
+    (1, 4, 16, 32, 32, 32, 32, 0.0, 1.0),
+    (1, 2, 3, 4, 5, 1, 1, 0.0, 1.0),
+    (1, 3, 4, 1, 2, 64, 96, 0.0, 1.0),
+]
+# grid_blur ((N, C, D, Gh, Gw), sigma): short windows by value, long ones from a device buffer
+# (truncated to the axis), an axis of one cell, every sigma 0.
+BLUR_CASES = [
+    ((2, 3, 8, 16, 16), (1.0, 1.0, 1.0)),
+    ((1, 2, 5, 7, 70), (0.0, 2.0, 30.0)),
+    ((1, 1, 1, 3, 1), (1e6, 1e6, 1e6)),
+    ((1, 2, 3, 4, 5), (0.0, 0.0, 0.0)),
+]
+# bilateral_grid_filter (N, C, H, W, sigma_color, sigma_space).
+FILTER_CASES = [(1, 3, 37, 53, 0.1, 4.0), (1, 1, 20, 33, 0.25, 16.0)]
+QUICK_GRID = [0, 1, 2]
+
+
+def grid_shapes() -> dict:
+    """The grid ops' cases (tests/test_launch_config.py checks their launch plans):
+    {"splat": [(N, C, D, Gh, Gw, H, W)], "blur": [((N, C, D, Gh, Gw), sigma)], "filter":
+    [(N, C, H, W, sigma_color, sigma_space)]}."""
+    return {"splat": [s[:7] for s in SPLAT_SHAPES], "blur": list(BLUR_CASES), "filter": list(FILTER_CASES)}
 
 
 def all_shapes() -> list[tuple]:
@@ -91,6 +122,28 @@ def double_backward(dtype) -> None:
     torch.cuda.synchronize()
 
 
+def run_grid_ops(splat_shape, blur_case, filter_case, dtype, deterministic: bool) -> None:
+    torch.use_deterministic_algorithms(deterministic)
+    n, c, d, gh, gw, h, w, lo, hi = splat_shape
+    g = torch.Generator(device="cuda").manual_seed(2)
+    inp = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype)
+    guide = (lo + (hi - lo) * torch.rand(n, h, w, device="cuda", generator=g)).to(dtype)
+    hostile = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30], device="cuda").to(dtype)
+    k = min(hostile.numel(), guide.numel())
+    guide.view(-1)[:k] = hostile[:k]
+    ops.grid_splat(inp, guide, [d, gh, gw])
+    shape, sigma = blur_case
+    ops.grid_blur(torch.randn(shape, device="cuda", generator=g).to(dtype), list(sigma))
+    # The filter, forward and backward, with its default guide and a given one.
+    n, c, h, w, sc, ss = filter_case
+    x = torch.rand(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
+    gd = torch.rand(n, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
+    out = bo.bilateral_grid_filter(x, sc, ss) + bo.bilateral_grid_filter(x, sc, ss, gd)
+    out.float().square().sum().backward()
+    torch.cuda.synchronize()
+    torch.use_deterministic_algorithms(False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtypes", default=",".join(DTYPES))
@@ -103,7 +156,13 @@ def main() -> None:
             for det in (False, True):
                 run_ops(shape, dtype, det)
         double_backward(dtype)
-        print(f"  {dtype}: {len(shapes)} shapes x 2 grid-gradient paths done", flush=True)
+        grid_cases = QUICK_GRID if opts.quick else range(len(SPLAT_SHAPES))
+        for i in grid_cases:
+            for det in (False, True):
+                run_grid_ops(SPLAT_SHAPES[i], BLUR_CASES[i % len(BLUR_CASES)], FILTER_CASES[i % len(FILTER_CASES)],
+                             dtype, det)
+        print(f"  {dtype}: {len(shapes)} slice shapes and {len(grid_cases)} grid cases x 2 grid-gradient paths done",
+              flush=True)
     print("sanitize workload done")
 
 

@@ -138,7 +138,7 @@ def bilateral_grid_filter(
     """Splat [input, 1], blur one cell, slice, divide by the sliced weight."""
     if guide is None:
         guide = input.mean(1)
-    n, c, h, w = input.shape
+    _, c, h, w = input.shape
     size = grid_size_for(h, w, sigma_color, sigma_space)
     homogeneous = torch.cat([input, torch.ones_like(input[:, :1])], dim=1)
     sliced = bilateral_slice(grid_blur(grid_splat(homogeneous, guide, size), 1.0), guide)

@@ -5,11 +5,16 @@
 // The module also exposes the CUDA launch configuration (csrc/cuda/launch_config.h, pure C++, so
 // it is in the CPU-only build too), for tests/test_launch_config.py and tools/ptxas_report.py:
 //   launch_plans(op, pass_, N, C, D, Gh, Gw, H, W, Ci=0, has_offset=True, elem_size=4,
-//                acc_size=4, dguide=False, mask=None, deterministic=False) -> [dict]
+//                acc_size=4, dguide=False, mask=None, deterministic=False, sigma=None) -> [dict]
 //       the launches one call of the op makes, in order, each {kernel, grid, block,
-//       dynamic_smem, static_smem_budget, opt_in, launch_bounds, ...}
+//       dynamic_smem, static_smem_budget, opt_in, launch_bounds, ...}. op: "slice",
+//       "slice_apply" (pass_ "forward" or "backward"), "grid_splat" (pass_ "forward"; C input
+//       channels of an H x W image into D x Gh x Gw cells; mask and dguide do not apply) or
+//       "grid_blur" (pass_ "forward"; the grid N x C x D x Gh x Gw, H and W unused; sigma three
+//       floats, default (1, 1, 1)).
 //   kernel_info(acc_size) -> [dict]   __launch_bounds__ and largest dynamic request per kernel
-//   limits() -> dict                  the architectural limits the plans are built against
+//   limits() -> dict                  the architectural limits the plans are built against (and
+//                                     grid_blur's largest tap count passed by value)
 //   max_cells(tile, n, G) -> int      cells a tile of pixels can touch along one axis
 // Plain CPython API: no pybind11, nothing to link beyond what torch's extension build provides.
 
@@ -94,29 +99,110 @@ bool parse_mask(PyObject* mask, int k, bool* out) {
   return true;
 }
 
+// The launches of a backward plan (also grid_splat's), appended to `out`; false with the Python
+// error set on failure.
+bool append_backward(PyObject* out, const launch::BackwardPlan& p) {
+  if (!p.valid) {
+    PyErr_SetString(PyExc_ValueError, "no valid plan: too many channels for the gather");
+    return false;
+  }
+  bool ok = true;
+  if (p.tile.present) {
+    const Extra ex[] = {{"shared_cap", p.shared_cap},
+                        {"box_x", p.box_x},
+                        {"box_y", p.box_y},
+                        {"header_bytes", launch::kScatterHeaderBytes}};
+    ok = append(out, launch_dict(p.tile, ex, p.scatter ? 4 : 0));
+  }
+  if (ok && p.axis.present) ok = append(out, launch_dict(p.axis));
+  if (ok && p.gather.present) {
+    const Extra ex[] = {{"chunk", p.gather_chunk},   {"split", p.gather_split},
+                        {"slices", p.gather_slices}, {"own", p.gather_own},
+                        {"passes", p.gather_passes}, {"values", p.gather_values},
+                        {"header_bytes", launch::kGatherHeaderBytes}};
+    ok = append(out, launch_dict(p.gather, ex, 7));
+  }
+  if (ok && p.finish.present) ok = append(out, launch_dict(p.finish));
+  return ok;
+}
+
+// grid_blur's passes for sigma (None: 1 on every axis; else three numbers).
+PyObject* blur_plans(long long N, long long C, long long D, long long Gh, long long Gw,
+                     PyObject* sigma) {
+  double s[3] = {1.0, 1.0, 1.0};
+  if (sigma != Py_None) {
+    PyObject* seq = PySequence_Fast(sigma, "sigma must be a sequence of three floats");
+    if (seq == nullptr) return nullptr;
+    if (PySequence_Fast_GET_SIZE(seq) != 3) {
+      Py_DECREF(seq);
+      PyErr_SetString(PyExc_ValueError, "sigma must have three entries (D, Gh, Gw)");
+      return nullptr;
+    }
+    for (int i = 0; i < 3; ++i) {
+      s[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+      if (s[i] == -1.0 && PyErr_Occurred()) {
+        Py_DECREF(seq);
+        return nullptr;
+      }
+    }
+    Py_DECREF(seq);
+  }
+  for (double v : s) {
+    // The op's own check (check_grid_blur): finite, >= 0, at most kMaxBlurSigma.
+    if (!(v >= 0.0 && v <= bilateral_ops::kMaxBlurSigma)) {
+      PyErr_SetString(PyExc_ValueError, "sigma must be finite, >= 0 and <= 1e6");
+      return nullptr;
+    }
+  }
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  const launch::BlurPlan p = launch::blur_plan(N, C, D, Gh, Gw, s);
+  for (int k = 0; k < p.passes; ++k) {
+    const launch::BlurPass& b = p.pass[k];
+    const Extra ex[] = {{"axis", b.axis},          {"n", b.n},
+                        {"inner", b.inner},        {"total", b.total},
+                        {"taps", b.taps},          {"param_taps", b.param_taps ? 1 : 0},
+                        {"wide", b.wide ? 1 : 0}};
+    if (!append(out, launch_dict(b.launch, ex, 7))) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+  }
+  return out;
+}
+
 PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"op",         "pass_",     "N",         "C",      "D",
                                    "Gh",         "Gw",        "H",         "W",      "Ci",
                                    "has_offset", "elem_size", "acc_size",  "dguide", "mask",
-                                   "deterministic", nullptr};
+                                   "deterministic", "sigma",   nullptr};
   const char* op = nullptr;
   const char* pass = nullptr;
   long long N, C, D, Gh, Gw, H, W, Ci = 0, elem_size = 4, acc_size = 4;
   int has_offset = 1, dguide = 0, deterministic = 0;
   PyObject* mask = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssLLLLLLL|LpLLpOp", const_cast<char**>(keywords),
+  PyObject* sigma = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssLLLLLLL|LpLLpOpO", const_cast<char**>(keywords),
                                    &op, &pass, &N, &C, &D, &Gh, &Gw, &H, &W, &Ci, &has_offset,
-                                   &elem_size, &acc_size, &dguide, &mask, &deterministic)) {
+                                   &elem_size, &acc_size, &dguide, &mask, &deterministic, &sigma)) {
     return nullptr;
   }
   const bool apply = PyOS_stricmp(op, "slice_apply") == 0;
-  if (!apply && PyOS_stricmp(op, "slice") != 0) {
-    PyErr_Format(PyExc_ValueError, "op must be 'slice' or 'slice_apply', got '%s'", op);
+  const bool splat = PyOS_stricmp(op, "grid_splat") == 0;
+  const bool blur = PyOS_stricmp(op, "grid_blur") == 0;
+  if (!apply && !splat && !blur && PyOS_stricmp(op, "slice") != 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "op must be 'slice', 'slice_apply', 'grid_splat' or 'grid_blur', got '%s'", op);
     return nullptr;
   }
   const bool forward = PyOS_stricmp(pass, "forward") == 0;
   if (!forward && PyOS_stricmp(pass, "backward") != 0) {
     PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if ((splat || blur) && !forward) {
+    PyErr_Format(PyExc_ValueError, "%s has no backward op of its own: pass_ must be 'forward'",
+                 op);
     return nullptr;
   }
   if (N < 0 || H < 0 || W < 0 || C < 1 || D < 1 || Gh < 1 || Gw < 1) {
@@ -126,6 +212,17 @@ PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   if ((acc_size != 4 && acc_size != 8) || (elem_size != 2 && elem_size != 4 && elem_size != 8)) {
     PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8, elem_size 2, 4 or 8");
     return nullptr;
+  }
+  if (blur) return blur_plans(N, C, D, Gh, Gw, sigma);
+  if (splat) {
+    PyObject* out = PyList_New(0);
+    if (out == nullptr || N * H * W == 0) return out;  // an empty image: zeros, no launch
+    const SliceGeometry g{N, C, D, Gh, Gw, H, W};
+    if (!append_backward(out, launch::splat_plan(g, acc_size, deterministic != 0))) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    return out;
   }
   AffineLayout l{};
   if (apply) {
@@ -170,28 +267,7 @@ PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
     r.need_guide = want[1];
     r.need_input = apply && want[2];
     r.deterministic = deterministic != 0;
-    const launch::BackwardPlan p = launch::backward_plan(g, apply, l, acc_size, r);
-    if (!p.valid) {
-      Py_DECREF(out);
-      PyErr_SetString(PyExc_ValueError, "no valid plan: too many channels for the gather");
-      return nullptr;
-    }
-    if (p.tile.present) {
-      const Extra ex[] = {{"shared_cap", p.shared_cap},
-                          {"box_x", p.box_x},
-                          {"box_y", p.box_y},
-                          {"header_bytes", launch::kScatterHeaderBytes}};
-      ok = append(out, launch_dict(p.tile, ex, p.scatter ? 4 : 0));
-    }
-    if (ok && p.axis.present) ok = append(out, launch_dict(p.axis));
-    if (ok && p.gather.present) {
-      const Extra ex[] = {{"chunk", p.gather_chunk},   {"split", p.gather_split},
-                          {"slices", p.gather_slices}, {"own", p.gather_own},
-                          {"passes", p.gather_passes}, {"values", p.gather_values},
-                          {"header_bytes", launch::kGatherHeaderBytes}};
-      ok = append(out, launch_dict(p.gather, ex, 7));
-    }
-    if (ok && p.finish.present) ok = append(out, launch_dict(p.finish));
+    ok = append_backward(out, launch::backward_plan(g, apply, l, acc_size, r));
   }
   if (!ok) {
     Py_DECREF(out);
@@ -258,7 +334,9 @@ PyObject* limits(PyObject*, PyObject*) {
        put(d, "registers_per_block", int_value(launch::kRegistersPerBlock)) &&
        put(d, "max_registers_per_thread", int_value(launch::kMaxRegistersPerThread)) &&
        put(d, "tile", Py_BuildValue("(ii)", launch::kTileW, launch::kTileH)) &&
-       put(d, "gather_max_chunk", int_value(launch::kGatherMaxChunk));
+       put(d, "gather_max_chunk", int_value(launch::kGatherMaxChunk)) &&
+       put(d, "blur_param_taps", int_value(launch::kBlurParamTaps)) &&
+       put(d, "max_kernel_param_bytes", int_value(launch::kMaxKernelParamBytes));
   if (!ok) {
     Py_DECREF(d);
     return nullptr;

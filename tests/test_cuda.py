@@ -1,4 +1,5 @@
-"""CUDA kernels of bilateral_slice / bilateral_slice_apply against the compiled CPU kernels.
+"""CUDA kernels of bilateral_slice / bilateral_slice_apply / grid_splat / grid_blur (and the
+bilateral_grid_filter built from them) against the compiled CPU kernels.
 
 The oracle is the compiled CPU op in float64 on exactly the same (dtype-rounded) inputs, so every
 difference is the CUDA kernel's own rounding. Covered: every op (forward, the _dguide guide
@@ -6,6 +7,10 @@ derivatives, the backward ops with every output_mask, with and without dguide), 
 grad_grid paths (the default atomic scatter, with its shared-tile and global-atomic modes, and the
 deterministic gather, bitwise reproducible), the vectorised and scalar forwards, sizes that broke
 launches before (tiny images), the current stream, and double backward through the public API.
+The grid ops: grid_splat on both paths (hostile guides, bitwise-reproducible deterministic mode,
+the adjoint identity, gradients), grid_blur (per-axis sigmas, taps by value and from a device
+buffer, more than 2^31 elements, self-adjointness, no aliasing), bilateral_grid_filter forward and
+gradients.
 Skipped without a CUDA device.
 """
 
@@ -467,3 +472,316 @@ def test_gradcheck_and_gradgradcheck_slice(det):
     with deterministic(det):
         assert torch.autograd.gradcheck(bo.bilateral_slice, (grid, guide), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
         assert torch.autograd.gradgradcheck(bo.bilateral_slice, (grid, guide), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bilateral grid: grid_splat, grid_blur and bilateral_grid_filter.
+
+# (N, C, D, Gh, Gw, H, W) of grid_splat: C image channels splatted into D x Gh x Gw cells. HDRNet's
+# grid, a 1x1x1 grid, a grid finer than the image, batch 2 with odd sizes, a grid as fine as the
+# image (the scatter's global-atomic fallback), a 1x1 image, the grid filter's grids (sigma_space
+# 4 and 16, sigma_color 0.1, value channels and the weight), and a coarse grid (the gather's
+# footprint bands and the finish kernel).
+SPLAT_SHAPES = [
+    (1, 3, 8, 16, 16, 37, 53),
+    (2, 1, 1, 1, 1, 5, 7),
+    (1, 4, 4, 8, 16, 3, 2),
+    (2, 4, 8, 5, 7, 70, 130),
+    (1, 4, 16, 64, 64, 64, 64),
+    (1, 4, 10, 9, 12, 1, 1),
+    (1, 4, 10, 33, 40, 129, 160),
+    (2, 2, 10, 5, 6, 70, 90),
+    (1, 3, 4, 1, 2, 300, 400),
+]
+SPLAT_DET_SHAPE = (2, 4, 10, 24, 32, 96, 128)
+# (N, C, D, Gh, Gw) and per-axis sigmas (D, Gh, Gw). Windows of every length: one tap (an axis of
+# one cell), short windows passed by value, long ones (sigma 20 and 1e6 on the 130-cell axis:
+# taps truncated to G - 1 = 129, read from a device buffer), every sigma 0 (a copy).
+BLUR_SHAPES = [(2, 3, 8, 16, 16), (1, 1, 1, 1, 1), (1, 4, 10, 33, 40), (1, 2, 5, 7, 130)]
+BLUR_SIGMAS = [
+    (1.0, 1.0, 1.0),
+    (0.0, 1.0, 2.0),
+    (0.5, 0.0, 0.0),
+    (0.0, 0.0, 3.0),
+    (2.5, 0.7, 0.0),
+    (20.0, 0.0, 20.0),
+    (1e6, 1e6, 1e6),
+    (0.0, 0.0, 0.0),
+]
+# (N, C, H, W, sigma_color, sigma_space) of bilateral_grid_filter.
+FILTER_CASES = [(1, 3, 37, 53, 0.1, 4.0), (2, 1, 64, 48, 0.25, 8.0), (1, 3, 1, 1, 0.1, 4.0), (1, 2, 33, 70, 0.5, 16.0)]
+FILTER_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def grid_shapes() -> dict:
+    """Every grid-op launch of this file (tests/test_launch_config.py checks their plans):
+    {"splat": [(N, C, D, Gh, Gw, H, W)], "blur": [((N, C, D, Gh, Gw), sigma)], "filter":
+    [(N, C, H, W, sigma_color, sigma_space)]}."""
+    return {
+        "splat": SPLAT_SHAPES + [SPLAT_DET_SHAPE, (1, 3, 8, 4, 5, 11, 13), (1, 2, 3, 3, 4, 5, 6)],
+        "blur": [(s, sig) for s in BLUR_SHAPES for sig in BLUR_SIGMAS] + [((1, 1, 8, 16384, 16392), (1.0, 0.0, 1.0))],
+        "filter": FILTER_CASES,
+    }
+
+
+def _splat_case(shape, dtype, *, lo=0.0, hi=1.0, seed=0):
+    N, C, _, _, _, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    inp = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    guide = (lo + (hi - lo) * torch.rand(N, H, W, generator=g, dtype=torch.float64)).to(dtype)
+    return inp, guide
+
+
+@pytest.mark.parametrize("shape", SPLAT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_splat_matches_cpu(shape, dtype):
+    inp, guide = _splat_case(shape, dtype, lo=-0.3, hi=1.3)
+    size = list(shape[2:5])
+    ref = ops.grid_splat(_d(inp), _d(guide), size)
+    for det in (False, True):
+        with deterministic(det):
+            got = ops.grid_splat(inp.cuda(), guide.cuda(), size)
+        _assert_close(got, ref, dtype, f"grid_splat {shape} (deterministic={det})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_splat_hostile_guides_and_noncontiguous(dtype):
+    shape = (2, 3, 8, 5, 7, 19, 23)
+    inp, guide = _splat_case(shape, dtype)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30]).to(dtype)
+    guide.view(-1)[: bad.numel() * 7 : 7] = bad
+    size = list(shape[2:5])
+    ref = ops.grid_splat(_d(inp), _d(guide), size)
+    for det in (False, True):
+        with deterministic(det):
+            got = ops.grid_splat(noncontiguous(inp.cuda()), noncontiguous(guide.cuda()), size)
+            torch.cuda.synchronize()
+        _assert_close(got, ref, dtype, f"grid_splat hostile guide (deterministic={det})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_splat_deterministic_is_bitwise_reproducible(dtype):
+    for shape in (SPLAT_DET_SHAPE, (1, 3, 4, 1, 2, 300, 400)):  # the second: bands + finish
+        inp, guide = _splat_case(shape, dtype)
+        inp_c, guide_c = inp.cuda(), guide.cuda()
+        with deterministic(True):
+            a = ops.grid_splat(inp_c, guide_c, list(shape[2:5]))
+            b = ops.grid_splat(inp_c, guide_c, list(shape[2:5]))
+        assert torch.equal(a, b), shape
+        # And the same bits as the slice backward's deterministic grid gradient it is built from.
+        grid = torch.zeros(shape[0], shape[1], *shape[2:5], dtype=dtype, device="cuda")
+        with deterministic(True):
+            gg = ops._bilateral_slice_backward(inp_c, grid, guide_c, False, [True, False])[0]
+        assert torch.equal(a, gg), shape
+
+
+def test_grid_splat_is_the_adjoint_of_slice_on_cuda():
+    N, C, D, Gh, Gw, H, W = 2, 3, 8, 9, 11, 41, 57
+    g = torch.Generator().manual_seed(21)
+    grid = torch.randn(N, C, D, Gh, Gw, generator=g, dtype=torch.float64).cuda()
+    guide = (torch.rand(N, H, W, generator=g, dtype=torch.float64) * 1.4 - 0.2).cuda()
+    img = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).cuda()
+    for det in (False, True):
+        with deterministic(det):
+            lhs = (bo.bilateral_slice(grid, guide) * img).sum()
+            rhs = (grid * bo.grid_splat(img, guide, (D, Gh, Gw))).sum()
+        torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("H,W", [(0, 5), (4, 0), (0, 0)])
+def test_grid_splat_and_blur_empty(H, W):
+    inp = torch.rand(2, 3, H, W, device="cuda")
+    guide = torch.rand(2, H, W, device="cuda")
+    for det in (False, True):
+        with deterministic(det):
+            out = ops.grid_splat(inp, guide, [4, 5, 6])
+        assert out.shape == (2, 3, 4, 5, 6) and out.device.type == "cuda" and bool((out == 0).all())
+    assert ops.grid_splat(torch.rand(0, 3, 8, 8, device="cuda"), torch.rand(0, 8, 8, device="cuda"), [2, 2, 2]).shape == (0, 3, 2, 2, 2)
+    empty = torch.rand(0, 3, 4, 4, 4, device="cuda")
+    assert ops.grid_blur(empty, [1.0, 1.0, 1.0]).shape == empty.shape
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_grid_splat_gradients_match_cpu(det):
+    """Through the public API: the input gradient is a slice, the guide gradient the slice
+    backward's guide part with the image as grad_output."""
+    N, C, D, Gh, Gw, H, W = 2, 3, 6, 7, 9, 29, 37
+    gen = torch.Generator().manual_seed(22)
+    inp = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    guide = torch.rand(N, H, W, generator=gen, dtype=torch.float64) * 1.2 - 0.1
+    gout = torch.randn(N, C, D, Gh, Gw, generator=gen, dtype=torch.float64)
+
+    def grads(device):
+        x = inp.to(device).requires_grad_()
+        gd = guide.to(device).requires_grad_()
+        out = bo.grid_splat(x, gd, (D, Gh, Gw))
+        return (out, *torch.autograd.grad(out, (x, gd), gout.to(device)))
+
+    with deterministic(det):
+        got = grads("cuda")
+    ref = grads("cpu")
+    for name, g, r in zip(("output", "grad_input", "grad_guide"), got, ref):
+        _assert_close(g, r, torch.float64, f"grid_splat {name} (deterministic={det})")
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_gradcheck_grid_splat(det):
+    N, C, D, Gh, Gw, H, W = 1, 2, 3, 3, 4, 5, 6
+    gen = torch.Generator().manual_seed(23)
+    inp = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    guide = _smooth_guide(N, H, W, D, gen).requires_grad_()
+
+    def fn(a, b):
+        return bo.grid_splat(a, b, (D, Gh, Gw))
+
+    with deterministic(det):
+        assert torch.autograd.gradcheck(fn, (inp, guide), eps=1e-6, atol=1e-5, nondet_tol=1e-9)
+
+
+@pytest.mark.parametrize("shape", BLUR_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_blur_matches_cpu(shape, dtype):
+    grid = _randn(shape, dtype, 24)
+    grid_c = grid.cuda()
+    for sigma in BLUR_SIGMAS:
+        ref = ops.grid_blur(_d(grid), list(sigma))
+        got = ops.grid_blur(grid_c, list(sigma))
+        _assert_close(got, ref, dtype, f"grid_blur {shape} sigma={sigma}")
+        assert got.is_contiguous()
+    got = ops.grid_blur(noncontiguous(grid_c), [1.0, 2.0, 1.0])
+    _assert_close(got, ops.grid_blur(_d(grid), [1.0, 2.0, 1.0]), dtype, f"grid_blur noncontiguous {shape}")
+
+
+@pytest.mark.parametrize("sigma", [(1.0, 1.0, 1.0), (0.0, 2.0, 0.5), (20.0, 20.0, 20.0), (1e6, 0.0, 1e6)])
+def test_grid_blur_is_self_adjoint_on_cuda(sigma):
+    shape = (2, 3, 7, 9, 40)
+    a, b = _randn(shape, torch.float64, 25).cuda(), _randn(shape, torch.float64, 26).cuda()
+    lhs = (ops.grid_blur(a, list(sigma)) * b).sum()
+    rhs = (a * ops.grid_blur(b, list(sigma))).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_blur_never_aliases(dtype):
+    grid = _randn((1, 2, 3, 4, 5), dtype, 27).cuda()
+    before = grid.clone()
+    for sigma in ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]):
+        out = ops.grid_blur(grid, sigma)
+        assert out.dtype == dtype and out.shape == grid.shape
+        assert out.data_ptr() != grid.data_ptr()
+        out.fill_(7)
+        assert torch.equal(grid, before), sigma
+    out = bo.grid_blur(grid, 0.0)
+    assert torch.equal(out, grid) and out.data_ptr() != grid.data_ptr()
+
+
+def test_grid_blur_gradient_is_the_blur():
+    gen = torch.Generator().manual_seed(28)
+    grid = torch.randn(1, 2, 4, 5, 6, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda g: bo.grid_blur(g, (1.0, 0.5, 2.0)), (grid,), eps=1e-6, atol=1e-7)
+    gout = torch.randn(1, 2, 4, 5, 6, generator=gen, dtype=torch.float64).cuda()
+    (g,) = torch.autograd.grad(bo.grid_blur(grid, 1.0), grid, gout)
+    _assert_close(g, ops.grid_blur(gout.cpu(), [1.0, 1.0, 1.0]), torch.float64, "grid_blur backward")
+
+
+def test_grid_blur_beyond_int32_indexing():
+    """More than 2^31 elements: the 64-bit index path (float16 in, float32 between the passes)."""
+    shape = (1, 1, 8, 16384, 16392)  # 2^31 + 2^20 elements, 4 GiB in float16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    grid = torch.randn(shape, device="cuda", dtype=torch.float16)
+    out = ops.grid_blur(grid, [1.0, 0.0, 1.0])
+    # The D and Gw blur of the last 64 columns of the last 3 rows: the columns with their whole
+    # window (radius 2) inside that block must match, including elements past index 2^31.
+    sub = grid[..., -3:, -64:].cpu()
+    ref = ops.grid_blur(_d(sub), [1.0, 0.0, 1.0])[..., 2:]
+    _assert_close(out[..., -3:, -62:], ref, torch.float16, "grid_blur past 2^31 elements")
+    del grid, out
+    torch.cuda.empty_cache()
+
+
+def _filter_inputs(case, dtype, seed, with_guide):
+    N, C, H, W, _, _ = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    guide = torch.rand(N, H, W, generator=g, dtype=torch.float64).to(dtype) if with_guide else None
+    return x, guide
+
+
+@pytest.mark.parametrize("case", FILTER_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_guide", [False, True])
+def test_bilateral_grid_filter_matches_cpu(case, dtype, with_guide):
+    *_, sc, ss = case
+    x, guide = _filter_inputs(case, dtype, 29, with_guide)
+    # The CPU oracle in float64 on the same rounded values; the default guide is the channel mean
+    # of the input in its own dtype on each device, so give the oracle that mean.
+    ref_guide = _d(guide) if with_guide else x.cuda().mean(1).cpu().double()
+    ref = bo.bilateral_grid_filter(_d(x), sc, ss, ref_guide)
+    for det in (False, True):
+        with deterministic(det):
+            got = bo.bilateral_grid_filter(x.cuda(), sc, ss, guide.cuda() if with_guide else None)
+        assert got.dtype == dtype and got.device.type == "cuda"
+        got, r = got.detach().cpu().double(), ref
+        tol = FILTER_TOL[dtype]
+        what = f"filter {case} {dtype} det={det}"
+        torch.testing.assert_close(got, r, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case", FILTER_CASES)
+@pytest.mark.parametrize("with_guide", [False, True])
+def test_bilateral_grid_filter_gradients_match_cpu(case, with_guide):
+    N, C, H, W, sc, ss = case
+    x, guide = _filter_inputs(case, torch.float64, 30, with_guide)
+    gout = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+
+    def run(device):
+        leaves = [x.to(device).requires_grad_()] + ([guide.to(device).requires_grad_()] if with_guide else [])
+        out = bo.bilateral_grid_filter(leaves[0], sc, ss, leaves[1] if with_guide else None)
+        return (out, *torch.autograd.grad(out, leaves, gout.to(device)))
+
+    ref = run("cpu")
+    for det in (False, True):
+        with deterministic(det):
+            got = run("cuda")
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert g.device.type == "cuda"
+            tol = 1e-9
+            scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+            what = f"filter {case} output/grad {i} det={det}"
+            torch.testing.assert_close(g.detach().cpu(), r, rtol=tol, atol=tol * scale,
+                                       msg=lambda m, what=what: f"{what}: {m}")
+
+
+def test_grid_ops_run_on_the_current_stream():
+    """As test_kernels_run_on_the_current_stream, for grid_splat (both paths) and grid_blur (short
+    and long windows)."""
+    N, C, D, Gh, Gw, H, W = 1, 3, 8, 8, 40, 64, 64
+    inp, guide = _splat_case((N, C, D, Gh, Gw, H, W), torch.float32)
+    grid = _randn((N, C, D, Gh, Gw), torch.float32, 32)
+    srcs = [inp.cuda(), guide.cuda(), grid.cuda()]
+    dsts = [torch.zeros_like(t) for t in srcs]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    got = {}
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(5e8))
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+        for det in (False, True):
+            with deterministic(det):
+                got[f"splat det={det}"] = ops.grid_splat(dsts[0], dsts[1], [D, Gh, Gw])
+        got["blur"] = ops.grid_blur(dsts[2], [1.0, 1.0, 1.0])
+        got["blur long"] = ops.grid_blur(dsts[2], [0.0, 0.0, 30.0])
+    side.synchronize()
+    splat_ref = ops.grid_splat(_d(inp), _d(guide), [D, Gh, Gw])
+    ref = {
+        "splat det=False": splat_ref,
+        "splat det=True": splat_ref,
+        "blur": ops.grid_blur(_d(grid), [1.0, 1.0, 1.0]),
+        "blur long": ops.grid_blur(_d(grid), [0.0, 0.0, 30.0]),
+    }
+    for name, r in ref.items():
+        _assert_close(got[name], r, torch.float32, f"{name} on a side stream")

@@ -177,7 +177,9 @@ def test_compile_fullgraph(gen):
         return (bo.grid_splat(x, g, size) ** 2).sum()
 
     eager, eager_grads, _ = run_with_grads(loss, (inp, guide), grad_output=torch.tensor(1.0))
-    compiled, comp_grads, _ = run_with_grads(torch.compile(loss, fullgraph=True), (inp, guide), grad_output=torch.tensor(1.0))
+    compiled, comp_grads, _ = run_with_grads(
+        torch.compile(loss, fullgraph=True), (inp, guide), grad_output=torch.tensor(1.0)
+    )
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, b)

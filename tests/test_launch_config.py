@@ -1,8 +1,8 @@
 """Launch configurations of the CUDA kernels, checked on the CPU.
 
 csrc/cuda/launch_config.h computes every launch (grid, block, dynamic shared memory, the shared
-budget of the grad_grid scatter, the chunking of the deterministic gather) with host functions,
-exposed here through ``bilateral_ops._C``. A launch that breaks a hardware limit only fails on a
+budget of the grad_grid scatter, the chunking of the deterministic gather, grid_splat's plan and
+grid_blur's passes) with host functions, exposed here through ``bilateral_ops._C``. A launch that breaks a hardware limit only fails on a
 GPU (cudaErrorInvalidValue, "too many resources requested"), so every plan of every shape the CUDA
 tests, benchmarks and sanitizer workload use, plus a sweep of edge cases, is checked here against
 the limits of each architecture we build for (sm_80, sm_86, sm_89, sm_90).
@@ -246,6 +246,172 @@ def test_every_plan_fits_every_architecture(source, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# The bilateral grid: grid_splat (the slice backward's grid gradient, no grid read) and grid_blur
+# (one grid-stride pass per axis with sigma > 0).
+
+BLUR_PARAM_TAPS = LIMITS["blur_param_taps"]
+# Grid sizes of bilateral_grid_filter (docs/ops.md): sigma_color, sigma_space on the benchmark
+# and test images, 4K and 8K included.
+FILTER_SIZES = [(512, 512), (1080, 1920), (2160, 3840), (1536, 2560), (4320, 7680), (1, 1), (37, 53)]
+FILTER_SIGMAS = [(0.1, 4.0), (0.1, 8.0), (0.1, 16.0), (0.05, 16.0), (0.2, 32.0), (0.1, 2.0), (0.02, 1.0)]
+
+
+def _grid_size(h, w, sigma_color, sigma_space):
+    return max(1, math.ceil(1 / sigma_color)), max(1, math.ceil(h / sigma_space)), max(1, math.ceil(w / sigma_space))
+
+
+def _filter_grids(cases):
+    """bilateral_grid_filter cases (N, C, H, W, sigma_color, sigma_space) as the splat of C + 1
+    channels and the blur (sigma 1) of that grid."""
+    out = {"splat": [], "blur": []}
+    for n, c, h, w, sc, ss in cases:
+        d, gh, gw = _grid_size(h, w, sc, ss)
+        out["splat"].append((n, c + 1, d, gh, gw, h, w))
+        out["blur"].append(((n, c + 1, d, gh, gw), (1.0, 1.0, 1.0)))
+    return out
+
+
+def _grids_from_tests():
+    test_cuda = _load("_bo_test_cuda_grids", os.path.join(ROOT, "tests", "test_cuda.py"))
+    shapes = test_cuda.grid_shapes()
+    filt = _filter_grids(shapes["filter"])
+    return {"splat": shapes["splat"] + filt["splat"], "blur": shapes["blur"] + filt["blur"]}
+
+
+def _grids_from_sanitizer():
+    san = _load("_bo_sanitize_cuda_grids", os.path.join(ROOT, "bench", "sanitize_cuda.py"))
+    shapes = san.grid_shapes()
+    filt = _filter_grids(shapes["filter"])
+    return {"splat": shapes["splat"] + filt["splat"], "blur": shapes["blur"] + filt["blur"]}
+
+
+def _grids_from_bench():
+    # The grid filter benchmarks' sizes (issue 6): 512^2 and 1080p (4K on GPU), grey and RGB, the
+    # sigmas of the issue and of Halide's bilateral_grid app (s_sigma 8, r_sigma 0.1 on
+    # 1536 x 2560).
+    cases = [(1, c, h, w, sc, ss) for (h, w) in FILTER_SIZES[:4] for c in (1, 3) for sc, ss in FILTER_SIGMAS[:5]]
+    return _filter_grids(cases)
+
+
+def _grid_edges():
+    cases = [(n, c, h, w, sc, ss) for (h, w) in FILTER_SIZES for c in (1, 3, 8) for n in (1, 4)
+             for sc, ss in FILTER_SIGMAS]
+    out = _filter_grids(cases)
+    sigmas = [(1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.0, 0.5, 0.0), (15.5, 15.5, 15.5), (16.0, 40.0, 1e6),
+              (1e6, 1e6, 1e6), (1e-6, 3.0, 0.0)]
+    grids = [(1, 1, 1, 1, 1), (2, 3, 8, 16, 16), (1, 4, 10, 540, 960), (1, 4, 64, 8192, 8192),
+             (1, 1, 8, 16384, 16392), (3, 5, 7, 1, 65537), (1, 1, 100000, 1, 1), (1, 1, 1, 4096, 1),
+             (2**20, 1, 1, 1, 2048)]
+    out["blur"] += [(g, s) for g in grids for s in sigmas]
+    # Splats into grids of more than 2^31 cells in all, fine grids, one cell, deep grids.
+    out["splat"] += [(1, 4, 64, 2160, 3840, 2160, 3840), (1, 4, 10, 540, 960, 2160, 3840),
+                     (2, 13, 64, 64, 64, 64, 64), (1, 4, 10, 1, 1, 4320, 7680), (1, 48, 64, 16, 16, 1080, 1920),
+                     (1, 1, 1, 1, 1, 1, 1), (1, 4, 8, 1000, 1, 1000, 3)]
+    return out
+
+
+GRID_SHAPE_SOURCES = {
+    "tests/test_cuda.py": _grids_from_tests,
+    "bench/sanitize_cuda.py": _grids_from_sanitizer,
+    "grid filter benchmark sizes": _grids_from_bench,
+    "edge cases": _grid_edges,
+}
+
+
+def splat_plans(shape, dtype, deterministic):
+    N, C, D, Gh, Gw, H, W = shape
+    return plans("grid_splat", "forward", (N, C, D, Gh, Gw, H, W, 0, True), dtype, deterministic=deterministic)
+
+
+def blur_plans(grid, sigma, dtype):
+    N, C, D, Gh, Gw = grid
+    return plans("grid_blur", "forward", (N, C, D, Gh, Gw, 0, 0, 0, True), dtype, sigma=list(sigma))
+
+
+def check_blur_plans(ps, grid, sigma, where):
+    N, C, D, Gh, Gw = grid
+    total = N * C * D * Gh * Gw
+    sizes, inner = (D, Gh, Gw), (Gh * Gw, Gw, 1)
+    axes = [a for a in (2, 1, 0) if sigma[a] > 0] if total else []
+    assert [p["axis"] for p in ps] == axes, where  # the contiguous axis first, zeros skipped
+    for p in ps:
+        a = p["axis"]
+        check_plan(p, where)
+        assert p["kernel"] == "grid_blur_kernel", where
+        assert (p["n"], p["inner"], p["total"]) == (sizes[a], inner[a], total), where
+        m = min(math.ceil(2 * sigma[a]), sizes[a] - 1)
+        assert p["taps"] == m + 1 and 1 <= p["taps"] <= sizes[a], where
+        assert p["param_taps"] == (p["taps"] <= BLUR_PARAM_TAPS), where
+        assert p["wide"] == (total > 2**31 - 1), where
+        gx, bx = p["grid"][0], p["block"][0]
+        # Grid-stride: every element has a thread on some iteration; at most one block without work.
+        assert gx == min(math.ceil(total / bx), 2**31 - 1), where
+        assert p["dynamic_smem"] == 0, where
+
+
+@pytest.mark.parametrize("source", list(GRID_SHAPE_SOURCES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_grid_op_plans_fit_every_architecture(source, dtype):
+    shapes = GRID_SHAPE_SOURCES[source]()
+    assert shapes["splat"] and shapes["blur"]
+    for shape in shapes["splat"]:
+        N, _, _, _, _, H, W = shape
+        for det in (False, True):
+            ps = splat_plans(shape, dtype, det)
+            where = f"grid_splat {shape} det={det} {dtype}"
+            if N * H * W == 0:
+                assert ps == [], where
+                continue
+            for p in ps:
+                check_plan(p, where)
+            # Exactly the slice backward's grid gradient (mask [grad_grid]), nothing per pixel.
+            ref = plans("slice", "backward", (*shape, 0, True), dtype, mask=[True, False], deterministic=det)
+            assert ps == ref, where
+            kernels = [p["kernel"] for p in ps]
+            assert "backward_pixel_kernel" not in kernels, where
+            assert kernels[0] == ("axis_table_kernel" if det else "backward_scatter_kernel"), where
+    for grid, sigma in shapes["blur"]:
+        check_blur_plans(blur_plans(grid, sigma, dtype), grid, sigma, f"grid_blur {grid} sigma={sigma} {dtype}")
+
+
+def test_grid_blur_plan_edges():
+    # Every sigma 0: no launch (the op returns a copy). An axis of one cell: one tap. 2^31 - 1
+    # elements still take the 32-bit path, 2^31 the 64-bit one.
+    assert blur_plans((2, 3, 4, 5, 6), (0.0, 0.0, 0.0), "float32") == []
+    assert blur_plans((0, 3, 4, 5, 6), (1.0, 1.0, 1.0), "float32") == []
+    (p,) = blur_plans((1, 1, 1, 1, 7), (5.0, 0.0, 0.0), "float32")
+    assert p["taps"] == 1 and p["param_taps"]
+    (p,) = blur_plans((1, 1, 1, 1, 2**31 - 1), (0.0, 0.0, 1.0), "float16")
+    assert not p["wide"] and p["taps"] == 3
+    (p,) = blur_plans((1, 1, 1, 2, 2**30), (0.0, 0.0, 1.0), "float16")
+    assert p["wide"]
+    # Long windows: taps truncated to the axis, by value up to the limit, else from a buffer.
+    ps = blur_plans((1, 2, 5, 7, 130), (1e6, 1e6, 1e6), "float64")
+    assert [(p["axis"], p["taps"], p["param_taps"]) for p in ps] == [(2, 130, False), (1, 7, True), (0, 5, True)]
+    assert BLUR_PARAM_TAPS == 32
+    (p,) = blur_plans((1, 1, 1, 1, 1000), (0.0, 0.0, 15.5), "float32")
+    assert p["taps"] == 32 and p["param_taps"]
+    (p,) = blur_plans((1, 1, 1, 1, 1000), (0.0, 0.0, 15.6), "float32")
+    assert p["taps"] == 33 and not p["param_taps"]
+    with pytest.raises(ValueError):
+        blur_plans((1, 1, 1, 1, 1), (-1.0, 0.0, 0.0), "float32")
+    with pytest.raises(ValueError):
+        blur_plans((1, 1, 1, 1, 1), (float("nan"), 0.0, 0.0), "float32")
+    with pytest.raises(ValueError):
+        plans("grid_blur", "backward", (1, 1, 1, 1, 1, 0, 0, 0, True), "float32")
+
+
+def test_grid_splat_plan_edges():
+    # An empty image launches nothing; the deterministic gather of many channels still fits.
+    assert splat_plans((1, 3, 8, 16, 16, 0, 5), "float32", False) == []
+    assert splat_plans((2, 3, 8, 16, 16, 7, 0), "float64", True) == []
+    (tile,) = splat_plans((1, 4, 10, 540, 960, 2160, 3840), "float32", False)
+    assert tile["kernel"] == "backward_scatter_kernel" and tile["shared_cap"] == 4 * 10 * tile["box_x"] * tile["box_y"]
+    ps = splat_plans((1, 4, 10, 540, 960, 2160, 3840), "bfloat16", True)
+    assert [p["kernel"] for p in ps] == ["axis_table_kernel", "grad_grid_gather_kernel"]
+
+
+# ----------------------------------------------------------------------------------------------
 # The scatter's shared tile: the old 48 KiB bug and the budget.
 
 HDRNET = (12, 8, 16, 16)
@@ -313,6 +479,15 @@ def test_kernel_info_matches_plans():
                 assert p["dynamic_smem"] <= k["max_dynamic_smem"], where
                 assert p["static_smem_budget"] == k["static_smem_budget"], where
                 seen.add(p["kernel"])
+        grids = _grids_from_tests()
+        launched = [p for shape in grids["splat"] for det in (False, True) for p in splat_plans(shape, dtype, det)]
+        launched += [p for grid, sigma in grids["blur"][::5] for p in blur_plans(grid, sigma, dtype)]
+        for p in launched:
+            k = info[p["kernel"]]
+            assert p["launch_bounds"] == (k["max_threads"], k["min_blocks"]), p
+            assert p["dynamic_smem"] <= k["max_dynamic_smem"], p
+            assert p["static_smem_budget"] == k["static_smem_budget"], p
+            seen.add(p["kernel"])
         for k in info.values():
             assert k["static_smem_budget"] + k["max_dynamic_smem"] <= SMEM_NO_OPT_IN, k
     assert seen == {k["kernel"] for k in _C.kernel_info(4)}  # every kernel is launched somewhere

@@ -49,7 +49,7 @@ namespace cpu {
 
 constexpr int64_t kBlock = 64;           // pixels per block: per-block arrays stay in L1
 constexpr int64_t kDenseMaxSpan = 8;     // z levels beyond which per-pixel gathers are cheaper
-constexpr int64_t kDenseMinPixels = 16;  // shorter blocks (fine grids) do not fill the vectors
+constexpr int64_t kDenseMinPixels = 8;  // shorter blocks fill too little of a vector pair
 // Vectors processed together in the vector loops: independent accumulator chains hide the FMA
 // latency. Blocks long enough for the dense path are padded to a multiple of kUnroll vectors.
 constexpr int64_t kUnroll = 4;
@@ -105,7 +105,7 @@ struct BlockZ {
   alignas(32) int32_t z0[kBlock];
   alignas(32) int32_t z1[kBlock];
   int64_t zlo, zhi;
-  int64_t nb, nv;  // live pixels, vectors covering them (a multiple of kUnroll when nb >= 16)
+  int64_t nb, nv;  // live pixels, vectors covering them (even when the block may be dense)
   bool dense;
 };
 
@@ -117,10 +117,13 @@ BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_
   constexpr int64_t W = vec_width<T>();
   static_assert(kBlock % (kUnroll * W) == 0, "blocks are whole groups of vectors");
   bz.nb = nb;
-  // Blocks that may take the dense path cover whole groups of kUnroll vectors; short blocks (fine
-  // grids) only the vectors they need, so that they do not pay for three quarters of padding.
+  // Blocks that may take the dense path cover whole groups of kUnroll vectors, or of two when
+  // they are shorter (fine grids: segments of 8-32 pixels), so that they do not pay for three
+  // quarters of padding; the dense loops work on vector pairs. Other blocks take what they need.
   const bool may_be_dense = nb >= kDenseMinPixels;
-  bz.nv = may_be_dense ? (nb + kUnroll * W - 1) / (kUnroll * W) * kUnroll : (nb + W - 1) / W;
+  const int64_t need = (nb + W - 1) / W;
+  const int64_t group = need >= kUnroll ? kUnroll : 2;
+  bz.nv = may_be_dense ? (need + group - 1) / group * group : need;
   const int64_t padded = bz.nv * W;
   // Padding columns repeat the first pixel's guide (the z span is unchanged) with x weights 0.
   alignas(32) T gbuf[kBlock];
@@ -240,7 +243,7 @@ BO_ALWAYS_INLINE void dense_interp(const T* R, int64_t D, int64_t C, int64_t c0,
                                    T* __restrict dA, int64_t cbegin, int64_t cend) {
   using V = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
-  constexpr int64_t kVB = kGrad ? 1 : 2;  // nv is a multiple of kUnroll, hence of kVB
+  constexpr int64_t kVB = kGrad ? 1 : 2;  // a dense block's nv is even
   const int64_t span = bz.zhi - bz.zlo + 1;
   const T* r0 = R + (c0 * D + bz.zlo) * C;  // level k, channel c at r0[k * C + c]
   const T* r1 = R + (c1 * D + bz.zlo) * C;
@@ -350,13 +353,11 @@ BO_ALWAYS_INLINE void splat_block(const T* Vb, int64_t D, int64_t C, int64_t c0,
       }
       for (int64_t c = cfull; c < C; ++c) {
         V s0[kUnroll] = {}, s1[kUnroll] = {};
-        for (int64_t v0 = 0; v0 < bz.nv; v0 += kUnroll) {
-          for (int64_t u = 0; u < kUnroll; ++u) {
-            const int64_t off = (v0 + u) * W;
-            const V x = vload(Vb + c * kBlock + off);
-            s0[u] += vload(u0 + off) * x;
-            s1[u] += vload(u1 + off) * x;
-          }
+        for (int64_t v = 0; v < bz.nv; ++v) {  // nv may be 2: no fixed unroll
+          const int64_t off = v * W;
+          const V x = vload(Vb + c * kBlock + off);
+          s0[v % kUnroll] += vload(u0 + off) * x;
+          s1[v % kUnroll] += vload(u1 + off) * x;
         }
         q0[c] += vsum<T>((s0[0] + s0[1]) + (s0[2] + s0[3]));
         q1[c] += vsum<T>((s1[0] + s1[1]) + (s1[2] + s1[3]));

@@ -1,7 +1,7 @@
 #pragma once
 // Device helpers shared by the CUDA kernels of every op: loads through the read-only cache
 // converted to the accumulation type, warp reductions, and the warp-aggregated ("peer") atomic
-// scatter that grid_splat will reuse.
+// scatter of the slice backward and grid_splat.
 
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>

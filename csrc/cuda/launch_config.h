@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "bilateral_ops/affine.h"
+#include "bilateral_ops/grid_blur.h"
 #include "bilateral_ops/slice_geometry.h"
 
 namespace bilateral_ops {
@@ -73,6 +74,15 @@ constexpr int64_t kGatherMaxChunk = 256;         // pixels staged in shared memo
 constexpr int64_t kGatherHeaderBytes = 32;       // the footprint box, 4 int64
 constexpr int64_t kGatherTargetBlocks = 1024;    // enough blocks to fill a GPU (132 SMs on H100)
 constexpr int64_t kGatherMinPixelsPerBand = 4096;
+
+// grid_blur: one thread per output element of one separable pass, grid-stride. The taps ride in
+// the kernel parameters when there are at most kBlurParamTaps of them (sigma <= 15.5 cells, or an
+// axis of at most 32 cells: every blur of the bilateral grid filter), else in a device buffer.
+constexpr int kBlurThreads = 256;
+constexpr int kBlurMinBlocks = 4;  // <= 64 registers
+constexpr int64_t kBlurParamTaps = 32;
+// Kernel parameters may take 4 KiB on every architecture we build for (grid_blur.cu asserts it).
+constexpr int64_t kMaxKernelParamBytes = 4096;
 
 // ---------------------------------------------------------------------------------------------
 // Plans.
@@ -285,6 +295,69 @@ inline BackwardPlan backward_plan(const SliceGeometry& g, bool apply, const Affi
 }
 
 // ---------------------------------------------------------------------------------------------
+// grid_splat: the grid gradient of bilateral_slice's backward with grad_output = the image (the
+// splat is the slice's transpose), and nothing else: the same scatter or deterministic gather
+// kernels, and never the grid's values.
+
+inline BackwardRequest splat_request(bool deterministic) {
+  BackwardRequest r;
+  r.need_grid = true;
+  r.need_guide = false;
+  r.need_input = false;
+  r.deterministic = deterministic;
+  return r;
+}
+
+inline BackwardPlan splat_plan(const SliceGeometry& g, int64_t acc_size, bool deterministic) {
+  return backward_plan(g, false, AffineLayout{0, 0, 0, false}, acc_size,
+                       splat_request(deterministic));
+}
+
+// ---------------------------------------------------------------------------------------------
+// grid_blur: one pass per axis with sigma > 0, the contiguous axis first (as on the CPU). A grid
+// (N, C, D, Gh, Gw) is viewed, for axis a, as (outer, n, inner) with n the axis' length; the pass
+// over `total` = N C D Gh Gw elements writes element e = (o, i, j) from the taps of
+// blur_taps(sigma, n): k[0..m], m = min(ceil(2 sigma), n - 1).
+
+struct BlurPass {
+  int axis = 0;            // 0: D, 1: Gh, 2: Gw
+  int64_t n = 0, inner = 0, total = 0;
+  int64_t taps = 0;        // m + 1
+  bool param_taps = false; // taps passed by value in the kernel parameters
+  bool wide = false;       // int64 index arithmetic (total >= 2^31)
+  Launch launch;
+};
+
+struct BlurPlan {
+  int passes = 0;          // 0: every sigma is 0, the result is a copy
+  BlurPass pass[3];        // in launch order
+};
+
+inline BlurPlan blur_plan(int64_t N, int64_t C, int64_t D, int64_t Gh, int64_t Gw,
+                          const double sigma[3]) {
+  BlurPlan p;
+  const int64_t G[3] = {D, Gh, Gw};
+  const int64_t total = N * C * D * Gh * Gw;
+  if (total <= 0) return p;
+  const int64_t inner[3] = {Gh * Gw, Gw, 1};
+  for (int a = 2; a >= 0; --a) {
+    const int64_t r = blur_radius(sigma[a]);
+    if (r == 0) continue;
+    BlurPass& b = p.pass[p.passes++];
+    b.axis = a;
+    b.n = G[a];
+    b.inner = inner[a];
+    b.total = total;
+    b.taps = std::min<int64_t>(r, G[a] - 1) + 1;
+    b.param_taps = b.taps <= kBlurParamTaps;
+    b.wide = total > int64_t{2147483647};
+    b.launch = make_launch("grid_blur_kernel", blocks_for(total, kBlurThreads), kBlurThreads,
+                           kBlurMinBlocks);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-kernel bounds for tools/ptxas_report.py: the __launch_bounds__ of each kernel and the
 // largest dynamic shared memory any plan above requests from it, by accumulator size.
 
@@ -307,6 +380,7 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"axis_table_kernel", kForwardThreads, 0, kStaticSmem, 0},
       {"grad_grid_gather_kernel", kGatherThreads, kGatherMinBlocks, kStaticSmem, gather_max},
       {"gather_finish_kernel", kForwardThreads, 0, kStaticSmem, 0},
+      {"grid_blur_kernel", kBlurThreads, kBlurMinBlocks, kStaticSmem, 0},
   };
   const int n = static_cast<int>(sizeof(all) / sizeof(all[0]));
   if (out != nullptr) {

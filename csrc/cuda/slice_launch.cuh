@@ -1,6 +1,7 @@
 #pragma once
-// Host side of the slice kernels, shared by bilateral_slice.cu and bilateral_slice_apply.cu:
-// turns the plans of launch_config.h into launches on the current stream. The callers have
+// Host side of the slice kernels, shared by bilateral_slice.cu, bilateral_slice_apply.cu and
+// grid_splat.cu (the slice backward's grid gradient, with no grid): turns the plans of
+// launch_config.h into launches on the current stream. The callers have
 // checked the arguments (csrc/checks.h), made them contiguous, set the device guard and handled
 // empty images.
 
@@ -8,10 +9,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/TensorOptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -79,24 +82,39 @@ void run_forward(const SliceGeometry& g, const AffineLayout& l, const at::Tensor
   BO_LAUNCH((forward_scalar_kernel<scalar_t, kApply>), plan.forward, stream, g, l, a);
 }
 
+// The grid a backward pass reads, and how its gradient is allocated. The values are read only by
+// the per-pixel gradients (grad_guide, grad_input): a pass that wants grad_grid alone (grid_splat,
+// whose "grid" does not exist yet) may leave `data` null. `options` is the grid's (dtype and
+// device of grad_grid); its sizes are those of the geometry, (N, C, D, Gh, Gw).
+template <typename scalar_t>
+struct GridRef {
+  const scalar_t* data;
+  at::TensorOptions options;
+};
+
 // Gradients of the op (or, with dguide, of its guide derivative). Outputs that are not wanted
 // are left undefined by the caller; grad_grid is returned (in the grid's dtype) when wanted.
 template <typename scalar_t, bool kApply>
 at::Tensor run_backward(const SliceGeometry& g, const AffineLayout& l, const at::Tensor& grad_output,
-                        const at::Tensor& grid, const at::Tensor& guide, const at::Tensor& input,
-                        bool dguide, const launch::BackwardRequest& req, at::Tensor* grad_guide,
-                        at::Tensor* grad_input) {
+                        const GridRef<scalar_t>& grid, const at::Tensor& guide,
+                        const at::Tensor& input, bool dguide, const launch::BackwardRequest& req,
+                        at::Tensor* grad_guide, at::Tensor* grad_input) {
   using acc_t = acc_type<scalar_t>;
   check_int32_sizes(g);
+  const bool per_pixel = req.need_guide || (kApply && req.need_input);
+  TORCH_INTERNAL_ASSERT(grid.data != nullptr || !per_pixel,
+                        "bilateral_ops: the per-pixel gradients read the grid");
   const launch::BackwardPlan plan = launch::backward_plan(g, kApply, l, sizeof(acc_t), req);
   TORCH_CHECK(plan.valid, "bilateral_ops: too many channels (", g.C, ") for the deterministic ",
               "grid gradient: one pixel's values do not fit in shared memory");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const std::array<int64_t, 5> grid_sizes = {g.N, g.C, g.D, g.Gh, g.Gw};
+  const int64_t grid_numel = g.N * g.C * g.D * g.Gh * g.Gw;
 
   at::Tensor grad_grid;
   at::Tensor acc;  // scatter accumulator, in acc_t
   BackwardArgs<scalar_t> a{};
-  a.grid = grid.data_ptr<scalar_t>();
+  a.grid = grid.data;
   a.guide = guide.data_ptr<scalar_t>();
   a.input = kApply ? input.data_ptr<scalar_t>() : nullptr;
   a.grad_output = grad_output.data_ptr<scalar_t>();
@@ -107,10 +125,12 @@ at::Tensor run_backward(const SliceGeometry& g, const AffineLayout& l, const at:
   a.need_guide = req.need_guide;
   a.need_input = kApply && req.need_input;
   if (plan.scatter) {
-    acc = at::zeros(grid.sizes(), grid.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc = at::zeros(grid_sizes, grid.options.dtype(c10::CppTypeToScalarType<acc_t>::value));
     a.grad_grid_acc = acc.data_ptr<acc_t>();
     BO_LAUNCH((backward_scatter_kernel<scalar_t, kApply>), plan.tile, stream, g, l, a);
-    grad_grid = std::is_same<acc_t, scalar_t>::value ? acc : acc.to(grid.scalar_type());
+    grad_grid = std::is_same<acc_t, scalar_t>::value
+                    ? acc
+                    : acc.to(c10::CppTypeToScalarType<scalar_t>::value);
   } else if (plan.tile.present) {
     BO_LAUNCH((backward_pixel_kernel<scalar_t, kApply>), plan.tile, stream, g, l, a);
   }
@@ -118,10 +138,10 @@ at::Tensor run_backward(const SliceGeometry& g, const AffineLayout& l, const at:
 
   // Deterministic gather.
   at::Tensor axis = at::empty({static_cast<int64_t>((g.W + g.H) * sizeof(AxisEntry<acc_t>))},
-                              grid.options().dtype(at::kByte));
+                              grid.options.dtype(at::kByte));
   AxisEntry<acc_t>* table = reinterpret_cast<AxisEntry<acc_t>*>(axis.data_ptr<uint8_t>());
   BO_LAUNCH(axis_table_kernel<acc_t>, plan.axis, stream, g, table);
-  grad_grid = at::empty(grid.sizes(), grid.options());
+  grad_grid = at::empty(grid_sizes, grid.options);
   at::Tensor partial;
   GatherArgs<scalar_t> ga{};
   ga.guide = a.guide;
@@ -136,15 +156,26 @@ at::Tensor run_backward(const SliceGeometry& g, const AffineLayout& l, const at:
   ga.passes = static_cast<int>(plan.gather_passes);
   ga.dguide = dguide;
   if (plan.gather_split > 1) {
-    partial = at::empty({plan.gather_split * grid.numel()}, grid.options().dtype(at::kDouble));
+    partial = at::empty({plan.gather_split * grid_numel}, grid.options.dtype(at::kDouble));
     ga.partial = partial.data_ptr<double>();
   }
   BO_LAUNCH((grad_grid_gather_kernel<scalar_t, kApply>), plan.gather, stream, g, l, ga);
   if (plan.finish.present) {
-    BO_LAUNCH(gather_finish_kernel<scalar_t>, plan.finish, stream, ga.partial, grid.numel(),
+    BO_LAUNCH(gather_finish_kernel<scalar_t>, plan.finish, stream, ga.partial, grid_numel,
               ga.split, ga.grad_grid);
   }
   return grad_grid;
+}
+
+// The slice ops' form: the grid tensor itself (contiguous, of the geometry's sizes).
+template <typename scalar_t, bool kApply>
+at::Tensor run_backward(const SliceGeometry& g, const AffineLayout& l, const at::Tensor& grad_output,
+                        const at::Tensor& grid, const at::Tensor& guide, const at::Tensor& input,
+                        bool dguide, const launch::BackwardRequest& req, at::Tensor* grad_guide,
+                        at::Tensor* grad_input) {
+  return run_backward<scalar_t, kApply>(g, l, grad_output,
+                                        GridRef<scalar_t>{grid.data_ptr<scalar_t>(), grid.options()},
+                                        guide, input, dguide, req, grad_guide, grad_input);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // never renormalised at the borders, where cells outside the grid count as zero. That keeps the
 // blur linear and symmetric, hence self-adjoint (its backward is itself).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
