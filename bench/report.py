@@ -35,7 +35,7 @@ def cpu_table(benches: list[dict]) -> list[str]:
     rows = {}
     for b in benches:
         info = b.get("extra_info", {})
-        if info.get("device") != "cpu":
+        if info.get("device") != "cpu" or info.get("suite") == "grid":
             continue
         key = (info["size"], info.get("guide", "photo"), info["op"])
         rows.setdefault(key, {})[info["impl"]] = b
@@ -69,7 +69,11 @@ def cpu_table(benches: list[dict]) -> list[str]:
 
 
 def cuda_table(benches: list[dict]) -> list[str]:
-    rows = [b for b in benches if b.get("extra_info", {}).get("device", "cpu") != "cpu"]
+    rows = [
+        b
+        for b in benches
+        if b.get("extra_info", {}).get("device", "cpu") != "cpu" and b["extra_info"].get("suite") != "grid"
+    ]
     if not rows:
         return []
     out = [
@@ -101,6 +105,54 @@ def cuda_table(benches: list[dict]) -> list[str]:
     return out
 
 
+GRID_PEERS = ("torch", "numba", "opencv")
+
+
+def grid_cpu_table(benches: list[dict]) -> list[str]:
+    """bench/test_bench_grid_filter.py on the CPU: one row per (op, size), min times of every
+    implementation and the interleaved speed-ups of ours over each peer."""
+    rows = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("suite") == "grid" and info.get("device") == "cpu":
+            rows.setdefault((info["op"], info["size"]), {})[info["impl"]] = b
+    if not rows:
+        return []
+    out = [
+        "| op | size | ours (ms) | torch (ms) | numba (ms) | opencv (ms) | speed-up vs torch / numba / opencv "
+        "(min times) | interleaved speed-up vs torch / numba / opencv |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (op, size), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "512x512")):
+        if "ours" not in r:
+            continue
+        ours = r["ours"]["stats"]["min"]
+        times = [f"{r[p]['stats']['min'] * 1e3:.1f}" if p in r else "-" for p in GRID_PEERS]
+        ratios = [f"{r[p]['stats']['min'] / ours:.1f}x" if p in r else "-" for p in GRID_PEERS]
+        inter = r["ours"]["extra_info"].get("interleaved_speedup", {})
+        inter_s = [f"{inter[p]:.1f}x" if p in inter else "-" for p in GRID_PEERS]
+        out.append(
+            f"| {op} | {size} | {ours * 1e3:.2f} | {' | '.join(times)} | {' / '.join(ratios)} | {' / '.join(inter_s)} |"
+        )
+    return out
+
+
+def grid_cuda_table(benches: list[dict]) -> list[str]:
+    rows = [
+        b["extra_info"]
+        for b in benches
+        if b.get("extra_info", {}).get("suite") == "grid" and b["extra_info"].get("device") != "cpu"
+    ]
+    if not rows:
+        return []
+    out = ["| device | op | ours (ms) | measures |", "|---|---|---|---|"]
+    skip = {"suite", "device", "op", "impl", "dtype", "event_ms"}
+    for i in rows:
+        notes = "; ".join(f"{k} {v}" for k, v in i.items() if k not in skip)
+        out.append(f"| {i['device']} | {i['op']} | {i.get('event_ms', float('nan')):.3f} | {notes} |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="?", help="pytest-benchmark JSON; omitted: run the benches now")
@@ -115,10 +167,12 @@ def main() -> int:
         data = json.load(f)
     benches = data["benchmarks"]
     mi = data.get("machine_info", {})
-    print(f"machine: {mi.get('cpu', {}).get('brand_raw', '?')}, {mi.get('cpu', {}).get('count', '?')} cores; "
-          f"python {mi.get('python_version', '?')}; run {data.get('datetime', '?')}")
+    print(
+        f"machine: {mi.get('cpu', {}).get('brand_raw', '?')}, {mi.get('cpu', {}).get('count', '?')} cores; "
+        f"python {mi.get('python_version', '?')}; run {data.get('datetime', '?')}"
+    )
     print()
-    for table in (cpu_table(benches), cuda_table(benches)):
+    for table in (cpu_table(benches), cuda_table(benches), grid_cpu_table(benches), grid_cuda_table(benches)):
         if table:
             print("\n".join(table))
             print()

@@ -66,6 +66,9 @@ def _best_alternating(fns: dict, arg, k: int) -> dict:
     best = {name: float("inf") for name in fns}
     for _ in range(k):
         for name, fn in fns.items():
+            # Thread pools (torch's OpenMP, numba's, OpenCV's) spin for a while after each parallel
+            # region: let the previous implementation's go idle before timing the next.
+            time.sleep(0.05)
             t0 = time.perf_counter()
             fn(arg)
             best[name] = min(best[name], time.perf_counter() - t0)
@@ -83,6 +86,7 @@ def _record_ratios(benchmark, fns: dict, arg, k: int) -> None:
 def _info(benchmark, group: str, impl: str, size: str) -> None:
     benchmark.group = f"cpu {group} {size}"
     benchmark.extra_info.update(
+        suite="grid",
         device="cpu",
         op=group,
         size=size,
@@ -215,7 +219,9 @@ def _cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
 
 def _cuda_info(benchmark, group: str, **kw) -> None:
     benchmark.group = f"cuda {group}"
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), op=group, impl="ours", **kw)
+    benchmark.extra_info.update(
+        suite="grid", device=torch.cuda.get_device_name(), op=group, impl="ours", dtype="float32", **kw
+    )
 
 
 @pytest.mark.cuda
