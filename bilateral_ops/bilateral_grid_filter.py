@@ -1,8 +1,11 @@
 """``bilateral_grid_filter``: the fast, approximate bilateral filter of the bilateral grid.
 
-A composition of the compiled ops, each differentiable: splat the image and a channel of ones
-into a grid whose cells are ``sigma_space`` pixels wide and ``sigma_color`` deep, blur it by one
-cell, slice it back at every pixel and divide by the sliced weight.
+Splat the image and a channel of ones into a grid whose cells are ``sigma_space`` pixels wide and
+``sigma_color`` deep, blur it by one cell, slice it back at every pixel and divide by the sliced
+weight. The two ends are fused private ops (``_bilateral_grid_filter_splat``: the splat of
+``[input, 1]`` without the concatenated copy; ``_bilateral_grid_filter_slice``: the slice and the
+division in one pass); ``grid_blur`` sits between them. Their gradients are built from the slice
+ops, so they carry autograd of every order.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ import torch
 
 from . import _library as lib
 from . import _validation as v
-from .bilateral_slice import bilateral_slice
+from . import reference
 from .grid_blur import grid_blur
-from .grid_splat import grid_splat
 from .reference import grid_size_for
 
 __all__ = ["bilateral_grid_filter"]
 
-# Weights below this are empty cells: the result there is 0, never a division by zero.
+_ops = torch.ops.bilateral_ops
+_FUSED = ("_bilateral_grid_filter_splat", "_bilateral_grid_filter_slice")
+
+# Weights below this are empty cells: the result there is 0, never a division by zero (the same
+# constant as the kernels').
 MIN_WEIGHT = 1e-12
 
 
@@ -61,36 +67,86 @@ def bilateral_grid_filter(
     if guide is None:  # input is not 4-D: check_splat names it
         guide = input.new_empty((0, 0, 0))
     v.check_splat(input, guide)
-    _, c, h, w = input.shape
-    homogeneous = torch.cat([input, torch.ones_like(input[:, :1])], dim=1)
-    grid = grid_blur(grid_splat(homogeneous, guide, grid_size_for(h, w, sigma_color, sigma_space)), 1.0)
-    return _Normalize.apply(bilateral_slice(grid, guide))[0].to(input.dtype)
+    if not all(lib.has_kernel(op, input.device) for op in _FUSED):
+        lib.fallback("bilateral_grid_filter", input.device)
+        return reference.bilateral_grid_filter(input, sigma_color, sigma_space, guide)
+    size = grid_size_for(input.shape[2], input.shape[3], sigma_color, sigma_space)
+    grid = grid_blur(_ops._bilateral_grid_filter_splat(input, guide, size), 1.0)
+    return _ops._bilateral_grid_filter_slice(grid, guide)
 
 
-class _Normalize(torch.autograd.Function):
-    """(N, C+1, H, W) sliced values and weight -> (N, C, H, W) values / max(weight, MIN_WEIGHT), in
-    float32 or wider. Written out because autograd of the plain expression makes about twice as
-    many full-image passes (slice and clamp backwards, a broadcast reduction), which at 1080p cost
-    more than the grid ops themselves."""
+# ----------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the fused ends
 
-    @staticmethod
-    def forward(sliced):
-        if sliced.dtype not in (torch.float32, torch.float64):
-            sliced = sliced.float()
-        weight = sliced[:, -1:].clamp_min(MIN_WEIGHT)
-        return sliced[:, :-1] / weight, weight
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        out, weight = output
-        ctx.mark_non_differentiable(weight)
-        ctx.save_for_backward(out, weight)
-        ctx.dtype = inputs[0].dtype
+def _splat_fake(input, guide, grid_size):
+    v.check_splat(input, guide)
+    size = v.grid_size_tuple(grid_size)
+    return input.new_empty((input.shape[0], input.shape[1] + 1, *size))
 
-    @staticmethod
-    def backward(ctx, grad, _):
-        out, weight = ctx.saved_tensors
-        grad_values = grad / weight
-        # d out / d weight = -out / weight, and 0 where the clamp holds the weight.
-        grad_weight = -(grad_values * out).sum(1, keepdim=True) * (weight > MIN_WEIGHT)
-        return torch.cat([grad_values, grad_weight], 1).to(ctx.dtype)
+
+def _slice_fake(grid, guide):
+    v.check_grid_guide(grid, guide)
+    if grid.shape[1] < 2:
+        raise ValueError(f"grid must have at least two channels (values and the weight), got {grid.shape[1]}")
+    return grid.new_empty((guide.shape[0], grid.shape[1] - 1, guide.shape[1], guide.shape[2]))
+
+
+def _splat_setup(ctx, inputs, output):
+    input, guide, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, guide)
+
+
+def _splat_backward(ctx, grad):
+    """The transpose of the splat of [input, 1]: slices of grad (input), and the guide derivative
+    of the slice weighted by [input, 1] (guide)."""
+    if grad is None:
+        return None, None, None
+    input, guide = ctx.saved_tensors
+    grad_input = grad_guide = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.bilateral_slice(grad[:, : input.shape[1]], guide)
+    if ctx.needs_input_grad[1]:
+        homogeneous = torch.cat([input, torch.ones_like(input[:, :1])], 1)
+        grad_guide = _ops._bilateral_slice_backward(homogeneous, grad, guide, False, [False, True])[1]
+    return grad_input, grad_guide, None
+
+
+def _slice_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs, output)
+
+
+def _slice_backward(ctx, grad):
+    """out = S[:-1] / w with w = max(S[-1], MIN_WEIGHT): the gradient of S is [grad / w,
+    -sum(grad * out) / w] (the last term 0 where the clamp holds w), pulled back through the
+    slice. The weight is sliced again (one channel): cheaper than keeping it."""
+    if grad is None:
+        return None, None
+    grid, guide, out = ctx.saved_tensors
+    weight = _ops.bilateral_slice(grid[:, -1:], guide)
+    dtype = grid.dtype
+    if dtype not in (torch.float32, torch.float64):
+        weight, out, grad = weight.float(), out.float(), grad.float()
+    grad_values = grad / weight.clamp_min(MIN_WEIGHT)
+    grad_weight = -(grad_values * out).sum(1, keepdim=True) * (weight > MIN_WEIGHT)
+    grad_sliced = torch.cat([grad_values, grad_weight], 1).to(dtype)
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    grad_grid, grad_guide = _ops._bilateral_slice_backward(grad_sliced, grid, guide, False, mask)
+    return lib.masked(grad_grid, mask[0]), lib.masked(grad_guide, mask[1])
+
+
+def _register() -> None:
+    torch.library.register_fake("bilateral_ops::_bilateral_grid_filter_splat")(_splat_fake)
+    torch.library.register_fake("bilateral_ops::_bilateral_grid_filter_slice")(_slice_fake)
+    torch.library.register_autograd(
+        "bilateral_ops::_bilateral_grid_filter_splat", _splat_backward, setup_context=_splat_setup
+    )
+    torch.library.register_autograd(
+        "bilateral_ops::_bilateral_grid_filter_slice", _slice_backward, setup_context=_slice_setup
+    )
+
+
+if lib.LOAD_ERROR is None:
+    _register()

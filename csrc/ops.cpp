@@ -37,4 +37,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
 
   // Linear and self-adjoint: its backward is itself.
   m.def("grid_blur(Tensor grid, float[3] sigma) -> Tensor");
+
+  // bilateral_grid_filter's two ends, fused (its Python module composes them with grid_blur and
+  // derives their gradients from the slice ops):
+  //  * _bilateral_grid_filter_splat: grid_splat of [input, 1] without the concatenated copy;
+  //  * _bilateral_grid_filter_slice: bilateral_slice of a grid whose last channel is the weight,
+  //    every other channel divided by max(weight, 1e-12): (N, C, ..) -> (N, C - 1, H, W).
+  m.def("_bilateral_grid_filter_splat(Tensor input, Tensor guide, int[3] grid_size) -> Tensor");
+  m.def("_bilateral_grid_filter_slice(Tensor grid, Tensor guide) -> Tensor");
 }

@@ -176,6 +176,7 @@ def no_kernel_runs(monkeypatch) -> None:
         "bilateral_ops.bilateral_slice_apply",
         "bilateral_ops.grid_splat",
         "bilateral_ops.grid_blur",
+        "bilateral_ops.bilateral_grid_filter",
     ):
         mod = importlib.import_module(name)
         monkeypatch.setattr(mod, "_ops", _Poisoned())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import bilateral_ops as bo
 from bilateral_ops import reference
-from helpers import DEVICES, F64, assert_close_scaled, make_guide, no_kernel_runs, run_with_grads, t64, tol
+from helpers import DEVICES, F64, OPS, assert_close_scaled, make_guide, no_kernel_runs, run_with_grads, t64, tol
 
 
 def make_case(n, c, h, w, dtype, gen, device="cpu"):
@@ -112,6 +112,58 @@ def test_gradcheck(device, gen):
     assert torch.autograd.gradcheck(
         lambda x, g: bo.bilateral_grid_filter(x, 0.3, 3.0, g), (inp, guide), eps=1e-6, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused ends: each equals its composition of public ops, with exact derivatives
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_ends_match_their_compositions(dtype, device, gen):
+    inp, guide = make_case(2, 3, 37, 53, dtype, gen, device)
+    size = (6, 5, 7)
+    splat = OPS._bilateral_grid_filter_splat(inp, guide, list(size))
+    want = bo.grid_splat(torch.cat([inp, torch.ones_like(inp[:, :1])], 1), guide, size)
+    assert splat.shape == (2, 4, 6, 5, 7)
+    assert_close_scaled(splat, want, tol(device, dtype) * 10, "splat")
+    grid = bo.grid_blur(splat, 1.0)
+    grid[:, -1, 0] = 0  # some empty cells: the clamp of the weight
+    sliced = bo.bilateral_slice(grid, guide)
+    want = sliced[:, :3] / sliced[:, 3:].clamp_min(1e-12)
+    got = OPS._bilateral_grid_filter_slice(grid, guide)
+    assert got.shape == (2, 3, 37, 53)
+    assert_close_scaled(got, want, tol(device, dtype) * 10, "slice")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ends_gradcheck_and_gradgradcheck(device, gen):
+    inp, guide = make_case(1, 2, 6, 7, F64, gen, device)
+    grid = torch.rand(1, 3, 4, 3, 3, generator=gen, dtype=F64).to(device) + 0.5
+    inp.requires_grad_()
+    guide.requires_grad_()
+    grid.requires_grad_()
+
+    def splat(x, g):
+        return OPS._bilateral_grid_filter_splat(x, g, [4, 3, 3])
+
+    assert torch.autograd.gradcheck(splat, (inp, guide), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(splat, (inp, guide), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ends_opcheck(device, gen):
+    inp, guide = make_case(2, 3, 6, 7, F64, gen, device)
+    grid = torch.rand(2, 4, 5, 3, 4, generator=gen, dtype=F64).to(device)
+    torch.library.opcheck(OPS._bilateral_grid_filter_splat, (inp.requires_grad_(), guide.requires_grad_(), [5, 3, 4]))
+    torch.library.opcheck(OPS._bilateral_grid_filter_slice, (grid.requires_grad_(), guide))
+
+
+def test_fused_slice_needs_a_weight_channel():
+    with pytest.raises(RuntimeError, match="two channels"):
+        OPS._bilateral_grid_filter_slice(t64(1, 1, 2, 3, 4), t64(1, 5, 6))
 
 
 def test_constant_image_is_a_fixed_point(gen):

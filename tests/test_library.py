@@ -96,7 +96,7 @@ def test_grid_ops_use_fallback_without_a_kernel(monkeypatch, gen):
     inp = torch.rand(1, 2, 6, 7, generator=gen, dtype=F64)
     guide = torch.rand(1, 6, 7, generator=gen, dtype=F64)
     monkeypatch.setattr(lib, "_WARNED", set())
-    for name in SELF_CONTAINED + ("bilateral_slice",):
+    for name in SELF_CONTAINED + ("bilateral_slice", "_bilateral_grid_filter_splat", "_bilateral_grid_filter_slice"):
         monkeypatch.setitem(lib.KERNEL_DEVICES, name, frozenset())
     monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "1")
     with pytest.raises(RuntimeError, match="grid_splat"):
@@ -108,6 +108,6 @@ def test_grid_ops_use_fallback_without_a_kernel(monkeypatch, gen):
     with pytest.warns(RuntimeWarning, match="grid_blur"):
         blurred = bo.grid_blur(grid, 1.0)
     torch.testing.assert_close(blurred, reference.grid_blur(grid, 1.0), rtol=0, atol=0)
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="bilateral_grid_filter"):
         out = bo.bilateral_grid_filter(inp, 0.3, 4.0)
     torch.testing.assert_close(out, reference.bilateral_grid_filter(inp, 0.3, 4.0), rtol=0, atol=0)

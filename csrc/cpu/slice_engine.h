@@ -79,6 +79,12 @@ struct SliceParams {
   T* grad_guide;         // backward, (N, H, W), when need_guide
   T* grad_input;         // backward, slice_apply only, when need_input
   bool need_grid, need_guide, need_input;
+  // bilateral_grid_filter's fused steps (slice only, never with kApply):
+  //  * ones_channel (backward): grad_output holds C - 1 channels and a last channel of ones is
+  //    implied, so the filter's splat of [input, 1] needs no concatenated copy;
+  //  * normalize (forward): output holds C - 1 channels, samples divided by the last one (at
+  //    least kMinWeight), so the filter's division needs no pass of its own.
+  bool ones_channel, normalize;
   int64_t row_table_size() const { return g.Gw * g.D * g.C; }
 };
 
@@ -427,6 +433,25 @@ BO_ALWAYS_INLINE void apply_affine(const AffineLayout& l, const Scratch<T>& s, i
   }
 }
 
+// The smallest weight bilateral_grid_filter divides by: emptier cells give 0, never inf or NaN.
+constexpr double kMinWeight = 1e-12;
+
+// OUT[c] = A[c] / max(A[C - 1], kMinWeight) for c < C - 1, over nv vectors.
+template <typename T>
+BO_ALWAYS_INLINE void normalize_rows(const Scratch<T>& s, int64_t C, int64_t nv) {
+  using V = vec_t<T>;
+  constexpr int64_t W = vec_width<T>();
+  const V floor_w = V{} + static_cast<T>(kMinWeight);
+  const T* wrow = s.A + (C - 1) * kBlock;
+  for (int64_t v = 0; v < nv; ++v) {
+    const V w = vload(wrow + v * W);
+    const V inv = V{} + T(1) / (w > floor_w ? w : floor_w);
+    for (int64_t c = 0; c + 1 < C; ++c) {
+      vstore(s.OUT + c * kBlock + v * W, vload(s.A + c * kBlock + v * W) * inv);
+    }
+  }
+}
+
 // One block of the forward pass of row y of image n.
 template <typename T, bool kApply, bool kDguide>
 BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const Scratch<T>& s,
@@ -442,7 +467,12 @@ BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const S
   if (bz.dense) dense_weights<T, kDguide, false>(bz, dw);
   interp_block<T, false>(R, p.g.D, p.g.C, c0, c1, bz, dw, s.A, nullptr);
   if (!kApply) {
-    store_rows(s.A, p.g.C, bz, p.output + n * p.g.C * HW + pix, HW);
+    if (p.normalize) {
+      normalize_rows(s, p.g.C, bz.nv);
+      store_rows(s.OUT, p.g.C - 1, bz, p.output + n * (p.g.C - 1) * HW + pix, HW);
+    } else {
+      store_rows(s.A, p.g.C, bz, p.output + n * p.g.C * HW + pix, HW);
+    }
     return;
   }
   const AffineLayout& l = p.l;
@@ -539,7 +569,14 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
     interp_block<T, kGrad>(R, p.g.D, C, c0, c1, bz, dw, s.A, s.dA);
   }
   const int64_t Cout = kApply ? p.l.Co : C;
-  load_rows(p.grad_output + n * Cout * HW + pix, HW, Cout, bz, s.G);
+  if (!kApply && p.ones_channel) {
+    load_rows(p.grad_output + n * (C - 1) * HW + pix, HW, C - 1, bz, s.G);
+    T* ones = s.G + (C - 1) * kBlock;
+    std::fill(ones, ones + bz.nb, T(1));
+    std::fill(ones + bz.nb, ones + bz.nv * vec_width<T>(), T(0));
+  } else {
+    load_rows(p.grad_output + n * Cout * HW + pix, HW, Cout, bz, s.G);
+  }
   V gg[kBlock / vec_width<T>()];  // nv <= kBlock / W
   if (kGrad) std::fill(gg, gg + bz.nv, V{});
   if (!kApply) {
