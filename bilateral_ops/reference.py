@@ -2,7 +2,8 @@
 
 They define the semantics the compiled kernels are tested against, and serve as the fallback where
 no compiled kernel exists for a device (see ``bilateral_ops._library``). They are written for clarity,
-not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficient.
+not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficient, ``curve_guide``
+every (pixel, curve point) pair.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from ._validation import affine_stride
 
-__all__ = ["bilateral_slice", "bilateral_slice_apply", "slice_coordinates"]
+__all__ = ["bilateral_slice", "bilateral_slice_apply", "curve_guide", "slice_coordinates"]
 
 
 def slice_coordinates(guide: torch.Tensor) -> torch.Tensor:
@@ -50,3 +51,23 @@ def bilateral_slice_apply(
     if has_offset:
         out = out + coeffs[:, :, ci]
     return out
+
+
+def curve_guide(
+    input: torch.Tensor,
+    ccm: torch.Tensor,
+    ccm_bias: torch.Tensor,
+    shifts: torch.Tensor,
+    slopes: torch.Tensor,
+    mix: torch.Tensor,
+    mix_bias: torch.Tensor,
+) -> torch.Tensor:
+    """HDRNet's guide, as an HDRNet port writes it: (N, C, H, W) -> (N, H, W).
+
+    ``c = ccm @ input + ccm_bias``; ``f_k = sum_j slopes[k, j] relu(c_k - shifts[k, j])``;
+    ``clamp(sum_k mix[k] f_k + mix_bias, 0, 1)``. Materialises (N, C, K, H, W).
+    """
+    c = torch.einsum("ki,nihw->nkhw", ccm, input) + ccm_bias.view(1, -1, 1, 1)
+    r = torch.relu(c.unsqueeze(2) - shifts.view(1, *shifts.shape, 1, 1))
+    f = (slopes.view(1, *slopes.shape, 1, 1) * r).sum(dim=2)
+    return ((mix.view(1, -1, 1, 1) * f).sum(dim=1) + mix_bias).clamp(0, 1)

@@ -9,6 +9,9 @@
 //    tent weights along z replaced by their slopes). Second derivatives are built from it: the
 //    slice is piecewise linear in the guide, so every derivative beyond this one is zero almost
 //    everywhere.
+//  * curve_guide's backward returns the gradients of all seven arguments (masked-off ones as
+//    empty tensors); it has no dguide variant: its second derivatives come from autograd of the
+//    pure-torch formula (bilateral_ops/curve_guide.py).
 
 #include <torch/library.h>
 
@@ -28,4 +31,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
   m.def(
       "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
       "bool has_offset, bool dguide, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  m.def(
+      "curve_guide(Tensor input, Tensor ccm, Tensor ccm_bias, Tensor shifts, Tensor slopes, "
+      "Tensor mix, Tensor mix_bias) -> Tensor");
+  m.def(
+      "_curve_guide_backward(Tensor grad_output, Tensor input, Tensor ccm, Tensor ccm_bias, "
+      "Tensor shifts, Tensor slopes, Tensor mix, Tensor mix_bias, bool[7] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
