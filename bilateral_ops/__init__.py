@@ -12,4 +12,4 @@ from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
 from .curve_guide import curve_guide
 
-__all__ = ["bilateral_slice", "bilateral_slice_apply", "compiled_devices", "curve_guide", "reference", "__version__"]
+__all__ = ["__version__", "bilateral_slice", "bilateral_slice_apply", "compiled_devices", "curve_guide", "reference"]

@@ -5,7 +5,8 @@ The public function validates and dispatches; below it, the fake kernels and aut
 with an output mask). The guide is piecewise linear in the input and in the shifts, and
 multilinear in the other parameters, so its second derivatives are far from zero: autograd of the
 backward op differentiates the pure-torch formula (``reference.curve_guide``) twice, which agrees
-with the kernels' first derivatives, masks included (same relu and clamp conventions).
+with the kernels' first derivatives, masks included (same relu and clamp conventions). It
+materialises (N, C, K, H, W), but only when second derivatives are asked for.
 """
 
 from __future__ import annotations
@@ -103,32 +104,23 @@ def _backward_setup(ctx, inputs, output):
 
 def _backward_backward(ctx, *cotangents):
     """Vector-Jacobian product of the backward op (g, x, params) -> (d x, d params): the first
-    derivatives rebuilt by autograd of the pure-torch formula (with a graph), then differentiated
-    against the cotangents. Saved tensors that already carry a graph are used as they are, so a
-    further derivative (create_graph=True here) still reaches the caller's inputs."""
-    live = [(i, ct) for i, ct in enumerate(cotangents) if lib.live(ct, ctx.output_mask[i]) is not None]
+    derivatives written as torch.func.vjp of the pure-torch formula, pulled back once more. Being
+    function transforms, they differentiate exactly this map (never through whatever graph the
+    saved tensors carry, which autograd follows itself), and their result is differentiable again
+    when the caller asked for a graph."""
+    live = [i for i, ct in enumerate(cotangents) if lib.live(ct, ctx.output_mask[i]) is not None]
     need = ctx.needs_input_grad[:8]
     if not live or not any(need):
         return (None,) * 9
-    keep_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        saved = [t if t.requires_grad else t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        go, args = saved[0], saved[1:]
-        out = reference.curve_guide(*args)
-        firsts = torch.autograd.grad(out, [args[i] for i, _ in live], go, create_graph=True)
-        wanted = [t for t, n in zip(saved, need) if n]
-        seconds = torch.autograd.grad(
-            firsts, wanted, [ct for _, ct in live], allow_unused=True, create_graph=keep_graph
-        )
-    it = iter(seconds)
-    result = []
-    for t, n in zip(saved, need):
-        if not n:
-            result.append(None)
-            continue
-        g = next(it)
-        result.append(torch.zeros_like(t) if g is None else g)
-    return tuple(result) + (None,)
+
+    def first_derivatives(go, *args):
+        _, pullback = torch.func.vjp(reference.curve_guide, *args)
+        grads = pullback(go)
+        return tuple(grads[i] for i in live)
+
+    _, pullback = torch.func.vjp(first_derivatives, *ctx.saved_tensors)
+    seconds = pullback(tuple(cotangents[i] for i in live))
+    return tuple(g if n else None for g, n in zip(seconds, need)) + (None,)
 
 
 def _register() -> None:
