@@ -75,7 +75,11 @@ run build 1 180 "$OUT/build.log" -- env FORCE_CUDA=1 BILATERAL_OPS_PTXAS_VERBOSE
 run ptxas-report 1 40 "$OUT/ptxas-report.log" -- $PY tools/ptxas_report.py "$OUT/build.log" --lib . --require-all
 run cuda-kernels-registered 1 40 "$OUT/check-cuda-build.log" -- $PY tools/check_cuda_build.py .
 
-# 2. The whole suite; the junit XML gives the counts.
+# 2. curve_guide's CUDA tests first, on their own (a quick verdict on the newest kernels even if
+# the whole suite runs out of time), then the whole suite; the junit XML gives the counts.
+run curve-guide-tests 1 60 "$OUT/curve-guide-tests.log" -- $PY -m pytest -q tests/test_cuda.py -k curve_guide \
+  -p no:cacheprovider -rfE
+
 run tests 1 200 "$OUT/tests.log" -- $PY -m pytest -q tests -p no:cacheprovider -rfE --durations=15 \
   --junitxml="$OUT/tests.xml"
 $PY - "$OUT/tests.xml" <<'EOF' | tee "$OUT/tests-summary.txt"
@@ -109,8 +113,11 @@ SANITIZE_ARGS="--quick --dtypes float32,float64" sanitize racecheck 1 90 --racec
 SANITIZE_ARGS="--quick --dtypes float32" sanitize synccheck 1 60
 SANITIZE_ARGS="--quick --dtypes float32" sanitize initcheck 0 45
 
-# 4. Benchmarks.
-run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k cuda --benchmark-only \
+# 4. Benchmarks: curve_guide's on their own first, then the others (pytest bench -k cuda).
+run bench-curve-guide 1 60 "$OUT/bench-curve-guide.log" -- $PY -m pytest -q bench/test_bench_curve_guide.py \
+  -k cuda --benchmark-only --benchmark-json "$OUT/bench-curve-guide.json" \
+  --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k "cuda and not curve_guide" --benchmark-only \
   --benchmark-json "$OUT/bench-gpu.json" --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
 
 echo

@@ -7,6 +7,8 @@ the _dguide forwards, the backward ops with several output masks (with and witho
 grid-gradient paths (the atomic scatter in its shared-tile and global-fallback modes, the
 deterministic gather with and without split bands), float32 / float64 / float16 / bfloat16, odd
 sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API.
+curve_guide: its register and many-channel paths, shared and global parameter tables and
+gradient rows, every mask kind, images that end mid-warp, NaN / inf pixels.
 
     python bench/sanitize_cuda.py [--dtypes float32,float64] [--quick]
 """
@@ -37,6 +39,38 @@ QUICK = [0, 3, 4, 5, 6, 7]  # racecheck / synccheck: the shared-memory and odd-s
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLICE_MASKS = [[True, True], [True, False], [False, True]]
 APPLY_MASKS = [[True, True, True], [True, False, False], [False, True, False], [False, False, True], [True, True, False]]
+
+
+# curve_guide (N, C, H, W, K): registers with shared table and rows; many channels; a global
+# table with global rows; a shared table with global rows; a 1x1 image.
+CURVE_SHAPES = [(2, 3, 37, 53, 16), (1, 6, 9, 40, 3), (1, 8, 7, 11, 256), (1, 3, 5, 9, 400), (1, 1, 1, 1, 1)]
+CURVE_MASKS = [[True] * 7, [True] + [False] * 6, [False] + [True] * 6]
+
+
+def curve_shapes() -> list[tuple]:
+    """(N, C, H, W, K) of every curve_guide case (tests/test_launch_config.py checks their plans)."""
+    return list(CURVE_SHAPES)
+
+
+def run_curve(shape, dtype, seed=0) -> None:
+    n, c, h, w, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.rand(n, c, h, w, device="cuda", generator=g)
+    x.view(-1)[: min(2, x.numel())] = torch.tensor([float("nan"), float("inf")], device="cuda")[: min(2, x.numel())]
+    params = [
+        torch.eye(c, device="cuda") + 0.1 * torch.randn(c, c, device="cuda", generator=g),
+        0.1 * torch.randn(c, device="cuda", generator=g),
+        torch.rand(c, k, device="cuda", generator=g),
+        torch.randn(c, k, device="cuda", generator=g),
+        torch.full((c,), 1.0 / c, device="cuda"),
+        torch.zeros(1, device="cuda"),
+    ]
+    args = [t.to(dtype) for t in [x] + params]
+    go = torch.randn(n, h, w, device="cuda", generator=g).to(dtype)
+    ops.curve_guide(*args)
+    for mask in CURVE_MASKS:
+        ops._curve_guide_backward(go, *args, mask)
+    torch.cuda.synchronize()
 
 
 def all_shapes() -> list[tuple]:
@@ -103,7 +137,9 @@ def main() -> None:
             for det in (False, True):
                 run_ops(shape, dtype, det)
         double_backward(dtype)
-        print(f"  {dtype}: {len(shapes)} shapes x 2 grid-gradient paths done", flush=True)
+        for shape in CURVE_SHAPES[:3] if opts.quick else CURVE_SHAPES:
+            run_curve(shape, dtype)
+        print(f"  {dtype}: {len(shapes)} shapes x 2 grid-gradient paths, curve_guide done", flush=True)
     print("sanitize workload done")
 
 
