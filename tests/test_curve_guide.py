@@ -21,6 +21,7 @@ from helpers import (
 )
 
 import bilateral_ops as bo
+import bilateral_ops._library as lib
 from bilateral_ops import reference
 
 NAMES = ("input", "ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
@@ -351,3 +352,24 @@ def test_non_finite_inputs_do_not_crash(gen):
     assert torch.isnan(out[0, 0, 0]) and torch.isnan(ref[0, 0, 0])
     finite = torch.isfinite(ref)
     torch.testing.assert_close(out[finite], ref[finite])
+
+
+def test_registered_with_cpu_kernels_and_exported():
+    assert "curve_guide" in lib.OPS and "_curve_guide_backward" in lib.OPS
+    assert "cpu" in bo.compiled_devices("curve_guide") and "cpu" in bo.compiled_devices("_curve_guide_backward")
+    assert "curve_guide" in bo.__all__
+
+
+def test_fallback_without_a_kernel(monkeypatch, gen):
+    """No kernel for the device: raise with BILATERAL_OPS_REQUIRE_COMPILED set, else warn and
+    return the reference's result."""
+    args = make_curve_case(1, 3, 5, 6, 4, gen=gen)
+    monkeypatch.setattr(lib, "_WARNED", set())
+    monkeypatch.setitem(lib.KERNEL_DEVICES, "curve_guide", frozenset())
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "1")
+    with pytest.raises(RuntimeError, match="curve_guide"):
+        bo.curve_guide(*args)
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "0")
+    with pytest.warns(RuntimeWarning, match="curve_guide"):
+        out = bo.curve_guide(*args)
+    torch.testing.assert_close(out, reference.curve_guide(*args), rtol=0, atol=0)
