@@ -502,8 +502,10 @@ def _curve_case(N, C, H, W, K, dtype, seed=0):
     return cpu, [t.cuda() for t in cpu]
 
 
-def _curve_compare(got, want, dtype, what, pixels=1):
+def _curve_compare(got, want, dtype, what, pixels=1, mask=None):
     got, want = got.double().cpu(), want.double()
+    if mask is not None:
+        got, want = got[mask], want[mask]
     tol = CURVE_TOL[dtype] * (1 + want.abs().max().item()) * (max(1, pixels) ** 0.5 if dtype != torch.float64 else 1)
     err = (got - want).abs().max().item() if want.numel() else 0.0
     assert err <= tol, f"{what}: max err {err:.3e} > {tol:.3e}"
@@ -512,7 +514,7 @@ def _curve_compare(got, want, dtype, what, pixels=1):
 @pytest.mark.parametrize("shape", CURVE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_curve_guide_matches_cpu(shape, dtype):
-    N, C, H, W, K = shape
+    N, C, H, W, _ = shape
     cpu, dev = _curve_case(*shape, dtype)
     go = torch.randn(N, H, W, generator=torch.Generator().manual_seed(3)).to(dtype)
     want = ops.curve_guide(*[t.double() for t in cpu])
@@ -520,17 +522,27 @@ def test_curve_guide_matches_cpu(shape, dtype):
     out = ops.curve_guide(*dev)
     assert out.dtype == dtype and out.device.type == "cuda"
     grads = ops._curve_guide_backward(go.cuda(), *dev, [True] * 7)
-    # A few pixels may sit on a kink in low precision: compare where float64 is well inside.
     _curve_compare(out, want, dtype, "guide")
+    # A pixel whose relu input or pre-clamp guide is within rounding of a kink may take the other
+    # side in float32: its input gradient then legitimately differs by O(1). Compare the input
+    # gradient away from the kinks; in the parameter sums one such pixel is within tolerance.
+    from helpers import curve_pre_clamp
+
+    a, g_pre = curve_pre_clamp(*cpu)
+    smooth = (a.abs().amin(dim=(1, 2)) > 1e-5) & (g_pre.abs() > 1e-5) & ((g_pre - 1).abs() > 1e-5)
+    smooth = smooth.unsqueeze(1).expand(N, C, H, W)
     for name, g, w in zip(CURVE_NAMES, grads, want_grads):
         assert g.dtype == dtype and g.shape == w.shape, name
         if dtype in (torch.float32, torch.float64):
-            _curve_compare(g, w, dtype, f"grad {name}", 1 if name == "input" else N * H * W)
+            if name == "input":
+                _curve_compare(g, w, dtype, "grad input", mask=smooth if dtype == torch.float32 else None)
+            else:
+                _curve_compare(g, w, dtype, f"grad {name}", N * H * W)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_curve_guide_masks(dtype):
-    cpu, dev = _curve_case(2, 3, 33, 47, 16, dtype)
+    _, dev = _curve_case(2, 3, 33, 47, 16, dtype)
     go = torch.randn(2, 33, 47, dtype=dtype, device="cuda")
     full = ops._curve_guide_backward(go, *dev, [True] * 7)
     for mask in ([True] + [False] * 6, [False] + [True] * 6, [False, True, False, False, True, False, True]):
@@ -556,7 +568,7 @@ def test_curve_guide_is_bitwise_reproducible(det, shape):
 
 
 def test_curve_guide_noncontiguous_and_empty():
-    cpu, dev = _curve_case(2, 3, 20, 30, 8, torch.float64)
+    _, dev = _curve_case(2, 3, 20, 30, 8, torch.float64)
     views = [noncontiguous(dev[0]), dev[1].t().contiguous().t()] + [noncontiguous(t) for t in dev[2:]]
     torch.testing.assert_close(ops.curve_guide(*views), ops.curve_guide(*dev), rtol=0, atol=0)
     empty = [torch.rand(2, 3, 0, 5, dtype=torch.float64, device="cuda")] + dev[1:]
