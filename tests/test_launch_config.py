@@ -459,7 +459,7 @@ CURVE_SHAPE_SOURCES = {
 
 
 def _check_curve_plan(p, shape, where):
-    N, C, H, W, K = shape
+    _, C, _, _, K = shape
     P = C * C + 2 * C + 2 * C * K + 1
     acc = p["acc_size"]
     assert p["table_size"] == P, where
