@@ -3,12 +3,12 @@
 # registry access), in under 8 minutes on an H100:
 #   1. build with CUDA for this GPU only (ptxas resource report checked by tools/ptxas_report.py)
 #   2. the whole test suite, CUDA tests included (tests/test_cuda.py: slice, slice_apply,
-#      grid_splat, grid_blur, bilateral_grid_filter), without -x: one crash must not hide the rest
+#      grid_splat, grid_blur, bilateral_grid_filter, curve_guide), without -x: one crash must not hide the rest
 #   3. compute-sanitizer memcheck, racecheck, synccheck (and initcheck, reported only) on
 #      bench/sanitize_cuda.py, with the caching allocator off so that out-of-bounds accesses
 #      inside pooled blocks are seen
-#   4. the GPU benchmarks of bench/test_bench_slice_apply.py and bench/test_bench_grid_filter.py
-#      (their CUDA cases: test ids containing "cuda"; pytest-benchmark JSON in $OUT/bench-gpu.json)
+#   4. the GPU benchmarks of bench/ (their CUDA cases: test ids containing "cuda"), curve_guide's
+#      first; pytest-benchmark JSON in $OUT/bench-curve-guide.json and $OUT/bench-gpu.json
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
 # non-zero if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
@@ -77,7 +77,11 @@ run build 1 180 "$OUT/build.log" -- env FORCE_CUDA=1 BILATERAL_OPS_PTXAS_VERBOSE
 run ptxas-report 1 40 "$OUT/ptxas-report.log" -- $PY tools/ptxas_report.py "$OUT/build.log" --lib . --require-all
 run cuda-kernels-registered 1 40 "$OUT/check-cuda-build.log" -- $PY tools/check_cuda_build.py .
 
-# 2. The whole suite; the junit XML gives the counts.
+# 2. curve_guide's CUDA tests first, on their own (a quick verdict on the newest kernels even if
+# the whole suite runs out of time), then the whole suite; the junit XML gives the counts.
+run curve-guide-tests 1 60 "$OUT/curve-guide-tests.log" -- $PY -m pytest -q tests/test_cuda.py -k curve_guide \
+  -p no:cacheprovider -rfE
+
 run tests 1 200 "$OUT/tests.log" -- $PY -m pytest -q tests -p no:cacheprovider -rfE --durations=15 \
   --junitxml="$OUT/tests.xml"
 $PY - "$OUT/tests.xml" <<'EOF' | tee "$OUT/tests-summary.txt"
@@ -111,12 +115,11 @@ SANITIZE_ARGS="--quick --dtypes float32,float64" sanitize racecheck 1 90 --racec
 SANITIZE_ARGS="--quick --dtypes float32" sanitize synccheck 1 60
 SANITIZE_ARGS="--quick --dtypes float32" sanitize initcheck 0 45
 
-# 4. Benchmarks (a benchmark file not there yet is left out, and named in the log).
-BENCH_FILES=()
-for f in bench/test_bench_slice_apply.py bench/test_bench_grid_filter.py; do
-  if [ -f "$f" ]; then BENCH_FILES+=("$f"); else echo "bench: $f missing" | tee -a "$OUT/device.txt"; fi
-done
-run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q "${BENCH_FILES[@]}" -k cuda --benchmark-only \
+# 4. Benchmarks: curve_guide's on their own first, then the others (pytest bench -k cuda).
+run bench-curve-guide 1 60 "$OUT/bench-curve-guide.log" -- $PY -m pytest -q bench/test_bench_curve_guide.py \
+  -k cuda --benchmark-only --benchmark-json "$OUT/bench-curve-guide.json" \
+  --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k "cuda and not curve_guide" --benchmark-only \
   --benchmark-json "$OUT/bench-gpu.json" --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
 
 echo

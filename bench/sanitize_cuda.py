@@ -10,6 +10,9 @@ sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the publ
 ops: grid_splat on both paths (scatter in shared tiles and global fallback, deterministic gather
 with and without bands), grid_blur (taps by value and from a device buffer, every sigma 0), and
 bilateral_grid_filter forward and backward (given and default guides).
+sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API.
+curve_guide: its register and many-channel paths, shared and global parameter tables and
+gradient rows, every mask kind, images that end mid-warp, NaN / inf pixels.
 
     python bench/sanitize_cuda.py [--dtypes float32,float64] [--quick]
 """
@@ -68,6 +71,38 @@ def grid_shapes() -> dict:
     {"splat": [(N, C, D, Gh, Gw, H, W)], "blur": [((N, C, D, Gh, Gw), sigma)], "filter":
     [(N, C, H, W, sigma_color, sigma_space)]}."""
     return {"splat": [s[:7] for s in SPLAT_SHAPES], "blur": list(BLUR_CASES), "filter": list(FILTER_CASES)}
+
+
+# curve_guide (N, C, H, W, K): registers with shared table and rows; many channels; a global
+# table with global rows; a shared table with global rows; a 1x1 image.
+CURVE_SHAPES = [(2, 3, 37, 53, 16), (1, 6, 9, 40, 3), (1, 8, 7, 11, 256), (1, 3, 5, 9, 400), (1, 1, 1, 1, 1)]
+CURVE_MASKS = [[True] * 7, [True] + [False] * 6, [False] + [True] * 6]
+
+
+def curve_shapes() -> list[tuple]:
+    """(N, C, H, W, K) of every curve_guide case (tests/test_launch_config.py checks their plans)."""
+    return list(CURVE_SHAPES)
+
+
+def run_curve(shape, dtype, seed=0) -> None:
+    n, c, h, w, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.rand(n, c, h, w, device="cuda", generator=g)
+    x.view(-1)[: min(2, x.numel())] = torch.tensor([float("nan"), float("inf")], device="cuda")[: min(2, x.numel())]
+    params = [
+        torch.eye(c, device="cuda") + 0.1 * torch.randn(c, c, device="cuda", generator=g),
+        0.1 * torch.randn(c, device="cuda", generator=g),
+        torch.rand(c, k, device="cuda", generator=g),
+        torch.randn(c, k, device="cuda", generator=g),
+        torch.full((c,), 1.0 / c, device="cuda"),
+        torch.zeros(1, device="cuda"),
+    ]
+    args = [t.to(dtype) for t in [x] + params]
+    go = torch.randn(n, h, w, device="cuda", generator=g).to(dtype)
+    ops.curve_guide(*args)
+    for mask in CURVE_MASKS:
+        ops._curve_guide_backward(go, *args, mask)
+    torch.cuda.synchronize()
 
 
 def all_shapes() -> list[tuple]:
@@ -163,6 +198,9 @@ def main() -> None:
                              dtype, det)
         print(f"  {dtype}: {len(shapes)} slice shapes and {len(grid_cases)} grid cases x 2 grid-gradient paths done",
               flush=True)
+        for shape in CURVE_SHAPES[:3] if opts.quick else CURVE_SHAPES:
+            run_curve(shape, dtype)
+        print(f"  {dtype}: {len(shapes)} shapes x 2 grid-gradient paths, curve_guide done", flush=True)
     print("sanitize workload done")
 
 

@@ -11,16 +11,18 @@ from ._version import __version__
 from .bilateral_grid_filter import bilateral_grid_filter
 from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
+from .curve_guide import curve_guide
 from .grid_blur import grid_blur
 from .grid_splat import grid_splat
 
 __all__ = [
+    "__version__",
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
     "compiled_devices",
+    "curve_guide",
     "grid_blur",
     "grid_splat",
     "reference",
-    "__version__",
 ]

@@ -91,8 +91,34 @@ def check_slice_apply(grid: torch.Tensor, guide: torch.Tensor, input: torch.Tens
     return grid.shape[1] // stride
 
 
-def check_grad_output(grad_output: torch.Tensor, like: torch.Tensor, shape: tuple) -> None:
-    check_like("grad_output", grad_output, "grid", like)
+CURVE_PARAMS = ("ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
+
+
+def check_curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias) -> tuple[int, int]:
+    """curve_guide's arguments (already known to be floating tensors); returns (C, K)."""
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape (N, C, H, W), got {tuple(input.shape)}")
+    c = input.shape[1]
+    if c < 1:
+        raise ValueError("input must have at least one channel")
+    if shifts.dim() != 2 or shifts.shape[0] != c or shifts.shape[1] < 1:
+        raise ValueError(f"shifts must have shape (C, K) = ({c}, K) with K >= 1, got {tuple(shifts.shape)}")
+    k = shifts.shape[1]
+    expected = {"ccm": (c, c), "ccm_bias": (c,), "slopes": (c, k), "mix": (c,), "mix_bias": (1,)}
+    given = {"ccm": ccm, "ccm_bias": ccm_bias, "slopes": slopes, "mix": mix, "mix_bias": mix_bias}
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for an input of {c} channels and {k} curve points, "
+                f"got {tuple(given[name].shape)}"
+            )
+    for name, t in zip(CURVE_PARAMS, (ccm, ccm_bias, shifts, slopes, mix, mix_bias)):
+        check_like(name, t, "input", input)
+    return c, k
+
+
+def check_grad_output(grad_output: torch.Tensor, like: torch.Tensor, shape: tuple, like_name: str = "grid") -> None:
+    check_like("grad_output", grad_output, like_name, like)
     if tuple(grad_output.shape) != tuple(shape):
         raise ValueError(f"grad_output must have shape {tuple(shape)}, got {tuple(grad_output.shape)}")
 

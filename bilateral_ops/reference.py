@@ -2,7 +2,8 @@
 
 They define the semantics the compiled kernels are tested against, and serve as the fallback where
 no compiled kernel exists for a device (see ``bilateral_ops._library``). They are written for clarity,
-not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficient.
+not speed: ``bilateral_slice_apply`` here materialises every per-pixel coefficient, ``curve_guide``
+every (pixel, curve point) pair.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
+    "curve_guide",
     "grid_blur",
     "grid_size_for",
     "grid_splat",
@@ -144,3 +146,21 @@ def bilateral_grid_filter(
     sliced = bilateral_slice(grid_blur(grid_splat(homogeneous, guide, size), 1.0), guide)
     weight = sliced[:, c:].clamp_min(1e-12)
     return sliced[:, :c] / weight
+def curve_guide(
+    input: torch.Tensor,
+    ccm: torch.Tensor,
+    ccm_bias: torch.Tensor,
+    shifts: torch.Tensor,
+    slopes: torch.Tensor,
+    mix: torch.Tensor,
+    mix_bias: torch.Tensor,
+) -> torch.Tensor:
+    """HDRNet's guide, as an HDRNet port writes it: (N, C, H, W) -> (N, H, W).
+
+    ``c = ccm @ input + ccm_bias``; ``f_k = sum_j slopes[k, j] relu(c_k - shifts[k, j])``;
+    ``clamp(sum_k mix[k] f_k + mix_bias, 0, 1)``. Materialises (N, C, K, H, W).
+    """
+    c = torch.einsum("ki,nihw->nkhw", ccm, input) + ccm_bias.view(1, -1, 1, 1)
+    r = torch.relu(c.unsqueeze(2) - shifts.view(1, *shifts.shape, 1, 1))
+    f = (slopes.view(1, *slopes.shape, 1, 1) * r).sum(dim=2)
+    return ((mix.view(1, -1, 1, 1) * f).sum(dim=1) + mix_bias).clamp(0, 1)

@@ -10,11 +10,13 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <utility>
 
 #include <cmath>
 
 #include "bilateral_ops/affine.h"
 #include "bilateral_ops/grid_blur.h"
+#include "bilateral_ops/curve_guide.h"
 #include "bilateral_ops/slice_geometry.h"
 
 namespace bilateral_ops {
@@ -101,6 +103,41 @@ inline SliceApplyShape check_slice_apply(const at::Tensor& grid, const at::Tenso
               "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
               " channels for Ci=", input.size(1), ", has_offset=", has_offset);
   return SliceApplyShape{g, affine_layout(grid.size(1), input.size(1), has_offset)};
+}
+
+// curve_guide's arguments: input (N, C, H, W), ccm (C, C), ccm_bias (C,), shifts and slopes
+// (C, K), mix (C,), mix_bias (1,), all floating, one dtype and device. Returns the sizes.
+inline CurveShape check_curve_guide(const at::Tensor& input, const at::Tensor& ccm,
+                                    const at::Tensor& ccm_bias, const at::Tensor& shifts,
+                                    const at::Tensor& slopes, const at::Tensor& mix,
+                                    const at::Tensor& mix_bias) {
+  check_floating(input, "input");
+  const std::array<std::pair<const at::Tensor*, const char*>, 6> params = {{{&ccm, "ccm"},
+                                                                            {&ccm_bias, "ccm_bias"},
+                                                                            {&shifts, "shifts"},
+                                                                            {&slopes, "slopes"},
+                                                                            {&mix, "mix"},
+                                                                            {&mix_bias, "mix_bias"}}};
+  for (const auto& p : params) {
+    check_floating(*p.first, p.second);
+    check_same(*p.first, p.second, input, "input");
+  }
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  const int64_t C = input.size(1);
+  TORCH_CHECK(C >= 1, "input must have at least one channel");
+  TORCH_CHECK(ccm.dim() == 2 && ccm.size(0) == C && ccm.size(1) == C, "ccm must have shape (", C,
+              ", ", C, "), got ", ccm.sizes());
+  TORCH_CHECK(ccm_bias.dim() == 1 && ccm_bias.size(0) == C, "ccm_bias must have shape (", C,
+              ",), got ", ccm_bias.sizes());
+  TORCH_CHECK(shifts.dim() == 2 && shifts.size(0) == C && shifts.size(1) >= 1,
+              "shifts must have shape (", C, ", K) with K >= 1, got ", shifts.sizes());
+  TORCH_CHECK(slopes.sizes() == shifts.sizes(), "slopes must have the shape of shifts ",
+              shifts.sizes(), ", got ", slopes.sizes());
+  TORCH_CHECK(mix.dim() == 1 && mix.size(0) == C, "mix must have shape (", C, ",), got ",
+              mix.sizes());
+  TORCH_CHECK(mix_bias.dim() == 1 && mix_bias.size(0) == 1, "mix_bias must have shape (1,), got ",
+              mix_bias.sizes());
+  return CurveShape{input.size(0), C, input.size(2), input.size(3), shifts.size(1)};
 }
 
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& like,

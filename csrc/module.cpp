@@ -12,6 +12,9 @@
 //       channels of an H x W image into D x Gh x Gw cells; mask and dguide do not apply) or
 //       "grid_blur" (pass_ "forward"; the grid N x C x D x Gh x Gw, H and W unused; sigma three
 //       floats, default (1, 1, 1)).
+//   curve_plans(pass_, N, C, H, W, K, elem_size=4, acc_size=4, mask=None) -> [dict]
+//       the same for curve_guide (mask: its backward's 7 flags), with table_size, table_shared,
+//       rows_shared, registers and partial_rows
 //   kernel_info(acc_size) -> [dict]   __launch_bounds__ and largest dynamic request per kernel
 //   limits() -> dict                  the architectural limits the plans are built against (and
 //                                     grid_blur's largest tap count passed by value)
@@ -276,6 +279,54 @@ PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   return out;
 }
 
+PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"pass_", "N", "C", "H", "W", "K", "elem_size", "acc_size",
+                                   "mask", nullptr};
+  const char* pass = nullptr;
+  long long N, C, H, W, K, elem_size = 4, acc_size = 4;
+  PyObject* mask = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLL|LLO", const_cast<char**>(keywords), &pass,
+                                   &N, &C, &H, &W, &K, &elem_size, &acc_size, &mask)) {
+    return nullptr;
+  }
+  const bool forward = PyOS_stricmp(pass, "forward") == 0;
+  if (!forward && PyOS_stricmp(pass, "backward") != 0) {
+    PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if (N < 0 || H < 0 || W < 0 || C < 1 || K < 1) {
+    PyErr_SetString(PyExc_ValueError, "need N, H, W >= 0 and C, K >= 1");
+    return nullptr;
+  }
+  if ((acc_size != 4 && acc_size != 8) || (elem_size != 2 && elem_size != 4 && elem_size != 8)) {
+    PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8, elem_size 2, 4 or 8");
+    return nullptr;
+  }
+  bool want[7];
+  if (!parse_mask(mask, 7, want)) return nullptr;
+  launch::CurveRequest r;
+  r.backward = !forward;
+  r.need_input = want[0];
+  r.need_params = want[1] || want[2] || want[3] || want[4] || want[5] || want[6];
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  // The launchers return before any launch for empty images and when no gradient is wanted.
+  if (N * H * W == 0 || (r.backward && !r.need_input && !r.need_params)) return out;
+  const launch::CurvePlan p = launch::curve_plan(N, C, H, W, K, acc_size, r);
+  const Extra ex[] = {{"table_size", p.table_size},
+                      {"table_shared", p.table_shared},
+                      {"rows_shared", p.rows_shared},
+                      {"registers", p.registers},
+                      {"partial_rows", p.partial_rows}};
+  bool ok = append(out, launch_dict(p.main, ex, 5));
+  if (ok && p.reduce.present) ok = append(out, launch_dict(p.reduce, ex, 5));
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 PyObject* kernel_info(PyObject*, PyObject* args) {
   long long acc_size;
   if (!PyArg_ParseTuple(args, "L", &acc_size)) return nullptr;
@@ -357,6 +408,8 @@ PyObject* max_cells(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
+    {"curve_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_plans)),
+     METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one curve_guide call."},
     {"kernel_info", kernel_info, METH_VARARGS,
      "__launch_bounds__ and largest dynamic shared memory request of every CUDA kernel."},
     {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},

@@ -9,7 +9,10 @@
 //    tent weights along z replaced by their slopes). Second derivatives are built from it: the
 //    slice is piecewise linear in the guide, so every derivative beyond this one is zero almost
 //    everywhere.
-// grid_splat and grid_blur need no companions: their derivatives are the ops above (the splat is
+//  * curve_guide's backward returns the gradients of all seven arguments (masked-off ones as
+//    empty tensors); it has no dguide variant: its second derivatives come from autograd of the
+//    pure-torch formula (bilateral_ops/curve_guide.py).
+// grid_splat and grid_blur need no companions: their derivatives are the slice ops (the splat is
 // the slice's transpose) and grid_blur itself.
 
 #include <torch/library.h>
@@ -45,4 +48,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
   //    every other channel divided by max(weight, 1e-12): (N, C, ..) -> (N, C - 1, H, W).
   m.def("_bilateral_grid_filter_splat(Tensor input, Tensor guide, int[3] grid_size) -> Tensor");
   m.def("_bilateral_grid_filter_slice(Tensor grid, Tensor guide) -> Tensor");
+
+  m.def(
+      "curve_guide(Tensor input, Tensor ccm, Tensor ccm_bias, Tensor shifts, Tensor slopes, "
+      "Tensor mix, Tensor mix_bias) -> Tensor");
+  m.def(
+      "_curve_guide_backward(Tensor grad_output, Tensor input, Tensor ccm, Tensor ccm_bias, "
+      "Tensor shifts, Tensor slopes, Tensor mix, Tensor mix_bias, bool[7] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -177,10 +177,47 @@ def no_kernel_runs(monkeypatch) -> None:
         "bilateral_ops.grid_splat",
         "bilateral_ops.grid_blur",
         "bilateral_ops.bilateral_grid_filter",
+        "bilateral_ops.curve_guide",
     ):
         mod = importlib.import_module(name)
         monkeypatch.setattr(mod, "_ops", _Poisoned())
         monkeypatch.setattr(mod, "reference", _Poisoned())
+
+
+def make_curve_case(n, c, h, w, k, dtype=F64, gen=None, device="cpu", margin=0.0, tries=200, mix_bias=None):
+    """curve_guide arguments near HDRNet's initialisation (a noisy identity ccm, shifts spread over
+    [0, 1), mixed-sign slopes) for an (n, c, h, w) image with k curve points. With margin > 0, the
+    draw is repeated until every relu input c_k - shift and the pre-clamp guide's distance to 0 and
+    1 are at least margin away from their kinks (what finite differences need); some pixels still
+    clamp. mix_bias, if given, replaces the drawn one before the margin is checked."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    for _ in range(tries):
+        x = torch.rand(n, c, h, w, generator=gen, dtype=F64)
+        ccm = torch.eye(c, dtype=F64) + 0.3 * torch.randn(c, c, generator=gen, dtype=F64)
+        ccm_bias = 0.1 * torch.randn(c, generator=gen, dtype=F64)
+        shifts = torch.linspace(0, 1, k + 1, dtype=F64)[:-1].repeat(c, 1) + 0.05 * torch.rand(c, k, generator=gen, dtype=F64)
+        slopes = torch.randn(c, k, generator=gen, dtype=F64) * 0.3
+        slopes[:, 0] += 1.0
+        mix = (torch.rand(c, generator=gen, dtype=F64) + 0.5) / c
+        mix_bias = 0.1 * torch.randn(1, generator=gen, dtype=F64) if mix_bias is None else torch.tensor([float(mix_bias)], dtype=F64)
+        args = [x, ccm, ccm_bias, shifts, slopes, mix, mix_bias]
+        if margin <= 0 or _curve_margin(*args) >= margin:
+            return [t.to(dtype).to(device) for t in args]
+    raise AssertionError("no draw kept away from the kinks; lower the margin")
+
+
+def curve_pre_clamp(x, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
+    """The relu inputs (N, C, K, H, W) and the guide before its clamp (N, H, W), in float64."""
+    x, ccm, ccm_bias, shifts, slopes, mix, mix_bias = (t.double() for t in (x, ccm, ccm_bias, shifts, slopes, mix, mix_bias))
+    c = torch.einsum("ki,nihw->nkhw", ccm, x) + ccm_bias.view(1, -1, 1, 1)
+    a = c.unsqueeze(2) - shifts.view(1, *shifts.shape, 1, 1)
+    g = (mix.view(1, -1, 1, 1) * (slopes.view(1, *slopes.shape, 1, 1) * a.clamp_min(0)).sum(2)).sum(1) + mix_bias
+    return a, g
+
+
+def _curve_margin(*args) -> float:
+    a, g = curve_pre_clamp(*args)
+    return min(a.abs().min().item(), g.abs().min().item(), (g - 1).abs().min().item())
 
 
 def t64(*shape, dtype=F64):

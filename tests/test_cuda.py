@@ -785,3 +785,135 @@ def test_grid_ops_run_on_the_current_stream():
     }
     for name, r in ref.items():
         _assert_close(got[name], r, torch.float32, f"{name} on a side stream")
+
+
+# ----------------------------------------------------------------------------------------------
+# curve_guide: CUDA against the compiled CPU op in float64.
+
+# (N, C, H, W, K): HDRNet (registers, shared table and rows), C = 1 and K = 1, more channels than
+# the register path (dc scratch + einsum), a table too large for shared memory (global table,
+# global rows), a large table whose rows alone overflow (shared table, global rows), odd sizes and
+# images that end mid-warp, and a 1x1 image.
+CURVE_SHAPES = [
+    (2, 3, 37, 53, 16),
+    (1, 1, 5, 7, 1),
+    (2, 5, 33, 47, 4),
+    (1, 8, 19, 23, 256),
+    (1, 3, 21, 17, 400),
+    (3, 4, 1, 1, 16),
+    (1, 3, 256, 384, 16),
+]
+CURVE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+CURVE_NAMES = ("input", "ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
+
+
+def curve_shapes() -> list[tuple[int, ...]]:
+    """Every (N, C, H, W, K) this file runs curve_guide on: tests/test_launch_config.py checks
+    their launch plans on the CPU."""
+    return CURVE_SHAPES + [(2, 3, 40, 60, 16), (1, 3, 64, 64, 16)]
+
+
+def _curve_case(N, C, H, W, K, dtype, seed=0):
+    from helpers import make_curve_case
+
+    cpu = [t.to(dtype) for t in make_curve_case(N, C, H, W, K, gen=torch.Generator().manual_seed(seed))]
+    return cpu, [t.cuda() for t in cpu]
+
+
+def _curve_compare(got, want, dtype, what, pixels=1, mask=None):
+    got, want = got.double().cpu(), want.double()
+    if mask is not None:
+        got, want = got[mask], want[mask]
+    tol = CURVE_TOL[dtype] * (1 + want.abs().max().item()) * (max(1, pixels) ** 0.5 if dtype != torch.float64 else 1)
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol, f"{what}: max err {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("shape", CURVE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_curve_guide_matches_cpu(shape, dtype):
+    N, C, H, W, _ = shape
+    cpu, dev = _curve_case(*shape, dtype)
+    go = torch.randn(N, H, W, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = ops.curve_guide(*[t.double() for t in cpu])
+    want_grads = ops._curve_guide_backward(go.double(), *[t.double() for t in cpu], [True] * 7)
+    out = ops.curve_guide(*dev)
+    assert out.dtype == dtype and out.device.type == "cuda"
+    grads = ops._curve_guide_backward(go.cuda(), *dev, [True] * 7)
+    _curve_compare(out, want, dtype, "guide")
+    # A pixel whose relu input or pre-clamp guide is within rounding of a kink may take the other
+    # side in float32: its input gradient then legitimately differs by O(1). Compare the input
+    # gradient away from the kinks; in the parameter sums one such pixel is within tolerance.
+    from helpers import curve_pre_clamp
+
+    a, g_pre = curve_pre_clamp(*cpu)
+    smooth = (a.abs().amin(dim=(1, 2)) > 1e-5) & (g_pre.abs() > 1e-5) & ((g_pre - 1).abs() > 1e-5)
+    smooth = smooth.unsqueeze(1).expand(N, C, H, W)
+    for name, g, w in zip(CURVE_NAMES, grads, want_grads):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        if dtype in (torch.float32, torch.float64):
+            if name == "input":
+                _curve_compare(g, w, dtype, "grad input", mask=smooth if dtype == torch.float32 else None)
+            else:
+                _curve_compare(g, w, dtype, f"grad {name}", N * H * W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_curve_guide_masks(dtype):
+    _, dev = _curve_case(2, 3, 33, 47, 16, dtype)
+    go = torch.randn(2, 33, 47, dtype=dtype, device="cuda")
+    full = ops._curve_guide_backward(go, *dev, [True] * 7)
+    for mask in ([True] + [False] * 6, [False] + [True] * 6, [False, True, False, False, True, False, True]):
+        part = ops._curve_guide_backward(go, *dev, mask)
+        for m, p, f in zip(mask, part, full):
+            if m:
+                assert torch.equal(p, f)
+            else:
+                assert p.shape == (0,)
+    assert all(t.shape == (0,) for t in ops._curve_guide_backward(go, *dev, [False] * 7))
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53, 16), (1, 8, 19, 23, 256)])
+def test_curve_guide_is_bitwise_reproducible(det, shape):
+    _, dev = _curve_case(*shape, torch.float32)
+    go = torch.randn(shape[0], shape[2], shape[3], device="cuda")
+    with deterministic(det):
+        a = ops._curve_guide_backward(go, *dev, [True] * 7)
+        b = ops._curve_guide_backward(go, *dev, [True] * 7)
+    for name, x, y in zip(CURVE_NAMES, a, b):
+        assert torch.equal(x, y), name
+
+
+def test_curve_guide_noncontiguous_and_empty():
+    _, dev = _curve_case(2, 3, 20, 30, 8, torch.float64)
+    views = [noncontiguous(dev[0]), dev[1].t().contiguous().t()] + [noncontiguous(t) for t in dev[2:]]
+    torch.testing.assert_close(ops.curve_guide(*views), ops.curve_guide(*dev), rtol=0, atol=0)
+    empty = [torch.rand(2, 3, 0, 5, dtype=torch.float64, device="cuda")] + dev[1:]
+    assert ops.curve_guide(*empty).shape == (2, 0, 5)
+    grads = ops._curve_guide_backward(torch.zeros(2, 0, 5, dtype=torch.float64, device="cuda"), *empty, [True] * 7)
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, empty))
+
+
+def test_curve_guide_runs_on_the_current_stream():
+    _, dev = _curve_case(1, 3, 64, 64, 16, torch.float32)
+    go = torch.randn(1, 64, 64, device="cuda")
+    want = ops.curve_guide(*dev), ops._curve_guide_backward(go, *dev, [True] * 7)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = ops.curve_guide(*dev)
+        grads = ops._curve_guide_backward(go, *dev, [True] * 7)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads, want[1]))
+
+
+def test_curve_guide_gradcheck_and_gradgradcheck():
+    from helpers import make_curve_case
+
+    args = [t.cuda().requires_grad_() for t in make_curve_case(1, 3, 3, 4, 3, margin=1e-4)]
+    assert torch.autograd.gradcheck(bo.curve_guide, args, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(bo.curve_guide, args, eps=1e-6, atol=1e-7)

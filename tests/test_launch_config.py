@@ -488,6 +488,14 @@ def test_kernel_info_matches_plans():
             assert p["dynamic_smem"] <= k["max_dynamic_smem"], p
             assert p["static_smem_budget"] == k["static_smem_budget"], p
             seen.add(p["kernel"])
+        every = [wp for shape in _edge_shapes()[::7] + _shapes_from_tests() for wp in all_plans(shape, dtype)]
+        every += [wp for shape in _curve_edge_shapes() for wp in all_curve_plans(shape, dtype)]
+        for where, p in every:
+            k = info[p["kernel"]]
+            assert p["launch_bounds"] == (k["max_threads"], k["min_blocks"]), where
+            assert p["dynamic_smem"] <= k["max_dynamic_smem"], where
+            assert p["static_smem_budget"] == k["static_smem_budget"], where
+            seen.add(p["kernel"])
         for k in info.values():
             assert k["static_smem_budget"] + k["max_dynamic_smem"] <= SMEM_NO_OPT_IN, k
     assert seen == {k["kernel"] for k in _C.kernel_info(4)}  # every kernel is launched somewhere
@@ -572,6 +580,135 @@ def test_masks_skip_work():
     assert plans("slice", "forward", (1, 12, 8, 16, 16, 0, 5, 0, True), "float32") == []
     with pytest.raises(ValueError):
         plans("slice", "backward", (1, 12, 8, 16, 16, 8, 8, 0, True), "float32", mask=[True, True], dguide=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# curve_guide: (N, C, H, W, K) shapes.
+
+CURVE_MASKS = [
+    [True] * 7,
+    [True] + [False] * 6,
+    [False] + [True] * 6,
+    [False, False, False, True, False, False, False],
+]
+
+
+def curve_plans(pass_, shape, dtype, mask=None):
+    N, C, H, W, K = shape
+    elem, acc = DTYPES[dtype]
+    out = _C.curve_plans(pass_, N, C, H, W, K, elem_size=elem, acc_size=acc, mask=mask)
+    for p in out:
+        p["acc_size"] = acc
+    return out
+
+
+def all_curve_plans(shape, dtype):
+    for p in curve_plans("forward", shape, dtype):
+        yield f"curve_guide forward {shape} {dtype}", p
+    for mask in CURVE_MASKS:
+        for p in curve_plans("backward", shape, dtype, mask=mask):
+            yield f"curve_guide backward mask={mask} {shape} {dtype}", p
+
+
+def _curve_shapes_from_tests():
+    return _load("_bo_test_cuda", os.path.join(ROOT, "tests", "test_cuda.py")).curve_shapes()
+
+
+def _curve_shapes_from_bench():
+    return _load("_bo_bench_curve", os.path.join(ROOT, "bench", "test_bench_curve_guide.py")).curve_shapes()
+
+
+def _curve_edge_shapes():
+    shapes = []
+    for C, K in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 64), (1, 3, 16, 64, 256, 1024)):
+        shapes.append((1, C, 1, 1, K))
+        shapes.append((2, C, 33, 47, K))
+        shapes.append((4, C, 4320, 7680, K))
+    shapes += [(256, 3, 1080, 1920, 16), (1, 3, 1, 31, 16), (64, 3, 384, 384, 16), (1, 512, 8, 8, 4)]
+    return shapes
+
+
+def _curve_shapes_from_sanitizer():
+    return _load("_bo_sanitize_cuda", os.path.join(ROOT, "bench", "sanitize_cuda.py")).curve_shapes()
+
+
+CURVE_SHAPE_SOURCES = {
+    "tests/test_cuda.py": _curve_shapes_from_tests,
+    "bench/sanitize_cuda.py": _curve_shapes_from_sanitizer,
+    "bench/test_bench_curve_guide.py": _curve_shapes_from_bench,
+    "edge cases": _curve_edge_shapes,
+}
+
+
+def _check_curve_plan(p, shape, where):
+    _, C, _, _, K = shape
+    P = C * C + 2 * C + 2 * C * K + 1
+    acc = p["acc_size"]
+    assert p["table_size"] == P, where
+    assert p["block"] == (256, 1, 1), where
+    assert bool(p["registers"]) == (C <= 4), where
+    assert bool(p["table_shared"]) == (P * acc <= 16 * KIB), where
+    if p["kernel"] == "curve_forward_kernel":
+        assert p["dynamic_smem"] == (P * acc if p["table_shared"] else 0), where
+    elif p["kernel"] == "curve_backward_kernel":
+        # The kernel carves the table and then eight warp rows out of the dynamic buffer.
+        rows = 8 * P * acc if p["rows_shared"] else 0
+        assert p["dynamic_smem"] == (P * acc if p["table_shared"] else 0) + rows, where
+    else:
+        assert p["kernel"] == "curve_reduce_kernel" and p["dynamic_smem"] == 0, where
+        assert p["grid"][0] * 256 >= P, where
+    if p["partial_rows"]:
+        # One row per block with shared rows, one per warp otherwise; bounded memory.
+        assert p["partial_rows"] * P <= max(2**24, 8 * P), where
+
+
+@pytest.mark.parametrize("source", list(CURVE_SHAPE_SOURCES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_curve_plan_fits_every_architecture(source, dtype):
+    shapes = CURVE_SHAPE_SOURCES[source]()
+    assert shapes
+    count = 0
+    for shape in shapes:
+        plans_ = list(all_curve_plans(shape, dtype))
+        mains = [p for _, p in plans_ if p["kernel"] == "curve_backward_kernel"]
+        for where, p in plans_:
+            check_plan(p, where)
+            _check_curve_plan(p, shape, where)
+            count += 1
+        for m in mains:
+            per_block = 1 if m["rows_shared"] else 8
+            assert m["partial_rows"] in (0, m["grid"][0] * per_block), shape
+    assert count > 0
+
+
+def test_curve_plan_modes():
+    hdrnet = curve_plans("backward", (4, 3, 384, 384, 16), "float32")
+    assert [p["kernel"] for p in hdrnet] == ["curve_backward_kernel", "curve_reduce_kernel"]
+    main = hdrnet[0]
+    assert main["registers"] and main["table_shared"] and main["rows_shared"]
+    assert main["grid"][0] == 1024 and main["partial_rows"] == 1024
+    # A table beyond 16 KiB is read from global memory; rows that do not fit go to `partial`.
+    big = curve_plans("backward", (1, 8, 19, 23, 256), "float32")[0]
+    assert not big["table_shared"] and not big["rows_shared"] and not big["registers"]
+    assert big["partial_rows"] == 8 * big["grid"][0]
+    rows_only = curve_plans("backward", (1, 3, 21, 17, 400), "float32")[0]
+    assert rows_only["table_shared"] and not rows_only["rows_shared"]
+    assert rows_only["dynamic_smem"] == 2416 * 4  # the table alone
+    assert curve_plans("backward", (1, 3, 21, 17, 400), "float64")[0]["dynamic_smem"] == 0  # > 16 KiB
+    # The number of blocks depends on the sizes only: the reduction order is fixed.
+    assert curve_plans("backward", (1, 3, 8, 8, 16), "float32")[0]["grid"][0] == 1
+
+
+def test_curve_masks_skip_work():
+    assert curve_plans("backward", (1, 3, 8, 8, 16), "float32", mask=[False] * 7) == []
+    assert curve_plans("forward", (1, 3, 0, 8, 16), "float32") == []
+    only_input = curve_plans("backward", (1, 3, 8, 8, 16), "float32", mask=[True] + [False] * 6)
+    assert [p["kernel"] for p in only_input] == ["curve_backward_kernel"]
+    assert only_input[0]["partial_rows"] == 0 and not only_input[0]["rows_shared"]
+    with pytest.raises(ValueError):
+        _C.curve_plans("backward", 1, 0, 8, 8, 16)
+    with pytest.raises(ValueError):
+        _C.curve_plans("backward", 1, 3, 8, 8, 16, mask=[True] * 6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -358,6 +358,68 @@ inline BlurPlan blur_plan(int64_t N, int64_t C, int64_t D, int64_t Gh, int64_t G
 }
 
 // ---------------------------------------------------------------------------------------------
+// curve_guide: grid-stride kernels over pixels. The parameter table (P values, curve_guide.h) is
+// copied into shared memory when small; the backward pass sums parameter gradients per warp
+// (shuffles) into one row per warp, in shared memory when the rows fit, then per block, and a
+// second kernel adds the blocks' rows in a fixed order. No atomics anywhere: the result does not
+// depend on scheduling, so the same path serves torch's deterministic mode.
+
+constexpr int kCurveThreads = 256;
+constexpr int kCurveWarps = kCurveThreads / 32;
+constexpr int kCurveMinBlocks = 2;               // <= 128 registers
+constexpr int kCurveRegChannels = 4;             // C <= this: a pixel's channels in registers
+constexpr int64_t kCurveTableSmem = 16 * 1024;   // largest table copied to shared memory
+constexpr int64_t kCurveForwardMaxBlocks = 4096;
+constexpr int64_t kCurveBackwardMaxBlocks = 1024;  // partial rows: fixed by the sizes alone
+constexpr int64_t kCurveMaxPartial = int64_t{1} << 24;  // elements of the partial rows
+
+struct CurveRequest {
+  bool backward = false;
+  bool need_input = true, need_params = true;  // backward: output_mask[0], any of [1..6]
+};
+
+struct CurvePlan {
+  int64_t table_size = 0;      // P
+  bool table_shared = false;   // table in shared memory (else read from global)
+  bool rows_shared = false;    // backward: per-warp rows in shared memory (else in `partial`)
+  bool registers = false;      // C <= kCurveRegChannels
+  int64_t partial_rows = 0;    // backward with parameters: rows the reduce kernel adds up
+  Launch main, reduce;         // main: curve_forward_kernel or curve_backward_kernel
+};
+
+inline int64_t curve_table_bytes(int64_t P, int64_t acc_size) { return P * acc_size; }
+
+inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                            int64_t acc_size, const CurveRequest& r) {
+  CurvePlan p;
+  const int64_t P = C * C + 2 * C + 2 * C * K + 1;
+  const int64_t pixels = N * H * W;
+  p.table_size = P;
+  p.registers = C <= kCurveRegChannels;
+  p.table_shared = curve_table_bytes(P, acc_size) <= kCurveTableSmem;
+  const int64_t table_smem = p.table_shared ? curve_table_bytes(P, acc_size) : 0;
+  if (!r.backward) {
+    p.main = make_launch("curve_forward_kernel",
+                         std::min(blocks_for(pixels, kCurveThreads), kCurveForwardMaxBlocks),
+                         kCurveThreads, kCurveMinBlocks, table_smem);
+    return p;
+  }
+  const bool params = r.need_params;
+  const int64_t rows_smem = params ? kCurveWarps * P * acc_size : 0;
+  p.rows_shared = params && table_smem + rows_smem <= kSmemNoOptIn - kStaticSmem;
+  const int64_t rows_per_block = p.rows_shared ? 1 : kCurveWarps;
+  int64_t blocks = std::min(blocks_for(pixels, kCurveThreads), kCurveBackwardMaxBlocks);
+  if (params) blocks = std::max<int64_t>(1, std::min(blocks, kCurveMaxPartial / (rows_per_block * P)));
+  p.main = make_launch("curve_backward_kernel", blocks, kCurveThreads, kCurveMinBlocks,
+                       table_smem + (p.rows_shared ? rows_smem : 0));
+  if (params) {
+    p.partial_rows = blocks * rows_per_block;
+    p.reduce = make_launch("curve_reduce_kernel", blocks_for(P, kCurveThreads), kCurveThreads, 0);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-kernel bounds for tools/ptxas_report.py: the __launch_bounds__ of each kernel and the
 // largest dynamic shared memory any plan above requests from it, by accumulator size.
 
@@ -381,6 +443,10 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"grad_grid_gather_kernel", kGatherThreads, kGatherMinBlocks, kStaticSmem, gather_max},
       {"gather_finish_kernel", kForwardThreads, 0, kStaticSmem, 0},
       {"grid_blur_kernel", kBlurThreads, kBlurMinBlocks, kStaticSmem, 0},
+      {"curve_forward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem, kCurveTableSmem},
+      {"curve_backward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem,
+       kSmemNoOptIn - kStaticSmem},
+      {"curve_reduce_kernel", kCurveThreads, 0, kStaticSmem, 0},
   };
   const int n = static_cast<int>(sizeof(all) / sizeof(all[0]));
   if (out != nullptr) {

@@ -1,0 +1,409 @@
+// CUDA kernels of curve_guide and _curve_guide_backward (csrc/ops.cpp has the schemas,
+// bilateral_ops/curve_guide.h the per-pixel formula shared with the CPU, launch_config.h the
+// launch plans). One thread per pixel in a grid-stride loop; the parameters are read as one
+// table in the accumulation type (float for float16 / bfloat16 / float32, double for float64),
+// from shared memory when it fits.
+//
+// Parameter gradients: every warp sums each contribution over its 32 pixels with shuffles and
+// adds it to its own row (lane 0, no contention); the block then adds its warps' rows in warp
+// order, and curve_reduce_kernel adds the blocks' rows in block order. The number of blocks and
+// the assignment of pixels to warps depend on the sizes only, and there are no atomics, so the
+// gradients are bitwise reproducible (torch's deterministic mode needs nothing more).
+//
+// With C <= kCurveRegChannels a pixel's channels and its input gradient live in registers; with
+// more channels the channels are re-read (L1 hits) and the per-channel gradient dc is written to a
+// scratch tensor, from which the launcher forms the input gradient ccm^T dc with one einsum.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+
+#include "../checks.h"
+#include "../curve_guide_table.h"
+#include "bilateral_ops/curve_guide.h"
+#include "common.cuh"
+#include "launch_config.h"
+
+namespace bilateral_ops {
+namespace cuda {
+namespace {
+
+template <typename scalar_t>
+struct CurveKernelArgs {
+  using acc_t = acc_type<scalar_t>;
+  CurveLayout l;
+  int64_t HW, pixels;
+  const scalar_t* input;        // (N, C, HW)
+  const scalar_t* grad_output;  // (N, HW), backward
+  scalar_t* output;             // (N, HW), forward
+  scalar_t* grad_input;         // (N, C, HW), backward with need_input and registers
+  acc_t* dc;                    // (N, C, HW), backward with need_input without registers
+  const acc_t* table;           // (P,) in global memory
+  acc_t* partial;               // backward with need_params: zeroed (partial_rows, P)
+  bool table_shared, rows_shared, need_input, need_params;
+};
+
+// The parameter table every thread reads: copied to the front of the dynamic shared buffer when
+// the plan says so. Every thread of the block must call it (it synchronises).
+template <typename acc_t>
+__device__ __forceinline__ const acc_t* block_table(const acc_t* table, int64_t P, bool shared,
+                                                    acc_t* smem) {
+  if (!shared) return table;
+  for (int64_t q = threadIdx.x; q < P; q += blockDim.x) smem[q] = table[q];
+  __syncthreads();
+  return smem;
+}
+
+// A pixel's channels: in registers (kRegC > 0, C <= kRegC) or re-read from global memory.
+template <typename scalar_t, int kRegC>
+struct PixelChannels {
+  using acc_t = acc_type<scalar_t>;
+  acc_t xr[kRegC > 0 ? kRegC : 1];
+  const scalar_t* x;  // channel 0 of the pixel; channel i at x[i * HW]
+  int64_t HW;
+  int64_t C;
+
+  __device__ __forceinline__ void load(const scalar_t* px, int64_t hw, int64_t c, bool valid) {
+    x = px;
+    HW = hw;
+    C = c;
+    if constexpr (kRegC > 0) {
+#pragma unroll
+      for (int i = 0; i < kRegC; ++i) xr[i] = (valid && i < C) ? ldg(x + i * HW) : acc_t(0);
+    }
+  }
+  // Channel i; only called with i < C, and (for kRegC > 0) from fully unrolled loops.
+  __device__ __forceinline__ acc_t at(int64_t i) const {
+    if constexpr (kRegC > 0) {
+      return xr[i];
+    } else {
+      return ldg(x + i * HW);
+    }
+  }
+};
+
+// c_k = ccm[k] . x + ccm_bias[k]
+template <typename scalar_t, int kRegC>
+__device__ __forceinline__ acc_type<scalar_t> color(const acc_type<scalar_t>* tb,
+                                                    const CurveLayout& l, int64_t k,
+                                                    const PixelChannels<scalar_t, kRegC>& px) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t c = tb[l.ccm_bias() + k];
+  const acc_t* row = tb + l.ccm() + k * l.C;
+  if constexpr (kRegC > 0) {
+#pragma unroll
+    for (int i = 0; i < kRegC; ++i) {
+      if (i < l.C) c += row[i] * px.at(i);
+    }
+  } else {
+    for (int64_t i = 0; i < l.C; ++i) c += row[i] * px.at(i);
+  }
+  return c;
+}
+
+// The guide before the clamp.
+template <typename scalar_t, int kRegC>
+__device__ __forceinline__ acc_type<scalar_t> pre_clamp(const acc_type<scalar_t>* tb,
+                                                        const CurveLayout& l,
+                                                        const PixelChannels<scalar_t, kRegC>& px) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t g = tb[l.mix_bias()];
+  for (int64_t k = 0; k < l.C; ++k) {
+    const acc_t c = color(tb, l, k, px);
+    const acc_t* sh = tb + l.shifts() + k * l.K;
+    const acc_t* sl = tb + l.slopes() + k * l.K;
+    acc_t f = 0;
+    for (int64_t j = 0; j < l.K; ++j) curve_value(c, sh[j], sl[j], f);
+    g += tb[l.mix() + k] * f;
+  }
+  return g;
+}
+
+template <typename scalar_t, int kRegC>
+__global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
+    curve_forward_kernel(const CurveKernelArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const acc_t* tb =
+      block_table(a.table, a.l.size(), a.table_shared, reinterpret_cast<acc_t*>(smem_raw));
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < a.pixels;
+       p += stride) {
+    const int64_t n = p / a.HW, s = p - n * a.HW;
+    PixelChannels<scalar_t, kRegC> px;
+    px.load(a.input + n * a.l.C * a.HW + s, a.HW, a.l.C, true);
+    a.output[p] = static_cast<scalar_t>(curve_clamp01(pre_clamp(tb, a.l, px)));
+  }
+}
+
+// Adds v, summed over the warp, to row[q]. Every lane must call it.
+template <typename acc_t>
+__device__ __forceinline__ void warp_add(acc_t* row, int64_t q, acc_t v, int lane) {
+  v = warp_sum(v);
+  if (lane == 0) row[q] += v;
+}
+
+template <typename scalar_t, int kRegC>
+__global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
+    curve_backward_kernel(const CurveKernelArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const CurveLayout l = a.l;
+  const int64_t P = l.size(), C = l.C, K = l.K;
+  const acc_t* tb = block_table(a.table, P, a.table_shared, smem);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  // This warp's gradient row: in shared memory after the table, or its own row of `partial`.
+  acc_t* rows = smem + (a.table_shared ? P : 0);
+  acc_t* row = nullptr;
+  if (a.need_params) {
+    if (a.rows_shared) {
+      for (int64_t q = threadIdx.x; q < warps * P; q += blockDim.x) rows[q] = 0;
+      row = rows + warp * P;
+    } else {
+      row = a.partial + (static_cast<int64_t>(blockIdx.x) * warps + warp) * P;
+    }
+  }
+  __syncthreads();
+
+  const int64_t step = static_cast<int64_t>(gridDim.x) * warps * 32;
+  // The loop bound is the same for every lane of a warp: all of them reach the shuffles.
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * warps + warp) * 32; base < a.pixels;
+       base += step) {
+    const int64_t p = base + lane;
+    const bool valid = p < a.pixels;
+    const int64_t n = valid ? p / a.HW : 0, s = valid ? p - n * a.HW : 0;
+    PixelChannels<scalar_t, kRegC> px;
+    px.load(a.input + n * C * a.HW + s, a.HW, C, valid);
+    // Lanes past the end carry a zero gradient: they add nothing, and read nothing.
+    const acc_t go = valid ? ldg(a.grad_output + p) : acc_t(0);
+    const acc_t gp = valid ? curve_clamp_pass(pre_clamp(tb, l, px), go) : acc_t(0);
+    if (a.need_params) warp_add(row, l.mix_bias(), gp, lane);
+    acc_t dx[kRegC > 0 ? kRegC : 1];
+#pragma unroll
+    for (int i = 0; i < (kRegC > 0 ? kRegC : 1); ++i) dx[i] = 0;
+    for (int64_t k = 0; k < C; ++k) {
+      const acc_t c = valid ? color(tb, l, k, px) : acc_t(0);
+      const acc_t* sh = tb + l.shifts() + k * K;
+      const acc_t* sl = tb + l.slopes() + k * K;
+      acc_t f = 0, fp = 0;
+      for (int64_t j = 0; j < K; ++j) curve_point(c, sh[j], sl[j], f, fp);
+      const acc_t df = gp * tb[l.mix() + k];
+      const acc_t dc = df * fp;
+      if (a.need_input) {
+        if constexpr (kRegC > 0) {
+          const acc_t* ccm_row = tb + l.ccm() + k * C;
+#pragma unroll
+          for (int i = 0; i < kRegC; ++i) {
+            if (i < C) dx[i] += ccm_row[i] * dc;
+          }
+        } else if (valid) {
+          a.dc[(n * C + k) * a.HW + s] = dc;
+        }
+      }
+      if (a.need_params) {
+        warp_add(row, l.mix() + k, gp * f, lane);
+        warp_add(row, l.ccm_bias() + k, dc, lane);
+        // Invalid lanes have dc = 0 (and, with registers, zero channels).
+        if constexpr (kRegC > 0) {
+#pragma unroll
+          for (int i = 0; i < kRegC; ++i) {
+            if (i < C) warp_add(row, l.ccm() + k * C + i, dc * px.at(i), lane);
+          }
+        } else {
+          for (int64_t i = 0; i < C; ++i) {
+            warp_add(row, l.ccm() + k * C + i, valid ? dc * px.at(i) : acc_t(0), lane);
+          }
+        }
+        for (int64_t j = 0; j < K; ++j) {
+          acc_t d_shift = 0, d_slope = 0;
+          curve_point_grads(c, sh[j], df, d_shift, d_slope);
+          warp_add(row, l.shifts() + k * K + j, d_shift, lane);
+          warp_add(row, l.slopes() + k * K + j, d_slope, lane);
+        }
+      }
+    }
+    if constexpr (kRegC > 0) {
+      if (a.need_input && valid) {
+        scalar_t* gi = a.grad_input + n * C * a.HW + s;
+#pragma unroll
+        for (int i = 0; i < kRegC; ++i) {
+          if (i < C) gi[i * a.HW] = static_cast<scalar_t>(dx[i]);
+        }
+      }
+    }
+  }
+
+  if (a.need_params && a.rows_shared) {
+    __syncthreads();
+    acc_t* out = a.partial + static_cast<int64_t>(blockIdx.x) * P;
+    for (int64_t q = threadIdx.x; q < P; q += blockDim.x) {
+      acc_t sum = 0;
+      for (int w = 0; w < warps; ++w) sum += rows[w * P + q];
+      out[q] = sum;
+    }
+  }
+}
+
+// out[q] = sum of the rows' q-th entries, in row order, in double.
+template <typename acc_t>
+__global__ void __launch_bounds__(launch::kCurveThreads)
+    curve_reduce_kernel(const acc_t* partial, int64_t rows, int64_t P, acc_t* out) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= P) return;
+  double sum = 0;
+  for (int64_t r = 0; r < rows; ++r) sum += static_cast<double>(partial[r * P + q]);
+  out[q] = static_cast<acc_t>(sum);
+}
+
+inline dim3 as_dim3(const launch::Dim3& d) {
+  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
+}
+
+#define BO_CURVE_LAUNCH(kernel, plan, stream, ...)                                         \
+  do {                                                                                     \
+    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
+             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
+  } while (0)
+
+at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
+                       const at::Tensor& ccm_bias, const at::Tensor& shifts,
+                       const at::Tensor& slopes, const at::Tensor& mix,
+                       const at::Tensor& mix_bias) {
+  const CurveShape sh = check_curve_guide(input_in, ccm, ccm_bias, shifts, slopes, mix, mix_bias);
+  const c10::cuda::CUDAGuard device_guard(input_in.device());
+  if (sh.pixels() == 0) return at::zeros({sh.N, sh.H, sh.W}, input_in.options());
+  const at::Tensor input = input_in.contiguous();
+  const at::ScalarType acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor table = curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, acc);
+  at::Tensor out = at::empty({sh.N, sh.H, sh.W}, input.options());
+  launch::CurveRequest req;
+  const launch::CurvePlan plan =
+      launch::curve_plan(sh.N, sh.C, sh.H, sh.W, sh.K, at::elementSize(acc), req);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "curve_guide_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    CurveKernelArgs<scalar_t> a{};
+    a.l = sh.layout();
+    a.HW = sh.H * sh.W;
+    a.pixels = sh.pixels();
+    a.input = input.data_ptr<scalar_t>();
+    a.output = out.data_ptr<scalar_t>();
+    a.table = table.data_ptr<acc_t>();
+    a.table_shared = plan.table_shared;
+    if (plan.registers) {
+      BO_CURVE_LAUNCH((curve_forward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
+                      stream, a);
+    } else {
+      BO_CURVE_LAUNCH((curve_forward_kernel<scalar_t, 0>), plan.main, stream, a);
+    }
+  });
+  return out;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+Grads curve_guide_backward(const at::Tensor& grad_output_in, const at::Tensor& input_in,
+                           const at::Tensor& ccm, const at::Tensor& ccm_bias,
+                           const at::Tensor& shifts, const at::Tensor& slopes,
+                           const at::Tensor& mix, const at::Tensor& mix_bias,
+                           std::array<bool, 7> mask) {
+  const CurveShape sh = check_curve_guide(input_in, ccm, ccm_bias, shifts, slopes, mix, mix_bias);
+  check_floating(grad_output_in, "grad_output");
+  check_same(grad_output_in, "grad_output", input_in, "input");
+  TORCH_CHECK(grad_output_in.dim() == 3 && grad_output_in.size(0) == sh.N &&
+                  grad_output_in.size(1) == sh.H && grad_output_in.size(2) == sh.W,
+              "grad_output must have shape (", sh.N, ", ", sh.H, ", ", sh.W, "), got ",
+              grad_output_in.sizes());
+  const c10::cuda::CUDAGuard device_guard(input_in.device());
+  const bool need_params = std::any_of(mask.begin() + 1, mask.end(), [](bool b) { return b; });
+  if (sh.pixels() == 0 || !(mask[0] || need_params)) {
+    return {zero_or_masked(mask[0], input_in), zero_or_masked(mask[1], ccm),
+            zero_or_masked(mask[2], ccm_bias), zero_or_masked(mask[3], shifts),
+            zero_or_masked(mask[4], slopes),   zero_or_masked(mask[5], mix),
+            zero_or_masked(mask[6], mix_bias)};
+  }
+  const at::Tensor input = input_in.contiguous();
+  const at::Tensor go = grad_output_in.contiguous();
+  const at::ScalarType acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor table = curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, acc);
+  const CurveLayout l = sh.layout();
+  launch::CurveRequest req;
+  req.backward = true;
+  req.need_input = mask[0];
+  req.need_params = need_params;
+  const launch::CurvePlan plan =
+      launch::curve_plan(sh.N, sh.C, sh.H, sh.W, sh.K, at::elementSize(acc), req);
+  const auto acc_opts = input.options().dtype(acc);
+  at::Tensor grad_input = masked_out(input);
+  at::Tensor dc;
+  if (mask[0]) {
+    if (plan.registers) {
+      grad_input = at::empty(input.sizes(), input.options());
+    } else {
+      dc = at::empty({sh.N, sh.C, sh.H, sh.W}, acc_opts);
+    }
+  }
+  at::Tensor partial = need_params ? at::zeros({plan.partial_rows, l.size()}, acc_opts)
+                                   : at::Tensor();
+  at::Tensor row = need_params ? at::empty({l.size()}, acc_opts) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "curve_guide_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    CurveKernelArgs<scalar_t> a{};
+    a.l = l;
+    a.HW = sh.H * sh.W;
+    a.pixels = sh.pixels();
+    a.input = input.data_ptr<scalar_t>();
+    a.grad_output = go.data_ptr<scalar_t>();
+    a.table = table.data_ptr<acc_t>();
+    a.table_shared = plan.table_shared;
+    a.rows_shared = plan.rows_shared;
+    a.need_input = mask[0];
+    a.need_params = need_params;
+    a.grad_input = (mask[0] && plan.registers) ? grad_input.data_ptr<scalar_t>() : nullptr;
+    a.dc = dc.defined() ? dc.data_ptr<acc_t>() : nullptr;
+    a.partial = need_params ? partial.data_ptr<acc_t>() : nullptr;
+    if (plan.registers) {
+      BO_CURVE_LAUNCH((curve_backward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
+                      stream, a);
+    } else {
+      BO_CURVE_LAUNCH((curve_backward_kernel<scalar_t, 0>), plan.main, stream, a);
+    }
+    if (need_params) {
+      BO_CURVE_LAUNCH(curve_reduce_kernel<acc_t>, plan.reduce, stream, partial.data_ptr<acc_t>(),
+                      plan.partial_rows, l.size(), row.data_ptr<acc_t>());
+    }
+  });
+  if (dc.defined()) {
+    // The input gradient of the many-channel path: dx_i = sum_k ccm[k, i] dc_k.
+    grad_input = at::einsum("ki,nkhw->nihw", {table.narrow(0, l.ccm(), l.C * l.C).view({l.C, l.C}), dc})
+                     .to(input.scalar_type());
+  }
+  if (!need_params) row = at::zeros({l.size()}, acc_opts);  // every parameter is masked off
+  const std::array<at::Tensor, 6> pg = curve_unpack_grads(row, table, l, ccm, mask);
+  return {grad_input, pg[0], pg[1], pg[2], pg[3], pg[4], pg[5]};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bilateral_ops
+
+TORCH_LIBRARY_IMPL(bilateral_ops, CUDA, m) {
+  m.impl("curve_guide", &bilateral_ops::cuda::curve_guide);
+  m.impl("_curve_guide_backward", &bilateral_ops::cuda::curve_guide_backward);
+}

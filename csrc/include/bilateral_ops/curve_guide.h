@@ -1,0 +1,85 @@
+#pragma once
+// HDRNet's guidance map, per pixel: c = ccm x + ccm_bias; f_k = sum_j slopes[k,j] relu(c_k -
+// shifts[k,j]); guide = clamp(sum_k mix[k] f_k + mix_bias, 0, 1). One copy of the formula for
+// the CPU kernels (where V is a GCC vector of pixels) and the CUDA kernels (V a scalar).
+//
+// The derivative conventions are those of torch's autograd of the reference (reference.py), so
+// that kernel and reference gradients agree bit for bit in their masks: relu'(0) = 0 (torch's
+// threshold_backward keeps the gradient where the output is > 0) and clamp passes the gradient
+// on the closed interval [0, 1] (torch's clamp_backward).
+//
+// Parameters travel as one table of P values, and parameter gradients as rows of the same
+// layout, so that a single reduction covers all of them:
+//   [ccm (C*C) | ccm_bias (C) | shifts (C*K) | slopes (C*K) | mix (C) | mix_bias (1)]
+// The shift entries of a gradient row accumulate sum(df_k * [a > 0]) (a = c_k - shift); the
+// launchers multiply by -slopes[k,j] once, after the reduction.
+
+#include "bilateral_ops/macros.h"
+
+namespace bilateral_ops {
+
+struct CurveLayout {
+  int64_t C, K;
+
+  BO_HOST_DEVICE int64_t ccm() const { return 0; }
+  BO_HOST_DEVICE int64_t ccm_bias() const { return C * C; }
+  BO_HOST_DEVICE int64_t shifts() const { return C * C + C; }
+  BO_HOST_DEVICE int64_t slopes() const { return C * C + C + C * K; }
+  BO_HOST_DEVICE int64_t mix() const { return C * C + C + 2 * C * K; }
+  BO_HOST_DEVICE int64_t mix_bias() const { return C * C + 2 * C + 2 * C * K; }
+  BO_HOST_DEVICE int64_t size() const { return C * C + 2 * C + 2 * C * K + 1; }
+};
+
+// The sizes of one call: N images of C channels, H x W pixels; K curve points per channel.
+struct CurveShape {
+  int64_t N, C, H, W, K;
+
+  int64_t pixels() const { return N * H * W; }
+  CurveLayout layout() const { return CurveLayout{C, K}; }
+};
+
+// relu that lets NaN through, as torch.relu does (a comparison-select, so it vectorises).
+template <typename V>
+BO_HOST_DEVICE V curve_relu(V a) {
+  return a < V{} ? V{} : a;
+}
+
+// One point of a channel's curve: adds its value to f.
+template <typename V>
+BO_HOST_DEVICE void curve_value(V c, V shift, V slope, V& f) {
+  f += slope * curve_relu(c - shift);
+}
+
+// One point of a channel's curve: adds its value to f and its slope to fp.
+template <typename V>
+BO_HOST_DEVICE void curve_point(V c, V shift, V slope, V& f, V& fp) {
+  const V a = c - shift;
+  f += slope * curve_relu(a);
+  fp += a > V{} ? slope : V{};
+}
+
+// The clamp to [0, 1]; NaN stays NaN (torch.clamp).
+template <typename V>
+BO_HOST_DEVICE V curve_clamp01(V g) {
+  const V one = V{} + 1;
+  const V lo = g < V{} ? V{} : g;
+  return lo > one ? one : lo;
+}
+
+// The gradient that passes the clamp: go where 0 <= g <= 1 (g before the clamp), else 0.
+template <typename V>
+BO_HOST_DEVICE V curve_clamp_pass(V g, V go) {
+  const V one = V{} + 1;
+  return (g >= V{}) & (g <= one) ? go : V{};
+}
+
+// Contributions of one curve point to the shift and slope gradient rows, for a pixel whose
+// channel value is c and whose curve output receives the gradient df.
+template <typename V>
+BO_HOST_DEVICE void curve_point_grads(V c, V shift, V df, V& d_shift, V& d_slope) {
+  const V a = c - shift;
+  d_slope += df * curve_relu(a);
+  d_shift += a > V{} ? df : V{};
+}
+
+}  // namespace bilateral_ops
