@@ -8,7 +8,25 @@ project's ``docs/ops.md``.
 from . import reference
 from ._library import compiled_devices
 from ._version import __version__
+from .bilateral_filter import (
+    BilateralBlur,
+    JointBilateralBlur,
+    bilateral_blur,
+    bilateral_filter,
+    joint_bilateral_blur,
+)
 from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
 
-__all__ = ["bilateral_slice", "bilateral_slice_apply", "compiled_devices", "reference", "__version__"]
+__all__ = [
+    "BilateralBlur",
+    "JointBilateralBlur",
+    "bilateral_blur",
+    "bilateral_filter",
+    "bilateral_slice",
+    "bilateral_slice_apply",
+    "compiled_devices",
+    "joint_bilateral_blur",
+    "reference",
+    "__version__",
+]

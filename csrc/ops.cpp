@@ -9,6 +9,11 @@
 //    tent weights along z replaced by their slopes). Second derivatives are built from it: the
 //    slice is piecewise linear in the guide, so every derivative beyond this one is zero almost
 //    everywhere.
+//
+// bilateral_filter takes its sigmas as tensors, one per image (sigma_color (N,), sigma_space
+// (N, 2) as (sigma_y, sigma_x)), in the input's dtype: the Python wrapper expands floats and
+// tuples, so one schema serves fixed and trainable sigmas. guidance None means the input guides
+// itself. Its backward returns the gradients of (input, guidance, sigma_color, sigma_space).
 
 #include <torch/library.h>
 
@@ -28,4 +33,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
   m.def(
       "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
       "bool has_offset, bool dguide, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  m.def(
+      "bilateral_filter(Tensor input, Tensor? guidance, int[2] kernel_size, Tensor sigma_color, "
+      "Tensor sigma_space, str border_type, str color_distance_type) -> Tensor");
+  m.def(
+      "_bilateral_filter_backward(Tensor grad_output, Tensor input, Tensor? guidance, "
+      "int[2] kernel_size, Tensor sigma_color, Tensor sigma_space, str border_type, "
+      "str color_distance_type, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
