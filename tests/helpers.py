@@ -171,7 +171,7 @@ def no_kernel_runs(monkeypatch) -> None:
             raise AssertionError(f"kernel {name} reached despite invalid arguments")
 
     # import_module returns the modules; attribute access would give the functions of that name.
-    for name in ("bilateral_ops.bilateral_slice", "bilateral_ops.bilateral_slice_apply"):
+    for name in ("bilateral_ops.bilateral_slice", "bilateral_ops.bilateral_slice_apply", "bilateral_ops.bilateral_filter"):
         mod = importlib.import_module(name)
         monkeypatch.setattr(mod, "_ops", _Poisoned())
         monkeypatch.setattr(mod, "reference", _Poisoned())
