@@ -155,7 +155,6 @@ template <typename T, int CG, int DIST>
 BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
                                      vec_t<T> rc, T ss, vec_t<T>* dist_acc) {
   vec_t<T> acc{};
-#pragma GCC unroll 4
   for (int64_t c = 0; c < count<CG>(ng); ++c) {
     const vec_t<T> d = vload(grow[c] + col) - gc[c];
     acc += DIST == kL1 ? vabs<T>(d) : d * d;
