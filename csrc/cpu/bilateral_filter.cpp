@@ -37,11 +37,11 @@ namespace cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// exp of vectors of non-positive arguments (the weights' exponents). float: Cephes' expf
-// polynomial after a reduction by ln 2 (within 2 ulp of expf, so float32 stays within ~1e-7 of
-// torch.exp, far inside the 1e-5 contract); arguments are clamped at -87 so that 2^n stays a
-// normal number (such weights are ~1e-38 against a centre weight of 1). double: libm per lane, as
-// the float64 contract is 1e-10.
+// exp of vectors of non-positive arguments (the weights' exponents). float: 2^n times a degree-6
+// polynomial of 2^f (a few ulp of expf, so float32 stays within ~1e-7 of torch.exp, far inside
+// the 1e-5 contract); arguments are clamped at -86 so that 2^n stays a normal number (such
+// weights are ~1e-37 against a centre weight of 1). double: libm per lane, as the float64
+// contract is 1e-10.
 
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vexp(vec_t<T> x);
@@ -50,24 +50,30 @@ template <>
 BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x) {
   using V = vec_t<float>;
   using I = VecOf<float>::mask;
-  x = x < -87.0f ? vsplat<float>(-87.0f) : x;  // NaN passes through as NaN
-  // Truncation of t - 0.5 (t <= 0) rounds to an n with |x - n ln2| <= ln2 / 2.
-  const V t = x * 1.44269504088896341f - 0.5f;
-  const I n = __builtin_convertvector(t, I);
-  const V fn = __builtin_convertvector(n, V);
-  V r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  V p = vsplat<float>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const I bits = (n + 127) << 23;
-  V scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  x = x < -86.0f ? vsplat<float>(-86.0f) : x;  // NaN passes through as NaN
+  // exp(x) = 2^n 2^f with n = round(x log2 e), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer
+  // held in the low mantissa bits.
+  const V t = x * 1.44269504088896341f;
+  const V magic = vsplat<float>(12582912.0f);
+  const V m = t + magic;
+  const V f = t - (m - magic);
+  I n;
+  __builtin_memcpy(&n, &m, sizeof(n));
+  n -= 0x4B400000;  // the bits of 1.5 * 2^23
+  // 2^f by its Taylor series to degree 6: relative error < 1.3e-7 on |f| <= 1/2.
+  V p = vsplat<float>(1.5403530393e-4f);
+  p = p * f + 1.3333558146e-3f;
+  p = p * f + 9.6181291076e-3f;
+  p = p * f + 5.5504108665e-2f;
+  p = p * f + 2.4022650696e-1f;
+  p = p * f + 6.9314718056e-1f;
+  p = p * f + 1.0f;
+  I bits;
+  __builtin_memcpy(&bits, &p, sizeof(bits));
+  bits += n << 23;
+  V out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 template <>
@@ -78,7 +84,12 @@ BO_ALWAYS_INLINE vec_t<double> vexp<double>(vec_t<double> x) {
 
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vabs(vec_t<T> v) {
-  return v < T(0) ? -v : v;
+  using M = typename VecOf<T>::mask;
+  M bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  bits &= ~(M{} + (M{} + 1) << (8 * sizeof(T) - 1));  // clear the sign bit
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
 }
 
 template <typename T>
@@ -149,27 +160,31 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
   return K > 0 ? K : runtime;
 }
 
-// Weight of one tap for a chunk: guidance rows at the tap, centre guidance gc. Also returns the
-// accumulated distance (for the l1 slope).
+// Weight of one tap for a chunk: guidance rows at the tap, centre guidance gc, nrc = -rc and
+// nss = -ss_t. Also returns the accumulated distance (for the l1 slope) and the guidance values
+// loaded (gv; the input values too when the input guides itself).
 template <typename T, int CG, int DIST>
 BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
-                                     vec_t<T> rc, T ss, vec_t<T>* dist_acc) {
+                                     vec_t<T> nrc, T nss, vec_t<T>* dist_acc, vec_t<T>* gv) {
   vec_t<T> acc{};
+#pragma GCC unroll 4
   for (int64_t c = 0; c < count<CG>(ng); ++c) {
-    const vec_t<T> d = vload(grow[c] + col) - gc[c];
+    gv[c] = vload(grow[c] + col);
+    const vec_t<T> d = gv[c] - gc[c];
     acc += DIST == kL1 ? vabs<T>(d) : d * d;
   }
   *dist_acc = acc;
   const vec_t<T> D = DIST == kL1 ? acc * acc : acc;
-  return vexp<T>(-(D * rc + ss));
+  return vexp<T>(D * nrc + nss);
 }
 
-// Sum of w and of w I over every tap of the chunk at (n, y, x0): the forward pass.
-template <typename T, int CC, int CG, int DIST>
+// Sum of w and of w I over every tap of the chunk at (n, y, x0): the forward pass. SELF: the input
+// is the guidance (same rows), so its values are the ones tap_weight loaded.
+template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
-                                     vec_t<T>* acc, const T** irow, const T** grow) {
+                                     vec_t<T>* acc, vec_t<T>* gv, const T** irow, const T** grow) {
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const vec_t<T> rc = vsplat<T>(p.rc[n]);
+  const vec_t<T> nrc = vsplat<T>(-p.rc[n]);
   const T* ss = p.ss + n * p.ky * p.kx;
   vec_t<T> wsum{};
 #pragma GCC unroll 4
@@ -179,10 +194,10 @@ BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int
     for (int64_t c = 0; c < ng; ++c) grow[c] = p.gd_row(n, c, y + ty);
     for (int64_t tx = 0; tx < p.kx; ++tx) {
       vec_t<T> dist;
-      const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, rc, ss[ty * p.kx + tx], &dist);
+      const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, nrc, -ss[ty * p.kx + tx], &dist, gv);
       wsum += w;
 #pragma GCC unroll 4
-      for (int64_t c = 0; c < nc; ++c) acc[c] += w * vload(irow[c] + x0 + tx);
+      for (int64_t c = 0; c < nc; ++c) acc[c] += w * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
     }
   }
   return wsum;
@@ -197,7 +212,7 @@ struct Scratch {
   vec_t<T>* vbuf;
   std::vector<const T*> rows;
   Scratch(int64_t C, int64_t Cg) : rows(2 * (C + Cg) + 2) {
-    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(3 * (C + Cg) + 4);
+    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(3 * (C + Cg) + Cg + 4);
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
   }
@@ -207,20 +222,21 @@ struct Scratch {
   vec_t<T>* v() { return vbuf; }
 };
 
-template <typename T, int CC, int CG, int DIST>
+template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   Accs<T, CC> acc_l;
-  Accs<T, CG> gc_l;
+  Accs<T, CG> gc_l, gv_l;
   vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
   vec_t<T>* gc = CG > 0 ? gc_l.v : s.v() + p.C;
+  vec_t<T>* gv = CG > 0 ? gv_l.v : s.v() + p.C + p.Cg;
   const T** irow = s.rows.data();
   const T** grow = s.rows.data() + p.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.H, y = r % p.H;
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
       for (int64_t c = 0; c < count<CG>(p.Cg); ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-      const vec_t<T> wsum = accumulate<T, CC, CG, DIST>(p, n, y, x0, gc, acc, irow, grow);
+      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow);
       const vec_t<T> inv = T(1) / wsum;
       for (int64_t c = 0; c < count<CC>(p.C); ++c) {
         store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
@@ -229,16 +245,17 @@ BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1
   }
 }
 
-template <typename T, int CC, int CG, int DIST>
+template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   Accs<T, CC> acc_l, gp_l;
-  Accs<T, CG> gc_l, cen_l;
+  Accs<T, CG> gc_l, cen_l, gv_l;
   vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
   vec_t<T>* gpv = CC > 0 ? gp_l.v : s.v() + p.C;
   vec_t<T>* gc = CG > 0 ? gc_l.v : s.v() + 2 * p.C;
   vec_t<T>* cen = CG > 0 ? cen_l.v : s.v() + 2 * p.C + p.Cg;
+  vec_t<T>* gv = CG > 0 ? gv_l.v : s.v() + 2 * p.C + 2 * p.Cg;
   const T** irow = s.rows.data();
   const T** grow = s.rows.data() + p.C;
   const bool second = p.need_range || p.rows != nullptr;
@@ -249,7 +266,7 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
     double row_d = 0, row_y = 0, row_x = 0;
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
       for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-      const vec_t<T> wsum = accumulate<T, CC, CG, DIST>(p, n, y, x0, gc, acc, irow, grow);
+      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow);
       const vec_t<T> inv = T(1) / wsum;
       vec_t<T> a{};
       for (int64_t c = 0; c < nc; ++c) {
@@ -271,10 +288,10 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
         vec_t<T> ew_row{};
         for (int64_t tx = 0; tx < p.kx; ++tx) {
           vec_t<T> dist;
-          const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, rc, ss[ty * p.kx + tx], &dist);
+          const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, -rc, -ss[ty * p.kx + tx], &dist, gv);
           vec_t<T> e = -a;
 #pragma GCC unroll 4
-          for (int64_t c = 0; c < nc; ++c) e += gpv[c] * vload(irow[c] + x0 + tx);
+          for (int64_t c = 0; c < nc; ++c) e += gpv[c] * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
           const vec_t<T> ew = e * w;
           ew_row += ew;
           sd += ew * (DIST == kL1 ? dist * dist : dist);
@@ -283,7 +300,7 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
             const vec_t<T> h = -rc * ew;
 #pragma GCC unroll 4
             for (int64_t c = 0; c < ng; ++c) {
-              const vec_t<T> d = vload(grow[c] + x0 + tx) - gc[c];
+              const vec_t<T> d = gv[c] - gc[c];
               cen[c] -= h * (DIST == kL1 ? T(2) * dist * vsign<T>(d) : T(2) * d);
             }
           }
@@ -309,7 +326,7 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
 
 // Pass 2: rows of the padded image (r over N * Hp), gathering from every centre whose window
 // covers each position.
-template <typename T, int CC, int CG, int DIST>
+template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
@@ -324,7 +341,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
   const T** crow = s.rows.data() + p.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.Hp, qy = r % p.Hp;
-    const vec_t<T> rc = vsplat<T>(p.rc[n]);
+    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc;
     const T* ss = p.ss + n * p.ky * p.kx;
     for (int64_t q0 = 0; q0 < p.Wp; q0 += V) {
       for (int64_t c = 0; c < nc; ++c) {
@@ -351,7 +368,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
             dist += DIST == kL1 ? vabs<T>(d) : d * d;
           }
           const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-          const vec_t<T> w = vexp<T>(-(D * rc + ss[ty * p.kx + tx]));
+          const vec_t<T> w = vexp<T>(D * nrc - ss[ty * p.kx + tx]);
 #pragma GCC unroll 4
           for (int64_t c = 0; c < nc; ++c) gpv[c] = vload(gprow[c] + x0);
           if (p.need_value) {
@@ -386,26 +403,27 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
 // branches once into fully inlined instantiations.
 enum class Pass { kForward, kPass1, kPass2 };
 
-template <typename T, int CC, int CG, int DIST>
+template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   switch (pass) {
     case Pass::kForward:
-      return forward_rows_impl<T, CC, CG, DIST>(p, r0, r1, s);
+      return forward_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kPass1:
-      return pass1_rows_impl<T, CC, CG, DIST>(p, r0, r1, s);
+      return pass1_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kPass2:
-      return pass2_rows_impl<T, CC, CG, DIST>(p, r0, r1, s);
+      return pass2_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
   }
 }
 
 template <typename T, int DIST>
 BO_ALWAYS_INLINE void run_channels(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   if constexpr (std::is_same<T, float>::value) {
-    if (p.C == 1 && p.Cg == 1) return run_pass<T, 1, 1, DIST>(pass, p, r0, r1, s);
-    if (p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST>(pass, p, r0, r1, s);
-    if (p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST>(pass, p, r0, r1, s);
+    if (p.self && p.C == 3) return run_pass<T, 3, 3, DIST, true>(pass, p, r0, r1, s);
+    if (p.self && p.C == 1) return run_pass<T, 1, 1, DIST, true>(pass, p, r0, r1, s);
+    if (!p.self && p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST, false>(pass, p, r0, r1, s);
+    if (!p.self && p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST, false>(pass, p, r0, r1, s);
   }
-  run_pass<T, 0, 0, DIST>(pass, p, r0, r1, s);
+  run_pass<T, 0, 0, DIST, false>(pass, p, r0, r1, s);
 }
 
 BO_TARGET_CLONES void filter_task_f32(Pass pass, const Args<float>& p, int64_t r0, int64_t r1,

@@ -315,10 +315,11 @@ struct FilterPlan {
   Launch forward, pass1, pass2, fold_input, fold_guidance, finish;
 };
 
-// Shared memory of the staged window of one tile, acc_size bytes per value.
+// Shared memory of the staged window of one tile, acc_size bytes per value, rounded up to 8 bytes:
+// pass 1's reduction buffer of doubles follows it.
 inline int64_t filter_tile_bytes(const FilterSizes& s, int64_t acc_size) {
   const int64_t channels = s.self ? s.C : s.C + s.Cg;
-  return channels * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size;
+  return ceil_div(channels * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
 }
 
 inline Launch filter_tile_launch(const char* kernel, int64_t tiles, int64_t smem) {
