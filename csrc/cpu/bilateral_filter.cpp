@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdlib>
@@ -264,6 +265,12 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
     const vec_t<T> rc = vsplat<T>(p.rc[n]);
     const T* ss = p.ss + n * p.ky * p.kx;
     double row_d = 0, row_y = 0, row_x = 0;
+    // Centre planes are zero outside the image: pass 2 gathers nothing from there.
+    for (int64_t c = 0; c <= nc; ++c) {
+      T* row = c < nc ? p.gp + ((n * p.C + c) * p.H + y) * p.Wx : p.a + (n * p.H + y) * p.Wx;
+      std::fill(row, row + p.xoff, T(0));
+      std::fill(row + p.xoff + p.W, row + p.Wx, T(0));
+    }
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
       for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
       const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow);
@@ -474,7 +481,9 @@ template <typename T>
 at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t margin, int64_t Ws) {
   const at::Tensor src = src_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const int64_t Cx = src.size(1), Hp = s.H + 2 * s.py, Wp = s.W + 2 * s.px;
-  at::Tensor dst = at::zeros({s.N, Cx, Hp, Ws}, src.options());
+  // Not at::zeros: each row writes its own margins, in parallel (first-touching fresh pages in one
+  // serial fill costs more than the filter on small images).
+  at::Tensor dst = at::empty({s.N, Cx, Hp, Ws}, src.options());
   std::vector<int64_t> xmap(Wp);
   for (int64_t j = 0; j < Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
   const T* sp = src.data_ptr<T>();
@@ -483,9 +492,15 @@ at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t ma
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t plane = r / Hp, j = r % Hp;
       const int64_t y = border_index(j - s.py, s.H, s.border);
-      if (y < 0) continue;
+      T* row = dp + r * Ws;
+      if (y < 0) {
+        std::fill(row, row + Ws, T(0));
+        continue;
+      }
+      std::fill(row, row + margin, T(0));
+      std::fill(row + margin + Wp, row + Ws, T(0));
       const T* srow = sp + (plane * s.H + y) * s.W;
-      T* drow = dp + r * Ws + margin;
+      T* drow = row + margin;
       for (int64_t x = 0; x < Wp; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
     }
   });
@@ -616,8 +631,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.need_value = mask[0];
     a.need_range = (s.self && mask[0]) || mask[1];
     const bool need_sigma = mask[2] || mask[3];
-    at::Tensor gp = at::zeros({s.N, s.C, s.H, a.Wx}, opt);
-    at::Tensor av = at::zeros({s.N, s.H, a.Wx}, opt);
+    at::Tensor gp = at::empty({s.N, s.C, s.H, a.Wx}, opt);  // pass 1 writes every column
+    at::Tensor av = at::empty({s.N, s.H, a.Wx}, opt);
     at::Tensor gcen = a.need_range ? at::empty({s.N, s.Cg, s.H, s.W}, opt) : at::Tensor();
     at::Tensor rows = need_sigma ? at::empty({s.N * s.H, 3}, opt.dtype(at::kDouble)) : at::Tensor();
     a.gp = gp.data_ptr<T>();
@@ -652,8 +667,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     if (!(mask[0] || mask[1])) return;
 
     const bool want_gin = mask[0];
-    at::Tensor gin = want_gin ? at::zeros({s.N, s.C, a.Hp, a.Ws}, opt) : at::Tensor();
-    at::Tensor ggd = (!s.self && mask[1]) ? at::zeros({s.N, s.Cg, a.Hp, a.Ws}, opt) : at::Tensor();
+    // Pass 2 writes every padded position the fold reads.
+    at::Tensor gin = want_gin ? at::empty({s.N, s.C, a.Hp, a.Ws}, opt) : at::Tensor();
+    at::Tensor ggd = (!s.self && mask[1]) ? at::empty({s.N, s.Cg, a.Hp, a.Ws}, opt) : at::Tensor();
     a.gin = want_gin ? gin.data_ptr<T>() : nullptr;
     a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
     run_rows(Pass::kPass2, a, s.N * a.Hp);
