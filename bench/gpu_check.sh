@@ -6,7 +6,10 @@
 #   3. compute-sanitizer memcheck, racecheck, synccheck (and initcheck, reported only) on
 #      bench/sanitize_cuda.py, with the caching allocator off so that out-of-bounds accesses
 #      inside pooled blocks are seen
-#   4. the GPU benchmarks (pytest-benchmark JSON in $OUT/bench-gpu.json)
+#   4. the GPU benchmarks (pytest-benchmark JSON in $OUT/bench-gpu.json), bilateral_filter's
+#      (ours vs kornia at 1080p) included
+# bilateral_filter's CUDA tests (tests/test_cuda.py -k filter) run in step 2 and its kernels are in
+# the sanitizer workload of step 3.
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
 # non-zero if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root

@@ -367,9 +367,15 @@ def _filter_edge_shapes():
     return shapes
 
 
+def _filter_shapes_from_sanitizer():
+    san = _load("_bo_sanitize_cuda_filter", os.path.join(ROOT, "bench", "sanitize_cuda.py"))
+    return san.all_filter_shapes()
+
+
 FILTER_SOURCES = {
     "tests/test_cuda.py": _filter_shapes_from_tests,
     "bench/bench_common.py": _filter_shapes_from_bench,
+    "bench/sanitize_cuda.py": _filter_shapes_from_sanitizer,
     "edge cases": _filter_edge_shapes,
 }
 
