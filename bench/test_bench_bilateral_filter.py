@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 
+import bench_common as bc
 import pytest
 import torch
 import torch.nn.functional as F
 
-import bench_common as bc
 import bilateral_ops as bo
 
 kornia = pytest.importorskip("kornia")

@@ -21,6 +21,7 @@ from .bilateral_slice_apply import bilateral_slice_apply
 __all__ = [
     "BilateralBlur",
     "JointBilateralBlur",
+    "__version__",
     "bilateral_blur",
     "bilateral_filter",
     "bilateral_slice",
@@ -28,5 +29,4 @@ __all__ = [
     "compiled_devices",
     "joint_bilateral_blur",
     "reference",
-    "__version__",
 ]

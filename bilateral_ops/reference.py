@@ -68,7 +68,7 @@ def bilateral_filter(
     Tap t = (ty, tx) of centre p weighs ``exp(-0.5 D / sigma_color^2 - 0.5 (ty^2 / sy^2 + tx^2 /
     sx^2))`` with D the squared l1 or l2 distance of the guidance; the output is sum(w I) / sum(w).
     """
-    n, c, h, w = input.shape
+    n = input.shape[0]
     ky, kx = kernel_size
     py, px = (ky - 1) // 2, (kx - 1) // 2
     if input.numel() == 0:

@@ -12,10 +12,10 @@ import itertools
 
 import pytest
 import torch
+from helpers import F64, OPS, deterministic, no_kernel_runs, noncontiguous
 
 import bilateral_ops as bo
 from bilateral_ops import reference
-from helpers import F64, OPS, deterministic, no_kernel_runs, noncontiguous
 
 kornia = pytest.importorskip("kornia")
 KF = kornia.filters
@@ -157,7 +157,7 @@ def test_float64_matches_reference_with_gradients(border, distance, cg):
 def test_gradcheck(case):
     x, g, sc, ss = _leaves(2, 2, None if case == "self" else 2, 5, 6)
     for border, distance in [("reflect", "l1"), ("constant", "l2"), ("circular", "l1"), ("replicate", "l2")]:
-        def fn(x, g, sc, ss):
+        def fn(x, g, sc, ss, border=border, distance=distance):
             return bo.bilateral_filter(x, (3, 5), sc, ss, border, distance, guidance=g)
 
         inputs = tuple(t.requires_grad_() if t is not None else None for t in (x, g, sc, ss))
@@ -258,7 +258,7 @@ def test_empty_images(shape):
 
 
 def test_deterministic_across_runs_and_threads(restore_num_threads):
-    x, g, sc, ss = _leaves(2, 3, None, 64, 70)
+    x, _g, sc, ss = _leaves(2, 3, None, 64, 70)
     x = x.float().requires_grad_()
     sc, ss = sc.float().requires_grad_(), ss.float().requires_grad_()
     go = _rand(2, 3, 64, 70, seed=5)
@@ -325,41 +325,41 @@ def _x(*shape, dtype=torch.float32):
 
 
 ERRORS = [
-    (dict(kernel_size=4), ValueError, "kernel_size"),
-    (dict(kernel_size=0), ValueError, "kernel_size"),
-    (dict(kernel_size=-3), ValueError, "kernel_size"),
-    (dict(kernel_size=(3, 2)), ValueError, "kernel_size"),
-    (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size"),
-    (dict(kernel_size=3.0), TypeError, "kernel_size"),
-    (dict(kernel_size=13), ValueError, "kernel_size.*reflect"),  # pad 6 >= 6 rows
-    (dict(kernel_size=(1, 17), border_type="circular"), ValueError, "kernel_size.*circular"),
-    (dict(sigma_color=0.0), ValueError, "sigma_color"),
-    (dict(sigma_color=-1.0), ValueError, "sigma_color"),
-    (dict(sigma_color=float("nan")), ValueError, "sigma_color"),
-    (dict(sigma_color="0.1"), TypeError, "sigma_color"),
-    (dict(sigma_color=torch.tensor([0.1, -0.1])), ValueError, "sigma_color"),
-    (dict(sigma_color=torch.tensor([0.1, 0.2, 0.3])), ValueError, "sigma_color"),
-    (dict(sigma_color=torch.tensor([1, 2])), TypeError, "sigma_color"),
-    (dict(sigma_space=(1.0, 0.0)), ValueError, "sigma_space"),
-    (dict(sigma_space=(1.0, 2.0, 3.0)), TypeError, "sigma_space"),
-    (dict(sigma_space=torch.tensor([[1.0, 2.0]] * 3)), ValueError, "sigma_space"),
-    (dict(sigma_space=torch.tensor([[1.0, 0.0]])), ValueError, "sigma_space"),
-    (dict(border_type="mirror"), ValueError, "border_type"),
-    (dict(border_type=None), TypeError, "border_type"),
-    (dict(color_distance_type="l3"), ValueError, "color_distance_type"),
-    (dict(input=_x(2, 3, 6)), ValueError, "input"),
-    (dict(input=torch.ones(2, 3, 6, 7, dtype=torch.int64)), TypeError, "input"),
-    (dict(input=[[1.0]]), TypeError, "input"),
-    (dict(guidance=_x(2, 1, 6, 8)), ValueError, "guidance"),
-    (dict(guidance=_x(3, 1, 6, 7)), ValueError, "guidance"),
-    (dict(guidance=_x(2, 6, 7)), ValueError, "guidance"),
-    (dict(guidance=torch.ones(2, 1, 6, 7, dtype=torch.int32)), TypeError, "guidance"),
-    (dict(guidance=torch.rand(2, 1, 6, 7, device="meta")), ValueError, "guidance"),
+    ({"kernel_size": 4}, ValueError, "kernel_size"),
+    ({"kernel_size": 0}, ValueError, "kernel_size"),
+    ({"kernel_size": -3}, ValueError, "kernel_size"),
+    ({"kernel_size": (3, 2)}, ValueError, "kernel_size"),
+    ({"kernel_size": (3, 3, 3)}, TypeError, "kernel_size"),
+    ({"kernel_size": 3.0}, TypeError, "kernel_size"),
+    ({"kernel_size": 13}, ValueError, "kernel_size.*reflect"),  # pad 6 >= 6 rows
+    ({"kernel_size": (1, 17), "border_type": "circular"}, ValueError, "kernel_size.*circular"),
+    ({"sigma_color": 0.0}, ValueError, "sigma_color"),
+    ({"sigma_color": -1.0}, ValueError, "sigma_color"),
+    ({"sigma_color": float("nan")}, ValueError, "sigma_color"),
+    ({"sigma_color": "0.1"}, TypeError, "sigma_color"),
+    ({"sigma_color": torch.tensor([0.1, -0.1])}, ValueError, "sigma_color"),
+    ({"sigma_color": torch.tensor([0.1, 0.2, 0.3])}, ValueError, "sigma_color"),
+    ({"sigma_color": torch.tensor([1, 2])}, TypeError, "sigma_color"),
+    ({"sigma_space": (1.0, 0.0)}, ValueError, "sigma_space"),
+    ({"sigma_space": (1.0, 2.0, 3.0)}, TypeError, "sigma_space"),
+    ({"sigma_space": torch.tensor([[1.0, 2.0]] * 3)}, ValueError, "sigma_space"),
+    ({"sigma_space": torch.tensor([[1.0, 0.0]])}, ValueError, "sigma_space"),
+    ({"border_type": "mirror"}, ValueError, "border_type"),
+    ({"border_type": None}, TypeError, "border_type"),
+    ({"color_distance_type": "l3"}, ValueError, "color_distance_type"),
+    ({"input": _x(2, 3, 6)}, ValueError, "input"),
+    ({"input": torch.ones(2, 3, 6, 7, dtype=torch.int64)}, TypeError, "input"),
+    ({"input": [[1.0]]}, TypeError, "input"),
+    ({"guidance": _x(2, 1, 6, 8)}, ValueError, "guidance"),
+    ({"guidance": _x(3, 1, 6, 7)}, ValueError, "guidance"),
+    ({"guidance": _x(2, 6, 7)}, ValueError, "guidance"),
+    ({"guidance": torch.ones(2, 1, 6, 7, dtype=torch.int32)}, TypeError, "guidance"),
+    ({"guidance": torch.rand(2, 1, 6, 7, device="meta")}, ValueError, "guidance"),
 ]
 
 
 def _call(**kw):
-    args = dict(input=_x(2, 3, 6, 7), kernel_size=3, sigma_color=0.1, sigma_space=(1.0, 1.0))
+    args = {"input": _x(2, 3, 6, 7), "kernel_size": 3, "sigma_color": 0.1, "sigma_space": (1.0, 1.0)}
     args.update(kw)
     return bo.bilateral_filter(**args)
 
@@ -384,28 +384,28 @@ def test_joint_needs_a_guidance_tensor():
 
 
 def _direct(**kw):
-    args = dict(
-        input=_x(2, 3, 6, 7), guidance=None, kernel_size=[3, 3], sigma_color=_x(2), sigma_space=_x(2, 2),
-        border_type="reflect", color_distance_type="l1",
-    )
+    args = {
+        "input": _x(2, 3, 6, 7), "guidance": None, "kernel_size": [3, 3], "sigma_color": _x(2), "sigma_space": _x(2, 2),
+        "border_type": "reflect", "color_distance_type": "l1",
+    }
     args.update(kw)
     return OPS.bilateral_filter(*args.values())
 
 
 DIRECT_ERRORS = [
-    dict(kernel_size=[4, 3]),
-    dict(kernel_size=[3]),
-    dict(kernel_size=[13, 3]),
-    dict(kernel_size=[3, 17], border_type="circular"),
-    dict(border_type="mirror"),
-    dict(color_distance_type="l3"),
-    dict(input=_x(2, 3, 7)),
-    dict(guidance=_x(2, 1, 6, 8)),
-    dict(guidance=_x(2, 1, 6, 7, dtype=F64)),
-    dict(sigma_color=_x(3)),
-    dict(sigma_space=_x(2, 3)),
-    dict(sigma_space=_x(2, 2, dtype=F64)),
-    dict(input=torch.ones(2, 3, 6, 7, dtype=torch.int32)),
+    {"kernel_size": [4, 3]},
+    {"kernel_size": [3]},
+    {"kernel_size": [13, 3]},
+    {"kernel_size": [3, 17], "border_type": "circular"},
+    {"border_type": "mirror"},
+    {"color_distance_type": "l3"},
+    {"input": _x(2, 3, 7)},
+    {"guidance": _x(2, 1, 6, 8)},
+    {"guidance": _x(2, 1, 6, 7, dtype=F64)},
+    {"sigma_color": _x(3)},
+    {"sigma_space": _x(2, 3)},
+    {"sigma_space": _x(2, 2, dtype=F64)},
+    {"input": torch.ones(2, 3, 6, 7, dtype=torch.int32)},
 ]
 
 

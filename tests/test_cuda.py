@@ -495,7 +495,7 @@ def all_filter_shapes() -> list[tuple]:
 
 
 def _filter_case(shape, dtype, seed=0):
-    N, C, Cg, H, W, ky, kx = shape
+    N, C, Cg, H, W, _, _ = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
     gd = None if Cg is None else torch.rand(N, Cg, H, W, generator=g, dtype=torch.float64).to(dtype)
@@ -506,7 +506,7 @@ def _filter_case(shape, dtype, seed=0):
 
 
 def _filter_check(shape, dtype, border, distance, *, noncontig=False):
-    N, C, Cg, H, W, ky, kx = shape
+    _, _, Cg, H, W, ky, kx = shape
     if border == "reflect" and (ky // 2 >= H or kx // 2 >= W):
         border = "replicate"
     if border == "circular" and (ky // 2 > H or kx // 2 > W):
