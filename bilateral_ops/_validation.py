@@ -8,6 +8,8 @@ fake tensors of ``torch.compile`` (where they become guards on the symbolic size
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -112,13 +114,13 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def kernel_size_2d(kernel_size: object) -> tuple[int, int]:
     """An int (both axes) or a pair (ky, kx) of odd positive ints, as (ky, kx)."""
     if _is_int(kernel_size):
-        pair = (kernel_size, kernel_size)
+        pair = (int(kernel_size), int(kernel_size))
     elif isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and all(map(_is_int, kernel_size)):
         pair = (int(kernel_size[0]), int(kernel_size[1]))
     else:
@@ -129,7 +131,7 @@ def kernel_size_2d(kernel_size: object) -> tuple[int, int]:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def positive_number(name: str, value: object) -> float:

@@ -101,6 +101,14 @@ def test_casts_like_kornia():
     _assert_close(got, KF.joint_bilateral_blur(x, g.float(), 5, sc.float(), (2.0, 2.0)), 1e-5)
 
 
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    x = _rand(1, 3, 11, 12)
+    want = bo.bilateral_blur(x, 5, 0.2, (1.5, 2.0))
+    assert torch.equal(bo.bilateral_blur(x, np.int64(5), np.float32(0.2), (np.float64(1.5), 2)), want)
+
+
 def test_float_sigma_space_means_both_axes():
     x = _rand(1, 3, 11, 12)
     assert torch.equal(bo.bilateral_blur(x, 5, 0.2, 1.7), bo.bilateral_blur(x, 5, 0.2, (1.7, 1.7)))
