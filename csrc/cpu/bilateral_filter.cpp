@@ -7,7 +7,8 @@
 // registers. Memory is O(image) in both passes, never O(image * taps).
 //
 // Backward, with w_pt the weight of tap t of centre p, W_p = sum_t w_pt and g the output gradient:
-//   pass 1, per centre p: gp_p = g_p / W_p and a_p = gp_p . out_p; then per tap
+//   pass 1, per centre p: gp_p = g_p / W_p and a_p = gp_p . out_p (the weights kept per chunk of
+//   pixels, O(taps) per thread); then per tap
 //     e_pt = gp_p . I_{p+t} - a_p (= dL/dw_pt), the centre side of the guidance gradient
 //     -sum_t h_pt dD/dDelta with h_pt = -rc e_pt w_pt, and the per-row sums of e_pt w_pt times
 //     D_pt, ty^2 and tx^2 (the sigma gradients);
@@ -168,7 +169,6 @@ template <typename T, int CG, int DIST>
 BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
                                      vec_t<T> nrc, T nss, vec_t<T>* dist_acc, vec_t<T>* gv) {
   vec_t<T> acc{};
-#pragma GCC unroll 4
   for (int64_t c = 0; c < count<CG>(ng); ++c) {
     gv[c] = vload(grow[c] + col);
     const vec_t<T> d = gv[c] - gc[c];
@@ -181,9 +181,12 @@ BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const ve
 
 // Sum of w and of w I over every tap of the chunk at (n, y, x0): the forward pass. SELF: the input
 // is the guidance (same rows), so its values are the ones tap_weight loaded.
+// taps (or nullptr): where to keep each tap's weight and distance, 2 vectors per tap, for a
+// second sweep over the same chunk.
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
-                                     vec_t<T>* acc, vec_t<T>* gv, const T** irow, const T** grow) {
+                                     vec_t<T>* acc, vec_t<T>* gv, const T** irow, const T** grow,
+                                     vec_t<T>* taps = nullptr) {
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const vec_t<T> nrc = vsplat<T>(-p.rc[n]);
   const T* ss = p.ss + n * p.ky * p.kx;
@@ -197,6 +200,10 @@ BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int
       vec_t<T> dist;
       const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, nrc, -ss[ty * p.kx + tx], &dist, gv);
       wsum += w;
+      if (taps != nullptr) {
+        taps[2 * (ty * p.kx + tx)] = w;
+        taps[2 * (ty * p.kx + tx) + 1] = dist;
+      }
 #pragma GCC unroll 4
       for (int64_t c = 0; c < nc; ++c) acc[c] += w * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
     }
@@ -212,8 +219,9 @@ template <typename T>
 struct Scratch {
   vec_t<T>* vbuf;
   std::vector<const T*> rows;
-  Scratch(int64_t C, int64_t Cg) : rows(2 * (C + Cg) + 2) {
-    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(3 * (C + Cg) + Cg + 4);
+  int64_t tap_offset;
+  Scratch(int64_t C, int64_t Cg, int64_t taps) : rows(2 * (C + Cg) + 2), tap_offset(3 * (C + Cg) + Cg + 4) {
+    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(tap_offset + 2 * taps);
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
   }
@@ -221,6 +229,7 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   vec_t<T>* v() { return vbuf; }
+  vec_t<T>* taps() { return vbuf + tap_offset; }
 };
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
@@ -273,7 +282,8 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
     }
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
       for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow);
+      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow,
+                                                              second ? s.taps() : nullptr);
       const vec_t<T> inv = T(1) / wsum;
       vec_t<T> a{};
       for (int64_t c = 0; c < nc; ++c) {
@@ -294,8 +304,10 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
         const T fy = static_cast<T>((ty - p.py) * (ty - p.py));
         vec_t<T> ew_row{};
         for (int64_t tx = 0; tx < p.kx; ++tx) {
-          vec_t<T> dist;
-          const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, -rc, -ss[ty * p.kx + tx], &dist, gv);
+          const vec_t<T> w = s.taps()[2 * (ty * p.kx + tx)];
+          const vec_t<T> dist = s.taps()[2 * (ty * p.kx + tx) + 1];
+#pragma GCC unroll 4
+          for (int64_t c = 0; c < ng; ++c) gv[c] = vload(grow[c] + x0 + tx);
           vec_t<T> e = -a;
 #pragma GCC unroll 4
           for (int64_t c = 0; c < nc; ++c) e += gpv[c] * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
@@ -462,7 +474,7 @@ template <typename T>
 void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
   // Rows are independent; a grain of a few rows keeps per-task scratch negligible.
   at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
-    Scratch<T> s(p.C, p.Cg);
+    Scratch<T> s(p.C, p.Cg, p.ky * p.kx);
     filter_task(pass, p, r0, r1, s);
   });
 }
