@@ -22,6 +22,9 @@ import torch.nn.functional as F
 GRID_SHAPE = (1, 12, 8, 16, 16)
 SIZES = {"512x512": (512, 512), "1920x1080": (1080, 1920)}
 CUDA_SIZE = {"3840x2160": (2160, 3840)}
+# bilateral_filter: sizes and window widths of bench/test_bench_bilateral_filter.py.
+FILTER_SIZES = {"512x512": (512, 512), "1920x1080": (1080, 1920)}
+FILTER_KERNELS = (5, 9, 15)
 
 
 def _photo() -> torch.Tensor:

@@ -9,6 +9,8 @@
 #      inside pooled blocks are seen
 #   4. the GPU benchmarks of bench/ (their CUDA cases: test ids containing "cuda"), curve_guide's
 #      first; pytest-benchmark JSON in $OUT/bench-curve-guide.json and $OUT/bench-gpu.json
+# bilateral_filter's CUDA tests (tests/test_cuda.py -k filter) run in step 2 and its kernels are in
+# the sanitizer workload of step 3.
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
 # non-zero if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root

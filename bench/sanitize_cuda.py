@@ -13,6 +13,9 @@ bilateral_grid_filter forward and backward (given and default guides).
 sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API.
 curve_guide: its register and many-channel paths, shared and global parameter tables and
 gradient rows, every mask kind, images that end mid-warp, NaN / inf pixels.
+bilateral_filter: forward and backward under several output masks, staged tiles and the
+global-memory path (windows too wide for shared memory), channel counts beyond one register group,
+every border and distance, a 1x1 image.
 
     python bench/sanitize_cuda.py [--dtypes float32,float64] [--quick]
 """
@@ -102,6 +105,36 @@ def run_curve(shape, dtype, seed=0) -> None:
     ops.curve_guide(*args)
     for mask in CURVE_MASKS:
         ops._curve_guide_backward(go, *args, mask)
+    torch.cuda.synchronize()
+
+
+# bilateral_filter: (N, C, Cg, H, W, ky, kx, border, distance); Cg None: the input guides itself.
+FILTER_SHAPES = [
+    (2, 3, None, 37, 53, 5, 5, "reflect", "l1"),  # staged tile
+    (1, 3, 2, 20, 30, 41, 41, "replicate", "l2"),  # too wide to stage: global reads
+    (1, 5, 6, 9, 40, 3, 7, "circular", "l1"),  # two register groups of channels
+    (1, 1, None, 1, 1, 3, 3, "constant", "l2"),  # 1x1 image
+]
+FILTER_MASKS = [[True, False, True, True], [True, False, False, False], [False, False, True, True]]
+
+
+def all_filter_shapes() -> list[tuple]:
+    """(N, C, Cg, H, W, ky, kx) of every bilateral_filter case (checked by tests/test_launch_config.py)."""
+    return [s[:7] for s in FILTER_SHAPES]
+
+
+def run_filter(shape, dtype) -> None:
+    n, c, cg, h, w, ky, kx, border, distance = shape
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.rand(n, c, h, w, device="cuda", generator=g).to(dtype)
+    gd = None if cg is None else torch.rand(n, cg, h, w, device="cuda", generator=g).to(dtype)
+    sc = torch.full((n,), 0.2, device="cuda").to(dtype)
+    ss = torch.full((n, 2), 2.0, device="cuda").to(dtype)
+    go = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype)
+    ops.bilateral_filter(x, gd, [ky, kx], sc, ss, border, distance)
+    masks = FILTER_MASKS + ([[True, True, True, True], [False, True, False, False]] if gd is not None else [])
+    for mask in masks:
+        ops._bilateral_filter_backward(go, x, gd, [ky, kx], sc, ss, border, distance, mask)
     torch.cuda.synchronize()
 
 
@@ -200,7 +233,10 @@ def main() -> None:
               flush=True)
         for shape in CURVE_SHAPES[:3] if opts.quick else CURVE_SHAPES:
             run_curve(shape, dtype)
-        print(f"  {dtype}: {len(shapes)} shapes x 2 grid-gradient paths, curve_guide done", flush=True)
+        print(f"  {dtype}: curve_guide done", flush=True)
+        for shape in FILTER_SHAPES:
+            run_filter(shape, dtype)
+        print(f"  {dtype}: bilateral_filter done", flush=True)
     print("sanitize workload done")
 
 

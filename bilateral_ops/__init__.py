@@ -9,6 +9,13 @@ from . import reference
 from ._library import compiled_devices
 from ._version import __version__
 from .bilateral_grid_filter import bilateral_grid_filter
+from .bilateral_filter import (
+    BilateralBlur,
+    JointBilateralBlur,
+    bilateral_blur,
+    bilateral_filter,
+    joint_bilateral_blur,
+)
 from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
 from .curve_guide import curve_guide
@@ -16,7 +23,11 @@ from .grid_blur import grid_blur
 from .grid_splat import grid_splat
 
 __all__ = [
+    "BilateralBlur",
+    "JointBilateralBlur",
     "__version__",
+    "bilateral_blur",
+    "bilateral_filter",
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
@@ -24,5 +35,6 @@ __all__ = [
     "curve_guide",
     "grid_blur",
     "grid_splat",
+    "joint_bilateral_blur",
     "reference",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numbers
+
 import torch
 
 
@@ -132,8 +134,8 @@ def check_output_mask(dguide: bool, output_mask) -> None:
 
 
 def _is_int(x: object) -> bool:
-    # SymInts pass under torch.compile; bools are ints to Python but never a size.
-    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+    # numpy ints and SymInts (torch.compile) pass; bools are ints to Python but never a size.
+    return isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
 
 
 def grid_size_tuple(grid_size: object) -> tuple:
@@ -168,7 +170,7 @@ MAX_BLUR_SIGMA = 1e6
 
 
 def _real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def blur_sigma(sigma: object) -> tuple[float, float, float]:
@@ -189,11 +191,123 @@ def blur_sigma(sigma: object) -> tuple[float, float, float]:
     return out
 
 
-def positive_number(name: str, x: object) -> float:
-    """A finite number > 0 (the grid filter's sigmas)."""
+def positive_number(name: str, x: object, what: str = "a number") -> float:
+    """A finite number > 0 (the filters' sigmas); ``what`` names the accepted kinds in the
+    TypeError."""
     if not _real(x):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
     value = float(x)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# bilateral_filter
+
+BORDER_TYPES = ("reflect", "replicate", "constant", "circular")
+COLOR_DISTANCE_TYPES = ("l1", "l2")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {', '.join(map(repr, choices))}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def kernel_size_2d(kernel_size: object) -> tuple[int, int]:
+    """An int (both axes) or a pair (ky, kx) of odd positive ints, as (ky, kx)."""
+    if _is_int(kernel_size):
+        pair = (int(kernel_size), int(kernel_size))
+    elif isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and all(map(_is_int, kernel_size)):
+        pair = (int(kernel_size[0]), int(kernel_size[1]))
+    else:
+        raise TypeError(f"kernel_size must be an int or a pair of ints (ky, kx), got {kernel_size!r}")
+    if any(k <= 0 or k % 2 == 0 for k in pair):
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
+    return pair
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def sigma_space_pair(value: object) -> tuple[float, float]:
+    """A float (both axes) or a pair (sigma_y, sigma_x) of positive numbers."""
+    if _is_number(value):
+        s = positive_number("sigma_space", value, "a float, a pair or a tensor")
+        return (s, s)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)):
+        return (positive_number("sigma_space", value[0]), positive_number("sigma_space", value[1]))
+    raise TypeError(f"sigma_space must be a float, a pair (sigma_y, sigma_x) or a tensor, got {value!r}")
+
+
+def check_sigma_tensor(name: str, t: torch.Tensor, batch: int, shape: tuple[int, ...]) -> None:
+    """A sigma tensor of shape ``shape`` (per image) or with a leading 1 (broadcast), floating.
+    ``shape`` is (N,) for sigma_color and (N, 2) for sigma_space; a 0-d / (2,) tensor is one for
+    every image too."""
+    check_tensor(name, t)
+    ok = tuple(t.shape) in (shape, (1, *shape[1:]), tuple(shape[1:]))
+    if not ok:
+        raise ValueError(f"{name} must have shape {shape} (or broadcast from one image), got {tuple(t.shape)}")
+
+
+def check_sigma_values(name: str, t: torch.Tensor) -> None:
+    """Positive values, checked in eager mode only: under torch.compile (and on fake tensors) the
+    values are unknown, and the kernels then give NaN or infinity for non-positive sigmas."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return
+    if not bool((t > 0).all()):
+        raise ValueError(f"{name} must be positive, got {t.detach().cpu().tolist()}")
+
+
+def check_filter(
+    input: torch.Tensor,
+    guidance: torch.Tensor | None,
+    kernel_size: tuple[int, int],
+    sigma_color: torch.Tensor,
+    sigma_space: torch.Tensor,
+    border_type: str,
+    color_distance_type: str,
+) -> None:
+    """bilateral_filter's arguments as the op takes them (sigmas already per image)."""
+    check_choice("border_type", border_type, BORDER_TYPES)
+    check_choice("color_distance_type", color_distance_type, COLOR_DISTANCE_TYPES)
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape (N, C, H, W), got {tuple(input.shape)}")
+    n, _, h, w = input.shape
+    if guidance is not None:
+        if guidance.dim() != 4 or guidance.shape[0] != n or tuple(guidance.shape[2:]) != (h, w):
+            raise ValueError(
+                f"guidance must have shape (N, Cg, H, W) with N, H, W = {(n, h, w)} of input "
+                f"{tuple(input.shape)}, got {tuple(guidance.shape)}"
+            )
+        check_like("guidance", guidance, "input", input)
+    ky, kx = kernel_size
+    if ky <= 0 or kx <= 0 or ky % 2 == 0 or kx % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
+    py, px = (ky - 1) // 2, (kx - 1) // 2
+    if h > 0 and w > 0:
+        if border_type == "reflect" and (py >= h or px >= w):
+            raise ValueError(
+                f"kernel_size {kernel_size} is too large for reflect padding of a {h}x{w} image: "
+                f"the padding ({py}, {px}) must be smaller than the image side"
+            )
+        if border_type == "circular" and (py > h or px > w):
+            raise ValueError(
+                f"kernel_size {kernel_size} is too large for circular padding of a {h}x{w} image: "
+                f"the padding ({py}, {px}) must not exceed the image side"
+            )
+    if tuple(sigma_color.shape) != (n,):
+        raise ValueError(f"sigma_color must have shape ({n},), got {tuple(sigma_color.shape)}")
+    if tuple(sigma_space.shape) != (n, 2):
+        raise ValueError(f"sigma_space must have shape ({n}, 2), got {tuple(sigma_space.shape)}")
+    check_like("sigma_color", sigma_color, "input", input)
+    check_like("sigma_space", sigma_space, "input", input)
+
+
+def check_filter_grad_output(grad_output: torch.Tensor, input: torch.Tensor) -> None:
+    check_like("grad_output", grad_output, "input", input)
+    if tuple(grad_output.shape) != tuple(input.shape):
+        raise ValueError(f"grad_output must have shape {tuple(input.shape)}, got {tuple(grad_output.shape)}")

@@ -15,6 +15,8 @@
 //   curve_plans(pass_, N, C, H, W, K, elem_size=4, acc_size=4, mask=None) -> [dict]
 //       the same for curve_guide (mask: its backward's 7 flags), with table_size, table_shared,
 //       rows_shared, registers and partial_rows
+//   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None) -> [dict]
+//       the launches of one bilateral_filter / _bilateral_filter_backward call
 //   kernel_info(acc_size) -> [dict]   __launch_bounds__ and largest dynamic request per kernel
 //   limits() -> dict                  the architectural limits the plans are built against (and
 //                                     grid_blur's largest tap count passed by value)
@@ -24,6 +26,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "cuda/launch_config.h"
 
@@ -327,6 +330,62 @@ PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   return out;
 }
 
+// filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None): the launches of
+// one bilateral_filter call ("forward") or _bilateral_filter_backward call ("backward").
+PyObject* filter_plans(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"pass_", "N",        "C",    "Cg",   "H", "W",
+                                   "ky",    "kx",       "acc_size", "self", "mask", nullptr};
+  const char* pass = nullptr;
+  long long N, C, Cg, H, W, ky, kx, acc_size = 4;
+  int self = 1;
+  PyObject* mask = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLLLL|LpO", const_cast<char**>(keywords), &pass,
+                                   &N, &C, &Cg, &H, &W, &ky, &kx, &acc_size, &self, &mask)) {
+    return nullptr;
+  }
+  const bool forward = PyOS_stricmp(pass, "forward") == 0;
+  if (!forward && PyOS_stricmp(pass, "backward") != 0) {
+    PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if (N < 0 || C < 0 || Cg < 0 || H < 0 || W < 0 || ky < 1 || kx < 1 || ky % 2 == 0 || kx % 2 == 0 ||
+      (self && Cg != C)) {
+    PyErr_SetString(PyExc_ValueError, "need N, C, Cg, H, W >= 0, odd ky, kx >= 1 and Cg == C with self");
+    return nullptr;
+  }
+  if (acc_size != 4 && acc_size != 8) {
+    PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8");
+    return nullptr;
+  }
+  bool want[4];
+  if (!parse_mask(mask, 4, want)) return nullptr;
+  if (self) want[1] = false;  // the launcher never computes a separate guidance gradient
+  const launch::FilterPlan p =
+      launch::filter_plan(launch::FilterSizes{N, C, Cg, H, W, ky, kx, self != 0}, acc_size, !forward, want);
+  if (!p.valid) {
+    PyErr_SetString(PyExc_ValueError, "no valid plan: too many tiles for one grid");
+    return nullptr;
+  }
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  const Extra ex[] = {{"tiled", p.tiled ? 1 : 0},
+                      {"tile_bytes", p.tile_bytes},
+                      {"staged_channels", p.staged_channels},
+                      {"tiles_x", p.tiles_x},
+                      {"tiles_y", p.tiles_y}};
+  bool ok = true;
+  for (const launch::Launch* l : {&p.forward, &p.pass1, &p.pass2, &p.fold_input, &p.fold_guidance, &p.finish}) {
+    if (!ok || !l->present) continue;
+    const bool tile = l == &p.forward || l == &p.pass1;
+    ok = append(out, launch_dict(*l, tile ? ex : nullptr, tile ? 5 : 0));
+  }
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 PyObject* kernel_info(PyObject*, PyObject* args) {
   long long acc_size;
   if (!PyArg_ParseTuple(args, "L", &acc_size)) return nullptr;
@@ -334,13 +393,9 @@ PyObject* kernel_info(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "acc_size must be 4 or 8");
     return nullptr;
   }
-  launch::KernelInfo infos[16];
   const int n = launch::kernel_info(acc_size, nullptr);
-  if (n > 16) {
-    PyErr_SetString(PyExc_RuntimeError, "kernel_info: table larger than expected");
-    return nullptr;
-  }
-  launch::kernel_info(acc_size, infos);
+  std::vector<launch::KernelInfo> infos(static_cast<size_t>(n));
+  launch::kernel_info(acc_size, infos.data());
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   for (int i = 0; i < n; ++i) {
@@ -410,6 +465,8 @@ PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
     {"curve_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one curve_guide call."},
+    {"filter_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(filter_plans)),
+     METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one bilateral_filter call (see csrc/module.cpp)."},
     {"kernel_info", kernel_info, METH_VARARGS,
      "__launch_bounds__ and largest dynamic shared memory request of every CUDA kernel."},
     {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},

@@ -14,6 +14,11 @@
 //    pure-torch formula (bilateral_ops/curve_guide.py).
 // grid_splat and grid_blur need no companions: their derivatives are the slice ops (the splat is
 // the slice's transpose) and grid_blur itself.
+//
+// bilateral_filter takes its sigmas as tensors, one per image (sigma_color (N,), sigma_space
+// (N, 2) as (sigma_y, sigma_x)), in the input's dtype: the Python wrapper expands floats and
+// tuples, so one schema serves fixed and trainable sigmas. guidance None means the input guides
+// itself. Its backward returns the gradients of (input, guidance, sigma_color, sigma_space).
 
 #include <torch/library.h>
 
@@ -56,4 +61,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
       "_curve_guide_backward(Tensor grad_output, Tensor input, Tensor ccm, Tensor ccm_bias, "
       "Tensor shifts, Tensor slopes, Tensor mix, Tensor mix_bias, bool[7] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  m.def(
+      "bilateral_filter(Tensor input, Tensor? guidance, int[2] kernel_size, Tensor sigma_color, "
+      "Tensor sigma_space, str border_type, str color_distance_type) -> Tensor");
+  m.def(
+      "_bilateral_filter_backward(Tensor grad_output, Tensor input, Tensor? guidance, "
+      "int[2] kernel_size, Tensor sigma_color, Tensor sigma_space, str border_type, "
+      "str color_distance_type, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

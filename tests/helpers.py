@@ -178,6 +178,7 @@ def no_kernel_runs(monkeypatch) -> None:
         "bilateral_ops.grid_blur",
         "bilateral_ops.bilateral_grid_filter",
         "bilateral_ops.curve_guide",
+        "bilateral_ops.bilateral_filter",
     ):
         mod = importlib.import_module(name)
         monkeypatch.setattr(mod, "_ops", _Poisoned())

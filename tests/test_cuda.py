@@ -917,3 +917,143 @@ def test_curve_guide_gradcheck_and_gradgradcheck():
     args = [t.cuda().requires_grad_() for t in make_curve_case(1, 3, 3, 4, 3, margin=1e-4)]
     assert torch.autograd.gradcheck(bo.curve_guide, args, eps=1e-6, atol=1e-8)
     assert torch.autograd.gradgradcheck(bo.curve_guide, args, eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# bilateral_filter: the CUDA op against the compiled CPU op in float64 on the same values.
+
+# (N, C, Cg, H, W, ky, kx); Cg None: the input guides itself. Odd sizes, channel counts beyond one
+# register group (C = 5, Cg = 6), a single pixel, the benchmark's k = 15 (still tiled), and windows
+# whose staged tile exceeds 48 KiB (k = 41 on 5 channels, k = 61): the global-memory path.
+FILTER_SHAPES = [
+    (2, 3, None, 37, 53, 5, 5),
+    (1, 1, None, 1, 1, 3, 3),
+    (2, 5, None, 19, 70, 3, 7),
+    (1, 3, 1, 40, 33, 9, 9),
+    (2, 2, 6, 21, 45, 5, 3),
+    (1, 3, None, 64, 96, 15, 15),
+    (1, 5, None, 50, 60, 41, 41),
+    (1, 3, 2, 70, 70, 61, 61),
+]
+FILTER_BORDERS = ["reflect", "replicate", "constant", "circular"]
+
+
+def all_filter_shapes() -> list[tuple]:
+    """Every (N, C, Cg, H, W, ky, kx) this file launches bilateral_filter for: checked on the CPU by
+    tests/test_launch_config.py."""
+    return FILTER_SHAPES + [(2, 3, None, 33, 47, 5, 5), (1, 2, 1, 9, 11, 3, 5), (1, 3, None, 64, 64, 7, 7)]
+
+
+def _filter_case(shape, dtype, seed=0):
+    N, C, Cg, H, W, _, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    gd = None if Cg is None else torch.rand(N, Cg, H, W, generator=g, dtype=torch.float64).to(dtype)
+    sc = (0.1 + torch.rand(N, generator=g, dtype=torch.float64)).to(dtype)
+    ss = (0.5 + 3 * torch.rand(N, 2, generator=g, dtype=torch.float64)).to(dtype)
+    go = (torch.rand(N, C, H, W, generator=g, dtype=torch.float64) - 0.5).to(dtype)
+    return x, gd, sc, ss, go
+
+
+def _filter_check(shape, dtype, border, distance, *, noncontig=False):
+    _, _, Cg, H, W, ky, kx = shape
+    if border == "reflect" and (ky // 2 >= H or kx // 2 >= W):
+        border = "replicate"
+    if border == "circular" and (ky // 2 > H or kx // 2 > W):
+        border = "constant"
+    x, gd, sc, ss, go = _filter_case(shape, dtype)
+    cu = [t.cuda() if t is not None else None for t in (x, gd, sc, ss, go)]
+    if noncontig:
+        cu = [noncontiguous(t) if t is not None and t.dim() == 4 else t for t in cu]
+    x_c, gd_c, sc_c, ss_c, go_c = cu
+    k = [ky, kx]
+    ref = ops.bilateral_filter(_d(x), _d(gd), k, _d(sc), _d(ss), border, distance)
+    _assert_close(ops.bilateral_filter(x_c, gd_c, k, sc_c, ss_c, border, distance), ref, dtype, "filter forward")
+    mask = [True, Cg is not None, True, True]
+    ref = ops._bilateral_filter_backward(_d(go), _d(x), _d(gd), k, _d(sc), _d(ss), border, distance, mask)
+    got = ops._bilateral_filter_backward(go_c, x_c, gd_c, k, sc_c, ss_c, border, distance, mask)
+    for name, g, r, m in zip(("input", "guidance", "sigma_color", "sigma_space"), got, ref, mask):
+        if m:
+            _assert_close(g, r, dtype, f"filter grad_{name} ({border}, {distance}, {shape})")
+        else:
+            assert g.shape == (0,), name
+
+
+@pytest.mark.parametrize("shape", FILTER_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_filter_matches_cpu(shape, dtype):
+    for border, distance in zip(FILTER_BORDERS, ["l1", "l2", "l2", "l1"]):
+        _filter_check(shape, dtype, border, distance)
+
+
+@pytest.mark.parametrize("border", FILTER_BORDERS)
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_filter_every_border_and_distance(border, distance):
+    _filter_check((2, 3, None, 23, 41, 7, 5), torch.float32, border, distance)
+    _filter_check((1, 2, 3, 23, 41, 5, 7), torch.float32, border, distance, noncontig=True)
+
+
+@pytest.mark.parametrize("mask", [m for m in itertools.product([False, True], repeat=4) if any(m)])
+def test_filter_output_masks(mask):
+    shape = (1, 3, 2, 17, 19, 5, 5)
+    x, gd, sc, ss, go = (t.cuda() for t in _filter_case(shape, torch.float64))
+    full = ops._bilateral_filter_backward(go, x, gd, [5, 5], sc, ss, "reflect", "l1", [True] * 4)
+    got = ops._bilateral_filter_backward(go, x, gd, [5, 5], sc, ss, "reflect", "l1", list(mask))
+    for wanted, g, f in zip(mask, got, full):
+        assert torch.equal(g, f) if wanted else g.shape == (0,)
+
+
+def test_filter_is_bitwise_deterministic():
+    x, _, sc, ss, go = (t.cuda() if t is not None else None for t in _filter_case((2, 3, None, 200, 300, 9, 9), torch.float32))
+    first = ops._bilateral_filter_backward(go, x, None, [9, 9], sc, ss, "reflect", "l1", [True, False, True, True])
+    for _ in range(3):
+        again = ops._bilateral_filter_backward(go, x, None, [9, 9], sc, ss, "reflect", "l1", [True, False, True, True])
+        for a, b in zip(again, first):
+            assert torch.equal(a, b)
+
+
+def test_filter_runs_on_the_current_stream():
+    x, gd, sc, ss, go = (t.cuda() for t in _filter_case((1, 3, 1, 128, 160, 9, 9), torch.float32))
+    want_out = ops.bilateral_filter(x, gd, [9, 9], sc, ss, "reflect", "l1")
+    want = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", [True] * 4)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = ops.bilateral_filter(x, gd, [9, 9], sc, ss, "reflect", "l1")
+        got = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", [True] * 4)
+    side.synchronize()
+    assert torch.equal(out, want_out)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_filter_empty_images():
+    for shape in [(0, 3, 5, 5), (2, 3, 0, 5), (2, 0, 4, 4)]:
+        x = torch.rand(*shape, device="cuda", requires_grad=True)
+        out = bo.bilateral_blur(x, 3, 0.1, (1.0, 1.0))
+        assert out.shape == shape
+        out.sum().backward()
+        assert x.grad.shape == shape
+
+
+def test_filter_gradcheck():
+    x, gd, sc, ss, _ = (t.cuda() for t in _filter_case((1, 2, 2, 5, 6, 3, 3), torch.float64))
+    for guidance in (None, gd):
+        leaves = tuple(t.requires_grad_() if t is not None else None for t in (x, guidance, sc, ss))
+
+        def fn(x, g, sc, ss):
+            return bo.bilateral_filter(x, (3, 5), sc, ss, "reflect", "l1", guidance=g)
+
+        assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_filter_public_api_matches_kornia_on_cuda():
+    kornia = pytest.importorskip("kornia")
+    x = torch.rand(2, 3, 64, 80, device="cuda")
+    g = torch.rand(2, 1, 64, 80, device="cuda")
+    torch.testing.assert_close(bo.bilateral_blur(x, 9, 0.1, (3.0, 3.0)), kornia.filters.bilateral_blur(x, 9, 0.1, (3.0, 3.0)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        bo.joint_bilateral_blur(x, g, (5, 7), 0.2, (1.5, 2.0), "circular", "l2"),
+        kornia.filters.joint_bilateral_blur(x, g, (5, 7), 0.2, (1.5, 2.0), "circular", "l2"),
+        rtol=0, atol=1e-5,
+    )

@@ -498,7 +498,114 @@ def test_kernel_info_matches_plans():
             seen.add(p["kernel"])
         for k in info.values():
             assert k["static_smem_budget"] + k["max_dynamic_smem"] <= SMEM_NO_OPT_IN, k
+        for shape in _filter_shapes_from_tests() + _filter_edge_shapes()[::5]:
+            for where, p in all_filter_plans(shape, dtype):
+                k = info[p["kernel"]]
+                assert p["launch_bounds"] == (k["max_threads"], k["min_blocks"]), where
+                assert p["dynamic_smem"] <= k["max_dynamic_smem"], where
+                seen.add(p["kernel"])
     assert seen == {k["kernel"] for k in _C.kernel_info(4)}  # every kernel is launched somewhere
+
+
+# ----------------------------------------------------------------------------------------------
+# bilateral_filter
+
+
+def _filter_masks(self_guided: bool):
+    masks = [m for m in itertools.product([False, True], repeat=4) if any(m)]
+    return [m for m in masks if not (self_guided and m[1])]
+
+
+def all_filter_plans(shape, dtype):
+    """Every launch of bilateral_filter's forward and of its backward under every output mask."""
+    N, C, Cg, H, W, ky, kx = shape
+    self_guided = Cg is None
+    cg = C if self_guided else Cg
+    acc = DTYPES[dtype][1]
+    for p in _C.filter_plans("forward", N, C, cg, H, W, ky, kx, acc_size=acc, self=self_guided):
+        yield f"filter forward {shape} {dtype}", p
+    for mask in _filter_masks(self_guided):
+        for p in _C.filter_plans("backward", N, C, cg, H, W, ky, kx, acc_size=acc, self=self_guided, mask=list(mask)):
+            yield f"filter backward mask={mask} {shape} {dtype}", p
+
+
+def _filter_shapes_from_tests():
+    test_cuda = _load("_bo_test_cuda_filter", os.path.join(ROOT, "tests", "test_cuda.py"))
+    return test_cuda.all_filter_shapes()
+
+
+def _filter_shapes_from_bench():
+    bc = _load("_bo_bench_common_filter", os.path.join(ROOT, "bench", "bench_common.py"))
+    return [(1, 3, None, h, w, k, k) for h, w in bc.FILTER_SIZES.values() for k in bc.FILTER_KERNELS]
+
+
+def _filter_edge_shapes():
+    shapes = []
+    for k in (1, 3, 5, 9, 15, 17, 21, 31, 41, 61, 101):
+        for C, Cg in ((1, None), (3, None), (3, 1), (4, 4), (5, None), (16, 3), (64, None)):
+            shapes.append((1, C, Cg, 1080, 1920, k, k))
+            shapes.append((64, C, Cg, 7, 5, k, 1))
+        shapes.append((1, 3, None, 4320, 7680, k, k))
+    shapes += [(1, 3, None, 1, 1, 3, 3), (70000, 1, None, 2, 2, 3, 3), (1, 1, None, 65537 * 8, 1, 3, 3)]
+    return shapes
+
+
+def _filter_shapes_from_sanitizer():
+    san = _load("_bo_sanitize_cuda_filter", os.path.join(ROOT, "bench", "sanitize_cuda.py"))
+    return san.all_filter_shapes()
+
+
+FILTER_SOURCES = {
+    "tests/test_cuda.py": _filter_shapes_from_tests,
+    "bench/bench_common.py": _filter_shapes_from_bench,
+    "bench/sanitize_cuda.py": _filter_shapes_from_sanitizer,
+    "edge cases": _filter_edge_shapes,
+}
+
+
+@pytest.mark.parametrize("source", list(FILTER_SOURCES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_filter_plan_fits_every_architecture(source, dtype):
+    count = 0
+    for shape in FILTER_SOURCES[source]():
+        for where, p in all_filter_plans(shape, dtype):
+            check_plan(p, where)
+            if p["kernel"] in ("filter_forward_kernel", "filter_pass1_kernel"):
+                N, C, Cg, H, W, ky, kx = shape
+                # The kernel decodes (image, tile row, tile column) from blockIdx.x alone.
+                assert p["grid"][0] == N * p["tiles_x"] * p["tiles_y"], where
+                assert p["tiles_x"] * 32 >= W and p["tiles_y"] * 8 >= H, where
+                assert p["block"] == (32, 8, 1), where
+                reduce = 3 * 256 * 8 if p["kernel"] == "filter_pass1_kernel" else 0
+                staged = C if Cg is None else C + Cg
+                window = -(-staged * (8 + ky - 1) * (32 + kx - 1) * DTYPES[dtype][1] // 8) * 8  # reduction aligned
+                assert p["tile_bytes"] == window, where
+                assert p["dynamic_smem"] == (window if p["tiled"] else 0) + reduce, where
+                assert p["tiled"] == (window + reduce <= SMEM_NO_OPT_IN), where
+            count += 1
+    assert count > 0
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_filter_falls_back_to_global_memory_for_wide_windows(dtype):
+    acc = DTYPES[dtype][1]
+    (fwd,) = _C.filter_plans("forward", 1, 3, 3, 1080, 1920, 15, 15, acc_size=acc)
+    assert fwd["tiled"]  # the benchmarks' widest window is staged
+    (fwd,) = _C.filter_plans("forward", 1, 3, 3, 1080, 1920, 61, 61, acc_size=acc)
+    assert not fwd["tiled"] and fwd["dynamic_smem"] == 0
+    (fwd,) = _C.filter_plans("forward", 1, 64, 64, 64, 64, 3, 3, acc_size=acc)
+    assert not fwd["tiled"]
+
+
+def test_filter_plans_skip_work():
+    assert _C.filter_plans("forward", 1, 3, 3, 0, 5, 3, 3) == []
+    assert _C.filter_plans("backward", 1, 0, 0, 5, 5, 3, 3) == []
+    names = [p["kernel"] for p in _C.filter_plans("backward", 1, 3, 3, 64, 64, 5, 5, mask=[False, False, True, False])]
+    assert names == ["filter_pass1_kernel", "filter_finish_kernel"]
+    names = [p["kernel"] for p in _C.filter_plans("backward", 1, 3, 1, 64, 64, 5, 5, self=False, mask=[True, True, False, False])]
+    assert names == ["filter_pass1_kernel", "filter_pass2_kernel", "filter_fold_kernel", "filter_fold_kernel"]
+    with pytest.raises(ValueError):
+        _C.filter_plans("forward", 1, 3, 3, 8, 8, 4, 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,24 @@
 
 #include <cstdint>
 
+// Helpers passing vectors by value must be inlined into each target_clones copy: an out-of-line
+// copy is compiled for the baseline ABI, which passes 32-byte vectors differently from the AVX
+// clones that call it (silently wrong values).
+#if defined(__GNUC__)
+#define BO_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define BO_ALWAYS_INLINE inline
+#endif
+
+// One build runs fast on any x86-64: GCC emits an AVX-512, an AVX2+FMA and a baseline copy of each
+// task function and picks one at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
+#define BO_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BO_TARGET_CLONES
+#endif
+
 namespace bilateral_ops {
 namespace cpu {
 
@@ -50,25 +68,25 @@ constexpr int64_t vec_width() {
 
 // Unaligned load and store (memcpy compiles to one vector move).
 template <typename T>
-inline vec_t<T> vload(const T* p) {
+BO_ALWAYS_INLINE vec_t<T> vload(const T* p) {
   vec_t<T> v;
   __builtin_memcpy(&v, p, kVecBytes);
   return v;
 }
 
 template <typename T>
-inline void vstore(T* p, vec_t<T> v) {
+BO_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
   __builtin_memcpy(p, &v, kVecBytes);
 }
 
 template <typename T>
-inline vec_t<T> vsplat(T x) {
+BO_ALWAYS_INLINE vec_t<T> vsplat(T x) {
   return vec_t<T>{} + x;
 }
 
 // Sum of the lanes, as a tree of half-swaps.
 template <typename T>
-inline T vsum(vec_t<T> v) {
+BO_ALWAYS_INLINE T vsum(vec_t<T> v) {
   using M = typename VecOf<T>::mask;
   if constexpr (vec_width<T>() == 8) {
     v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
@@ -85,7 +103,7 @@ inline T vsum(vec_t<T> v) {
 // shuffles, three adds per pair of inputs, instead of a reduction tree per vector. The inputs are
 // taken in the order that makes the tree's output order the natural one.
 template <typename T>
-inline vec_t<T> vsum_many(const vec_t<T>* v) {
+BO_ALWAYS_INLINE vec_t<T> vsum_many(const vec_t<T>* v) {
   using V = vec_t<T>;
   using M = typename VecOf<T>::mask;
   if constexpr (vec_width<T>() == 8) {
@@ -119,7 +137,7 @@ struct VecTaps {
 };
 
 template <typename T>
-inline VecTaps<T> vguide_taps(vec_t<T> v, int64_t D) {
+BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D) {
   using V = vec_t<T>;
   using I = ivec_t<T>;
   const T hi = static_cast<T>(D) - T(0.5);
@@ -142,7 +160,7 @@ inline VecTaps<T> vguide_taps(vec_t<T> v, int64_t D) {
 // Tent weight of cell k (centre kc = k + 0.5) at clamped positions gc, and its slope with the
 // one-sided convention of grid_coords.h: the vector forms of tent_weight / tent_weight_slope.
 template <typename T>
-inline vec_t<T> vtent(vec_t<T> gc, T kc) {
+BO_ALWAYS_INLINE vec_t<T> vtent(vec_t<T> gc, T kc) {
   const vec_t<T> t = gc - kc;
   const vec_t<T> a = t < T(0) ? -t : t;
   const vec_t<T> w = T(1) - a;
@@ -150,7 +168,7 @@ inline vec_t<T> vtent(vec_t<T> gc, T kc) {
 }
 
 template <typename T>
-inline vec_t<T> vtent_slope(vec_t<T> gc, T kc) {
+BO_ALWAYS_INLINE vec_t<T> vtent_slope(vec_t<T> gc, T kc) {
   const vec_t<T> d = gc - kc;
   const vec_t<T> one = vsplat<T>(T(1));
   const vec_t<T> up = ((d >= T(-1)) & (d < T(0))) ? one : vec_t<T>{};

@@ -29,21 +29,6 @@
 #include "bilateral_ops/slice_geometry.h"
 #include "simd.h"
 
-#if defined(__GNUC__)
-#define BO_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define BO_ALWAYS_INLINE inline
-#endif
-
-// One build runs fast on any x86-64: GCC emits an AVX-512, an AVX2+FMA and a baseline copy of each
-// task function and picks one at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
-#define BO_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BO_TARGET_CLONES
-#endif
-
 namespace bilateral_ops {
 namespace cpu {
 

@@ -420,6 +420,99 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// bilateral_filter and _bilateral_filter_backward (csrc/cuda/bilateral_filter.cu).
+//
+// Forward and backward pass 1 run a 32 x 8 pixel tile per block. When it fits in 48 KiB, the
+// block stages its (8 + 2 py) x (32 + 2 px) window of guidance and input (one copy when the input
+// guides itself) in shared memory, in the accumulation type; otherwise (wide kernels, many
+// channels) it reads global memory through the border maps. Pass 1 also reserves a reduction
+// buffer for the per-block sigma sums. Pass 2 gathers per padded position (a 1-D grid), the fold
+// per image pixel, the finish kernel per image.
+
+constexpr int kFilterTileW = 32;
+constexpr int kFilterTileH = 8;
+constexpr int kFilterThreads = kFilterTileW * kFilterTileH;
+constexpr int kFilterMinBlocks = 2;  // <= 128 registers
+// Pass 2 keeps two groups of channel accumulators and the gather's indices live: at 128
+// registers its float instance spills, so it takes a whole register file per block.
+constexpr int kFilterPass2MinBlocks = 1;
+constexpr int64_t kFilterReduceBytes = 3 * kFilterThreads * 8;  // three double sums per thread
+
+struct FilterSizes {
+  int64_t N, C, Cg, H, W, ky, kx;
+  bool self;  // the input is its own guidance (staged once)
+};
+
+struct FilterPlan {
+  bool valid = true;   // false: more tiles or positions than one grid can address
+  bool tiled = false;  // forward / pass 1 stage their window in shared memory
+  int64_t tiles_x = 0, tiles_y = 0, staged_channels = 0, tile_bytes = 0;
+  Launch forward, pass1, pass2, fold_input, fold_guidance, finish;
+};
+
+// Shared memory of the staged window of one tile, acc_size bytes per value, rounded up to 8 bytes:
+// pass 1's reduction buffer of doubles follows it.
+inline int64_t filter_tile_bytes(const FilterSizes& s, int64_t acc_size) {
+  const int64_t channels = s.self ? s.C : s.C + s.Cg;
+  return ceil_div(channels * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
+}
+
+inline Launch filter_tile_launch(const char* kernel, int64_t tiles, int64_t smem) {
+  Launch l = make_launch(kernel, tiles, kFilterThreads, kFilterMinBlocks, smem);
+  l.block.x = kFilterTileW;
+  l.block.y = kFilterTileH;
+  return l;
+}
+
+// pass_backward false: the forward launch only. mask: grad (input, guidance, sigma_color,
+// sigma_space) wanted.
+inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backward,
+                              const bool mask[4]) {
+  FilterPlan p;
+  if (s.N * s.H * s.W == 0 || s.C == 0) return p;
+  p.tiles_x = ceil_div(s.W, kFilterTileW);
+  p.tiles_y = ceil_div(s.H, kFilterTileH);
+  const int64_t tiles = s.N * p.tiles_x * p.tiles_y;
+  const int64_t Hp = s.H + s.ky - 1, Wp = s.W + s.kx - 1;
+  if (tiles > kMaxGridX || s.N * std::max(s.C, s.Cg) * Hp * Wp > (int64_t{1} << 62)) {
+    p.valid = false;
+    return p;
+  }
+  p.staged_channels = s.self ? s.C : s.C + s.Cg;
+  p.tile_bytes = filter_tile_bytes(s, acc_size);
+  const bool need_sigma = backward && (mask[2] || mask[3]);
+  const int64_t reduce = backward ? kFilterReduceBytes : 0;
+  p.tiled = p.tile_bytes + reduce <= kSmemNoOptIn - kStaticSmem;
+  const int64_t smem = (p.tiled ? p.tile_bytes : 0) + reduce;
+  if (!backward) {
+    p.forward = filter_tile_launch("filter_forward_kernel", tiles, smem);
+    return p;
+  }
+  const bool need_pixels = mask[0] || mask[1];
+  if (!need_pixels && !need_sigma) return p;
+  p.pass1 = filter_tile_launch("filter_pass1_kernel", tiles, smem);
+  if (need_pixels) {
+    p.pass2 = make_launch("filter_pass2_kernel", blocks_for(s.N * Hp * Wp, kFilterThreads),
+                          kFilterThreads, kFilterPass2MinBlocks);
+  }
+  if (mask[0]) {
+    p.fold_input = make_launch("filter_fold_kernel", blocks_for(s.N * s.C * s.H * s.W, kFilterThreads),
+                               kFilterThreads, kFilterMinBlocks);
+  }
+  if (mask[1] && !s.self) {
+    p.fold_guidance = make_launch("filter_fold_kernel",
+                                  blocks_for(s.N * s.Cg * s.H * s.W, kFilterThreads),
+                                  kFilterThreads, kFilterMinBlocks);
+  }
+  if (need_sigma) {
+    p.finish = make_launch("filter_finish_kernel", s.N, kFilterThreads, kFilterMinBlocks,
+                           kFilterReduceBytes);
+    p.finish.grid.x = std::min(s.N, kMaxGridX);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-kernel bounds for tools/ptxas_report.py: the __launch_bounds__ of each kernel and the
 // largest dynamic shared memory any plan above requests from it, by accumulator size.
 
@@ -447,6 +540,11 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"curve_backward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem,
        kSmemNoOptIn - kStaticSmem},
       {"curve_reduce_kernel", kCurveThreads, 0, kStaticSmem, 0},
+      {"filter_forward_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
+      {"filter_pass1_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
+      {"filter_pass2_kernel", kFilterThreads, kFilterPass2MinBlocks, kStaticSmem, 0},
+      {"filter_fold_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, 0},
+      {"filter_finish_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kFilterReduceBytes},
   };
   const int n = static_cast<int>(sizeof(all) / sizeof(all[0]));
   if (out != nullptr) {

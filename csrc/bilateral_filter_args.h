@@ -1,0 +1,107 @@
+#pragma once
+// Argument checks of bilateral_filter and _bilateral_filter_backward, shared by the CPU and CUDA
+// launchers (the Python wrapper raises ValueError / TypeError first; these protect direct callers
+// of torch.ops.bilateral_ops.*).
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <string>
+
+#include "bilateral_ops/bilateral_filter.h"
+#include "checks.h"
+
+namespace bilateral_ops {
+
+struct FilterShape {
+  int64_t N, C, Cg, H, W, ky, kx, py, px;
+  bool self;  // no guidance: the input guides itself (and gets the range-path gradient too)
+  int border, distance;
+
+  int64_t pixels() const { return N * H * W; }
+  int64_t taps() const { return ky * kx; }
+};
+
+inline int parse_border(const std::string& s) {
+  if (s == "reflect") return kReflect;
+  if (s == "replicate") return kReplicate;
+  if (s == "constant") return kConstant;
+  if (s == "circular") return kCircular;
+  TORCH_CHECK(false, "border_type must be 'reflect', 'replicate', 'constant' or 'circular', got '", s,
+              "'");
+}
+
+inline int parse_distance(const std::string& s) {
+  if (s == "l1") return kL1;
+  if (s == "l2") return kL2;
+  TORCH_CHECK(false, "color_distance_type must be 'l1' or 'l2', got '", s, "'");
+}
+
+inline FilterShape check_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
+                                at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                                const at::Tensor& sigma_space, const std::string& border_type,
+                                const std::string& color_distance_type) {
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  FilterShape s{};
+  s.N = input.size(0);
+  s.C = input.size(1);
+  s.H = input.size(2);
+  s.W = input.size(3);
+  s.self = !(guidance.has_value() && guidance->defined());
+  s.Cg = s.C;
+  if (!s.self) {
+    const at::Tensor& g = *guidance;
+    check_floating(g, "guidance");
+    check_same(input, "input", g, "guidance");
+    TORCH_CHECK(g.dim() == 4, "guidance must be 4-D (N, Cg, H, W), got ", g.dim(), "-D");
+    TORCH_CHECK(g.size(0) == s.N && g.size(2) == s.H && g.size(3) == s.W,
+                "guidance must have the batch size, height and width of input, got ", g.sizes(),
+                " and ", input.sizes());
+    s.Cg = g.size(1);
+  }
+  TORCH_CHECK(kernel_size.size() == 2, "kernel_size must have 2 entries, got ", kernel_size.size());
+  s.ky = kernel_size[0];
+  s.kx = kernel_size[1];
+  TORCH_CHECK(s.ky > 0 && s.kx > 0 && s.ky % 2 == 1 && s.kx % 2 == 1,
+              "kernel_size must be odd and positive, got ", kernel_size);
+  s.py = (s.ky - 1) / 2;
+  s.px = (s.kx - 1) / 2;
+  s.border = parse_border(border_type);
+  s.distance = parse_distance(color_distance_type);
+  if (s.H > 0 && s.W > 0) {
+    if (s.border == kReflect) {
+      TORCH_CHECK(s.py < s.H && s.px < s.W, "kernel_size ", kernel_size,
+                  " is too large for reflect padding of a ", s.H, "x", s.W, " image");
+    }
+    if (s.border == kCircular) {
+      TORCH_CHECK(s.py <= s.H && s.px <= s.W, "kernel_size ", kernel_size,
+                  " is too large for circular padding of a ", s.H, "x", s.W, " image");
+    }
+  }
+  check_floating(sigma_color, "sigma_color");
+  check_floating(sigma_space, "sigma_space");
+  check_same(input, "input", sigma_color, "sigma_color");
+  check_same(input, "input", sigma_space, "sigma_space");
+  TORCH_CHECK(sigma_color.dim() == 1 && sigma_color.size(0) == s.N,
+              "sigma_color must have shape (N,) = (", s.N, ",), got ", sigma_color.sizes());
+  TORCH_CHECK(sigma_space.dim() == 2 && sigma_space.size(0) == s.N && sigma_space.size(1) == 2,
+              "sigma_space must have shape (N, 2) = (", s.N, ", 2), got ", sigma_space.sizes());
+  return s;
+}
+
+inline void check_filter_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
+  check_floating(grad_output, "grad_output");
+  check_same(grad_output, "grad_output", input, "input");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have shape ", input.sizes(),
+              ", got ", grad_output.sizes());
+}
+
+inline void check_filter_mask(const FilterShape& s, const std::array<bool, 4>& mask) {
+  TORCH_CHECK(!(s.self && mask[1]),
+              "output_mask[1] (grad_guidance) must be false when guidance is None");
+}
+
+}  // namespace bilateral_ops

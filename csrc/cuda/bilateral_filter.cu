@@ -1,0 +1,534 @@
+// CUDA kernels of bilateral_filter and _bilateral_filter_backward (csrc/ops.cpp has the schemas,
+// csrc/cpu/bilateral_filter.cpp the same algorithm on the CPU, with the derivation; the per-pixel
+// math is csrc/include/bilateral_ops/bilateral_filter.h). Launch configurations:
+// launch::filter_plan in launch_config.h, checked on the CPU by tests/test_launch_config.py.
+//
+// Forward and backward pass 1: one thread per pixel of a 32 x 8 tile; the block stages the tile's
+// window of guidance and input in shared memory (in the accumulation type: float for float16 and
+// bfloat16) when it fits, else reads global memory through the border maps. Channels are
+// processed in groups of kGroup held in registers. Pass 2 gathers, per padded position, from the
+// centres whose window covers it; the fold adds each padded position into the pixel it reads, in
+// a fixed order. The sigma gradients are per-block sums (a fixed tree in shared memory), summed
+// per image by a second kernel in block order: deterministic, no atomics.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+#include "../bilateral_filter_args.h"
+#include "bilateral_ops/bilateral_filter.h"
+#include "common.cuh"
+#include "launch_config.h"
+
+namespace bilateral_ops {
+namespace cuda {
+namespace {
+
+constexpr int kGroup = 4;  // channels accumulated in registers at once
+constexpr int kTW = launch::kFilterTileW;
+constexpr int kTH = launch::kFilterTileH;
+
+struct Dims {
+  int64_t N, C, Cg, H, W, Hp, Wp, tiles_x, tiles_y;
+  int ky, kx, py, px, border, distance;
+  bool self, tiled;
+};
+
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* in;  // (N, C, H, W)
+  const scalar_t* gd;  // (N, Cg, H, W); == in when self
+  const scalar_t* sc;  // (N,)
+  const scalar_t* ss;  // (N, 2)
+};
+
+__device__ __forceinline__ float fexp(float x) { return expf(x); }
+__device__ __forceinline__ double fexp(double x) { return exp(x); }
+
+// Value of channel plane `plane` (H x W) at padded coordinates (yy, xx) relative to the image.
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> fetch(const scalar_t* plane, int64_t yy, int64_t xx,
+                                                    const Dims& d) {
+  const int64_t iy = border_index(yy, d.H, d.border), ix = border_index(xx, d.W, d.border);
+  if (iy < 0 || ix < 0) return acc_type<scalar_t>(0);
+  return ldg(plane + iy * d.W + ix);
+}
+
+// The tile a block of forward / pass 1 covers, and its staged window.
+template <typename scalar_t>
+struct Window {
+  using acc_t = acc_type<scalar_t>;
+  const Dims& d;
+  const Inputs<scalar_t>& p;
+  const acc_t* sh;
+  int64_t n, y, x;  // this thread's pixel
+  int lx, ly, sw, area;
+
+  __device__ acc_t guide(int64_t c, int ty, int tx) const {
+    if (d.tiled) return sh[c * area + (ly + ty) * sw + lx + tx];
+    return fetch(p.gd + (n * d.Cg + c) * d.H * d.W, y + ty - d.py, x + tx - d.px, d);
+  }
+  __device__ acc_t value(int64_t c, int ty, int tx) const {
+    if (d.tiled) return sh[((d.self ? 0 : d.Cg) + c) * area + (ly + ty) * sw + lx + tx];
+    return fetch(p.in + (n * d.C + c) * d.H * d.W, y + ty - d.py, x + tx - d.px, d);
+  }
+};
+
+// Stages the window of tile (n, by, bx) and returns this thread's view of it. Every thread of the
+// block must call it (it synchronises).
+template <typename scalar_t>
+__device__ Window<scalar_t> stage(const Dims& d, const Inputs<scalar_t>& p, acc_type<scalar_t>* sh) {
+  const int64_t per_image = d.tiles_x * d.tiles_y;
+  const int64_t t = blockIdx.x;
+  const int64_t n = t / per_image, by = (t % per_image) / d.tiles_x, bx = t % d.tiles_x;
+  const int sw = kTW + d.kx - 1, shh = kTH + d.ky - 1, area = sw * shh;
+  const int lx = threadIdx.x, ly = threadIdx.y;
+  if (d.tiled) {
+    const int64_t oy = by * kTH - d.py, ox = bx * kTW - d.px;
+    const int tid = ly * kTW + lx;
+    const int64_t channels = d.self ? d.C : d.Cg + d.C;
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* plane = c < d.Cg || d.self ? p.gd + (n * d.Cg + c) * d.H * d.W
+                                                 : p.in + (n * d.C + (c - d.Cg)) * d.H * d.W;
+      for (int i = tid; i < area; i += launch::kFilterThreads) {
+        sh[c * area + i] = fetch(plane, oy + i / sw, ox + i % sw, d);
+      }
+    }
+    __syncthreads();
+  }
+  return Window<scalar_t>{d, p, sh, n, by * kTH + ly, bx * kTW + lx, lx, ly, sw, area};
+}
+
+template <typename acc_t>
+struct Sigmas {
+  acc_t rc, ay, ax;  // 0.5 / sc^2, 0.5 / sy^2, 0.5 / sx^2
+};
+
+template <typename scalar_t>
+__device__ Sigmas<acc_type<scalar_t>> sigmas(const Inputs<scalar_t>& p, int64_t n) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t sc = ldg(p.sc + n), sy = ldg(p.ss + 2 * n), sx = ldg(p.ss + 2 * n + 1);
+  return {acc_t(0.5) / (sc * sc), acc_t(0.5) / (sy * sy), acc_t(0.5) / (sx * sx)};
+}
+
+// Weight of tap (ty, tx) for this thread's centre, and the accumulated distance (l1 slope).
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> tap_weight(const Window<scalar_t>& w, const Sigmas<acc_type<scalar_t>>& s,
+                                                         int ty, int tx, acc_type<scalar_t>* dist) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t acc = 0;
+  for (int64_t c = 0; c < w.d.Cg; ++c) {
+    acc += distance_term(w.guide(c, ty, tx) - w.guide(c, w.d.py, w.d.px), w.d.distance);
+  }
+  *dist = acc;
+  const acc_t fy = acc_t(ty - w.d.py), fx = acc_t(tx - w.d.px);
+  return fexp(-(distance_finish(acc, w.d.distance) * s.rc + fy * fy * s.ay + fx * fx * s.ax));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
+    filter_forward_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ double smem_d[];
+  const Window<scalar_t> w = stage(d, p, reinterpret_cast<acc_t*>(smem_d));
+  if (w.y >= d.H || w.x >= d.W) return;
+  const Sigmas<acc_t> s = sigmas(p, w.n);
+  for (int64_t c0 = 0; c0 < d.C; c0 += kGroup) {
+    acc_t wsum = 0, acc[kGroup] = {};
+    for (int ty = 0; ty < d.ky; ++ty) {
+      for (int tx = 0; tx < d.kx; ++tx) {
+        acc_t dist;
+        const acc_t wt = tap_weight(w, s, ty, tx, &dist);
+        wsum += wt;
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          if (c0 + j < d.C) acc[j] += wt * w.value(c0 + j, ty, tx);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      if (c0 + j < d.C) out[((w.n * d.C + c0 + j) * d.H + w.y) * d.W + w.x] = static_cast<scalar_t>(acc[j] / wsum);
+    }
+  }
+}
+
+// Backward pass 1 (see csrc/cpu/bilateral_filter.cpp): gp = g / W and a = gp . out per pixel; the
+// centre side of the guidance gradient; per-block sums of e w D, e w ty^2, e w tx^2.
+template <typename scalar_t>
+struct Pass1Out {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* go;  // (N, C, H, W)
+  acc_t* gp;           // (N, C, H, W)
+  acc_t* a;            // (N, H, W)
+  acc_t* gcen;         // (N, Cg, H, W) or nullptr
+  double* partials;    // (tiles, 3) or nullptr
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
+    filter_pass1_kernel(Dims d, Inputs<scalar_t> p, Pass1Out<scalar_t> o) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ double smem_d[];
+  const int64_t window_vals = d.tiled ? (d.self ? d.C : d.C + d.Cg) * (kTH + d.ky - 1) * (kTW + d.kx - 1) : 0;
+  const Window<scalar_t> w = stage(d, p, reinterpret_cast<acc_t*>(smem_d));
+  // The reduction buffer follows the window, 8-byte aligned.
+  double* red = smem_d + (window_vals * static_cast<int64_t>(sizeof(acc_t)) + 7) / 8;
+  const bool active = w.y < d.H && w.x < d.W;
+  double sums[3] = {0, 0, 0};
+  if (active) {
+    const Sigmas<acc_t> s = sigmas(p, w.n);
+    const int64_t pix = (w.n * d.H + w.y) * d.W + w.x, plane = d.H * d.W;
+    acc_t a = 0, gpr[kGroup] = {};  // gp of the first channels, for the second loop
+    for (int64_t c0 = 0; c0 < d.C; c0 += kGroup) {
+      acc_t wsum = 0, acc[kGroup] = {};
+      for (int ty = 0; ty < d.ky; ++ty) {
+        for (int tx = 0; tx < d.kx; ++tx) {
+          acc_t dist;
+          const acc_t wt = tap_weight(w, s, ty, tx, &dist);
+          wsum += wt;
+#pragma unroll
+          for (int j = 0; j < kGroup; ++j) {
+            if (c0 + j < d.C) acc[j] += wt * w.value(c0 + j, ty, tx);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (c0 + j < d.C) {
+          const int64_t at = (w.n * d.C + c0 + j) * plane + w.y * d.W + w.x;
+          const acc_t gpj = ldg(o.go + at) / wsum;
+          o.gp[at] = gpj;
+          if (c0 == 0) gpr[j] = gpj;
+          a += gpj * (acc[j] / wsum);
+        }
+      }
+    }
+    o.a[pix] = a;
+    // Guidance channels in groups: the first group also sums the sigma terms.
+    const int64_t cg_groups = o.gcen != nullptr ? (d.Cg + kGroup - 1) / kGroup : (o.partials != nullptr ? 1 : 0);
+    for (int64_t gi = 0; gi < cg_groups; ++gi) {
+      const int64_t g0 = gi * kGroup;
+      acc_t cen[kGroup] = {};
+      for (int ty = 0; ty < d.ky; ++ty) {
+        acc_t ew_row = 0;
+        for (int tx = 0; tx < d.kx; ++tx) {
+          acc_t dist;
+          const acc_t wt = tap_weight(w, s, ty, tx, &dist);
+          acc_t e = -a;
+#pragma unroll
+          for (int j = 0; j < kGroup; ++j) {
+            if (j < d.C) e += gpr[j] * w.value(j, ty, tx);
+          }
+          for (int64_t c = kGroup; c < d.C; ++c) e += o.gp[(w.n * d.C + c) * plane + w.y * d.W + w.x] * w.value(c, ty, tx);
+          const acc_t ew = e * wt;
+          if (gi == 0) {
+            ew_row += ew;
+            sums[0] += static_cast<double>(ew * distance_finish(dist, d.distance));
+            sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
+          }
+          if (o.gcen != nullptr) {
+            const acc_t h = -s.rc * ew;
+#pragma unroll
+            for (int j = 0; j < kGroup; ++j) {
+              if (g0 + j < d.Cg) {
+                const acc_t delta = w.guide(g0 + j, ty, tx) - w.guide(g0 + j, d.py, d.px);
+                cen[j] -= h * distance_slope(delta, dist, d.distance);
+              }
+            }
+          }
+        }
+        if (gi == 0) sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
+      }
+      if (o.gcen != nullptr) {
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          if (g0 + j < d.Cg) o.gcen[(w.n * d.Cg + g0 + j) * plane + w.y * d.W + w.x] = cen[j];
+        }
+      }
+    }
+  }
+  if (o.partials == nullptr) return;  // uniform across the block
+  const int tid = threadIdx.y * kTW + threadIdx.x;
+  for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] = sums[k];
+  __syncthreads();
+  for (int stride = launch::kFilterThreads / 2; stride > 0; stride >>= 1) {
+    if (tid < stride) {
+      for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] += red[k * launch::kFilterThreads + tid + stride];
+    }
+    __syncthreads();
+  }
+  if (tid < 3) o.partials[blockIdx.x * 3 + tid] = red[tid * launch::kFilterThreads];
+}
+
+// Pass 2: per padded position q (1-D grid-stride over N * Hp * Wp).
+template <typename scalar_t>
+struct Pass2Args {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* gp;   // (N, C, H, W)
+  const acc_t* a;    // (N, H, W)
+  acc_t* gin;        // (N, C, Hp, Wp): value (+ range when self) gradient, or nullptr
+  acc_t* ggd;        // (N, Cg, Hp, Wp): range gradient of a separate guidance, or nullptr
+  bool need_value, need_range;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2MinBlocks)
+    filter_pass2_kernel(Dims d, Inputs<scalar_t> p, Pass2Args<scalar_t> o) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = d.N * d.Hp * d.Wp, plane = d.H * d.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / (d.Hp * d.Wp), qy = (i / d.Wp) % d.Hp, qx = i % d.Wp;
+    const int64_t iy = border_index(qy - d.py, d.H, d.border), ix = border_index(qx - d.px, d.W, d.border);
+    const bool reads = iy >= 0 && ix >= 0;  // a constant border reads zeros: its gradient is unused
+    const Sigmas<acc_t> s = sigmas(p, n);
+    const int64_t groups = ((d.C > d.Cg ? d.C : d.Cg) + kGroup - 1) / kGroup;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t g0 = gi * kGroup;
+      acc_t val[kGroup] = {}, rng[kGroup] = {};
+      if (reads) {
+        for (int ty = 0; ty < d.ky; ++ty) {
+          const int64_t y = qy - ty;  // the centre row
+          if (y < 0 || y >= d.H) continue;
+          const acc_t fy = acc_t(ty - d.py);
+          for (int tx = 0; tx < d.kx; ++tx) {
+            const int64_t x = qx - tx;
+            if (x < 0 || x >= d.W) continue;
+            acc_t dist = 0;
+            for (int64_t c = 0; c < d.Cg; ++c) {
+              const scalar_t* gplane = p.gd + (n * d.Cg + c) * plane;
+              dist += distance_term(ldg(gplane + iy * d.W + ix) - ldg(gplane + y * d.W + x), d.distance);
+            }
+            const acc_t fx = acc_t(tx - d.px);
+            const acc_t wt = fexp(-(distance_finish(dist, d.distance) * s.rc + fy * fy * s.ay + fx * fx * s.ax));
+            const int64_t centre = y * d.W + x;
+            if (o.need_value) {
+#pragma unroll
+              for (int j = 0; j < kGroup; ++j) {
+                if (g0 + j < d.C) val[j] += wt * o.gp[(n * d.C + g0 + j) * plane + centre];
+              }
+            }
+            if (o.need_range && g0 < d.Cg) {
+              acc_t e = -o.a[n * plane + centre];
+              for (int64_t c = 0; c < d.C; ++c) {
+                e += o.gp[(n * d.C + c) * plane + centre] * ldg(p.in + (n * d.C + c) * plane + iy * d.W + ix);
+              }
+              const acc_t h = -s.rc * e * wt;
+#pragma unroll
+              for (int j = 0; j < kGroup; ++j) {
+                if (g0 + j < d.Cg) {
+                  const scalar_t* gplane = p.gd + (n * d.Cg + g0 + j) * plane;
+                  const acc_t delta = ldg(gplane + iy * d.W + ix) - ldg(gplane + centre);
+                  rng[j] += h * distance_slope(delta, dist, d.distance);
+                }
+              }
+            }
+          }
+        }
+      }
+      const int64_t q = qy * d.Wp + qx, pplane = d.Hp * d.Wp;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (o.gin != nullptr && g0 + j < d.C) o.gin[(n * d.C + g0 + j) * pplane + q] = val[j] + (d.self ? rng[j] : acc_t(0));
+        if (o.ggd != nullptr && g0 + j < d.Cg) o.ggd[(n * d.Cg + g0 + j) * pplane + q] = rng[j];
+      }
+    }
+  }
+}
+
+// Fold: pixel (n, c, y, x) = centre term + the padded gradients of every position that reads it,
+// rows and columns in preimage order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
+    filter_fold_kernel(Dims d, int64_t channels, const acc_type<scalar_t>* padded,
+                       const acc_type<scalar_t>* centre, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = d.N * channels * d.H * d.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t plane_i = i / (d.H * d.W), y = (i / d.W) % d.H, x = i % d.W;
+    acc_t sum = centre != nullptr ? centre[i] : acc_t(0);
+    const Preimages py = preimages(y, d.H, d.py, d.border), px = preimages(x, d.W, d.px, d.border);
+    const acc_t* base = padded + plane_i * d.Hp * d.Wp;
+    for (int a = 0; a < py.count; ++a) {
+      for (int64_t yy = py.lo[a]; yy <= py.hi[a]; ++yy) {
+        for (int b = 0; b < px.count; ++b) {
+          for (int64_t xx = px.lo[b]; xx <= px.hi[b]; ++xx) sum += base[(yy + d.py) * d.Wp + xx + d.px];
+        }
+      }
+    }
+    out[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Per image: the block partials in block order, then the sigma gradients.
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
+    filter_finish_kernel(Dims d, Inputs<scalar_t> p, const double* partials, scalar_t* grad_sc,
+                         scalar_t* grad_ss) {
+  extern __shared__ double red[];
+  const int64_t n = blockIdx.x, per_image = d.tiles_x * d.tiles_y;
+  const int tid = threadIdx.x;
+  double s[3] = {0, 0, 0};
+  for (int64_t b = tid; b < per_image; b += blockDim.x) {
+    for (int k = 0; k < 3; ++k) s[k] += partials[(n * per_image + b) * 3 + k];
+  }
+  for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] = s[k];
+  __syncthreads();
+  for (int stride = launch::kFilterThreads / 2; stride > 0; stride >>= 1) {
+    if (tid < stride) {
+      for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] += red[k * launch::kFilterThreads + tid + stride];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const double sc = static_cast<double>(ldg(p.sc + n));
+    const double sy = static_cast<double>(ldg(p.ss + 2 * n)), sx = static_cast<double>(ldg(p.ss + 2 * n + 1));
+    if (grad_sc != nullptr) grad_sc[n] = static_cast<scalar_t>(red[0] / (sc * sc * sc));
+    if (grad_ss != nullptr) {
+      grad_ss[2 * n] = static_cast<scalar_t>(red[launch::kFilterThreads] / (sy * sy * sy));
+      grad_ss[2 * n + 1] = static_cast<scalar_t>(red[2 * launch::kFilterThreads] / (sx * sx * sx));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+
+dim3 as_dim3(const launch::Dim3& d) {
+  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
+}
+
+#define BO_FILTER_LAUNCH(kernel, plan, stream, ...)                                      \
+  do {                                                                                   \
+    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                \
+             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);         \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                      \
+  } while (0)
+
+launch::FilterPlan plan_for(const FilterShape& s, const at::Tensor& input, bool backward,
+                            const std::array<bool, 4>& mask) {
+  const int64_t acc = input.scalar_type() == at::kDouble ? 8 : 4;
+  const bool m[4] = {mask[0], mask[1], mask[2], mask[3]};
+  launch::FilterPlan plan =
+      launch::filter_plan(launch::FilterSizes{s.N, s.C, s.Cg, s.H, s.W, s.ky, s.kx, s.self}, acc, backward, m);
+  TORCH_CHECK(plan.valid, "bilateral_filter: a ", s.H, "x", s.W, " image of batch ", s.N,
+              " is too large for one CUDA launch");
+  return plan;
+}
+
+Dims dims_for(const FilterShape& s, const launch::FilterPlan& plan) {
+  return Dims{s.N, s.C, s.Cg, s.H, s.W, s.H + s.ky - 1, s.W + s.kx - 1, plan.tiles_x, plan.tiles_y,
+              static_cast<int>(s.ky), static_cast<int>(s.kx), static_cast<int>(s.py),
+              static_cast<int>(s.px), s.border, s.distance, s.self, plan.tiled};
+}
+
+at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
+                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                            const at::Tensor& sigma_space, c10::string_view border_type,
+                            c10::string_view color_distance_type) {
+  const FilterShape s = check_filter(input_in, guidance, kernel_size, sigma_color, sigma_space,
+                                     std::string(border_type), std::string(color_distance_type));
+  const c10::cuda::CUDAGuard device_guard(input_in.device());
+  if (s.pixels() == 0 || s.C == 0) return at::empty(input_in.sizes(), input_in.options());
+  const at::Tensor input = input_in.contiguous();
+  const at::Tensor gd = s.self ? input : guidance->contiguous();
+  const at::Tensor sc = sigma_color.contiguous(), ss = sigma_space.contiguous();
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  const launch::FilterPlan plan = plan_for(s, input, false, {false, false, false, false});
+  const Dims d = dims_for(s, plan);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bilateral_filter_cuda", [&] {
+    const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+                             ss.data_ptr<scalar_t>()};
+    BO_FILTER_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_backward(
+    const at::Tensor& grad_output_in, const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
+    at::IntArrayRef kernel_size, const at::Tensor& sigma_color, const at::Tensor& sigma_space,
+    c10::string_view border_type, c10::string_view color_distance_type, std::array<bool, 4> mask) {
+  const FilterShape s = check_filter(input_in, guidance, kernel_size, sigma_color, sigma_space,
+                                     std::string(border_type), std::string(color_distance_type));
+  check_filter_grad_output(grad_output_in, input_in);
+  check_filter_mask(s, mask);
+  const c10::cuda::CUDAGuard device_guard(input_in.device());
+  const at::Tensor& gd_like = s.self ? input_in : *guidance;
+  at::Tensor grad_input = zero_or_masked(mask[0], input_in);
+  at::Tensor grad_guidance = zero_or_masked(mask[1], gd_like);
+  at::Tensor grad_sc = zero_or_masked(mask[2], sigma_color);
+  at::Tensor grad_ss = zero_or_masked(mask[3], sigma_space);
+  if (s.pixels() == 0 || s.C == 0 || !(mask[0] || mask[1] || mask[2] || mask[3])) {
+    return {grad_input, grad_guidance, grad_sc, grad_ss};
+  }
+  const at::Tensor input = input_in.contiguous();
+  const at::Tensor gd = s.self ? input : guidance->contiguous();
+  const at::Tensor go = grad_output_in.contiguous();
+  const at::Tensor sc = sigma_color.contiguous(), ss = sigma_space.contiguous();
+  const launch::FilterPlan plan = plan_for(s, input, true, mask);
+  const Dims d = dims_for(s, plan);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool need_range = (s.self && mask[0]) || mask[1];
+  const bool need_sigma = mask[2] || mask[3];
+  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::TensorOptions acc_opt = input.options().dtype(acc_dtype);
+  at::Tensor gp = at::empty({s.N, s.C, s.H, s.W}, acc_opt);
+  at::Tensor av = at::empty({s.N, s.H, s.W}, acc_opt);
+  at::Tensor gcen = need_range ? at::empty({s.N, s.Cg, s.H, s.W}, acc_opt) : at::Tensor();
+  at::Tensor partials = need_sigma ? at::empty({plan.pass1.grid.x, 3}, input.options().dtype(at::kDouble)) : at::Tensor();
+  at::Tensor gin = mask[0] ? at::empty({s.N, s.C, d.Hp, d.Wp}, acc_opt) : at::Tensor();
+  at::Tensor ggd = (mask[1] && !s.self) ? at::empty({s.N, s.Cg, d.Hp, d.Wp}, acc_opt) : at::Tensor();
+  if (need_sigma) {
+    if (mask[2]) grad_sc = at::empty(sigma_color.sizes(), sigma_color.options());
+    if (mask[3]) grad_ss = at::empty(sigma_space.sizes(), sigma_space.options());
+  }
+  if (mask[0]) grad_input = at::empty(input.sizes(), input.options());
+  if (mask[1] && !s.self) grad_guidance = at::empty(gd.sizes(), gd.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bilateral_filter_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+                             ss.data_ptr<scalar_t>()};
+    const Pass1Out<scalar_t> o1{go.data_ptr<scalar_t>(), gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(),
+                                need_range ? gcen.data_ptr<acc_t>() : nullptr,
+                                need_sigma ? partials.data_ptr<double>() : nullptr};
+    BO_FILTER_LAUNCH(filter_pass1_kernel<scalar_t>, plan.pass1, stream, d, p, o1);
+    if (need_sigma) {
+      BO_FILTER_LAUNCH(filter_finish_kernel<scalar_t>, plan.finish, stream, d, p, partials.data_ptr<double>(),
+                       mask[2] ? grad_sc.data_ptr<scalar_t>() : nullptr,
+                       mask[3] ? grad_ss.data_ptr<scalar_t>() : nullptr);
+    }
+    if (!(mask[0] || mask[1])) return;
+    const Pass2Args<scalar_t> o2{gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(), mask[0] ? gin.data_ptr<acc_t>() : nullptr,
+                                 ggd.defined() ? ggd.data_ptr<acc_t>() : nullptr, mask[0], need_range};
+    BO_FILTER_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
+    if (mask[0]) {
+      BO_FILTER_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_input, stream, d, s.C, gin.data_ptr<acc_t>(),
+                       s.self ? gcen.data_ptr<acc_t>() : static_cast<const acc_t*>(nullptr),
+                       grad_input.data_ptr<scalar_t>());
+    }
+    if (mask[1] && !s.self) {
+      BO_FILTER_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_guidance, stream, d, s.Cg, ggd.data_ptr<acc_t>(),
+                       gcen.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
+    }
+  });
+  return {grad_input, grad_guidance, grad_sc, grad_ss};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bilateral_ops
+
+TORCH_LIBRARY_IMPL(bilateral_ops, CUDA, m) {
+  m.impl("bilateral_filter", &bilateral_ops::cuda::bilateral_filter);
+  m.impl("_bilateral_filter_backward", &bilateral_ops::cuda::bilateral_filter_backward);
+}

@@ -1,0 +1,427 @@
+"""bilateral_filter (and bilateral_blur, joint_bilateral_blur, BilateralBlur, JointBilateralBlur):
+against kornia (float32, 1e-5) and the float64 reference (1e-10, gradients included), gradcheck,
+opcheck, torch.compile, errors before any kernel, layouts, empty images, determinism, half
+precision on the CPU, and OpenCV where its window coincides with ours.
+
+CUDA runs of the same op are in tests/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import F64, OPS, deterministic, no_kernel_runs, noncontiguous
+
+import bilateral_ops as bo
+from bilateral_ops import reference
+
+kornia = pytest.importorskip("kornia")
+KF = kornia.filters
+
+BORDERS = ["reflect", "replicate", "constant", "circular"]
+DISTANCES = ["l1", "l2"]
+# (kernel_size, sigma_color, sigma_space as kornia takes it)
+SETTINGS = [(3, 0.1, (3.0, 3.0)), ((5, 3), 0.3, (1.5, 2.0)), (7, 0.5, (2.0, 1.0)), ((1, 5), 0.2, (1.0, 1.5))]
+GUIDES = [None, 1, 2]  # None: the input itself; else a guidance of that many channels
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g, dtype=F64).to(dtype)
+
+
+def _assert_close(got, want, tol, what=""):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert torch.isfinite(got).all(), what
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    assert err <= tol, f"{what}: max abs err {err:.3e} > {tol:.1e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# kornia
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=["self", "g1", "g2"])
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("border", BORDERS)
+def test_matches_kornia(border, distance, setting, guide):
+    ks, sc, ss = SETTINGS[setting]
+    x = _rand(2, 3, 19, 26, seed=setting)
+    if guide is None:
+        got = bo.bilateral_blur(x, ks, sc, ss, border, distance)
+        want = KF.bilateral_blur(x, ks, sc, ss, border, distance)
+    else:
+        g = _rand(2, guide, 19, 26, seed=10 + setting)
+        got = bo.joint_bilateral_blur(x, g, ks, sc, ss, border, distance)
+        want = KF.joint_bilateral_blur(x, g, ks, sc, ss, border, distance)
+    assert got.dtype == torch.float32
+    _assert_close(got, want, 1e-5, f"{border} {distance} {ks}")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("joint", [False, True])
+def test_tensor_sigmas_match_kornia(distance, joint):
+    x = _rand(3, 3, 21, 17)
+    g = _rand(3, 2, 21, 17, seed=1) if joint else None
+    sc = torch.tensor([0.05, 0.2, 1.0])
+    ss = torch.tensor([[1.0, 2.0], [3.0, 0.7], [1.5, 1.5]])
+    if joint:
+        got = bo.joint_bilateral_blur(x, g, (5, 7), sc, ss, "reflect", distance)
+        want = KF.joint_bilateral_blur(x, g, (5, 7), sc, ss, "reflect", distance)
+    else:
+        got = bo.bilateral_blur(x, (5, 7), sc, ss, "reflect", distance)
+        want = KF.bilateral_blur(x, (5, 7), sc, ss, "reflect", distance)
+    _assert_close(got, want, 1e-5)
+    # A (1,) / (1, 2) tensor broadcasts over the batch, as in kornia.
+    got = bo.bilateral_blur(x, 5, sc[:1], ss[:1], "replicate", distance)
+    want = KF.bilateral_blur(x, 5, sc[:1], ss[:1], "replicate", distance)
+    _assert_close(got, want, 1e-5)
+
+
+def test_modules_match_kornia():
+    x, g = _rand(2, 3, 15, 18), _rand(2, 1, 15, 18, seed=3)
+    ours, theirs = bo.BilateralBlur((3, 5), 0.2, (1.5, 2.5), "circular", "l2"), KF.BilateralBlur((3, 5), 0.2, (1.5, 2.5), "circular", "l2")
+    _assert_close(ours(x), theirs(x), 1e-5)
+    assert repr(ours) == repr(theirs)
+    ours, theirs = bo.JointBilateralBlur(5, 0.1, (2.0, 2.0)), KF.JointBilateralBlur(5, 0.1, (2.0, 2.0))
+    _assert_close(ours(x, g), theirs(x, g), 1e-5)
+    assert repr(ours) == repr(theirs)
+
+
+def test_casts_like_kornia():
+    """A float64 guidance and float64 sigma tensors are cast to the float32 input's dtype."""
+    x = _rand(2, 3, 12, 13)
+    g = _rand(2, 3, 12, 13, dtype=F64, seed=1)
+    sc = torch.tensor([0.2, 0.4], dtype=F64)
+    got = bo.joint_bilateral_blur(x, g, 5, sc, (2.0, 2.0))
+    assert got.dtype == torch.float32
+    _assert_close(got, KF.joint_bilateral_blur(x, g.float(), 5, sc.float(), (2.0, 2.0)), 1e-5)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    x = _rand(1, 3, 11, 12)
+    want = bo.bilateral_blur(x, 5, 0.2, (1.5, 2.0))
+    assert torch.equal(bo.bilateral_blur(x, np.int64(5), np.float32(0.2), (np.float64(1.5), 2)), want)
+
+
+def test_float_sigma_space_means_both_axes():
+    x = _rand(1, 3, 11, 12)
+    assert torch.equal(bo.bilateral_blur(x, 5, 0.2, 1.7), bo.bilateral_blur(x, 5, 0.2, (1.7, 1.7)))
+    assert torch.equal(bo.bilateral_blur(x, (5, 5), 0.2, 1.7), bo.bilateral_blur(x, 5, 0.2, 1.7))
+
+
+def test_gradients_match_kornia():
+    x = _rand(2, 3, 13, 15).requires_grad_()
+    g = _rand(2, 2, 13, 15, seed=2).requires_grad_()
+    sc = torch.tensor([0.2, 0.5], requires_grad=True)
+    ss = torch.tensor([[1.0, 2.0], [2.5, 1.5]], requires_grad=True)
+    go = _rand(2, 3, 13, 15, seed=4) - 0.5
+    for joint in (False, True):
+        leaves = [x, sc, ss] + ([g] if joint else [])
+        ours = bo.bilateral_filter(x, 5, sc, ss, guidance=g if joint else None)
+        theirs = KF.joint_bilateral_blur(x, g, 5, sc, ss) if joint else KF.bilateral_blur(x, 5, sc, ss)
+        for a, b in zip(torch.autograd.grad(ours, leaves, go), torch.autograd.grad(theirs, leaves, go)):
+            _assert_close(a, b, 1e-4 * (1 + b.abs().max().item()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 reference: values and every gradient
+
+
+def _leaves(n, c, cg, h, w, seed=0):
+    x = _rand(n, c, h, w, dtype=F64, seed=seed)
+    g = None if cg is None else _rand(n, cg, h, w, dtype=F64, seed=seed + 1)
+    sc = 0.1 + _rand(n, dtype=F64, seed=seed + 2)
+    ss = 0.5 + 2 * _rand(n, 2, dtype=F64, seed=seed + 3)
+    return x, g, sc, ss
+
+
+@pytest.mark.parametrize("cg", [None, 1, 3], ids=["self", "g1", "g3"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("border", BORDERS)
+def test_float64_matches_reference_with_gradients(border, distance, cg):
+    x, g, sc, ss = _leaves(2, 3, cg, 11, 19)
+    ks = (5, 3)
+    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
+
+    def run(fn):
+        out = fn(x, g, sc, ss)
+        go = torch.linspace(-1, 1, out.numel(), dtype=F64).view(out.shape)
+        return out, torch.autograd.grad(out, args, go)
+
+    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
+    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
+    _assert_close(out, ref, 1e-10, "output")
+    for name, a, b in zip(["input", "guidance", "sigma_color", "sigma_space"] if g is not None else ["input", "sigma_color", "sigma_space"], grads, ref_grads):
+        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("case", ["self", "joint"])
+def test_gradcheck(case):
+    x, g, sc, ss = _leaves(2, 2, None if case == "self" else 2, 5, 6)
+    for border, distance in [("reflect", "l1"), ("constant", "l2"), ("circular", "l1"), ("replicate", "l2")]:
+        def fn(x, g, sc, ss, border=border, distance=distance):
+            return bo.bilateral_filter(x, (3, 5), sc, ss, border, distance, guidance=g)
+
+        inputs = tuple(t.requires_grad_() if t is not None else None for t in (x, g, sc, ss))
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_masked_gradients_are_not_computed():
+    x, g, sc, ss = _leaves(1, 2, 1, 6, 7)
+    go = torch.ones(1, 2, 6, 7, dtype=F64)
+    args = (go, x, g, [3, 3], sc, ss, "reflect", "l1")
+    full = OPS._bilateral_filter_backward(*args, [True, True, True, True])
+    for mask in itertools.product([False, True], repeat=4):
+        outs = OPS._bilateral_filter_backward(*args, list(mask))
+        for wanted, got, want in zip(mask, outs, full):
+            if wanted:
+                assert torch.equal(got, want)
+            else:
+                assert got.shape == (0,)
+    with pytest.raises(RuntimeError, match="guidance"):
+        OPS._bilateral_filter_backward(go, x, None, [3, 3], sc, ss, "reflect", "l1", [True, True, False, False])
+
+
+def test_second_derivatives_raise():
+    x, _, sc, ss = _leaves(1, 2, None, 6, 7)
+    x.requires_grad_()
+    out = bo.bilateral_blur(x, 3, sc, ss)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="_bilateral_filter_backward.*second derivatives"):
+        grad.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck, torch.compile
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_opcheck(joint):
+    x, g, sc, ss = _leaves(2, 3, 2 if joint else None, 7, 9)
+    args = (x.requires_grad_(), g, [3, 5], sc.requires_grad_(), ss.requires_grad_(), "reflect", "l1")
+    torch.library.opcheck(OPS.bilateral_filter, args)
+    go = _rand(2, 3, 7, 9, dtype=F64, seed=7)
+    mask = [True, joint, True, True]
+    torch.library.opcheck(OPS._bilateral_filter_backward, (go, x.detach(), g, [3, 5], sc.detach(), ss.detach(), "circular", "l2", mask))
+
+
+def test_torch_compile_fullgraph():
+    x, g, sc, ss = _leaves(2, 3, 1, 12, 14)
+
+    def fn(x, g, sc, ss):
+        return bo.bilateral_filter(x, (3, 5), sc, ss, "reflect", "l2", guidance=g).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.requires_grad_() for t in (x, g, sc, ss)]
+    want = torch.autograd.grad(fn(*leaves), leaves)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    module = torch.compile(bo.BilateralBlur(5, 0.2, (1.5, 1.5)), fullgraph=True, backend="inductor")
+    assert torch.equal(module(x.detach()), bo.bilateral_blur(x.detach(), 5, 0.2, (1.5, 1.5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts, sizes, dtypes, determinism
+
+
+def test_noncontiguous_inputs():
+    x, g, sc, ss = _leaves(2, 3, 2, 9, 10)
+    want = bo.bilateral_filter(x, 3, sc, ss, guidance=g)
+    ss_t = ss.T.contiguous().T
+    assert not ss_t.is_contiguous()
+    got = bo.bilateral_filter(noncontiguous(x), 3, noncontiguous(sc), ss_t, guidance=noncontiguous(g))
+    assert torch.equal(got, want)
+    channels_last = x.to(memory_format=torch.channels_last)
+    assert torch.equal(bo.bilateral_blur(channels_last, 3, sc, ss), bo.bilateral_blur(x, 3, sc, ss))
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 9), (9, 1), (2, 3), (33, 17)])
+@pytest.mark.parametrize("border", ["replicate", "constant", "circular"])
+def test_odd_sizes_match_reference(hw, border):
+    """Kernels wider than the image (replicate and constant take any padding, circular up to the
+    side) and rows shorter than a vector."""
+    h, w = hw
+    ks = (min(2 * h + 1, 7) if border == "circular" else 7, min(2 * w + 1, 9) if border == "circular" else 9)
+    x, g, sc, ss = _leaves(3, 2, 3, h, w)
+    for guidance in (None, g):
+        got = bo.bilateral_filter(x, ks, sc, ss, border, "l1", guidance=guidance)
+        want = reference.bilateral_filter(x, guidance, ks, sc, ss, border, "l1")
+        _assert_close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (2, 0, 5, 5), (2, 3, 0, 5), (2, 3, 5, 0)])
+def test_empty_images(shape):
+    x = torch.rand(*shape, dtype=F64, requires_grad=True)
+    out = bo.bilateral_blur(x, 3, 0.1, (1.0, 1.0))
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape and (x.grad == 0).all()
+
+
+def test_deterministic_across_runs_and_threads(restore_num_threads):
+    x, _g, sc, ss = _leaves(2, 3, None, 64, 70)
+    x = x.float().requires_grad_()
+    sc, ss = sc.float().requires_grad_(), ss.float().requires_grad_()
+    go = _rand(2, 3, 64, 70, seed=5)
+
+    def grads():
+        out = bo.bilateral_blur(x, 7, sc, ss)
+        return (out, *torch.autograd.grad(out, (x, sc, ss), go))
+
+    first = grads()
+    with deterministic(True):
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for a, b in zip(grads(), first):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computed_in_float32(dtype):
+    x = _rand(2, 3, 15, 17, dtype=dtype).requires_grad_()
+    g = _rand(2, 1, 15, 17, dtype=dtype, seed=1)
+    out = bo.joint_bilateral_blur(x, g, 5, 0.25, (2.0, 2.0))
+    assert out.dtype == dtype
+    x32 = x.detach().float().requires_grad_()
+    want = bo.joint_bilateral_blur(x32, g.float(), 5, torch.tensor(0.25, dtype=dtype), (2.0, 2.0))
+    assert torch.equal(out, want.to(dtype))
+    go = _rand(2, 3, 15, 17, dtype=dtype, seed=2)
+    (grad,) = torch.autograd.grad(out, x, go)
+    (grad32,) = torch.autograd.grad(want, x32, go.float())
+    assert grad.dtype == dtype and torch.equal(grad, grad32.to(dtype))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x = _rand(1, 3, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bo.bilateral_blur(x, 3, 0.2, (1.0, 1.0))
+    assert out.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenCV: the same filter on a disc window. With d = 3 OpenCV's window is the 5-tap cross; our
+# 3x3 square adds the 4 diagonal taps, whose spatial weight exp(-1 / sigma^2) is negligible for
+# sigma = 0.25 (1.1e-7 of the centre), so the two must agree up to OpenCV's own approximations
+# (a table of the range exponential).
+
+
+def test_matches_opencv_where_the_windows_coincide():
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    img = _rand(1, 3, 40, 50, seed=11)
+    for sigma_color in (0.1, 0.3):
+        want = cv2.bilateralFilter(img[0].permute(1, 2, 0).numpy().copy(), 3, sigma_color, 0.25)
+        got = bo.bilateral_blur(img, 3, sigma_color, (0.25, 0.25), "reflect", "l1")[0].permute(1, 2, 0)
+        err = np.abs(got.numpy() - want).max()
+        assert err < 2e-3, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: before any kernel, naming the argument
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.rand(*shape, dtype=dtype)
+
+
+ERRORS = [
+    ({"kernel_size": 4}, ValueError, "kernel_size"),
+    ({"kernel_size": 0}, ValueError, "kernel_size"),
+    ({"kernel_size": -3}, ValueError, "kernel_size"),
+    ({"kernel_size": (3, 2)}, ValueError, "kernel_size"),
+    ({"kernel_size": (3, 3, 3)}, TypeError, "kernel_size"),
+    ({"kernel_size": 3.0}, TypeError, "kernel_size"),
+    ({"kernel_size": 13}, ValueError, "kernel_size.*reflect"),  # pad 6 >= 6 rows
+    ({"kernel_size": (1, 17), "border_type": "circular"}, ValueError, "kernel_size.*circular"),
+    ({"sigma_color": 0.0}, ValueError, "sigma_color"),
+    ({"sigma_color": -1.0}, ValueError, "sigma_color"),
+    ({"sigma_color": float("nan")}, ValueError, "sigma_color"),
+    ({"sigma_color": "0.1"}, TypeError, "sigma_color"),
+    ({"sigma_color": torch.tensor([0.1, -0.1])}, ValueError, "sigma_color"),
+    ({"sigma_color": torch.tensor([0.1, 0.2, 0.3])}, ValueError, "sigma_color"),
+    ({"sigma_color": torch.tensor([1, 2])}, TypeError, "sigma_color"),
+    ({"sigma_space": (1.0, 0.0)}, ValueError, "sigma_space"),
+    ({"sigma_space": (1.0, 2.0, 3.0)}, TypeError, "sigma_space"),
+    ({"sigma_space": torch.tensor([[1.0, 2.0]] * 3)}, ValueError, "sigma_space"),
+    ({"sigma_space": torch.tensor([[1.0, 0.0]])}, ValueError, "sigma_space"),
+    ({"border_type": "mirror"}, ValueError, "border_type"),
+    ({"border_type": None}, TypeError, "border_type"),
+    ({"color_distance_type": "l3"}, ValueError, "color_distance_type"),
+    ({"input": _x(2, 3, 6)}, ValueError, "input"),
+    ({"input": torch.ones(2, 3, 6, 7, dtype=torch.int64)}, TypeError, "input"),
+    ({"input": [[1.0]]}, TypeError, "input"),
+    ({"guidance": _x(2, 1, 6, 8)}, ValueError, "guidance"),
+    ({"guidance": _x(3, 1, 6, 7)}, ValueError, "guidance"),
+    ({"guidance": _x(2, 6, 7)}, ValueError, "guidance"),
+    ({"guidance": torch.ones(2, 1, 6, 7, dtype=torch.int32)}, TypeError, "guidance"),
+    ({"guidance": torch.rand(2, 1, 6, 7, device="meta")}, ValueError, "guidance"),
+]
+
+
+def _call(**kw):
+    args = {"input": _x(2, 3, 6, 7), "kernel_size": 3, "sigma_color": 0.1, "sigma_space": (1.0, 1.0)}
+    args.update(kw)
+    return bo.bilateral_filter(**args)
+
+
+def test_no_kernel_runs_guard_is_effective(monkeypatch):
+    no_kernel_runs(monkeypatch)
+    with pytest.raises(AssertionError, match="kernel"):
+        _call()
+
+
+@pytest.mark.parametrize("case", range(len(ERRORS)))
+def test_errors(case, monkeypatch):
+    kw, exc, match = ERRORS[case]
+    no_kernel_runs(monkeypatch)
+    with pytest.raises(exc, match=match):
+        _call(**kw)
+
+
+def test_joint_needs_a_guidance_tensor():
+    with pytest.raises(TypeError, match="guidance"):
+        bo.joint_bilateral_blur(_x(1, 1, 5, 5), None, 3, 0.1, (1.0, 1.0))
+
+
+def _direct(**kw):
+    args = {
+        "input": _x(2, 3, 6, 7), "guidance": None, "kernel_size": [3, 3], "sigma_color": _x(2), "sigma_space": _x(2, 2),
+        "border_type": "reflect", "color_distance_type": "l1",
+    }
+    args.update(kw)
+    return OPS.bilateral_filter(*args.values())
+
+
+DIRECT_ERRORS = [
+    {"kernel_size": [4, 3]},
+    {"kernel_size": [3]},
+    {"kernel_size": [13, 3]},
+    {"kernel_size": [3, 17], "border_type": "circular"},
+    {"border_type": "mirror"},
+    {"color_distance_type": "l3"},
+    {"input": _x(2, 3, 7)},
+    {"guidance": _x(2, 1, 6, 8)},
+    {"guidance": _x(2, 1, 6, 7, dtype=F64)},
+    {"sigma_color": _x(3)},
+    {"sigma_space": _x(2, 3)},
+    {"sigma_space": _x(2, 2, dtype=F64)},
+    {"input": torch.ones(2, 3, 6, 7, dtype=torch.int32)},
+]
+
+
+@pytest.mark.parametrize("case", range(len(DIRECT_ERRORS)))
+def test_direct_op_calls_check_arguments(case):
+    with pytest.raises(RuntimeError):
+        _direct(**DIRECT_ERRORS[case])
+
+
+def test_direct_op_call_accepts_valid_arguments():
+    assert _direct().shape == (2, 3, 6, 7)
