@@ -96,6 +96,26 @@ def impl_fn(impl: str):
     raise ValueError(f"unknown impl {impl!r}")
 
 
+def cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time (ms) of ``reps`` back-to-back calls of ``fn()``,
+    timed with CUDA events after 3 warm-up calls."""
+    import statistics
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
 def forward_backward(fn, grid, guide, x, grad_out):
     """One forward and one backward for every argument that requires grad (no accumulation into
     .grad). HDRNet's input requires none: the backward then skips grad_input."""

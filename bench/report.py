@@ -72,7 +72,9 @@ def cuda_table(benches: list[dict]) -> list[str]:
     rows = [
         b
         for b in benches
-        if b.get("extra_info", {}).get("device", "cpu") != "cpu" and b["extra_info"].get("suite") != "grid"
+        if b.get("extra_info", {}).get("device", "cpu") != "cpu"
+        and b["extra_info"].get("suite") != "grid"
+        and all(k in b["extra_info"] for k in ("size", "dtype", "event_ms", "achieved_GBps", "clone_GBps", "pct_of_clone"))
     ]
     if not rows:
         return []

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -107,7 +106,7 @@ def peak_extra_bytes(impl: str, case: str, mode: str) -> int:
 
 
 def _probe(impl: str, case: str, mode: str) -> int:
-    import bench_common as bc
+    import bench_common as bc  # here, not at the top: tests/test_launch_config.py loads this file
 
     fn = impl_fn(impl, mode)
     fn(*prepared(mode, make_case(1, 16, 16)))  # loads every library and kernel first
@@ -167,44 +166,30 @@ def test_cpu(benchmark, impl, case, mode):
 # CUDA: ours against the clone() bandwidth floor of the same bytes
 
 
-def _cuda_ms(fn, args, reps: int = 20, repeats: int = 7) -> float:
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["forward", "hdrnet"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CUDA_CASES))
 def test_cuda(benchmark, requires_cuda, case, dtype, mode):
+    import bench_common as bc
+
     n, h, w = CUDA_CASES[case]
     args = prepared(mode, make_case(n, h, w, device="cuda", dtype=dtype))
     fn = impl_fn("ours", mode)
     benchmark.group = f"cuda curve_guide {mode} {case}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), op=f"curve_guide {mode}", size=case,
                                 dtype=str(dtype).replace("torch.", ""))
-    ms = _cuda_ms(fn, args)
+    ms = bc.cuda_ms(lambda: fn(*args))
     # Bytes moved at the least: the forward reads the image and writes the guide; with the
     # backward, a second pass reads the image and grad_output.
     elem = args[0].element_size()
     nbytes = (n * C * h * w + n * h * w) * elem * (1 if mode == "forward" else 2)
     buf = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")  # clone reads and writes
-    clone_ms = _cuda_ms(lambda: buf.clone(), ())
+    clone_ms = bc.cuda_ms(buf.clone)
     benchmark.extra_info.update(ms=round(ms, 4), clone_ms=round(clone_ms, 4),
                                 fraction_of_clone_bandwidth=round(clone_ms / ms, 3))
     if mode != "forward":
-        benchmark.extra_info["peer_ms"] = round(_cuda_ms(impl_fn("torch", mode), args, reps=3, repeats=3), 3)
+        benchmark.extra_info["peer_ms"] = round(bc.cuda_ms(lambda: impl_fn("torch", mode)(*args), reps=3, repeats=3), 3)
     benchmark.pedantic(lambda: (fn(*args), torch.cuda.synchronize()), rounds=10, warmup_rounds=2, iterations=1)
 
 

@@ -20,7 +20,6 @@ and slice bandwidth against a clone() of the same bytes.
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 
 import numpy as np
@@ -200,23 +199,6 @@ def test_cpu_piece(benchmark, piece, impl, size):
 # CUDA
 
 
-def _cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the mean time (ms) of ``reps`` back-to-back calls, CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
 def _cuda_info(benchmark, group: str, **kw) -> None:
     benchmark.group = f"cuda {group}"
     benchmark.extra_info.update(
@@ -230,13 +212,13 @@ def test_cuda_filter_4k(benchmark, requires_cuda):
     x = bc.make_inputs(h, w, device="cuda")[2]
     _cuda_info(benchmark, "grid_filter 3840x2160", sigma_color=SIGMA_COLOR, sigma_space=SIGMA_SPACE)
     with torch.no_grad():
-        ours = _cuda_ms(lambda: bo.bilateral_grid_filter(x, SIGMA_COLOR, SIGMA_SPACE))
-        torch_ms = _cuda_ms(lambda: peers.torch_grid_filter(x, SIGMA_COLOR, SIGMA_SPACE), reps=5)
+        ours = bc.cuda_ms(lambda: bo.bilateral_grid_filter(x, SIGMA_COLOR, SIGMA_SPACE))
+        torch_ms = bc.cuda_ms(lambda: peers.torch_grid_filter(x, SIGMA_COLOR, SIGMA_SPACE), reps=5)
         benchmark.extra_info.update(
             event_ms=round(ours, 4), torch_event_ms=round(torch_ms, 4), speedup_vs_torch=round(torch_ms / ours, 2)
         )
         grad_out = torch.randn_like(x)
-        fb = _cuda_ms(
+        fb = bc.cuda_ms(
             lambda: _forward_backward(lambda a: bo.bilateral_grid_filter(a, SIGMA_COLOR, SIGMA_SPACE), x, grad_out),
             reps=5,
         )
@@ -255,7 +237,7 @@ def test_cuda_filter_halide_size(benchmark, requires_cuda):
     grey = bc.make_inputs(1536, 2560, device="cuda")[1][:, None].contiguous()  # the photo's luminance
     _cuda_info(benchmark, "grid_filter halide 2560x1536 grey", sigma_color=0.1, sigma_space=8.0)
     with torch.no_grad():
-        ms = _cuda_ms(lambda: bo.bilateral_grid_filter(grey, 0.1, 8.0))
+        ms = bc.cuda_ms(lambda: bo.bilateral_grid_filter(grey, 0.1, 8.0))
         benchmark.extra_info.update(
             event_ms=round(ms, 4), halide_published_ms=HALIDE_MS, speedup_vs_halide=round(HALIDE_MS / ms, 2)
         )
@@ -281,9 +263,9 @@ def test_cuda_piece_bandwidth(benchmark, requires_cuda, piece):
     )
     _cuda_info(benchmark, f"{piece} 3840x2160")
     with torch.no_grad():
-        ms = _cuda_ms(fn)
+        ms = bc.cuda_ms(fn)
         buf = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-        clone_ms = _cuda_ms(buf.clone)
+        clone_ms = bc.cuda_ms(buf.clone)
         del buf
         gbs, clone_gbs = nbytes / ms / 1e6, nbytes / clone_ms / 1e6
         benchmark.extra_info.update(

@@ -13,7 +13,6 @@ against the bandwidth floor of a ``clone()`` of the same bytes measured in the s
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -127,27 +126,10 @@ def test_cpu_forward_backward(benchmark, impl, size, guide, mode):
 # CUDA: 4K, ours against the clone() bandwidth floor of the same bytes
 
 
-def _cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the mean time (ms) of ``reps`` back-to-back calls, CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
 def _bandwidth(benchmark, fn, nbytes: int) -> None:
-    ms = _cuda_ms(fn)
+    ms = bc.cuda_ms(fn)
     buf = torch.empty(nbytes // 2, dtype=torch.uint8, device=CUDA)  # clone reads + writes nbytes
-    clone_ms = _cuda_ms(buf.clone)
+    clone_ms = bc.cuda_ms(buf.clone)
     del buf
     gbs, clone_gbs = nbytes / ms / 1e6, nbytes / clone_ms / 1e6
     benchmark.extra_info.update(
@@ -185,7 +167,7 @@ def test_cuda_forward(benchmark, requires_cuda, dtype):
     nbytes = (h * w + 3 * h * w + 3 * h * w) * esz  # guide + input read once, output written once
     with torch.no_grad():
         _bandwidth(benchmark, lambda: ours(grid, guide, x), nbytes)
-        benchmark.extra_info["grid_sample_event_ms"] = round(_cuda_ms(lambda: peer(grid, guide, x), reps=5), 4)
+        benchmark.extra_info["grid_sample_event_ms"] = round(bc.cuda_ms(lambda: peer(grid, guide, x), reps=5), 4)
         for name, f in (("ours", ours), ("grid_sample", peer)):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -222,11 +204,11 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     _bandwidth(benchmark, lambda: backward(grad_out, grid, guide, x, True), nbytes)
     # What the output mask saves (HDRNet: no grad_input), and a noise guide (every z cell).
     benchmark.extra_info["hdrnet_mask_event_ms"] = round(
-        _cuda_ms(lambda: backward(grad_out, grid, guide, x, True, (True, True, False)), reps=5), 4
+        bc.cuda_ms(lambda: backward(grad_out, grid, guide, x, True, (True, True, False)), reps=5), 4
     )
     _, noise, _ = bc.make_inputs(h, w, CUDA_DTYPES[dtype], CUDA, guide="noise")
     benchmark.extra_info["noise_guide_event_ms"] = round(
-        _cuda_ms(lambda: backward(grad_out, grid, noise, x, True), reps=5), 4
+        bc.cuda_ms(lambda: backward(grad_out, grid, noise, x, True), reps=5), 4
     )
     # The deterministic grid gradient (per-cell gather) against the default scatter: pick the
     # faster one as the default once measured.
@@ -234,7 +216,7 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     torch.use_deterministic_algorithms(True)
     try:
         benchmark.extra_info["deterministic_event_ms"] = round(
-            _cuda_ms(lambda: backward(grad_out, grid, guide, x, True), reps=5), 4
+            bc.cuda_ms(lambda: backward(grad_out, grid, guide, x, True), reps=5), 4
         )
     finally:
         torch.use_deterministic_algorithms(before)
@@ -244,7 +226,7 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     for impl in ("ours", "grid_sample"):
         fn = bc.impl_fn(impl)
         benchmark.extra_info[f"{impl}_forward_backward_event_ms"] = round(
-            _cuda_ms(lambda: bc.forward_backward(fn, *leaves, grad_out), reps=5), 4
+            bc.cuda_ms(lambda: bc.forward_backward(fn, *leaves, grad_out), reps=5), 4
         )
     grads = benchmark.pedantic(
         _sync(lambda: backward(grad_out, grid, guide, x, True)), rounds=30, warmup_rounds=3, iterations=1

@@ -148,6 +148,8 @@ def bilateral_grid_filter(
     sliced = bilateral_slice(grid_blur(grid_splat(homogeneous, guide, size), 1.0), guide)
     weight = sliced[:, c:].clamp_min(1e-12)
     return sliced[:, :c] / weight
+
+
 def curve_guide(
     input: torch.Tensor,
     ccm: torch.Tensor,

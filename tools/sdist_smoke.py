@@ -32,6 +32,16 @@ def main() -> int:
     grid = torch.randn(2, 12, 4, 3, 5, generator=g, dtype=torch.float64)
     guide = torch.rand(2, 9, 11, generator=g, dtype=torch.float64)
     x = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    sc = torch.full((2,), 0.1, dtype=torch.float64)
+    ss = torch.full((2, 2), 1.5, dtype=torch.float64)
+    curve = (
+        torch.eye(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+        torch.linspace(0, 1, 17, dtype=torch.float64)[:-1].repeat(3, 1),
+        torch.rand(3, 16, generator=g, dtype=torch.float64),
+        torch.full((3,), 1 / 3, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+    )
     ops = torch.ops.bilateral_ops
     calls = {
         "bilateral_slice": lambda: ops.bilateral_slice(grid, guide),
@@ -43,6 +53,18 @@ def main() -> int:
         "_bilateral_slice_apply_dguide": lambda: ops._bilateral_slice_apply_dguide(grid, guide, x, True),
         "_bilateral_slice_apply_backward": lambda: ops._bilateral_slice_apply_backward(
             torch.ones(2, 3, 9, 11, dtype=torch.float64), grid, guide, x, True, False, [True, True, True]
+        ),
+        "grid_splat": lambda: ops.grid_splat(x, guide, [4, 3, 5]),
+        "grid_blur": lambda: ops.grid_blur(grid, [1.0, 0.5, 0.0]),
+        "_bilateral_grid_filter_splat": lambda: ops._bilateral_grid_filter_splat(x, guide, [4, 3, 5]),
+        "_bilateral_grid_filter_slice": lambda: ops._bilateral_grid_filter_slice(grid, guide),
+        "bilateral_filter": lambda: ops.bilateral_filter(x, None, [3, 5], sc, ss, "reflect", "l1"),
+        "_bilateral_filter_backward": lambda: ops._bilateral_filter_backward(
+            torch.ones_like(x), x, None, [3, 5], sc, ss, "reflect", "l1", [True, False, True, True]
+        ),
+        "curve_guide": lambda: ops.curve_guide(x, *curve),
+        "_curve_guide_backward": lambda: ops._curve_guide_backward(
+            torch.ones(2, 9, 11, dtype=torch.float64), x, *curve, [True] * 7
         ),
     }
     missing = sorted(set(lib.OPS) - set(calls))
@@ -56,6 +78,10 @@ def main() -> int:
         calls[op]()
         print(f"  {op}: ok")
     err = (bo.bilateral_slice_apply(grid, guide, x) - reference.bilateral_slice_apply(grid, guide, x)).abs().max()
+    assert err < 1e-12, err
+    err = (bo.grid_splat(x, guide, (4, 3, 5)) - reference.grid_splat(x, guide, (4, 3, 5))).abs().max()
+    assert err < 1e-12, err
+    err = (bo.bilateral_filter(x, (3, 5), 0.1, 1.5) - reference.bilateral_filter(x, None, (3, 5), sc, ss)).abs().max()
     assert err < 1e-12, err
     print(f"bilateral_ops {bo.__version__} from {here}: all {len(lib.OPS)} ops ran compiled")
     return 0

@@ -21,20 +21,7 @@ at::Tensor filter_splat(const at::Tensor& input, const at::Tensor& guide,
                         at::IntArrayRef grid_size) {
   SliceGeometry g = check_grid_splat(input, guide, grid_size);
   g.C += 1;  // the implied channel of ones
-  if (g.pixels() == 0) return at::zeros({g.N, g.C, g.D, g.Gh, g.Gw}, input.options());
-  const auto dt = compute_dtype(input.scalar_type());
-  const at::Tensor values = prepared(input, dt);
-  at::Tensor out = at::empty({g.N, g.C, g.D, g.Gh, g.Gw}, input.options().dtype(dt));
-  AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_grid_filter_splat_cpu", [&] {
-    Problem<scalar_t> problem(guide, g);
-    SliceParams<scalar_t>& p = problem.p;
-    p.grad_output = values.data_ptr<scalar_t>();
-    p.need_grid = true;
-    p.need_guide = false;
-    p.ones_channel = true;
-    run_backward<slice_tasks>(p, false, out.data_ptr<scalar_t>());
-  });
-  return out.to(input.scalar_type());
+  return run_splat<slice_tasks>(input, guide, g, true);
 }
 
 at::Tensor filter_slice(const at::Tensor& grid, const at::Tensor& guide) {

@@ -21,23 +21,6 @@
 #include "../curve_guide_table.h"
 #include "simd.h"
 
-// One build runs fast on any x86-64 (as in slice_engine.h, which defines the same macro).
-#ifndef BO_TARGET_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
-#define BO_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BO_TARGET_CLONES
-#endif
-#endif
-#ifndef BO_ALWAYS_INLINE
-#if defined(__GNUC__)
-#define BO_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define BO_ALWAYS_INLINE inline
-#endif
-#endif
-
 namespace bilateral_ops {
 namespace cpu {
 namespace {

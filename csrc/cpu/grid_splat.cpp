@@ -19,20 +19,7 @@ namespace {
 
 at::Tensor grid_splat(const at::Tensor& input, const at::Tensor& guide,
                       at::IntArrayRef grid_size) {
-  const SliceGeometry g = check_grid_splat(input, guide, grid_size);
-  if (g.pixels() == 0) return at::zeros({g.N, g.C, g.D, g.Gh, g.Gw}, input.options());
-  const auto dt = compute_dtype(input.scalar_type());
-  const at::Tensor values = prepared(input, dt);
-  at::Tensor out = at::empty({g.N, g.C, g.D, g.Gh, g.Gw}, input.options().dtype(dt));
-  AT_DISPATCH_FLOATING_TYPES(dt, "grid_splat_cpu", [&] {
-    Problem<scalar_t> problem(guide, g);
-    SliceParams<scalar_t>& p = problem.p;
-    p.grad_output = values.data_ptr<scalar_t>();
-    p.need_grid = true;
-    p.need_guide = false;
-    run_backward<slice_tasks>(p, false, out.data_ptr<scalar_t>());
-  });
-  return out.to(input.scalar_type());
+  return run_splat<slice_tasks>(input, guide, check_grid_splat(input, guide, grid_size), false);
 }
 
 }  // namespace

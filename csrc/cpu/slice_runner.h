@@ -237,5 +237,27 @@ void run_backward(const SliceParams<T>& p, bool dguide, T* grad_grid) {
   });
 }
 
+// A splat on a slice's backward tasks (grid_splat, and bilateral_grid_filter's splat of
+// [input, 1]): the image (N, C, H, W) in place of grad_output, no grid read, into a grid of g.C
+// channels; with ones_channel g.C is C + 1, the last channel ones (implied, never materialised).
+template <typename Tasks>
+at::Tensor run_splat(const at::Tensor& input, const at::Tensor& guide, const SliceGeometry& g,
+                     bool ones_channel) {
+  if (g.pixels() == 0) return at::zeros({g.N, g.C, g.D, g.Gh, g.Gw}, input.options());
+  const auto dt = compute_dtype(input.scalar_type());
+  const at::Tensor values = prepared(input, dt);
+  at::Tensor out = at::empty({g.N, g.C, g.D, g.Gh, g.Gw}, input.options().dtype(dt));
+  AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_ops_splat_cpu", [&] {
+    Problem<scalar_t> problem(guide, g);
+    SliceParams<scalar_t>& p = problem.p;
+    p.grad_output = values.data_ptr<scalar_t>();
+    p.need_grid = true;
+    p.need_guide = false;
+    p.ones_channel = ones_channel;
+    run_backward<Tasks>(p, false, out.data_ptr<scalar_t>());
+  });
+  return out.to(input.scalar_type());
+}
+
 }  // namespace cpu
 }  // namespace bilateral_ops
