@@ -116,6 +116,24 @@ def cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
+def record_bandwidth(benchmark, fn, nbytes: int, device: str = "cuda") -> None:
+    """Time ``fn`` (CUDA events) and a ``clone()`` of ``nbytes`` bytes on the same device, and record
+    both with the achieved bandwidth and its share of the clone's in ``extra_info``."""
+    ms = cuda_ms(fn)
+    buf = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # clone reads + writes nbytes
+    clone_ms = cuda_ms(buf.clone)
+    del buf
+    gbs, clone_gbs = nbytes / ms / 1e6, nbytes / clone_ms / 1e6
+    benchmark.extra_info.update(
+        bytes=nbytes,
+        event_ms=round(ms, 4),
+        achieved_GBps=round(gbs, 1),
+        clone_ms=round(clone_ms, 4),
+        clone_GBps=round(clone_gbs, 1),
+        pct_of_clone=round(100 * gbs / clone_gbs, 1),
+    )
+
+
 def forward_backward(fn, grid, guide, x, grad_out):
     """One forward and one backward for every argument that requires grad (no accumulation into
     .grad). HDRNet's input requires none: the backward then skips grad_input."""

@@ -263,16 +263,5 @@ def test_cuda_piece_bandwidth(benchmark, requires_cuda, piece):
     )
     _cuda_info(benchmark, f"{piece} 3840x2160")
     with torch.no_grad():
-        ms = bc.cuda_ms(fn)
-        buf = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-        clone_ms = bc.cuda_ms(buf.clone)
-        del buf
-        gbs, clone_gbs = nbytes / ms / 1e6, nbytes / clone_ms / 1e6
-        benchmark.extra_info.update(
-            bytes=nbytes,
-            event_ms=round(ms, 4),
-            achieved_GBps=round(gbs, 1),
-            clone_GBps=round(clone_gbs, 1),
-            pct_of_clone=round(100 * gbs / clone_gbs, 1),
-        )
+        bc.record_bandwidth(benchmark, fn, nbytes)
         benchmark.pedantic(fn, rounds=20, warmup_rounds=3, iterations=1)

@@ -126,22 +126,6 @@ def test_cpu_forward_backward(benchmark, impl, size, guide, mode):
 # CUDA: 4K, ours against the clone() bandwidth floor of the same bytes
 
 
-def _bandwidth(benchmark, fn, nbytes: int) -> None:
-    ms = bc.cuda_ms(fn)
-    buf = torch.empty(nbytes // 2, dtype=torch.uint8, device=CUDA)  # clone reads + writes nbytes
-    clone_ms = bc.cuda_ms(buf.clone)
-    del buf
-    gbs, clone_gbs = nbytes / ms / 1e6, nbytes / clone_ms / 1e6
-    benchmark.extra_info.update(
-        bytes=nbytes,
-        event_ms=round(ms, 4),
-        achieved_GBps=round(gbs, 1),
-        clone_ms=round(clone_ms, 4),
-        clone_GBps=round(clone_gbs, 1),
-        pct_of_clone=round(100 * gbs / clone_gbs, 1),
-    )
-
-
 def _sync(fn):
     def run():
         out = fn()
@@ -166,7 +150,7 @@ def test_cuda_forward(benchmark, requires_cuda, dtype):
     esz = x.element_size()
     nbytes = (h * w + 3 * h * w + 3 * h * w) * esz  # guide + input read once, output written once
     with torch.no_grad():
-        _bandwidth(benchmark, lambda: ours(grid, guide, x), nbytes)
+        bc.record_bandwidth(benchmark, lambda: ours(grid, guide, x), nbytes, CUDA)
         benchmark.extra_info["grid_sample_event_ms"] = round(bc.cuda_ms(lambda: peer(grid, guide, x), reps=5), 4)
         for name, f in (("ours", ours), ("grid_sample", peer)):
             torch.cuda.synchronize()
@@ -201,7 +185,7 @@ def test_cuda_backward(benchmark, requires_cuda, dtype):
     esz = x.element_size()
     # grad_output, input, guide read once; grad_input and grad_guide written once (grid: negligible).
     nbytes = (3 + 3 + 1 + 3 + 1) * h * w * esz
-    _bandwidth(benchmark, lambda: backward(grad_out, grid, guide, x, True), nbytes)
+    bc.record_bandwidth(benchmark, lambda: backward(grad_out, grid, guide, x, True), nbytes, CUDA)
     # What the output mask saves (HDRNet: no grad_input), and a noise guide (every z cell).
     benchmark.extra_info["hdrnet_mask_event_ms"] = round(
         bc.cuda_ms(lambda: backward(grad_out, grid, guide, x, True, (True, True, False)), reps=5), 4

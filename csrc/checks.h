@@ -34,6 +34,12 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
               a.device(), " and ", b.device());
 }
 
+// The dtype the CPU kernels compute in: float16 / bfloat16 arguments in float32 (the results are
+// returned in the argument's dtype), float32 and float64 as they are.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
 // grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W). Returns the sizes.
 inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
   check_floating(grid, "grid");

@@ -482,10 +482,6 @@ void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
 // ---------------------------------------------------------------------------------------------
 // Host side: padded copies, sigma tables, the fold.
 
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
 constexpr int64_t kVecMax = 8;
 
 // (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero.

@@ -296,11 +296,6 @@ void backward_task(const CurveArgs<double>& a, int64_t c0, int64_t c1, double* p
   curve_backward_f64(a, c0, c1, partial);
 }
 
-// Half-precision inputs are computed in float32 and returned in their dtype.
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
 template <typename T>
 CurveArgs<T> make_args(const CurveShape& sh, const at::Tensor& table, const at::Tensor& input) {
   CurveArgs<T> a{};

@@ -49,9 +49,7 @@ void blur_axis(const T* src, T* dst, int64_t outer, int64_t n, int64_t inner,
 
 at::Tensor grid_blur(const at::Tensor& grid, c10::ArrayRef<double> sigma) {
   check_grid_blur(grid, sigma);
-  const at::ScalarType dt =
-      (grid.scalar_type() == at::kHalf || grid.scalar_type() == at::kBFloat16) ? at::kFloat
-                                                                               : grid.scalar_type();
+  const at::ScalarType dt = compute_dtype(grid.scalar_type());
   // The argument (or its contiguous copy) is only read; the passes alternate between two buffers
   // of their own, so the result never aliases it, even when every sigma is 0.
   const at::Tensor src = grid.to(dt).contiguous();

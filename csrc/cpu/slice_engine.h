@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "bilateral_ops/affine.h"
+#include "bilateral_ops/bilateral_grid_filter.h"
 #include "bilateral_ops/grid_coords.h"
 #include "bilateral_ops/slice_geometry.h"
 #include "simd.h"
@@ -68,7 +69,7 @@ struct SliceParams {
   //  * ones_channel (backward): grad_output holds C - 1 channels and a last channel of ones is
   //    implied, so the filter's splat of [input, 1] needs no concatenated copy;
   //  * normalize (forward): output holds C - 1 channels, samples divided by the last one (at
-  //    least kMinWeight), so the filter's division needs no pass of its own.
+  //    least kMinGridWeight), so the filter's division needs no pass of its own.
   bool ones_channel, normalize;
   int64_t row_table_size() const { return g.Gw * g.D * g.C; }
 };
@@ -418,15 +419,12 @@ BO_ALWAYS_INLINE void apply_affine(const AffineLayout& l, const Scratch<T>& s, i
   }
 }
 
-// The smallest weight bilateral_grid_filter divides by: emptier cells give 0, never inf or NaN.
-constexpr double kMinWeight = 1e-12;
-
-// OUT[c] = A[c] / max(A[C - 1], kMinWeight) for c < C - 1, over nv vectors.
+// OUT[c] = A[c] / max(A[C - 1], kMinGridWeight) for c < C - 1, over nv vectors.
 template <typename T>
 BO_ALWAYS_INLINE void normalize_rows(const Scratch<T>& s, int64_t C, int64_t nv) {
   using V = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
-  const V floor_w = V{} + static_cast<T>(kMinWeight);
+  const V floor_w = V{} + static_cast<T>(kMinGridWeight);
   const T* wrow = s.A + (C - 1) * kBlock;
   for (int64_t v = 0; v < nv; ++v) {
     const V w = vload(wrow + v * W);

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../checks.h"
 #include "slice_engine.h"
 
 namespace bilateral_ops {
@@ -81,11 +82,6 @@ namespace cpu {
   BO_DECLARE_SLICE_TASKS_FOR(PREFIX, float, f32)                                                \
   BO_DECLARE_SLICE_TASKS_FOR(PREFIX, double, f64)                                               \
   BO_SLICE_TASKS_STRUCT(PREFIX)
-
-// Half-precision inputs are computed in float32 on the CPU and returned in their dtype.
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
 
 inline at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous();

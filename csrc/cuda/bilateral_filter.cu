@@ -134,6 +134,31 @@ __device__ __forceinline__ acc_type<scalar_t> tap_weight(const Window<scalar_t>&
   return fexp(-(distance_finish(acc, w.d.distance) * s.rc + fy * fy * s.ay + fx * fx * s.ax));
 }
 
+// The window's weight sum and weighted sums of channels c0 .. c0 + kGroup - 1 (those below C) for
+// this thread's centre: the forward's result and the backward's first pass both start from them.
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> window_sums(const Window<scalar_t>& w,
+                                                          const Sigmas<acc_type<scalar_t>>& s,
+                                                          const Dims& d, int64_t c0,
+                                                          acc_type<scalar_t> (&acc)[kGroup]) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t wsum = 0;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) acc[j] = 0;
+  for (int ty = 0; ty < d.ky; ++ty) {
+    for (int tx = 0; tx < d.kx; ++tx) {
+      acc_t dist;
+      const acc_t wt = tap_weight(w, s, ty, tx, &dist);
+      wsum += wt;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (c0 + j < d.C) acc[j] += wt * w.value(c0 + j, ty, tx);
+      }
+    }
+  }
+  return wsum;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
     filter_forward_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out) {
@@ -143,18 +168,8 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
   if (w.y >= d.H || w.x >= d.W) return;
   const Sigmas<acc_t> s = sigmas(p, w.n);
   for (int64_t c0 = 0; c0 < d.C; c0 += kGroup) {
-    acc_t wsum = 0, acc[kGroup] = {};
-    for (int ty = 0; ty < d.ky; ++ty) {
-      for (int tx = 0; tx < d.kx; ++tx) {
-        acc_t dist;
-        const acc_t wt = tap_weight(w, s, ty, tx, &dist);
-        wsum += wt;
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          if (c0 + j < d.C) acc[j] += wt * w.value(c0 + j, ty, tx);
-        }
-      }
-    }
+    acc_t acc[kGroup];
+    const acc_t wsum = window_sums(w, s, d, c0, acc);
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       if (c0 + j < d.C) out[((w.n * d.C + c0 + j) * d.H + w.y) * d.W + w.x] = static_cast<scalar_t>(acc[j] / wsum);
@@ -190,18 +205,8 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
     const int64_t pix = (w.n * d.H + w.y) * d.W + w.x, plane = d.H * d.W;
     acc_t a = 0, gpr[kGroup] = {};  // gp of the first channels, for the second loop
     for (int64_t c0 = 0; c0 < d.C; c0 += kGroup) {
-      acc_t wsum = 0, acc[kGroup] = {};
-      for (int ty = 0; ty < d.ky; ++ty) {
-        for (int tx = 0; tx < d.kx; ++tx) {
-          acc_t dist;
-          const acc_t wt = tap_weight(w, s, ty, tx, &dist);
-          wsum += wt;
-#pragma unroll
-          for (int j = 0; j < kGroup; ++j) {
-            if (c0 + j < d.C) acc[j] += wt * w.value(c0 + j, ty, tx);
-          }
-        }
-      }
+      acc_t acc[kGroup];
+      const acc_t wsum = window_sums(w, s, d, c0, acc);
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         if (c0 + j < d.C) {

@@ -15,13 +15,11 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "bilateral_ops/bilateral_grid_filter.h"
 
 namespace bilateral_ops {
 namespace cuda {
 namespace {
-
-// The weight below which bilateral_grid_filter treats a cell as empty (csrc/cpu/slice_engine.h).
-constexpr double kMinWeight = 1e-12;
 
 at::Tensor call_grid_splat(const at::Tensor& input, const at::Tensor& guide,
                            at::IntArrayRef grid_size) {
@@ -55,7 +53,7 @@ at::Tensor filter_slice(const at::Tensor& grid, const at::Tensor& guide) {
   if (sliced.scalar_type() == at::kHalf || sliced.scalar_type() == at::kBFloat16) {
     sliced = sliced.to(at::kFloat);
   }
-  const at::Tensor weight = at::clamp_min(sliced.narrow(1, g.C - 1, 1), kMinWeight);
+  const at::Tensor weight = at::clamp_min(sliced.narrow(1, g.C - 1, 1), kMinGridWeight);
   return at::div(sliced.narrow(1, 0, g.C - 1), weight).to(grid.scalar_type());
 }
 
