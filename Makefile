@@ -7,7 +7,7 @@ CUDA_VENV  ?= .venv-cuda
 CPY        := $(CUDA_VENV)/bin/python
 TORCH_CUDA ?= torch==2.14.1
 TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel build kornia opencv-python-headless
-DEMO_DEPS  := scikit-image
+DEMO_DEPS  := scikit-image tqdm matplotlib
 BENCH_DEPS := kornia opencv-python-headless numba
 export MAX_JOBS ?= 2
 

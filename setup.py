@@ -148,5 +148,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
+    # The command-line jobs (python -m bilateral_ops.train / enhance / demo): OpenCV reads and
+    # writes the photos and gives the default target operator, scikit-image ships the photos.
+    extras_require={"train": ["opencv-python-headless", "scikit-image", "tqdm", "matplotlib"]},
     zip_safe=False,
 )

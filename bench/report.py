@@ -155,6 +155,49 @@ def grid_cuda_table(benches: list[dict]) -> list[str]:
     return out
 
 
+def hdrnet_table(benches: list[dict]) -> list[str]:
+    """bench/test_bench_hdrnet.py: one row per (device, op, size, dtype), ours against the
+    pure-torch model, with the split of ours per stage."""
+    rows = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("suite") != "hdrnet":
+            continue
+        if info.get("device") == "cpu":
+            rows.setdefault(("cpu", info["op"], info["size"], "float32"), {})[info["impl"]] = b
+        else:
+            rows[(info["device"], info["op"], info["size"], info["dtype"])] = {"cuda": b}
+    if not rows:
+        return []
+    out = [
+        "| device | op | size | dtype | ours | pure torch | speed-up | split of ours (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (device, op, size, dtype), r in sorted(rows.items()):
+        if "cuda" in r:
+            info = r["cuda"]["extra_info"]
+            rate = info["images_per_s"]
+            split = info.get("split_ms", {})
+            out.append(
+                f"| {device} | {op} | {size} | {dtype} | {rate['ours']:.0f} img/s | {rate['torch']:.0f} img/s "
+                f"| {info['speedup_vs_torch']:.1f}x | {', '.join(f'{k} {v}' for k, v in split.items())} |"
+            )
+            continue
+        if "ours" not in r or "torch" not in r:
+            continue
+        o, t = r["ours"]["stats"]["min"] * 1e3, r["torch"]["stats"]["min"] * 1e3
+        info = r["ours"]["extra_info"]
+        split = info.get("split_ms", {})
+        peer_split = r["torch"]["extra_info"].get("split_ms", {})
+        pieces = ", ".join(f"{k} {v} ({peer_split.get(k, '-')})" for k, v in split.items())
+        inter = f" (interleaved {info['speedup_vs_torch']:.1f}x)" if "speedup_vs_torch" in info else ""
+        out.append(f"| cpu | {op} | {size} | float32 | {o:.1f} ms | {t:.1f} ms | {t / o:.1f}x{inter} | {pieces} |")
+    if len(out) > 2:
+        out.append("")
+        out.append("Split: ours (pure torch) per piece, forward + backward for the training step.")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="?", help="pytest-benchmark JSON; omitted: run the benches now")
@@ -174,7 +217,9 @@ def main() -> int:
         f"python {mi.get('python_version', '?')}; run {data.get('datetime', '?')}"
     )
     print()
-    for table in (cpu_table(benches), cuda_table(benches), grid_cpu_table(benches), grid_cuda_table(benches)):
+    for table in (
+        cpu_table(benches), cuda_table(benches), grid_cpu_table(benches), grid_cuda_table(benches), hdrnet_table(benches)
+    ):
         if table:
             print("\n".join(table))
             print()

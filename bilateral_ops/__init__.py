@@ -5,7 +5,7 @@ fake kernels so that they work under ``torch.compile``. The contract of every op
 project's ``docs/ops.md``.
 """
 
-from . import reference
+from . import models, reference
 from ._library import compiled_devices
 from ._version import __version__
 from .bilateral_grid_filter import bilateral_grid_filter
@@ -36,5 +36,6 @@ __all__ = [
     "grid_blur",
     "grid_splat",
     "joint_bilateral_blur",
+    "models",
     "reference",
 ]

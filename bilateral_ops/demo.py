@@ -1,122 +1,107 @@
-"""Demo: a hand-built bilateral grid applied to a photo with ``bilateral_slice_apply``.
+"""Demo: teach HDRNet to mimic OpenCV's ``detailEnhance``, then enhance unseen photos at full
+resolution.
 
-    python -m bilateral_ops.demo --out out/demo [--image astronaut|coffee] [--device cpu|cuda]
+    python -m bilateral_ops.demo [--out out/demo] [--steps 1500] [--device cpu]
 
-The grid is a local tone curve, no learning involved. It has D = 8 luma bins and 16 x 16 spatial
-cells, and holds per cell the row-major 3x4 affine matrix ``[[g, 0, 0, b_r], [0, g, 0, b_g],
-[0, 0, g, b_b]]`` (the coefficient order of docs/ops.md). For a cell at normalised position (u, v) in
-[0, 1]^2 (u left to right, v top to bottom) and luma-bin centre l = (z + 0.5) / D:
+1. Trains ``bilateral_ops.models.HDRNet`` on the colour photos bundled with scikit-image (random
+   384 x 384 crops, batch 4, Adam) to reproduce ``cv2.detailEnhance``; chelsea and coffee are held
+   out. This is ``python -m bilateral_ops.train`` with a short schedule; the checkpoint goes to
+   ``OUT/hdrnet.pt``. The grid has 64 x 64 cells (``--spatial-bins``): detailEnhance works at a
+   scale of about 10 pixels, and HDRNet's default 16 cells are 25 to 37 pixels wide on the
+   held-out photos (29 dB after 2000 steps against 31.4 dB with 64 cells).
+2. Enhances the held-out photos at full resolution, writes ``<name>_input.png``,
+   ``<name>_ours.png`` and ``<name>_target.png`` and one side-by-side figure, ``comparison.png``,
+   with each PSNR.
+3. Prints a table: PSNR of the input and of ours against the target, our time per image, and the
+   time of the same model with the pure-torch guide and ``F.grid_sample`` slicing (the way PyTorch
+   ports of HDRNet compute it), measured one after the other on the same machine.
 
-* tone curve ``t(l) = l**gamma * (1 - h l**4)``, where ``gamma = 0.7 + 0.25 u`` lifts the
-  shadows strongly on the left and barely on the right, and ``h = 0.04 + 0.16 (1 - v)`` rolls the
-  highlights off more near the top of the frame than near the bottom;
-* gain ``g = t(l) / l``: scaling RGB by it keeps hue and maps luma l to t(l);
-* offset ``b = 0.02 (1 - l)^2 * (1, 0.3, -0.6)``: a slight warm tint in the shadows.
-
-The guide is the photo's Rec. 709 luminance, so every pixel reads the gain of its own luma bin
-(interpolated trilinearly between bins and cells): an edge-aware, spatially varying tone curve.
-The same grid is applied with the grid_sample path (``bilateral_ops.reference``) that PyTorch
-HDRNet ports use; the demo prints both times and their largest difference (~1e-6 in float32),
-and writes before.png and after.png (clipped to [0, 1]) to ``--out``.
+On a 2-core CPU the whole run takes about four minutes, three of them training.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
-from . import reference
-from .bilateral_slice_apply import bilateral_slice_apply
+from . import train
+from .enhance import timed_enhance
+from .images import write_png
+from .models import ReferenceHDRNet
 
-LUMA_BINS, CELLS = 8, 16
-
-
-def tone_grid(luma_bins: int = LUMA_BINS, cells: int = CELLS) -> torch.Tensor:
-    """The (1, 12, luma_bins, cells, cells) grid described in the module docstring."""
-    l = ((torch.arange(luma_bins, dtype=torch.float64) + 0.5) / luma_bins).view(luma_bins, 1, 1)
-    v = ((torch.arange(cells, dtype=torch.float64) + 0.5) / cells).view(1, cells, 1)
-    u = ((torch.arange(cells, dtype=torch.float64) + 0.5) / cells).view(1, 1, cells)
-    gamma = 0.7 + 0.25 * u
-    h = 0.04 + 0.16 * (1 - v)
-    t = l**gamma * (1 - h * l**4)
-    gain = t / l  # (D, cells, cells)
-    tint = 0.02 * (1 - l) ** 2 * torch.ones(1, cells, cells, dtype=torch.float64)
-    grid = torch.zeros(3, 4, luma_bins, cells, cells, dtype=torch.float64)
-    for c, w in enumerate((1.0, 0.3, -0.6)):
-        grid[c, c] = gain
-        grid[c, 3] = w * tint
-    return grid.reshape(1, 12, luma_bins, cells, cells).float()
+__all__ = ["main"]
 
 
-def load_photo(name: str) -> torch.Tensor:
-    """A scikit-image sample photo as a (1, 3, H, W) float32 tensor in [0, 1]."""
-    from skimage import data
+def _figure(path: str, rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float, float]]) -> None:
+    import matplotlib
 
-    img = getattr(data, name)()
-    return torch.from_numpy(img.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255).contiguous()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
+    from .images import to_uint8
 
-def luminance(rgb: torch.Tensor) -> torch.Tensor:
-    """Rec. 709 luminance (N, H, W) of an (N, 3, H, W) image in [0, 1]."""
-    return (0.2126 * rgb[:, 0] + 0.7152 * rgb[:, 1] + 0.0722 * rgb[:, 2]).clamp(0, 1)
-
-
-def _time_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _save(path: str, img: torch.Tensor) -> None:
-    from skimage import io
-
-    arr = (img[0].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-    io.imsave(path, arr, check_contrast=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.6 * len(rows)), squeeze=False)
+    for ax_row, (name, x, ours, target, p_in, p_ours) in zip(axes, rows):
+        titles = (f"{name}: input ({p_in:.2f} dB)", f"HDRNet, bilateral_ops ({p_ours:.2f} dB)", "target: cv2.detailEnhance")
+        for ax, img, title in zip(ax_row, (x, ours, target), titles):
+            ax.imshow(to_uint8(img))
+            ax.set_title(title, fontsize=10)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bilateral_ops.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    ap.add_argument("--image", default="astronaut", choices=["astronaut", "coffee"], help="scikit-image photo")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    ap.add_argument("--spatial-bins", type=int, default=64, help="grid cells per side (default 64)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    ap.add_argument("--repeats", type=int, default=10, help="timed calls per implementation")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
-    photo = load_photo(args.image).to(device)
-    guide = luminance(photo)
-    grid = tone_grid().to(device)
-    n, c, h, w = photo.shape
+    t0 = time.perf_counter()
+    ckpt = os.path.join(args.out, "hdrnet.pt")
+    train_args = train.parse_args(
+        ["--checkpoint", ckpt, "--steps", str(args.steps), "--eval-every", "500",
+         "--checkpoint-every", str(args.steps), "--device", args.device, "--seed", str(args.seed),
+         "--spatial-bins", str(args.spatial_bins)]
+    )
+    model = train.run(train_args).eval()
+    t_train = time.perf_counter() - t0
 
-    with torch.no_grad():
-        ours = bilateral_slice_apply(grid, guide, photo)
-        peer = reference.bilateral_slice_apply(grid, guide, photo)
-        ours_ms = _time_ms(lambda: bilateral_slice_apply(grid, guide, photo), device, args.repeats)
-        peer_ms = _time_ms(lambda: reference.bilateral_slice_apply(grid, guide, photo), device, args.repeats)
-    diff = (ours - peer).abs().max().item()
+    twin = ReferenceHDRNet(**model.config()).to(model.ccm.device).eval()
+    twin.load_state_dict(model.state_dict())
+    data = train.load_dataset("detail_enhance")
+    rows, table = [], []
+    for name, x, target in data.holdout:
+        ours, t_ours = timed_enhance(model, x, repeats=5)
+        ref, t_ref = timed_enhance(twin, x, repeats=2)
+        ours = ours.cpu()
+        p_in, p_ours = train.psnr(x, target), train.psnr(ours, target)
+        for suffix, img in (("input", x), ("ours", ours), ("target", target)):
+            write_png(os.path.join(args.out, f"{name}_{suffix}.png"), img)
+        rows.append((name, x, ours, target, p_in, p_ours))
+        gap = (ours - ref.cpu()).abs().max().item()
+        table.append((name, f"{x.shape[2]}x{x.shape[1]}", p_in, p_ours, t_ours["total"], t_ref["total"], gap))
+    _figure(os.path.join(args.out, "comparison.png"), rows)
 
-    os.makedirs(args.out, exist_ok=True)
-    _save(os.path.join(args.out, "before.png"), photo)
-    _save(os.path.join(args.out, "after.png"), ours)
-
-    print(f"image: skimage.data.{args.image}() {w}x{h}, guide = luminance, grid {tuple(grid.shape)}, {device}")
-    print(f"bilateral_ops.bilateral_slice_apply : {ours_ms:8.2f} ms (median of {args.repeats})")
-    print(f"grid_sample path (reference)         : {peer_ms:8.2f} ms ({peer_ms / ours_ms:.1f}x slower)")
-    print(f"max |ours - grid_sample|             : {diff:.2e}")
-    print(f"mean luma before {guide.mean().item():.3f}, after {luminance(ours.clamp(0, 1)).mean().item():.3f}")
-    print(f"wrote {os.path.join(args.out, 'before.png')} and {os.path.join(args.out, 'after.png')}")
+    print()
+    print(f"trained {args.steps} steps in {t_train:.0f} s on {args.device}; held-out photos at full resolution:")
+    print()
+    print("| photo | size | PSNR input (dB) | PSNR ours (dB) | ours (ms) | pure torch + grid_sample (ms) | speed-up | max |ours - pure torch| |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, size, p_in, p_ours, t_o, t_r, gap in table:
+        print(f"| {name} | {size} | {p_in:.2f} | {p_ours:.2f} | {t_o:.2f} | {t_r:.2f} | {t_r / t_o:.1f}x | {gap:.1e} |")
+    print()
+    print(f"wrote {args.out}/comparison.png and <photo>_input/ours/target.png; checkpoint {ckpt}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
 

@@ -83,6 +83,17 @@ def main() -> int:
     assert err < 1e-12, err
     err = (bo.bilateral_filter(x, (3, 5), 0.1, 1.5) - reference.bilateral_filter(x, None, (3, 5), sc, ss)).abs().max()
     assert err < 1e-12, err
+    from bilateral_ops.models import HDRNet, ReferenceHDRNet
+
+    torch.manual_seed(0)
+    net = HDRNet(luma_bins=4, spatial_bins=8, net_input_size=32, guide_pts=4).double()
+    twin = ReferenceHDRNet(**net.config()).double()
+    twin.load_state_dict(net.state_dict())
+    img = torch.rand(1, 3, 21, 34, dtype=torch.float64)
+    with torch.no_grad():
+        err = (net(img) - twin(img)).abs().max()
+    assert err < 1e-10, err
+    print("  models.HDRNet: ok")
     print(f"bilateral_ops {bo.__version__} from {here}: all {len(lib.OPS)} ops ran compiled")
     return 0
 

@@ -1,0 +1,5 @@
+"""Networks built on the bilateral ops."""
+
+from .hdrnet import HDRNet, ReferenceHDRNet
+
+__all__ = ["HDRNet", "ReferenceHDRNet"]
