@@ -35,7 +35,7 @@ def cpu_table(benches: list[dict]) -> list[str]:
     rows = {}
     for b in benches:
         info = b.get("extra_info", {})
-        if info.get("device") != "cpu" or info.get("suite") == "grid":
+        if info.get("device") != "cpu" or info.get("suite") in ("grid", "hdrnet"):
             continue
         key = (info["size"], info.get("guide", "photo"), info["op"])
         rows.setdefault(key, {})[info["impl"]] = b
@@ -73,7 +73,7 @@ def cuda_table(benches: list[dict]) -> list[str]:
         b
         for b in benches
         if b.get("extra_info", {}).get("device", "cpu") != "cpu"
-        and b["extra_info"].get("suite") != "grid"
+        and b["extra_info"].get("suite") not in ("grid", "hdrnet")
         and all(k in b["extra_info"] for k in ("size", "dtype", "event_ms", "achieved_GBps", "clone_GBps", "pct_of_clone"))
     ]
     if not rows:
