@@ -5,7 +5,7 @@ fake kernels so that they work under ``torch.compile``. The contract of every op
 project's ``docs/ops.md``.
 """
 
-from . import models, reference
+from . import _library, models, reference
 from ._library import compiled_devices
 from ._version import __version__
 from .bilateral_grid_filter import bilateral_grid_filter
@@ -22,6 +22,14 @@ from .curve_guide import curve_guide
 from .grid_blur import grid_blur
 from .grid_splat import grid_splat
 
+from . import export  # noqa: E402  (after the ops: it reads their overloads)
+
+if _library.LOAD_ERROR is None:
+    from . import _onnx_guard
+
+    # A plain torch.onnx.export of a model with our ops fails naming the op and export_onnx.
+    _onnx_guard.install(_library.OPS)
+
 __all__ = [
     "BilateralBlur",
     "JointBilateralBlur",
@@ -33,6 +41,7 @@ __all__ = [
     "bilateral_slice_apply",
     "compiled_devices",
     "curve_guide",
+    "export",
     "grid_blur",
     "grid_splat",
     "joint_bilateral_blur",
