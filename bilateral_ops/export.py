@@ -144,8 +144,9 @@ def _tent_matrix(s: torch.Tensor, g) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Slicing: (N, C, D, Gh, Gw) grid, (N, H, W) guide -> (N, H, W, C) samples (channels last, which
-# is what the callers consume).
+# Slicing: (N, C, D, Gh, Gw) grid, (N, H, W) guide -> (C, N, H, W) samples. Channel-major: every
+# per-pixel weight then broadcasts along the last axes, the fast case of every runtime's Mul
+# (a (P, 1) weight against (P, C) rows runs several times slower in onnxruntime).
 
 
 def _slice_gather(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) -> torch.Tensor:
@@ -154,8 +155,7 @@ def _slice_gather(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) 
     # Interpolate along x first: (N, C, D, Gh, Gw) @ (Gw, W) -> (N, C, D, Gh, W). Exact (the tent
     # matrix holds each pixel's two weights and zeros), and it halves the gathers.
     tx = _tent_matrix(coords.pixels(w, gw, grid), gw)
-    table = torch.matmul(grid, tx)  # (N, C, D, Gh, W)
-    rows = table.permute(0, 2, 3, 4, 1).reshape(n * d * gh * w, c)
+    rows = torch.matmul(grid, tx).permute(0, 2, 3, 4, 1).reshape(n * d * gh * w, c)
     y0, y1, wy0, wy1 = _taps(coords.pixels(h, gh, grid), gh)
     z0, z1, wz0, wz1 = _taps(coords.depth(guide, d), d)
     xs = torch.arange(w, device=grid.device, dtype=torch.int64).view(1, 1, w)
@@ -165,9 +165,11 @@ def _slice_gather(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) 
         for yi, wy in ((y0, wy0), (y1, wy1)):
             index = ((base + zi * gh + yi.view(1, h, 1)) * w + xs).reshape(-1)
             weight = (wz * wy.view(1, h, 1)).reshape(-1, 1)
+            # Whole rows (C contiguous values) per pixel: Gather on axis 0 is the fast one
+            # (element-wise gathers on the last axis run ~6x slower in onnxruntime).
             term = torch.index_select(rows, 0, index) * weight
             out = term if out is None else out + term
-    return out.view(n, h, w, c)
+    return out.transpose(0, 1).reshape(c, n, h, w)
 
 
 def _slice_gridsample5d(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) -> torch.Tensor:
@@ -182,7 +184,7 @@ def _slice_gridsample5d(grid: torch.Tensor, guide: torch.Tensor, coords: Coordin
         [ux.view(1, 1, w).expand(n, h, w), uy.view(1, h, 1).expand(n, h, w), uz], dim=-1
     ).unsqueeze(1)
     out = F.grid_sample(grid, xyz, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[:, :, 0].permute(0, 2, 3, 1)
+    return out[:, :, 0].transpose(0, 1)
 
 
 def _slice_tensorrt(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) -> torch.Tensor:
@@ -203,9 +205,8 @@ def _slice_tensorrt(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates
     uy = (2 * py + 1) / rows - 1
     xy = torch.stack([ux, uy], dim=-1).reshape(n, 2 * h, w, 2)
     out = F.grid_sample(image, xy, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.view(n, c, 2, h, w)
-    res = out[:, :, 0] * wz0.unsqueeze(1) + out[:, :, 1] * wz1.unsqueeze(1)
-    return res.permute(0, 2, 3, 1)
+    out = out.view(n, c, 2, h, w).transpose(0, 1)  # (C, N, 2, H, W)
+    return out[:, :, 0] * wz0 + out[:, :, 1] * wz1
 
 
 _SLICERS: dict[str, Callable] = {
@@ -318,15 +319,25 @@ def _bilateral_filter(input, guidance, kernel_size, sigma_color, sigma_space, bo
 
 
 def _curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
-    """The formula, one curve point at a time (K is small): no (N, C, K, H, W) intermediate."""
-    c = F.conv2d(input, ccm[:, :, None, None], ccm_bias)
-    k = shifts.shape[1]
-    f = None
-    for j in range(k):
-        term = slopes[:, j].view(1, -1, 1, 1) * torch.relu(c - shifts[:, j].view(1, -1, 1, 1))
-        f = term if f is None else f + term
-    g = (f * mix.view(1, -1, 1, 1)).sum(1) + mix_bias
-    return torch.clamp(g, 0.0, 1.0)
+    """The formula, one (N, H, W) plane and one curve point at a time with scalar weights (C and K
+    are small; scalars are the fastest broadcast of every runtime): no (N, C, K, H, W)
+    intermediate, and no per-channel (1, C, 1, 1) broadcast."""
+    c, k = shifts.shape
+    x = [input[:, i] for i in range(c)]
+    g = None
+    for ch in range(c):
+        cc = None
+        for i in range(c):
+            t = x[i] * ccm[ch, i]
+            cc = t if cc is None else cc + t
+        cc = cc + ccm_bias[ch]
+        f = None
+        for j in range(k):
+            t = torch.relu(cc - shifts[ch, j]) * slopes[ch, j]
+            f = t if f is None else f + t
+        t = f * mix[ch]
+        g = t if g is None else g + t
+    return torch.clamp(g + mix_bias, 0.0, 1.0)
 
 
 def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_FALSE) -> dict:
@@ -337,18 +348,18 @@ def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_
     slicer = _SLICERS[variant]
 
     def bilateral_slice(grid, guide):
-        return slicer(grid, guide, coords).permute(0, 3, 1, 2).contiguous()
+        return slicer(grid, guide, coords).transpose(0, 1).contiguous()
 
     def bilateral_slice_apply(grid, guide, input, has_offset=True):
         n, ci, h, w = input.shape
         stride = ci + 1 if has_offset else ci
         co = grid.shape[1] // stride
-        coeffs = slicer(grid, guide, coords).reshape(n, h, w, co, stride)
-        x = input.permute(0, 2, 3, 1).unsqueeze(3)  # (N, H, W, 1, Ci)
-        out = (coeffs[..., :ci] * x).sum(-1)
+        coeffs = slicer(grid, guide, coords).reshape(co, stride, n, h, w)
+        x = input.transpose(0, 1).unsqueeze(0)  # (1, Ci, N, H, W)
+        out = (coeffs[:, :ci] * x).sum(1)
         if has_offset:
-            out = out + coeffs[..., ci]
-        return out.permute(0, 3, 1, 2).contiguous()
+            out = out + coeffs[:, ci]
+        return out.transpose(0, 1).contiguous()
 
     def grid_splat(input, guide, grid_size):
         return _splat(input, guide, grid_size, coords)
@@ -361,12 +372,12 @@ def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_
         return _splat(homogeneous, guide, grid_size, coords)
 
     def grid_filter_slice(grid, guide):
-        s = slicer(grid, guide, coords)  # (N, H, W, C)
-        values, weight = s[..., :-1], s[..., -1:]
+        s = slicer(grid, guide, coords)  # (C, N, H, W)
+        values, weight = s[:-1], s[-1:]
         if values.dtype not in (torch.float32, torch.float64):
             values, weight = values.float(), weight.float()
         out = values / torch.clamp_min(weight, _MIN_WEIGHT)
-        return out.to(grid.dtype).permute(0, 3, 1, 2).contiguous()
+        return out.to(grid.dtype).transpose(0, 1).contiguous()
 
     def curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
         return _curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias)
