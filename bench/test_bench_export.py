@@ -20,8 +20,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-from bilateral_ops import export as bx  # noqa: E402
-from bilateral_ops.models import HDRNet  # noqa: E402
+from bilateral_ops import export as bx
+from bilateral_ops.models import HDRNet
 
 VARIANTS = {"gather": 18, "gridsample5d": 20, "tensorrt": 19}
 H, W = 1080, 1920

@@ -56,7 +56,7 @@ def _register_torchscript(ops) -> None:
         for op in ops:
             # Registered at opset 7, the oldest the exporter takes: it serves every newer opset.
             register_custom_op_symbolic(f"bilateral_ops::{op}", _refusal(op), 7)
-    except Exception:  # pragma: no cover - a torch without the TorchScript exporter
+    except Exception:  # noqa: BLE001, S110  # pragma: no cover - a torch without the TorchScript exporter
         pass
 
 
@@ -83,7 +83,7 @@ def _register_dynamo(ops) -> bool:
                     skip_signature_inference=True,
                 )
             )
-    except Exception:  # pragma: no cover - torch moved its internals: torch's own error remains
+    except Exception:  # noqa: BLE001, S110  # pragma: no cover - torch moved its internals: torch's own error remains
         pass
     return True
 

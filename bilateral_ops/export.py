@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import warnings
@@ -173,7 +172,7 @@ def _slice_gather(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) 
 
 
 def _slice_gridsample5d(grid: torch.Tensor, guide: torch.Tensor, coords: Coordinates) -> torch.Tensor:
-    n, c, d, gh, gw = grid.shape
+    n, _, d, gh, gw = grid.shape
     _, h, w = guide.shape
     # Normalised coordinates of the cell indices for grid_sample(align_corners=False):
     # u = (2 s + 1) / G - 1 (s already clamped, so padding never matters; "border" all the same).
