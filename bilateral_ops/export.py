@@ -93,8 +93,9 @@ class Coordinates:
 
     ``align_corners=False`` is DESIGN.md's convention (``s = (i + 0.5) G / n - 0.5``, written
     with an integer numerator; ``s = guide D - 0.5``). ``align_corners=True`` is lib_bilagrid's
-    (``s = u (G - 1)`` with ``u = i / (n - 1)`` for pixels, ``u = guide`` for depth). Either way
-    ``s`` is clamped to ``[0, G - 1]`` and NaN goes to 0 before anything is cast to an index.
+    (``s = u (G - 1)``, with ``u = (i + 0.5) / n`` for pixels, as gsplat's pixel grid, and
+    ``u = guide`` for depth). Either way ``s`` is clamped to ``[0, G - 1]`` and NaN goes to 0
+    before anything is cast to an index.
     """
 
     align_corners: bool = False
@@ -103,9 +104,7 @@ class Coordinates:
         """(n,) cell indices of the n pixels of an axis of g cells, clamped, in like's dtype."""
         i = torch.arange(n, device=like.device, dtype=torch.int64)
         if self.align_corners:
-            # i (G - 1) / (n - 1); n == 1 puts the pixel on cell 0 (the max keeps the division
-            # finite and the numerator is 0 then).
-            s = (i * (g - 1)).to(like.dtype) / torch.sym_max(n - 1, 1)
+            s = ((2 * i + 1) * (g - 1)).to(like.dtype) / (2 * n)
         else:
             s = ((2 * i + 1) * g - n).to(like.dtype) / (2 * n)
         return _clamp_cells(s, g)
@@ -341,19 +340,25 @@ def _curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
 
 def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_FALSE) -> dict:
     """``{op overload: pure-torch decomposition}`` for every op of an inference graph: the public
-    ops and the grid filter's fused ends. ``variant`` picks how the slice ops read the grid."""
+    ops and the grid filter's fused ends. ``variant`` picks how the slice ops read the grid;
+    ``coords`` is the coordinate convention of the ops that take none of their own (the splat
+    and the grid filter). The slice decompositions already take an ``align_corners`` argument
+    (default False), so that ops whose schema gains it keep working unchanged."""
     if variant not in _SLICERS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     slicer = _SLICERS[variant]
 
-    def bilateral_slice(grid, guide):
-        return slicer(grid, guide, coords).transpose(0, 1).contiguous()
+    def convention(align_corners) -> Coordinates:
+        return coords if align_corners is None else Coordinates(bool(align_corners))
 
-    def bilateral_slice_apply(grid, guide, input, has_offset=True):
+    def bilateral_slice(grid, guide, align_corners=None):
+        return slicer(grid, guide, convention(align_corners)).transpose(0, 1).contiguous()
+
+    def bilateral_slice_apply(grid, guide, input, has_offset=True, align_corners=None):
         n, ci, h, w = input.shape
         stride = ci + 1 if has_offset else ci
         co = grid.shape[1] // stride
-        coeffs = slicer(grid, guide, coords).reshape(co, stride, n, h, w)
+        coeffs = slicer(grid, guide, convention(align_corners)).reshape(co, stride, n, h, w)
         x = input.transpose(0, 1).unsqueeze(0)  # (1, Ci, N, H, W)
         out = (coeffs[:, :ci] * x).sum(1)
         if has_offset:

@@ -264,6 +264,29 @@ def test_op_exports_and_runs_in_onnxruntime(name, variant, opset):
         _assert_close(_run(session, args), want, TOL[variant], f"{name} {variant} at {n}x{h}x{w}")
 
 
+@pytest.mark.parametrize("variant", [v for v, _ in VARIANTS])
+def test_slice_decompositions_in_eager_float64(variant):
+    """The decompositions themselves, run eagerly in float64: the kernels' convention, and the
+    align_corners one (lib_bilagrid's: index u (S - 1), pixels at u = (i + 0.5) / n) that the
+    slice ops' schemas may gain, against grid_sample with align_corners=True."""
+    import torch.nn.functional as F
+
+    table = bx.decompositions(variant)
+    g = _gen(5)
+    grid = torch.randn(2, 8, 5, 7, 9, generator=g, dtype=torch.float64)
+    guide = torch.rand(2, 23, 31, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    x = torch.rand(2, 3, 23, 31, generator=g, dtype=torch.float64)
+    sl, sa = table[OPS.bilateral_slice.default], table[OPS.bilateral_slice_apply.default]
+    torch.testing.assert_close(sl(grid, guide), bo.bilateral_slice(grid, guide), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sa(grid, guide, x), bo.bilateral_slice_apply(grid, guide, x), rtol=0, atol=1e-12)
+    n, h, w = guide.shape
+    ux = ((torch.arange(w, dtype=torch.float64) + 0.5) / w * 2 - 1).view(1, 1, w).expand(n, h, w)
+    uy = ((torch.arange(h, dtype=torch.float64) + 0.5) / h * 2 - 1).view(1, h, 1).expand(n, h, w)
+    xyz = torch.stack([ux, uy, guide.clamp(0, 1) * 2 - 1], -1).unsqueeze(1)
+    want = F.grid_sample(grid, xyz, "bilinear", "border", align_corners=True)[:, :, 0]
+    torch.testing.assert_close(sl(grid, guide, True), want, rtol=0, atol=1e-12)
+
+
 def test_nan_and_inf_guides_stay_in_bounds():
     """NaN and infinite guide values never index outside the grid (onnxruntime would raise)."""
     model = SliceApply().eval()
