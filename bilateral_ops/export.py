@@ -285,28 +285,37 @@ def _pad(x: torch.Tensor, py: int, px: int, border_type: str) -> torch.Tensor:
     return F.pad(x, (px, px, py, py), mode=border_type)
 
 
+def _shift(x: torch.Tensor, dy: int, dx: int, ky: int, kx: int) -> torch.Tensor:
+    """The window of tap (dy, dx) of a padded image: constant (negative) slice bounds, so that the
+    exported Slice needs no shape arithmetic."""
+    ey, ex = dy - (ky - 1), dx - (kx - 1)
+    return x[:, :, dy : ey if ey < 0 else None, dx : ex if ex < 0 else None]
+
+
 def _bilateral_filter(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
-    n, _, h, w = input.shape
+    n = input.shape[0]
     ky, kx = (int(k) for k in kernel_size)
     py, px = (ky - 1) // 2, (kx - 1) // 2
     guide = input if guidance is None else guidance
     padded = _pad(input, py, px, border_type)
     padded_guide = padded if guidance is None else _pad(guidance, py, px, border_type)
-    inv_c = (0.5 / sigma_color**2).view(n, 1, 1, 1)
-    sy, sx = sigma_space[:, 0].view(n, 1, 1, 1), sigma_space[:, 1].view(n, 1, 1, 1)
+    neg_inv_c = (-0.5 / sigma_color**2).view(n, 1, 1, 1)
+    # The spatial exponent of every tap at once, (N, ky * kx, 1, 1): one slice per tap below.
+    ty = (torch.arange(ky, device=input.device, dtype=input.dtype) - py).view(1, ky, 1)
+    tx = (torch.arange(kx, device=input.device, dtype=input.dtype) - px).view(1, 1, kx)
+    sy, sx = sigma_space[:, 0].view(n, 1, 1), sigma_space[:, 1].view(n, 1, 1)
+    space = (0.5 * (ty * ty / (sy * sy) + tx * tx / (sx * sx))).reshape(n, ky * kx, 1, 1)
     num = den = None
     for dy in range(ky):
         for dx in range(kx):
-            v = padded[:, :, dy : dy + h, dx : dx + w]
-            g = padded_guide[:, :, dy : dy + h, dx : dx + w]
-            delta = g - guide
+            t = dy * kx + dx
+            v = _shift(padded, dy, dx, ky, kx)
+            delta = (v if guidance is None else _shift(padded_guide, dy, dx, ky, kx)) - guide
             if color_distance_type == "l1":
                 dist = delta.abs().sum(1, keepdim=True).square()
             else:
                 dist = delta.square().sum(1, keepdim=True)
-            ty, tx = float(dy - py), float(dx - px)
-            space = 0.5 * (ty * ty / sy**2 + tx * tx / sx**2)
-            weight = torch.exp(-(dist * inv_c + space))
+            weight = torch.exp(dist * neg_inv_c - space[:, t : t + 1])
             num = v * weight if num is None else num + v * weight
             den = weight if den is None else den + weight
     return num / den
