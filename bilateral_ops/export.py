@@ -411,6 +411,25 @@ def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_
 # export_onnx
 
 
+def _require(*modules: str) -> None:
+    """ImportError naming the missing optional dependencies and the extra that installs them."""
+    import importlib.util
+
+    missing = []
+    for m in modules:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(m)
+    if missing:
+        raise ImportError(
+            f"bilateral_ops.export needs {', '.join(missing)}: pip install 'bilateral_ops[export]' "
+            "(onnx, onnxscript, onnxruntime at the tested versions)"
+        )
+
+
 def check_opset(variant: str, opset: int) -> None:
     """Raise ValueError unless ``variant`` can be exported at ``opset``."""
     if variant not in _OPSETS:
@@ -499,11 +518,13 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``: ``.model_proto`` is the ONNX model.
 
     Raises:
+        ImportError: onnx or onnxscript is missing (the ``export`` extra).
         ValueError: an unknown variant, an opset it does not support, a model left at another
             opset than asked for (e.g. an antialiased resize, which needs opset 18), or a
             ``bilateral_ops`` op without a decomposition in the graph.
     """
     check_opset(variant, opset)
+    _require("onnx", "onnxscript")
     with _quiet_exporter(verbose):
         ep = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
         ep = decompose(ep, variant)
@@ -610,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     opset = args.opset if args.opset is not None else (20 if args.variant == "gridsample5d" else DEFAULT_OPSET)
     try:
         check_opset(args.variant, opset)
+        _require("onnx", "onnxscript", *(() if args.no_check else ("onnxruntime",)))
         model = model_from_checkpoint(args.checkpoint)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     example = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))

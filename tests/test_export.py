@@ -384,6 +384,14 @@ def test_unsupported_opsets_and_variants_raise_before_exporting(variant, opset, 
         bx.export_onnx(SliceApply(), tuple(_apply_inputs(1, 8, 8, _gen()).values()), opset=opset, variant=variant)
 
 
+def test_missing_export_dependencies_name_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ImportError, match=r"onnxscript.*bilateral_ops\[export\]"):
+        bx.export_onnx(SliceApply(), tuple(_apply_inputs(1, 8, 8, _gen()).values()))
+
+
 def test_a_backward_op_left_in_the_graph_is_named():
     class Backward(torch.nn.Module):
         def forward(self, go, grid, guide):
