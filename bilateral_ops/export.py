@@ -16,9 +16,8 @@ the same everywhere):
 * ``"gather"`` (default, opset 17 to 18 and above): the grid is first interpolated along its
   width (a matmul with the tent matrix of the pixel columns, exact: every column of it holds the
   two tent weights of that pixel and zeros), then every pixel reads its 4 (y, z) corners as rows
-  of that table through ``Gather``. No GridSample anywhere: onnxruntime, TensorRT, OpenVINO,
-  CoreML and phone runtimes (TFLite via onnx2tf, NNAPI, XNNPACK) all have Gather, MatMul and
-  element-wise arithmetic.
+  of that table through ``Gather``. No GridSample anywhere: only Gather, MatMul and element-wise
+  arithmetic, which onnxruntime, TensorRT, OpenVINO and the phone runtimes all have.
 * ``"gridsample5d"``: one 5-D ``GridSample`` per slice, opset 20 and above only (GridSample-20 is
   the first to allow 5-D inputs; torch emits a spec-violating 5-D GridSample-16 below that).
   onnxruntime runs it; TensorRT, OpenVINO and CoreML do not.
@@ -30,7 +29,7 @@ the same everywhere):
   natively. Its coordinates go through the runtime's own float unnormalisation, so it agrees with
   eager to about 5e-5 rather than 1e-5.
 
-Grid coordinates (DESIGN.md "Grid coordinates"): pixel i of an axis of n pixels sits at the
+Grid coordinates (docs/ops.md "Grid coordinates"): pixel i of an axis of n pixels sits at the
 continuous cell index ``s = ((2 i + 1) G - n) / (2 n)`` (sample k at index k), computed with an
 integer numerator so that it is exact (the naive ``(i + 0.5) G / n - 0.5`` drifts by ~1.4e-5 cells
 at 720p), and the guide at ``s = guide D - 0.5``; ``s`` is clamped to ``[0, G - 1]`` (clamp-to-
@@ -61,10 +60,13 @@ __all__ = [
     "MIN_OPSET",
     "VARIANTS",
     "Coordinates",
+    "check_opset",
+    "decompose",
     "decompositions",
     "export_onnx",
     "main",
     "onnx_op_types",
+    "onnx_opset",
 ]
 
 _ops = torch.ops.bilateral_ops
@@ -91,7 +93,7 @@ _MIN_WEIGHT = 1e-12
 class Coordinates:
     """Where pixels and guide values land in the grid, as continuous cell indices (sample k at k).
 
-    ``align_corners=False`` is DESIGN.md's convention (``s = (i + 0.5) G / n - 0.5``, written
+    ``align_corners=False`` is docs/ops.md's convention (``s = (i + 0.5) G / n - 0.5``, written
     with an integer numerator; ``s = guide D - 0.5``). ``align_corners=True`` is lib_bilagrid's
     (``s = u (G - 1)``, with ``u = (i + 0.5) / n`` for pixels, as gsplat's pixel grid, and
     ``u = guide`` for depth). Either way ``s`` is clamped to ``[0, G - 1]`` and NaN goes to 0
@@ -244,7 +246,7 @@ def _splat(values: torch.Tensor, guide: torch.Tensor, size: Sequence[int], coord
 
 
 def _blur(grid: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """DESIGN.md's blur: per axis with s > 0 the taps exp(-t^2 / (2 s^2)), |t| <= ceil(2 s),
+    """docs/ops.md's blur: per axis with s > 0 the taps exp(-t^2 / (2 s^2)), |t| <= ceil(2 s),
     normalised once, zeros outside the grid; as 2-D convolutions (some runtimes lack 3-D ones)."""
     n, c, d, gh, gw = grid.shape
     out = grid
