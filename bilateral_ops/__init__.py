@@ -22,8 +22,6 @@ from .curve_guide import curve_guide
 from .grid_blur import grid_blur
 from .grid_splat import grid_splat
 
-from . import export  # noqa: E402  (after the ops: it reads their overloads)
-
 if _library.LOAD_ERROR is None:
     from . import _onnx_guard
 
@@ -41,7 +39,6 @@ __all__ = [
     "bilateral_slice_apply",
     "compiled_devices",
     "curve_guide",
-    "export",
     "grid_blur",
     "grid_splat",
     "joint_bilateral_blur",
