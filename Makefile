@@ -6,7 +6,9 @@ TORCH_CPU  ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cuda
 CPY        := $(CUDA_VENV)/bin/python
 TORCH_CUDA ?= torch==2.14.1
-TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel build kornia opencv-python-headless
+# The export tests (tests/test_export.py) need setup.py's `export` extra: the same pins.
+EXPORT_DEPS := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+TEST_DEPS  := numpy pytest pytest-benchmark expecttest ninja setuptools wheel build kornia opencv-python-headless $(EXPORT_DEPS)
 DEMO_DEPS  := scikit-image tqdm matplotlib
 BENCH_DEPS := kornia opencv-python-headless numba
 export MAX_JOBS ?= 2

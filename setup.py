@@ -69,6 +69,8 @@ def read_version():
         raise RuntimeError("no __version__ in bilateral_ops/_version.py")
     return match.group(1)
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+# The `export` extra; the Makefile's EXPORT_DEPS lists the same pins for CI.
+EXPORT_DEPS = ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"]
 
 
 def want_cuda():
@@ -150,6 +152,11 @@ setup(
     install_requires=["torch>=2.11", "numpy"],
     # The command-line jobs (python -m bilateral_ops.train / enhance / demo): OpenCV reads and
     # writes the photos and gives the default target operator, scikit-image ships the photos.
-    extras_require={"train": ["opencv-python-headless", "scikit-image", "tqdm", "matplotlib"]},
+    # ONNX export (python -m bilateral_ops.export, bilateral_ops.export.export_onnx): pinned to the
+    # versions the export tests pass with (torch.onnx's exporter builds on onnxscript's internals).
+    extras_require={
+        "train": ["opencv-python-headless", "scikit-image", "tqdm", "matplotlib"],
+        "export": EXPORT_DEPS,
+    },
     zip_safe=False,
 )

@@ -5,7 +5,7 @@ fake kernels so that they work under ``torch.compile``. The contract of every op
 project's ``docs/ops.md``.
 """
 
-from . import models, reference
+from . import _library, models, reference
 from ._library import compiled_devices
 from ._version import __version__
 from .bilateral_grid_filter import bilateral_grid_filter
@@ -21,6 +21,12 @@ from .bilateral_slice_apply import bilateral_slice_apply
 from .curve_guide import curve_guide
 from .grid_blur import grid_blur
 from .grid_splat import grid_splat
+
+if _library.LOAD_ERROR is None:
+    from . import _onnx_guard
+
+    # A plain torch.onnx.export of a model with our ops fails naming the op and export_onnx.
+    _onnx_guard.install(_library.OPS)
 
 __all__ = [
     "BilateralBlur",
