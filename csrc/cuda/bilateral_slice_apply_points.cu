@@ -228,7 +228,7 @@ at::Tensor bilateral_slice_apply_points(const at::Tensor& grid_in, const at::Ten
   const at::Tensor idx = grid_idx_in.contiguous();
   at::Tensor out = at::empty({g.P, l.Co}, input.options());
   const launch::PointsPlan plan = launch::points_plan(g.P, g.M, g.C, g.cells(), nullptr);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_apply_points_cuda", [&] {
                                     PointsArgs<scalar_t> a{};
@@ -276,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
                       at::zeros_like(bound));
   }
   const launch::PointsPlan plan = launch::points_plan(g.P, g.M, g.C, g.cells(), mask.data());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grid.scalar_type(), "bilateral_slice_apply_points_backward_cuda",
       [&] {

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(launch::kTvThreads)
                    double* partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* s_warp = reinterpret_cast<double*>(smem_raw);
-  const int64_t numel = g.grid_numel(), cells = g.D * g.Gh * g.Gw, plane = g.Gh * g.Gw;
+  const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
   const int64_t total = g.B * numel;
   double sum = 0.0;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(launch::kTvThreads)
     tv_backward_kernel(const TvGeometry g, const scalar_t* grids, const int* count,
                        const scalar_t* grad_output, const TvWeights w, scalar_t* grad) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t numel = g.grid_numel(), cells = g.D * g.Gh * g.Gw, plane = g.Gh * g.Gw;
+  const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
   const int64_t total = g.M * numel;
   const acc_t go = ldg(grad_output);
   const acc_t wz = static_cast<acc_t>(w.z), wy = static_cast<acc_t>(w.y), wx = static_cast<acc_t>(w.x);
@@ -161,7 +161,7 @@ at::Tensor grid_tv_loss(const at::Tensor& grids_in, const c10::optional<at::Tens
   const launch::TvPlan plan = launch::tv_plan(g.M, g.B, g.grid_numel(), ip != nullptr, false);
   at::Tensor partial = at::empty({plan.partials}, grids.options().dtype(at::kDouble));
   at::Tensor out = at::empty({}, grids.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const TvWeights w = weights(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_cuda",
                                   [&] {
@@ -192,7 +192,7 @@ at::Tensor grid_tv_loss_backward(const at::Tensor& grad_output_in, const at::Ten
   if (!plan.backward.present) return grad;
   at::Tensor count;
   if (ip != nullptr) count = at::zeros({g.M}, grids.options().dtype(at::kInt));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.count.present) {
     BO_LAUNCH(tv_count_kernel, plan.count, stream, ip, g.B, g.M, count.data_ptr<int>());
   }
