@@ -45,9 +45,10 @@ constexpr int64_t opt_in_smem_limit(int sm) {
 constexpr int64_t kStaticSmem = 0;  // bytes of static __shared__ any kernel may declare
 
 constexpr int kForwardThreads = 256;  // pack, forward (vectorised and scalar), axis, finish
-// <= 80 registers: at 64 the vectorised slice_apply kernel (16 float4 loads in flight for rows
-// of 8) and the float64 scalar one spill.
-constexpr int kForwardMinBlocks = 3;
+// <= 128 registers: at 64 the vectorised slice_apply kernel (16 float4 loads in flight for rows
+// of 8) and the float64 scalar one spill; at 80 too (on sm_86 / sm_89) since the taps also handle
+// align_corners.
+constexpr int kForwardMinBlocks = 2;
 constexpr int kPackMinBlocks = 4;
 
 // Backward pass per pixel: a block is a 32 x 8 pixel tile, one warp per image row segment, so
@@ -57,10 +58,10 @@ constexpr int kTileH = 8;
 constexpr int kTileThreads = kTileW * kTileH;
 // grad_guide / grad_input only: 4 blocks (64 registers) for float math, 3 (80) for double.
 constexpr int tile_min_blocks(int acc_size) { return acc_size == 8 ? 3 : 4; }
-// With the grad_grid scatter: 3 blocks (80 registers) for a float accumulator, 2 (128) for
-// double, whose weights take two registers each. At 64 registers the float kernel spills inside
-// the scatter loop (peer masks and offsets of the 4 corner groups stay live across it).
-constexpr int scatter_min_blocks(int acc_size) { return acc_size == 8 ? 2 : 3; }
+// With the grad_grid scatter: 2 blocks (128 registers) for either accumulator. At 64 registers
+// the float kernel spills inside the scatter loop (peer masks and offsets of the 4 corner groups
+// stay live across it), and at 80 too since the taps also handle align_corners.
+constexpr int scatter_min_blocks(int acc_size) { return acc_size == 8 ? 2 : 2; }
 // The scatter's dynamic buffer starts with the tile's z range (two ints), padded to 16 bytes so
 // that the accumulators after it are aligned for double.
 constexpr int64_t kScatterHeaderBytes = 16;

@@ -25,9 +25,10 @@ namespace bilateral_ops {
 
 template <typename T>
 BO_HOST_DEVICE T pixel_to_grid(int64_t p, int64_t n, int64_t G, bool align_corners) {
+  // (Written without a select on n: with n = 1, p = 0 gives 0.5 all the same. The CUDA kernels
+  // keep register budgets tight; see launch_config.h.)
   if (align_corners) {
-    return n > 1 ? static_cast<T>(p) * static_cast<T>(G - 1) / static_cast<T>(n - 1) + T(0.5)
-                 : T(0.5);
+    return static_cast<T>(p) * static_cast<T>(G - 1) / static_cast<T>(n > 1 ? n - 1 : 1) + T(0.5);
   }
   return (static_cast<T>(p) + T(0.5)) * static_cast<T>(G) / static_cast<T>(n);
 }
@@ -35,11 +36,11 @@ BO_HOST_DEVICE T pixel_to_grid(int64_t p, int64_t n, int64_t G, bool align_corne
 // The guide value v sits at g = v * guide_scale + guide_offset; guide_scale is also d g / d v.
 template <typename T>
 BO_HOST_DEVICE T guide_scale(int64_t D, bool align_corners) {
-  return static_cast<T>(align_corners ? D - 1 : D);
+  return static_cast<T>(D - static_cast<int64_t>(align_corners));
 }
 template <typename T>
 BO_HOST_DEVICE T guide_offset(bool align_corners) {
-  return align_corners ? T(0.5) : T(0);
+  return static_cast<T>(align_corners) * T(0.5);
 }
 template <typename T>
 BO_HOST_DEVICE T guide_to_grid(T v, int64_t D, bool align_corners) {
