@@ -8,7 +8,7 @@
 #      bench/sanitize_cuda.py, with the caching allocator off so that out-of-bounds accesses
 #      inside pooled blocks are seen
 #   4. the GPU benchmarks of bench/ (their CUDA cases: test ids containing "cuda"), curve_guide's
-#      first, HDRNet's inference last; pytest-benchmark JSON in $OUT/bench-*.json
+#      and bilagrid's first, HDRNet's inference last; pytest-benchmark JSON in $OUT/bench-*.json
 # bilateral_filter's CUDA tests (tests/test_cuda.py -k filter) run in step 2 and its kernels are in
 # the sanitizer workload of step 3.
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
@@ -83,6 +83,9 @@ run cuda-kernels-registered 1 40 "$OUT/check-cuda-build.log" -- $PY tools/check_
 # the whole suite runs out of time), then the whole suite; the junit XML gives the counts.
 run curve-guide-tests 1 60 "$OUT/curve-guide-tests.log" -- $PY -m pytest -q tests/test_cuda.py -k curve_guide \
   -p no:cacheprovider -rfE
+# The radiance-field ops likewise (bilateral_slice_apply_points, grid_tv_loss, align_corners).
+run bilagrid-tests 1 60 "$OUT/bilagrid-tests.log" -- $PY -m pytest -q tests/test_cuda.py \
+  -k "points or tv_loss or align_corners or bilagrid" -p no:cacheprovider -rfE
 
 run tests 1 200 "$OUT/tests.log" -- $PY -m pytest -q tests -p no:cacheprovider -rfE --durations=15 \
   --junitxml="$OUT/tests.xml"
@@ -121,7 +124,10 @@ SANITIZE_ARGS="--quick --dtypes float32" sanitize initcheck 0 45
 run bench-curve-guide 1 60 "$OUT/bench-curve-guide.log" -- $PY -m pytest -q bench/test_bench_curve_guide.py \
   -k cuda --benchmark-only --benchmark-json "$OUT/bench-curve-guide.json" \
   --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
-run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k "cuda and not curve_guide and not hdrnet" --benchmark-only \
+run bench-bilagrid 1 60 "$OUT/bench-bilagrid.log" -- $PY -m pytest -q bench/test_bench_bilagrid.py \
+  -k cuda --benchmark-only --benchmark-json "$OUT/bench-bilagrid.json" \
+  --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k "cuda and not curve_guide and not bilagrid and not hdrnet" --benchmark-only \
   --benchmark-json "$OUT/bench-gpu.json" --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
 # HDRNet inference last (its compiled case spends most of its time compiling); optional, so that
 # a slow compile never fails the kernels' verdict.

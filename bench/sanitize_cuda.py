@@ -212,6 +212,40 @@ def run_grid_ops(splat_shape, blur_case, filter_case, dtype, deterministic: bool
     torch.use_deterministic_algorithms(False)
 
 
+# bilateral_slice_apply_points: (P, M, Ci, Co, D, Gh, Gw, has_offset); a P that is not a multiple
+# of a warp (the backward's warp-uniform loop), one sample, a depth of 1, odd sizes, and an index
+# out of range (NaN, never an out-of-bounds read). grid_tv_loss: (M, C, D, Gh, Gw, idx or None).
+POINTS_SHAPES = [(1000, 4, 3, 3, 8, 16, 16, True), (1, 1, 3, 3, 8, 16, 16, True), (77, 3, 1, 12, 1, 5, 7, False),
+                 (4099, 2, 2, 1, 3, 4, 5, True)]
+TV_CASES = [(7, 12, 8, 16, 16, None), (5, 3, 1, 1, 4, [4, 0, 4]), (3, 2, 3, 5, 7, [1, 7])]
+
+
+def run_points(shape, dtype) -> None:
+    p, m, ci, co, d, gh, gw, off = shape
+    g = torch.Generator(device="cuda").manual_seed(3)
+    grid = torch.randn(m, co * (ci + int(off)), d, gh, gw, device="cuda", generator=g).to(dtype)
+    coords = (torch.rand(p, 3, device="cuda", generator=g) * 1.4 - 0.2).to(dtype)
+    hostile = torch.tensor([float("nan"), float("inf"), -float("inf")], device="cuda").to(dtype)
+    coords.view(-1)[: min(3, coords.numel())] = hostile[: min(3, coords.numel())]
+    inp = torch.randn(p, ci, device="cuda", generator=g).to(dtype)
+    idx = torch.randint(0, m, (p,), device="cuda", generator=g)
+    idx[-1] = m + 5  # out of range: NaN for that sample
+    go = torch.randn(p, co, device="cuda", generator=g).to(dtype)
+    ops.bilateral_slice_apply_points(grid, coords, inp, idx, off)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        ops._bilateral_slice_apply_points_backward(go, grid, coords, inp, idx, off, mask)
+    torch.cuda.synchronize()
+
+
+def run_tv(case, dtype) -> None:
+    m, c, d, gh, gw, idx = case
+    x = torch.randn(m, c, d, gh, gw, device="cuda").to(dtype)
+    i = None if idx is None else torch.tensor(idx, device="cuda")
+    ops.grid_tv_loss(x, i)
+    ops._grid_tv_loss_backward(torch.ones((), device="cuda", dtype=dtype), x, i)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtypes", default=",".join(DTYPES))
@@ -237,6 +271,11 @@ def main() -> None:
         for shape in FILTER_SHAPES:
             run_filter(shape, dtype)
         print(f"  {dtype}: bilateral_filter done", flush=True)
+        for shape in POINTS_SHAPES:
+            run_points(shape, dtype)
+        for case in TV_CASES:
+            run_tv(case, dtype)
+        print(f"  {dtype}: bilateral_slice_apply_points and grid_tv_loss done", flush=True)
     print("sanitize workload done")
 
 

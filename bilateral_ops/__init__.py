@@ -18,9 +18,11 @@ from .bilateral_filter import (
 )
 from .bilateral_slice import bilateral_slice
 from .bilateral_slice_apply import bilateral_slice_apply
+from .bilateral_slice_apply_points import bilateral_slice_apply_points
 from .curve_guide import curve_guide
 from .grid_blur import grid_blur
 from .grid_splat import grid_splat
+from .grid_tv_loss import grid_tv_loss
 
 if _library.LOAD_ERROR is None:
     from . import _onnx_guard
@@ -37,10 +39,12 @@ __all__ = [
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
+    "bilateral_slice_apply_points",
     "compiled_devices",
     "curve_guide",
     "grid_blur",
     "grid_splat",
+    "grid_tv_loss",
     "joint_bilateral_blur",
     "models",
     "reference",

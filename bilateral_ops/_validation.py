@@ -311,3 +311,67 @@ def check_filter_grad_output(grad_output: torch.Tensor, input: torch.Tensor) -> 
     check_like("grad_output", grad_output, "input", input)
     if tuple(grad_output.shape) != tuple(input.shape):
         raise ValueError(f"grad_output must have shape {tuple(input.shape)}, got {tuple(grad_output.shape)}")
+
+
+def check_index(name: str, t: object, ref_name: str, ref: torch.Tensor) -> None:
+    """An index tensor: integer dtype (not bool) on ref's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_index_values(name: str, t: torch.Tensor, bound: int, what: str) -> None:
+    """Values in [0, bound), checked where that costs no device synchronisation and no graph
+    break: eagerly, on CPU (CUDA kernels turn an index out of range into NaN instead)."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} values must be in [0, {bound}) ({what}), got values in [{lo}, {hi}]")
+
+
+def check_slice_apply_points(
+    grid: torch.Tensor, coords: torch.Tensor, input: torch.Tensor, grid_idx: torch.Tensor, has_offset: bool
+) -> int:
+    """bilateral_slice_apply_points' arguments (grid_idx already int64); returns Co."""
+    check_bool("has_offset", has_offset)
+    if grid.dim() != 5:
+        raise ValueError(f"grid must have shape (M, C, D, Gh, Gw), got {tuple(grid.shape)}")
+    if min(grid.shape) < 1:
+        raise ValueError(f"grid sizes must all be >= 1, got {tuple(grid.shape)}")
+    if coords.dim() != 2 or coords.shape[1] != 3:
+        raise ValueError(f"coords must have shape (P, 3), got {tuple(coords.shape)}")
+    p = coords.shape[0]
+    if input.dim() != 2 or input.shape[0] != p or input.shape[1] < 1:
+        raise ValueError(f"input must have shape (P, Ci) with P = {p} and Ci >= 1, got {tuple(input.shape)}")
+    if grid_idx.dim() != 1 or grid_idx.shape[0] != p:
+        raise ValueError(f"grid_idx must have shape (P,) = ({p},), got {tuple(grid_idx.shape)}")
+    check_like("coords", coords, "grid", grid)
+    check_like("input", input, "grid", grid)
+    if grid_idx.dtype != torch.int64:
+        raise TypeError(f"grid_idx must be int64, got {grid_idx.dtype}")
+    check_index("grid_idx", grid_idx, "grid", grid)
+    ci = input.shape[1]
+    stride = affine_stride(ci, has_offset)
+    if grid.shape[1] % stride != 0:
+        expected = "Co*(Ci+1)" if has_offset else "Co*Ci"
+        raise ValueError(
+            f"grid must have {expected} channels for Ci={ci} input channels "
+            f"(has_offset={has_offset}), got {grid.shape[1]}"
+        )
+    return grid.shape[1] // stride
+
+
+def check_grid_tv_loss(grids: torch.Tensor, idx: torch.Tensor | None) -> None:
+    """grid_tv_loss' grids (M, C, D, Gh, Gw) and optional idx (K,) int64."""
+    if grids.dim() != 5:
+        raise ValueError(f"grids must have shape (M, C, D, Gh, Gw), got {tuple(grids.shape)}")
+    if idx is not None:
+        check_index("idx", idx, "grids", grids)
+        if idx.dtype != torch.int64:
+            raise TypeError(f"idx must be int64, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"idx must have shape (K,), got {tuple(idx.shape)}")

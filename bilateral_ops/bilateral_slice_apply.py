@@ -21,7 +21,11 @@ _ops = torch.ops.bilateral_ops
 
 
 def bilateral_slice_apply(
-    grid: torch.Tensor, guide: torch.Tensor, input: torch.Tensor, has_offset: bool = True
+    grid: torch.Tensor,
+    guide: torch.Tensor,
+    input: torch.Tensor,
+    has_offset: bool = True,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Slice a per-pixel affine matrix from a bilateral grid and apply it to ``input``, fused.
 
@@ -32,6 +36,9 @@ def bilateral_slice_apply(
         guide: (N, H, W) or (N, 1, H, W), expected in [0, 1] (see :func:`bilateral_slice`).
         input: (N, Ci, H, W).
         has_offset: whether the grid carries an offset channel per output channel.
+        align_corners: sample at grid index ``u (S - 1)`` on every axis instead, as
+            ``F.grid_sample(..., align_corners=True)`` and lib_bilagrid do (see
+            :func:`bilateral_slice`).
 
     Returns:
         (N, Co, H, W): ``out[o] = sum_i S[o*(Ci+1)+i] * input[i] + S[o*(Ci+1)+Ci]`` where S is
@@ -39,8 +46,8 @@ def bilateral_slice_apply(
         Differentiable for grid, guide and input, to any order.
 
     Raises:
-        TypeError: an argument is not a floating tensor, the dtypes differ, or has_offset is not
-            a bool.
+        TypeError: an argument is not a floating tensor, the dtypes differ, or has_offset or
+            align_corners is not a bool.
         ValueError: wrong ranks, sizes, channel counts or devices.
     """
     v.check_tensor("grid", grid)
@@ -49,22 +56,23 @@ def bilateral_slice_apply(
     guide = v.as_guide(guide)
     grid, guide, input = lib.autocast((grid, guide, input))
     v.check_slice_apply(grid, guide, input, has_offset)
+    v.check_bool("align_corners", align_corners)
     if lib.has_kernel("bilateral_slice_apply", grid.device):
-        return _ops.bilateral_slice_apply(grid, guide, input, has_offset)
+        return _ops.bilateral_slice_apply(grid, guide, input, has_offset, align_corners)
     lib.fallback("bilateral_slice_apply", grid.device)
-    return reference.bilateral_slice_apply(grid, guide, input, has_offset)
+    return reference.bilateral_slice_apply(grid, guide, input, has_offset, align_corners)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fake kernels: the same validation as the eager path; contiguous outputs.
 
 
-def _apply_fake(grid, guide, input, has_offset=True):
+def _apply_fake(grid, guide, input, has_offset=True, align_corners=False):
     co = v.check_slice_apply(grid, guide, input, has_offset)
     return input.new_empty((input.shape[0], co, input.shape[2], input.shape[3]))
 
 
-def _backward_fake(grad_output, grid, guide, input, has_offset, dguide, output_mask):
+def _backward_fake(grad_output, grid, guide, input, has_offset, dguide, output_mask, align_corners=False):
     co = v.check_slice_apply(grid, guide, input, has_offset)
     v.check_grad_output(grad_output, grid, (input.shape[0], co, input.shape[2], input.shape[3]))
     v.check_output_mask(dguide, output_mask)
@@ -80,30 +88,35 @@ def _backward_fake(grad_output, grid, guide, input, has_offset, dguide, output_m
 
 
 def _apply_setup(ctx, inputs, output):
-    grid, guide, input, has_offset = inputs
+    grid, guide, input, has_offset, align_corners = inputs
     ctx.set_materialize_grads(False)
     ctx.has_offset = has_offset
+    ctx.align_corners = align_corners
     ctx.save_for_backward(grid, guide, input)
 
 
 def _apply_backward(ctx, grad_output):
     if grad_output is None:
-        return None, None, None, None
+        return None, None, None, None, None
     grid, guide, input = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    grads = _ops._bilateral_slice_apply_backward(grad_output, grid, guide, input, ctx.has_offset, False, mask)
-    return tuple(lib.masked(g, m) for g, m in zip(grads, mask)) + (None,)
+    grads = _ops._bilateral_slice_apply_backward(
+        grad_output, grid, guide, input, ctx.has_offset, False, mask, ctx.align_corners
+    )
+    return tuple(lib.masked(g, m) for g, m in zip(grads, mask)) + (None, None)
 
 
 def _dguide_backward(ctx, grad_output):
     # The guide derivative of the dguide result is a second derivative of the tent: zero almost
     # everywhere.
     if grad_output is None:
-        return None, None, None, None
+        return None, None, None, None, None
     grid, guide, input = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2]]
-    grads = _ops._bilateral_slice_apply_backward(grad_output, grid, guide, input, ctx.has_offset, True, mask)
-    return lib.masked(grads[0], mask[0]), None, lib.masked(grads[2], mask[2]), None
+    grads = _ops._bilateral_slice_apply_backward(
+        grad_output, grid, guide, input, ctx.has_offset, True, mask, ctx.align_corners
+    )
+    return lib.masked(grads[0], mask[0]), None, lib.masked(grads[2], mask[2]), None, None
 
 
 def _linear_part(grid: torch.Tensor, ci: int, has_offset: bool) -> torch.Tensor:
@@ -123,9 +136,10 @@ def _with_offset(grad_linear: torch.Tensor, ci: int, has_offset: bool) -> torch.
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_output, grid, guide, input, has_offset, dguide, output_mask = inputs
+    grad_output, grid, guide, input, has_offset, dguide, output_mask, align_corners = inputs
     ctx.set_materialize_grads(False)
     ctx.has_offset = has_offset
+    ctx.align_corners = align_corners
     ctx.dguide = dguide
     ctx.output_mask = tuple(output_mask)
     ctx.save_for_backward(grad_output, grid, guide, input)
@@ -138,15 +152,20 @@ def _backward_backward(ctx, ct_grid, ct_guide, ct_input):
     and grad_input = sum_o g_o S_oi; every term below is one of the three ops applied to other
     arguments (with dguide, one derivative higher throughout)."""
     go, grid, guide, x = ctx.saved_tensors
-    has_offset, dguide = ctx.has_offset, ctx.dguide
+    has_offset, dguide, ac = ctx.has_offset, ctx.dguide, ctx.align_corners
     ci = x.shape[1]
     a = lib.live(ct_grid, ctx.output_mask[0])
     b = lib.live(ct_guide, ctx.output_mask[1])  # never with dguide (the mask forbids it)
     e = lib.live(ct_input, ctx.output_mask[2])
     need_go, need_grid, need_guide, need_x = ctx.needs_input_grad[:4]
     need_guide = need_guide and not dguide  # a second derivative of the tent: zero a.e.
-    backward = _ops._bilateral_slice_apply_backward
-    apply_fn = _ops._bilateral_slice_apply_dguide if dguide else _ops.bilateral_slice_apply
+    def backward(go_, grid_, guide_, x_, has_offset_, dguide_, mask_):
+        return _ops._bilateral_slice_apply_backward(go_, grid_, guide_, x_, has_offset_, dguide_, mask_, ac)
+
+    def apply_fn(grid_, guide_, x_, has_offset_):
+        op = _ops._bilateral_slice_apply_dguide if dguide else _ops.bilateral_slice_apply
+        return op(grid_, guide_, x_, has_offset_, ac)
+
     d_go = d_grid = d_guide = d_x = None
     if a is not None:  # <a, splat(g X)>: the forward op on grid a
         if need_go:
@@ -167,14 +186,14 @@ def _backward_backward(ctx, ct_grid, ct_guide, ct_input):
                 d_guide = lib.add(d_guide, gd)
     if b is not None:  # <b, sum g_o X_i S'>: the dguide ops
         if need_go:
-            d_go = lib.add(d_go, b.unsqueeze(1) * _ops._bilateral_slice_apply_dguide(grid, guide, x, has_offset))
+            d_go = lib.add(d_go, b.unsqueeze(1) * _ops._bilateral_slice_apply_dguide(grid, guide, x, has_offset, ac))
         if need_grid or need_x:
             gg, _, gx = backward(b.unsqueeze(1) * go, grid, guide, x, has_offset, True, [need_grid, False, need_x])
             if need_grid:
                 d_grid = lib.add(d_grid, gg)
             if need_x:
                 d_x = lib.add(d_x, gx)
-    return d_go, d_grid, d_guide, d_x, None, None, None
+    return d_go, d_grid, d_guide, d_x, None, None, None, None
 
 
 def _register() -> None:

@@ -95,8 +95,9 @@ class Coordinates:
 
     ``align_corners=False`` is docs/ops.md's convention (``s = (i + 0.5) G / n - 0.5``, written
     with an integer numerator; ``s = guide D - 0.5``). ``align_corners=True`` is lib_bilagrid's
-    (``s = u (G - 1)``, with ``u = (i + 0.5) / n`` for pixels, as gsplat's pixel grid, and
-    ``u = guide`` for depth). Either way ``s`` is clamped to ``[0, G - 1]`` and NaN goes to 0
+    (``s = u (G - 1)``, with ``u = i / (n - 1)`` for pixels, ``linspace(0, 1, n)`` as
+    nerfstudio passes them and as the kernels' ``align_corners=True`` places them, and ``u = guide``
+    for depth). Either way ``s`` is clamped to ``[0, G - 1]`` and NaN goes to 0
     before anything is cast to an index.
     """
 
@@ -106,7 +107,9 @@ class Coordinates:
         """(n,) cell indices of the n pixels of an axis of g cells, clamped, in like's dtype."""
         i = torch.arange(n, device=like.device, dtype=torch.int64)
         if self.align_corners:
-            s = ((2 * i + 1) * (g - 1)).to(like.dtype) / (2 * n)
+            # Pixel i of n at index i (g - 1) / (n - 1), index 0 when n = 1 (the kernels'
+            # pixel_to_grid): the integer numerator is exact, one rounding in the division.
+            s = (i * (g - 1)).to(like.dtype) / torch.sym_max(n - 1, 1)
         else:
             s = ((2 * i + 1) * g - n).to(like.dtype) / (2 * n)
         return _clamp_cells(s, g)

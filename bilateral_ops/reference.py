@@ -21,49 +21,140 @@ __all__ = [
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
+    "bilateral_slice_apply_points",
+    "bilagrid_slice",
     "curve_guide",
     "grid_blur",
     "grid_size_for",
     "grid_splat",
+    "grid_tv_loss",
     "slice_coordinates",
 ]
 
 
-def slice_coordinates(guide: torch.Tensor) -> torch.Tensor:
+def slice_coordinates(guide: torch.Tensor, align_corners: bool = False) -> torch.Tensor:
     """The (N, 1, H, W, 3) ``grid_sample`` coordinates (x, y, z) of the grid convention (docs/ops.md).
 
     ``xn = (2x + 1)/W - 1``, ``yn = (2y + 1)/H - 1``, ``zn = 2 guide - 1``, used with
-    ``align_corners=False``, so pixel centres map to grid position ``(x + 0.5) Gw / W``.
+    ``align_corners=False``, so pixel centres map to grid position ``(x + 0.5) Gw / W``. With
+    ``align_corners``: ``xn = 2x/(W - 1) - 1`` (-1 when W = 1, as ``linspace(-1, 1, 1)``),
+    likewise y, used with ``align_corners=True``, so pixel x maps to grid index
+    ``x (Gw - 1)/(W - 1)`` (0 when W = 1).
     """
     n, h, w = guide.shape
-    xs = (2 * torch.arange(w, device=guide.device, dtype=guide.dtype) + 1) / w - 1
-    ys = (2 * torch.arange(h, device=guide.device, dtype=guide.dtype) + 1) / h - 1
+    kw = dict(device=guide.device, dtype=guide.dtype)
+    if align_corners:
+        xs = 2 * torch.arange(w, **kw) / max(w - 1, 1) - 1
+        ys = 2 * torch.arange(h, **kw) / max(h - 1, 1) - 1
+    else:
+        xs = (2 * torch.arange(w, **kw) + 1) / w - 1
+        ys = (2 * torch.arange(h, **kw) + 1) / h - 1
     xn = xs.view(1, 1, w).expand(n, h, w)
     yn = ys.view(1, h, 1).expand(n, h, w)
     zn = 2 * guide - 1
     return torch.stack([xn, yn, zn], dim=-1).unsqueeze(1)
 
 
-def bilateral_slice(grid: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+def bilateral_slice(grid: torch.Tensor, guide: torch.Tensor, align_corners: bool = False) -> torch.Tensor:
     """Trilinear sample of every grid channel at (x, y, guide): (N,C,D,Gh,Gw), (N,H,W) -> (N,C,H,W)."""
     out = F.grid_sample(
-        grid, slice_coordinates(guide), mode="bilinear", padding_mode="border", align_corners=False
+        grid,
+        slice_coordinates(guide, align_corners),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=align_corners,
     )
     return out[:, :, 0]
 
 
+def _apply_coefficients(coeffs: torch.Tensor, input: torch.Tensor, has_offset: bool) -> torch.Tensor:
+    """out[o] = sum_i coeffs[:, o, i] * input[:, i] + coeffs[:, o, Ci] on (B, Co, stride, ...) and
+    (B, Ci, ...)."""
+    ci = input.shape[1]
+    out = (coeffs[:, :, :ci] * input.unsqueeze(1)).sum(dim=2)
+    if has_offset:
+        out = out + coeffs[:, :, ci]
+    return out
+
+
 def bilateral_slice_apply(
-    grid: torch.Tensor, guide: torch.Tensor, input: torch.Tensor, has_offset: bool = True
+    grid: torch.Tensor,
+    guide: torch.Tensor,
+    input: torch.Tensor,
+    has_offset: bool = True,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Slice per-pixel affine coefficients and apply them to ``input`` (coefficient order of docs/ops.md)."""
     n, ci, h, w = input.shape
     stride = affine_stride(ci, has_offset)
     co = grid.shape[1] // stride
-    coeffs = bilateral_slice(grid, guide).view(n, co, stride, h, w)
-    out = (coeffs[:, :, :ci] * input.unsqueeze(1)).sum(dim=2)
-    if has_offset:
-        out = out + coeffs[:, :, ci]
-    return out
+    coeffs = bilateral_slice(grid, guide, align_corners).view(n, co, stride, h, w)
+    return _apply_coefficients(coeffs, input, has_offset)
+
+
+def bilateral_slice_apply_points(
+    grid: torch.Tensor,
+    coords: torch.Tensor,
+    input: torch.Tensor,
+    grid_idx: torch.Tensor,
+    has_offset: bool = True,
+) -> torch.Tensor:
+    """The explicit-coordinate slice-apply as lib_bilagrid writes it: copy ``grid[grid_idx]``,
+    ``F.grid_sample(..., align_corners=True, padding_mode="border")`` at ``2 coords - 1``, apply.
+    (M, C, D, Gh, Gw), (P, 3), (P, Ci), (P,) -> (P, Co)."""
+    p, ci = input.shape
+    stride = affine_stride(ci, has_offset)
+    co = grid.shape[1] // stride
+    xyz = (2 * coords - 1).view(p, 1, 1, 1, 3)
+    coeffs = F.grid_sample(grid[grid_idx], xyz, mode="bilinear", padding_mode="border", align_corners=True)
+    return _apply_coefficients(coeffs.view(p, co, stride), input, has_offset)
+
+
+def bilagrid_slice(
+    grids: torch.Tensor, xy: torch.Tensor, rgb: torch.Tensor, grid_idx: torch.Tensor, rgb2gray_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lib_bilagrid's ``slice`` (gsplat / nerfstudio / BilaRF), step by step: one unique index
+    slices that grid for every sample, else ``grid_idx[:, 0(, 0, 0)]`` per leading item; the
+    grids are copied (``grids[idx]``) and sampled by ``F.grid_sample(..., align_corners=True,
+    padding_mode="border")`` at ``((xy - 0.5) 2, (rgb @ w.T) 2 - 1)``; the (..., 3, 4) matrices
+    are applied to rgb. Returns (rgb_out (..., 3), affine_mats (..., 3, 4))."""
+    sh = rgb.shape
+    unique = torch.unique(grid_idx)
+    if unique.numel() == 1:
+        idx = unique
+        xy, rgb_in = xy.unsqueeze(0), rgb.unsqueeze(0)
+    else:
+        if not 2 <= grid_idx.dim() <= 4:
+            raise ValueError("The input to bilateral grid slicing is not supported yet.")
+        idx = grid_idx.reshape(grid_idx.shape[0], -1)[:, 0]
+        rgb_in = rgb
+    nd = xy.dim()
+    if not 2 <= nd <= 5:
+        raise ValueError("Bilateral grid slicing only takes either 2D, 3D, 4D and 5D inputs")
+    for _ in range(5 - nd):
+        xy, rgb_in = xy.unsqueeze(1), rgb_in.unsqueeze(1)
+    sel = grids[idx]
+    gray = (rgb_in @ rgb2gray_weight.T) * 2.0 - 1.0
+    xyz = torch.cat([(xy - 0.5) * 2, gray], dim=-1)
+    mats = F.grid_sample(sel, xyz, mode="bilinear", align_corners=True, padding_mode="border")
+    mats = mats.permute(0, 2, 3, 4, 1)
+    mats = mats.reshape(*mats.shape[:-1], 3, 4)
+    mats = mats.reshape(*sh[:-1], 3, 4)
+    out = (mats[..., :3] @ rgb.unsqueeze(-1)).squeeze(-1) + mats[..., 3]
+    return out, mats
+
+
+def grid_tv_loss(grids: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """lib_bilagrid's ``total_variation_loss`` of ``grids`` (or ``grids[idx]``): sum over the
+    dimensions d >= 2 of ``sum((x[.., 1:, ..] - x[.., :-1, ..])**2) / max(numel / B, 1) / B``."""
+    x = grids if idx is None else grids[idx]
+    b = x.shape[0]
+    tv = x.new_zeros(())
+    for d in range(2, x.dim()):
+        diff = x.narrow(d, 1, x.shape[d] - 1) - x.narrow(d, 0, x.shape[d] - 1)
+        count = max(math.prod(diff.shape[1:]), 1)
+        tv = tv + diff.square().sum() / count
+    return tv / b
 
 
 def _taps(g: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

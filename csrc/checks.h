@@ -17,7 +17,9 @@
 #include "bilateral_ops/affine.h"
 #include "bilateral_ops/grid_blur.h"
 #include "bilateral_ops/curve_guide.h"
+#include "bilateral_ops/grid_tv_loss.h"
 #include "bilateral_ops/slice_geometry.h"
+#include "bilateral_ops/slice_points.h"
 
 namespace bilateral_ops {
 
@@ -40,8 +42,10 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W). Returns the sizes.
-inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& guide) {
+// grid (N, C, D, Gh, Gw) with every grid dimension >= 1; guide (N, H, W). Returns the sizes
+// (align_corners: the sampling of the slice ops' option of that name, grid_coords.h).
+inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& guide,
+                                      bool align_corners = false) {
   check_floating(grid, "grid");
   check_floating(guide, "guide");
   check_same(grid, "grid", guide, "guide");
@@ -52,7 +56,7 @@ inline SliceGeometry check_grid_guide(const at::Tensor& grid, const at::Tensor& 
   TORCH_CHECK(grid.size(0) == guide.size(0), "grid and guide must have the same batch size, got ",
               grid.size(0), " and ", guide.size(0));
   return SliceGeometry{grid.size(0), grid.size(1), grid.size(2), grid.size(3),
-                       grid.size(4), guide.size(1), guide.size(2)};
+                       grid.size(4), guide.size(1), guide.size(2), align_corners};
 }
 
 // grid_splat's input (N, C, H, W), guide (N, H, W) and grid_size (D, Gh, Gw); returns the sizes
@@ -94,8 +98,9 @@ struct SliceApplyShape {
 
 // slice_apply's arguments (grid and guide included); returns their sizes and layout.
 inline SliceApplyShape check_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
-                                         const at::Tensor& input, bool has_offset) {
-  const SliceGeometry g = check_grid_guide(grid, guide);
+                                         const at::Tensor& input, bool has_offset,
+                                         bool align_corners) {
+  const SliceGeometry g = check_grid_guide(grid, guide, align_corners);
   check_floating(input, "input");
   check_same(grid, "grid", input, "input");
   TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, Ci, H, W), got ", input.dim(), "-D");
@@ -109,6 +114,61 @@ inline SliceApplyShape check_slice_apply(const at::Tensor& grid, const at::Tenso
               "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
               " channels for Ci=", input.size(1), ", has_offset=", has_offset);
   return SliceApplyShape{g, affine_layout(grid.size(1), input.size(1), has_offset)};
+}
+
+// bilateral_slice_apply_points' arguments: grid (M, Co*(Ci+1), D, Gh, Gw) [Co*Ci without offset],
+// coords (P, 3), input (P, Ci), grid_idx (P,) int64. grid_idx's values are checked by the kernels
+// (the CPU raises; the CUDA kernels cannot without a host synchronisation and give NaN instead).
+struct PointsShape {
+  PointsGeometry g;
+  AffineLayout l;
+};
+
+inline PointsShape check_slice_apply_points(const at::Tensor& grid, const at::Tensor& coords,
+                                            const at::Tensor& input, const at::Tensor& grid_idx,
+                                            bool has_offset) {
+  check_floating(grid, "grid");
+  check_floating(coords, "coords");
+  check_floating(input, "input");
+  check_same(grid, "grid", coords, "coords");
+  check_same(grid, "grid", input, "input");
+  TORCH_CHECK(grid_idx.defined() && grid_idx.scalar_type() == at::kLong,
+              "grid_idx must be an int64 tensor");
+  TORCH_CHECK(grid_idx.device() == grid.device(), "grid_idx and grid must be on the same device");
+  TORCH_CHECK(grid.dim() == 5, "grid must be 5-D (M, C, D, Gh, Gw), got ", grid.dim(), "-D");
+  TORCH_CHECK(grid.size(0) >= 1 && grid.size(1) >= 1 && grid.size(2) >= 1 && grid.size(3) >= 1 &&
+                  grid.size(4) >= 1,
+              "grid's sizes must all be >= 1, got ", grid.sizes());
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "coords must have shape (P, 3), got ",
+              coords.sizes());
+  const int64_t P = coords.size(0);
+  TORCH_CHECK(input.dim() == 2 && input.size(0) == P && input.size(1) >= 1,
+              "input must have shape (P, Ci) with P = ", P, " and Ci >= 1, got ", input.sizes());
+  TORCH_CHECK(grid_idx.dim() == 1 && grid_idx.size(0) == P, "grid_idx must have shape (", P,
+              ",), got ", grid_idx.sizes());
+  const int64_t stride = affine_stride(input.size(1), has_offset);
+  TORCH_CHECK(grid.size(1) % stride == 0,
+              "grid must have Co*(Ci+1) channels (Co*Ci without offset); got ", grid.size(1),
+              " channels for Ci=", input.size(1), ", has_offset=", has_offset);
+  return PointsShape{PointsGeometry{P, grid.size(0), grid.size(1), grid.size(2), grid.size(3),
+                                    grid.size(4)},
+                     affine_layout(grid.size(1), input.size(1), has_offset)};
+}
+
+// grid_tv_loss' grids (M, C, D, Gh, Gw) and optional idx (K,) int64 (values checked by the
+// kernels, as grid_idx above).
+inline TvGeometry check_grid_tv_loss(const at::Tensor& grids, const c10::optional<at::Tensor>& idx) {
+  check_floating(grids, "grids");
+  TORCH_CHECK(grids.dim() == 5, "grids must be 5-D (M, C, D, Gh, Gw), got ", grids.dim(), "-D");
+  int64_t B = grids.size(0);
+  if (idx.has_value() && idx->defined()) {
+    TORCH_CHECK(idx->scalar_type() == at::kLong, "idx must be an int64 tensor, got ",
+                idx->scalar_type());
+    TORCH_CHECK(idx->device() == grids.device(), "idx and grids must be on the same device");
+    TORCH_CHECK(idx->dim() == 1, "idx must be 1-D (K,), got ", idx->dim(), "-D");
+    B = idx->size(0);
+  }
+  return TvGeometry{grids.size(0), B, grids.size(1), grids.size(2), grids.size(3), grids.size(4)};
 }
 
 // curve_guide's arguments: input (N, C, H, W), ccm (C, C), ccm_bias (C,), shifts and slopes

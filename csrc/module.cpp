@@ -17,6 +17,10 @@
 //       rows_shared, registers and partial_rows
 //   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None) -> [dict]
 //       the launches of one bilateral_filter / _bilateral_filter_backward call
+//   points_plans(pass_, P, M, C, D, Gh, Gw, mask=None) -> [dict]
+//       the launches of one bilateral_slice_apply_points / its backward (mask: 3 flags)
+//   tv_plans(pass_, M, B, numel, has_idx=False) -> [dict]
+//       the launches of one grid_tv_loss / its backward, each with "partials"
 //   kernel_info(acc_size) -> [dict]   __launch_bounds__ and largest dynamic request per kernel
 //   limits() -> dict                  the architectural limits the plans are built against (and
 //                                     grid_blur's largest tap count passed by value)
@@ -386,6 +390,76 @@ PyObject* filter_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   return out;
 }
 
+// points_plans(pass_, P, M, C, D, Gh, Gw, mask=None): bilateral_slice_apply_points' launches
+// (mask: the backward's three flags); tv_plans(pass_, M, B, numel, has_idx=False): grid_tv_loss'
+// (numel: elements of one grid), the forward's with "partials".
+PyObject* points_plans(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"pass_", "P", "M", "C", "D", "Gh", "Gw", "mask", nullptr};
+  const char* pass = nullptr;
+  long long P, M, C, D, Gh, Gw;
+  PyObject* mask = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLLL|O", const_cast<char**>(keywords), &pass,
+                                   &P, &M, &C, &D, &Gh, &Gw, &mask)) {
+    return nullptr;
+  }
+  const bool forward = PyOS_stricmp(pass, "forward") == 0;
+  if (!forward && PyOS_stricmp(pass, "backward") != 0) {
+    PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if (P < 0 || M < 1 || C < 1 || D < 1 || Gh < 1 || Gw < 1) {
+    PyErr_SetString(PyExc_ValueError, "need P >= 0 and M, C, D, Gh, Gw >= 1");
+    return nullptr;
+  }
+  bool want[3];
+  if (!parse_mask(mask, 3, want)) return nullptr;
+  const launch::PointsPlan p = launch::points_plan(P, M, C, D * Gh * Gw, forward ? nullptr : want);
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  bool ok = true;
+  for (const launch::Launch* l : {&p.forward, &p.backward, &p.finish}) {
+    if (ok && l->present) ok = append(out, launch_dict(*l));
+  }
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+PyObject* tv_plans(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"pass_", "M", "B", "numel", "has_idx", nullptr};
+  const char* pass = nullptr;
+  long long M, B, numel;
+  int has_idx = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLL|p", const_cast<char**>(keywords), &pass, &M,
+                                   &B, &numel, &has_idx)) {
+    return nullptr;
+  }
+  const bool forward = PyOS_stricmp(pass, "forward") == 0;
+  if (!forward && PyOS_stricmp(pass, "backward") != 0) {
+    PyErr_Format(PyExc_ValueError, "pass_ must be 'forward' or 'backward', got '%s'", pass);
+    return nullptr;
+  }
+  if (M < 0 || B < 0 || numel < 0 || (!has_idx && B != M)) {
+    PyErr_SetString(PyExc_ValueError, "need M, B, numel >= 0 and B == M without idx");
+    return nullptr;
+  }
+  const launch::TvPlan p = launch::tv_plan(M, B, numel, has_idx != 0, !forward);
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  const Extra ex[] = {{"partials", p.partials}};
+  bool ok = true;
+  for (const launch::Launch* l : {&p.count, &p.loss, &p.reduce, &p.backward}) {
+    if (ok && l->present) ok = append(out, launch_dict(*l, ex, 1));
+  }
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 PyObject* kernel_info(PyObject*, PyObject* args) {
   long long acc_size;
   if (!PyArg_ParseTuple(args, "L", &acc_size)) return nullptr;
@@ -467,6 +541,10 @@ PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one curve_guide call."},
     {"filter_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(filter_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one bilateral_filter call (see csrc/module.cpp)."},
+    {"points_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(points_plans)),
+     METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one bilateral_slice_apply_points call."},
+    {"tv_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tv_plans)),
+     METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one grid_tv_loss call."},
     {"kernel_info", kernel_info, METH_VARARGS,
      "__launch_bounds__ and largest dynamic shared memory request of every CUDA kernel."},
     {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},

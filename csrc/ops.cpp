@@ -23,21 +23,45 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(bilateral_ops, m) {
-  m.def("bilateral_slice(Tensor grid, Tensor guide) -> Tensor");
-  m.def("_bilateral_slice_dguide(Tensor grid, Tensor guide) -> Tensor");
+  // align_corners (last, default False, so that every earlier caller keeps its meaning): sample
+  // at index u * (S - 1) on all three axes, as F.grid_sample(..., align_corners=True) and
+  // lib_bilagrid do (csrc/include/bilateral_ops/grid_coords.h).
+  m.def("bilateral_slice(Tensor grid, Tensor guide, bool align_corners=False) -> Tensor");
+  m.def("_bilateral_slice_dguide(Tensor grid, Tensor guide, bool align_corners=False) -> Tensor");
   m.def(
       "_bilateral_slice_backward(Tensor grad_output, Tensor grid, Tensor guide, bool dguide, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
+      "bool[2] output_mask, bool align_corners=False) -> (Tensor, Tensor)");
 
   m.def(
-      "bilateral_slice_apply(Tensor grid, Tensor guide, Tensor input, bool has_offset=True) -> "
-      "Tensor");
+      "bilateral_slice_apply(Tensor grid, Tensor guide, Tensor input, bool has_offset=True, "
+      "bool align_corners=False) -> Tensor");
   m.def(
-      "_bilateral_slice_apply_dguide(Tensor grid, Tensor guide, Tensor input, bool has_offset) -> "
-      "Tensor");
+      "_bilateral_slice_apply_dguide(Tensor grid, Tensor guide, Tensor input, bool has_offset, "
+      "bool align_corners=False) -> Tensor");
   m.def(
       "_bilateral_slice_apply_backward(Tensor grad_output, Tensor grid, Tensor guide, Tensor input, "
-      "bool has_offset, bool dguide, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool has_offset, bool dguide, bool[3] output_mask, bool align_corners=False) -> "
+      "(Tensor, Tensor, Tensor)");
+
+  // slice_apply at explicit sample positions, each sample in a grid of its own choosing: grid
+  // (M, Co*(Ci+1), D, Gh, Gw), coords (P, 3) as (x, y, z) in [0, 1] with align_corners=True
+  // sampling, input (P, Ci), grid_idx (P,) int64 -> (P, Co). Each sample's grid is read in place
+  // (no grids[idx] copy). The backward returns the gradients of (grid, coords, input); it is not
+  // differentiable again (its autograd raises), as lib_bilagrid's users need first derivatives.
+  m.def(
+      "bilateral_slice_apply_points(Tensor grid, Tensor coords, Tensor input, Tensor grid_idx, "
+      "bool has_offset=True) -> Tensor");
+  m.def(
+      "_bilateral_slice_apply_points_backward(Tensor grad_output, Tensor grid, Tensor coords, "
+      "Tensor input, Tensor grid_idx, bool has_offset, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
+
+  // lib_bilagrid's total_variation_loss of grids (B, C, ...) fused: sum over the dimensions
+  // d >= 2 of mean((x[.., i+1, ..] - x[.., i, ..])^2), a dimension of size 1 giving 0; with idx
+  // (K,) int64, of grids[idx] (repeats count as often as they appear) without the copy. A 0-d
+  // tensor in the grids' dtype. Its backward is linear in the grids and is its own op.
+  m.def("grid_tv_loss(Tensor grids, Tensor? idx=None) -> Tensor");
+  m.def("_grid_tv_loss_backward(Tensor grad_output, Tensor grids, Tensor? idx) -> Tensor");
 
   // The transpose of bilateral_slice: its vector-Jacobian products are slices (input) and the
   // guide part of _bilateral_slice_backward (guide), so it needs no backward op of its own.

@@ -174,6 +174,8 @@ def no_kernel_runs(monkeypatch) -> None:
     for name in (
         "bilateral_ops.bilateral_slice",
         "bilateral_ops.bilateral_slice_apply",
+        "bilateral_ops.bilateral_slice_apply_points",
+        "bilateral_ops.grid_tv_loss",
         "bilateral_ops.grid_splat",
         "bilateral_ops.grid_blur",
         "bilateral_ops.bilateral_grid_filter",
@@ -223,3 +225,63 @@ def _curve_margin(*args) -> float:
 
 def t64(*shape, dtype=F64):
     return torch.rand(*shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Radiance-field grids (lib_bilagrid's sampling)
+
+
+def gather_points(grid, coords, inp, grid_idx, has_offset=True):
+    """bilateral_slice_apply_points written as the eight-corner gather of its definition, in the
+    arguments' dtype, independently of F.grid_sample: index s = clamp(u (S - 1), 0, S - 1) per
+    axis, cells floor(s) and floor(s) + 1 (clamped), tent weights."""
+    m, c, d, gh, gw = grid.shape
+    ci = inp.shape[1]
+    stride = ci + (1 if has_offset else 0)
+
+    def taps(u, size):
+        s = (u * (size - 1)).clamp(0, size - 1)
+        i0 = s.floor().long()
+        w1 = s - i0
+        return i0, (i0 + 1).clamp(max=size - 1), 1 - w1, w1
+
+    x0, x1, wx0, wx1 = taps(coords[:, 0], gw)
+    y0, y1, wy0, wy1 = taps(coords[:, 1], gh)
+    z0, z1, wz0, wz1 = taps(coords[:, 2], d)
+    coeffs = 0
+    for zi, wz in ((z0, wz0), (z1, wz1)):
+        for yi, wy in ((y0, wy0), (y1, wy1)):
+            for xi, wx in ((x0, wx0), (x1, wx1)):
+                coeffs = coeffs + grid[grid_idx, :, zi, yi, xi] * (wz * wy * wx).unsqueeze(1)  # (P, C)
+    coeffs = coeffs.view(-1, c // stride, stride)
+    out = (coeffs[:, :, :ci] * inp.unsqueeze(1)).sum(-1)
+    return out + coeffs[:, :, ci] if has_offset else out
+
+
+def make_points_case(m, ci, co, d, gh, gw, p, has_offset, dtype, gen, device="cpu", spread=0.0, knots=0.0):
+    """Grids (m, co*stride, d, gh, gw), coords (p, 3) in [-spread, 1 + spread], a fraction
+    `knots` of the coordinates exactly on 0, 1 or grid knots, inputs and per-sample grid indices."""
+    stride = ci + (1 if has_offset else 0)
+    grid = torch.randn(m, co * stride, d, gh, gw, generator=gen, dtype=F64)
+    coords = torch.rand(p, 3, generator=gen, dtype=F64) * (1 + 2 * spread) - spread
+    if knots > 0:
+        pick = torch.rand(p, 3, generator=gen, dtype=F64) < knots
+        sizes = torch.tensor([gw, gh, d], dtype=F64)
+        k = torch.floor(torch.rand(p, 3, generator=gen, dtype=F64) * sizes)
+        on_knot = torch.where(sizes > 1, k / (sizes - 1).clamp(min=1), torch.zeros(()))
+        coords = torch.where(pick, on_knot, coords)
+    inp = torch.rand(p, ci, generator=gen, dtype=F64) * 1.4 - 0.2
+    idx = torch.randint(0, m, (p,), generator=gen)
+    return grid.to(dtype).to(device), coords.to(dtype).to(device), inp.to(dtype).to(device), idx.to(device)
+
+
+def away_from_knots(coords: torch.Tensor, sizes, margin: float = 1e-4) -> torch.Tensor:
+    """Samples none of whose coordinates lies within `margin` cells of a knot or a border: where
+    one-sided derivatives of float32 and float64 (or of finite differences) may differ."""
+    ok = torch.ones(coords.shape[0], dtype=torch.bool)
+    for a, size in enumerate(sizes):
+        if size == 1:
+            continue
+        s = coords[:, a].double().cpu() * (size - 1)
+        ok &= (s - s.round()).abs() > margin
+    return ok

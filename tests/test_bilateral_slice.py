@@ -353,3 +353,69 @@ def test_direct_op_calls_accept_valid_arguments():
     assert OPS.bilateral_slice(t64(*GOOD_GRID), t64(*GOOD_GUIDE)).shape == (2, 8, 6, 7)
     gg, gd = OPS._bilateral_slice_backward(t64(2, 8, 6, 7), t64(*GOOD_GRID), t64(*GOOD_GUIDE), False, [True, True])
     assert gg.shape == GOOD_GRID and gd.shape == GOOD_GUIDE
+
+
+# ----------------------------------------------------------------------------------------------
+# align_corners=True: index u (S - 1) on every axis (F.grid_sample's align_corners=True)
+
+
+def _away_from_aligned_z_kinks(guide: torch.Tensor, d: int, margin: float = 1e-4) -> torch.Tensor:
+    s = guide.double() * (d - 1)
+    return (s - s.round()).abs() > margin
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_align_corners_matches_reference(case, dtype, device, gen):
+    n, c, d, gh, gw, h, w, kind = case
+    grid, guide = make_slice_case(n, c, d, gh, gw, h, w, dtype, kind, gen, device)
+    out, grads, go = run_with_grads(bo.bilateral_slice, (grid, guide), (True,), gen=gen)
+    ref, ref_grads, _ = run_with_grads(
+        reference.bilateral_slice, (grid.double().cpu(), guide.double().cpu()), (True,), grad_output=go.double().cpu()
+    )
+    rel = tol(device, dtype)
+    assert_close_scaled(out, ref, rel, "output")
+    assert_close_scaled(grads[0], ref_grads[0], rel, "grad_grid")
+    mask = _away_from_aligned_z_kinks(guide.cpu(), d, 1e-4 if dtype != F64 else 1e-12)
+    assert_close_scaled(grads[1], ref_grads[1], rel, "grad_guide", mask)
+
+
+def test_align_corners_differs_and_is_exact_at_corners(gen):
+    """Corner pixels sample the corner cells exactly; the default sampling does not."""
+    grid = torch.randn(1, 2, 3, 4, 5, generator=gen, dtype=F64)
+    guide = torch.zeros(1, 6, 7, dtype=F64)
+    guide[0, -1, -1] = 1.0
+    out = bo.bilateral_slice(grid, guide, align_corners=True)
+    assert torch.equal(out[0, :, 0, 0], grid[0, :, 0, 0, 0])
+    assert torch.equal(out[0, :, -1, -1], grid[0, :, -1, -1, -1])
+    assert not torch.allclose(out, bo.bilateral_slice(grid, guide))
+
+
+def test_align_corners_gradcheck_and_second_order(gen):
+    grid, guide = make_slice_case(2, 3, 4, 3, 5, 6, 7, F64, "uniform", gen)
+    guide = guide.clamp(0.02, 0.98)
+    keep = _away_from_aligned_z_kinks(guide, 4, 1e-3)
+    guide = torch.where(keep, guide, guide + 2e-3)
+    args = (grid.requires_grad_(), guide.requires_grad_())
+    fn = lambda a, b: bo.bilateral_slice(a, b, align_corners=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, args, eps=1e-6, atol=1e-5)
+    ours = second_derivative_probe(bo.bilateral_slice, (grid, guide), (True,))
+    want = second_derivative_probe(reference.bilateral_slice, (grid, guide), (True,))
+    for a, b in zip(ours, want):
+        assert_close_scaled(a, b, 1e-9, "second order")
+
+
+def test_align_corners_opcheck(gen):
+    grid, guide = make_slice_case(2, 3, 4, 3, 5, 6, 7, F64, "uniform", gen)
+    torch.library.opcheck(OPS.bilateral_slice, (grid.requires_grad_(), guide.requires_grad_(), True))
+    torch.library.opcheck(OPS._bilateral_slice_dguide, (grid, guide, True))
+    go = torch.randn(2, 3, 6, 7, generator=gen, dtype=F64)
+    torch.library.opcheck(OPS._bilateral_slice_backward, (go, grid.detach(), guide.detach(), False, [True, True], True))
+
+
+def test_align_corners_must_be_bool(gen):
+    grid, guide = make_slice_case(1, 3, 4, 3, 5, 6, 7, F64, "uniform", gen)
+    with pytest.raises(TypeError, match="align_corners"):
+        bo.bilateral_slice(grid, guide, 1)

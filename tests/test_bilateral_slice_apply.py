@@ -145,7 +145,7 @@ def test_autograd_asks_only_for_needed_gradients(monkeypatch, gen):
         def __getattr__(self, name):
             if name == "_bilateral_slice_apply_backward":
                 def call(*args):
-                    seen.append(list(args[-1]))
+                    seen.append(list(args[6]))  # output_mask (align_corners follows it)
                     return real(*args)
                 return call
             return getattr(torch.ops.bilateral_ops, name)
@@ -693,3 +693,69 @@ def test_direct_op_calls_accept_valid_arguments():
         t64(2, 2, 6, 7), t64(*GOOD_GRID), t64(*GOOD_GUIDE), t64(*GOOD_INPUT), True, False, MASK
     )
     assert gg.shape == GOOD_GRID and gd.shape == GOOD_GUIDE and gi.shape == GOOD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------
+# align_corners=True (lib_bilagrid's sampling on a pixel grid: nerfstudio's linspace(0, 1, W))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "case",
+    [(1, 3, 3, 8, 16, 16, 37, 53, "wide"), (2, 3, 3, 4, 8, 8, 9, 11, "uniform"), (1, 3, 3, 3, 7, 5, 5, 6, "smooth"),
+     (1, 3, 3, 1, 4, 6, 13, 17, "uniform"), (1, 3, 2, 6, 5, 4, 1, 70, "mixed"), (1, 3, 3, 8, 16, 16, 120, 1, "noisy")],
+    ids=_id,
+)
+def test_align_corners_matches_reference(case, dtype, device, gen):
+    n, ci, co, d, gh, gw, h, w, kind = case
+    grid, guide, inp = make_apply_case(n, ci, co, d, gh, gw, h, w, True, dtype, kind, gen, device)
+    out, grads, go = run_with_grads(bo.bilateral_slice_apply, (grid, guide, inp), (True, True), gen=gen)
+    ref, ref_grads, _ = run_with_grads(
+        reference.bilateral_slice_apply,
+        (grid.double().cpu(), guide.double().cpu(), inp.double().cpu()),
+        (True, True),
+        grad_output=go.double().cpu(),
+    )
+    rel = tol(device, dtype)
+    assert_close_scaled(out, ref, rel, "output")
+    assert_close_scaled(grads[0], ref_grads[0], rel, "grad_grid")
+    s = guide.double().cpu() * (d - 1)
+    mask = (s - s.round()).abs() > (1e-4 if dtype != F64 else 1e-12)
+    assert_close_scaled(grads[1], ref_grads[1], rel, "grad_guide", mask)
+    assert_close_scaled(grads[2], ref_grads[2], rel, "grad_input")
+
+
+def test_align_corners_is_lib_bilagrid_on_a_linspace_grid(gen):
+    """With align_corners, the pixel grid samples where lib_bilagrid samples nerfstudio's
+    linspace(0, 1) coordinates: the points op on those coordinates gives the same result."""
+    h, w = 9, 13
+    grid = torch.randn(1, 12, 8, 16, 16, generator=gen, dtype=F64)
+    rgb = torch.rand(1, 3, h, w, generator=gen, dtype=F64)
+    gray = torch.einsum("c,nchw->nhw", torch.tensor([0.299, 0.587, 0.114], dtype=F64), rgb)
+    out = bo.bilateral_slice_apply(grid, gray, rgb, True, True)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h, dtype=F64), torch.linspace(0, 1, w, dtype=F64), indexing="ij")
+    coords = torch.stack([xs.flatten(), ys.flatten(), gray.flatten()], -1)
+    pts = bo.bilateral_slice_apply_points(grid, coords, rgb[0].flatten(1).T, torch.zeros(h * w, dtype=torch.long))
+    assert (out[0].flatten(1).T - pts).abs().max().item() <= 1e-12
+
+
+def test_align_corners_gradcheck_and_second_order(gen):
+    grid, guide, inp = make_apply_case(2, 3, 2, 4, 3, 5, 6, 7, True, F64, "uniform", gen)
+    guide = guide.clamp(0.02, 0.98)
+    s = guide * 3
+    guide = torch.where((s - s.round()).abs() > 1e-3, guide, guide + 2e-3)
+    args = (grid.requires_grad_(), guide.requires_grad_(), inp.requires_grad_())
+    fn = lambda a, b, c: bo.bilateral_slice_apply(a, b, c, True, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+def test_align_corners_opcheck(gen):
+    grid, guide, inp = make_apply_case(2, 3, 2, 5, 3, 4, 6, 7, True, F64, "uniform", gen)
+    args = (grid.requires_grad_(), guide.requires_grad_(), inp.requires_grad_())
+    torch.library.opcheck(OPS.bilateral_slice_apply, (*args, True, True))
+    torch.library.opcheck(OPS._bilateral_slice_apply_dguide, (*args, True, True))
+    go = torch.randn(2, 2, 6, 7, generator=gen, dtype=F64)
+    plain = [t.detach() for t in args]
+    torch.library.opcheck(OPS._bilateral_slice_apply_backward, (go, *plain, True, False, [True, True, True], True))

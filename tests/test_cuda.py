@@ -1057,3 +1057,141 @@ def test_filter_public_api_matches_kornia_on_cuda():
         kornia.filters.joint_bilateral_blur(x, g, (5, 7), 0.2, (1.5, 2.0), "circular", "l2"),
         rtol=0, atol=1e-5,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Radiance-field grids: align_corners on the slice ops, bilateral_slice_apply_points, grid_tv_loss,
+# and the compat module, against the compiled CPU ops in float64.
+
+
+def _c64(t):
+    return t.detach().double().cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 3, 8, 16, 16, 37, 53), (2, 3, 1, 1, 5, 7, 9, 1), (1, 1, 4, 4, 8, 16, 64, 70)])
+def test_align_corners_against_cpu(shape, dtype):
+    n, co, ci, d, gh, gw, h, w = shape
+    g = torch.Generator().manual_seed(5)
+    grid = torch.randn(n, co * (ci + 1), d, gh, gw, generator=g).to(dtype)
+    guide = (torch.rand(n, h, w, generator=g) * 1.2 - 0.1).to(dtype)
+    inp = torch.randn(n, ci, h, w, generator=g).to(dtype)
+    ga = torch.randn(n, co, h, w, generator=g).to(dtype)
+    gs = torch.randn(n, co * (ci + 1), h, w, generator=g).to(dtype)
+    tol = TOL[dtype]
+    for det in (False, True):
+        with deterministic(det):
+            out = ops.bilateral_slice_apply(grid.cuda(), guide.cuda(), inp.cuda(), True, True)
+            got = ops._bilateral_slice_apply_backward(ga.cuda(), grid.cuda(), guide.cuda(), inp.cuda(), True, False, [True, True, True], True)
+            s = ops.bilateral_slice(grid.cuda(), guide.cuda(), True)
+            sg = ops._bilateral_slice_backward(gs.cuda(), grid.cuda(), guide.cuda(), False, [True, True], True)
+        want = ops.bilateral_slice_apply(_c64(grid), _c64(guide), _c64(inp), True, True)
+        wants = ops._bilateral_slice_apply_backward(_c64(ga), _c64(grid), _c64(guide), _c64(inp), True, False, [True, True, True], True)
+        torch.testing.assert_close(_c64(out), want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
+        torch.testing.assert_close(_c64(s), ops.bilateral_slice(_c64(grid), _c64(guide), True), rtol=tol, atol=tol * 10)
+        kink = ((_c64(guide) * (d - 1)) - (_c64(guide) * (d - 1)).round()).abs() > 1e-3
+        for i, (a, b) in enumerate(zip(got, wants)):
+            a, b = _c64(a), b
+            if i == 1:
+                a, b = a[kink], b[kink]
+            scale = 1 + b.abs().max().item() if b.numel() else 1
+            assert (a - b).abs().max().item() <= 10 * tol * scale, i
+        want_s = ops._bilateral_slice_backward(_c64(gs), _c64(grid), _c64(guide), False, [True, True], True)
+        assert (_c64(sg[0]) - want_s[0]).abs().max().item() <= 10 * tol * (1 + want_s[0].abs().max().item())
+
+
+POINTS_CASES = [(3000, 5, 3, 3, 8, 16, 16, True), (1, 1, 3, 3, 8, 16, 16, True), (77, 3, 1, 12, 1, 5, 7, False),
+                (70000, 2, 3, 3, 4, 8, 8, True), (4099, 600, 3, 3, 8, 16, 16, True)]
+
+
+def _points_inputs(case, dtype, seed=7):
+    p, m, ci, co, d, gh, gw, off = case
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.randn(m, co * (ci + int(off)), d, gh, gw, generator=g).to(dtype)
+    coords = (torch.rand(p, 3, generator=g) * 1.4 - 0.2).to(dtype)
+    inp = torch.randn(p, ci, generator=g).to(dtype)
+    idx = torch.randint(0, m, (p,), generator=g)
+    go = torch.randn(p, co, generator=g).to(dtype)
+    return grid, coords, inp, idx, go, off
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POINTS_CASES)
+def test_points_against_cpu(case, dtype):
+    grid, coords, inp, idx, go, off = _points_inputs(case, dtype)
+    tol = TOL[dtype]
+    out = ops.bilateral_slice_apply_points(grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off)
+    want = ops.bilateral_slice_apply_points(_c64(grid), _c64(coords), _c64(inp), idx, off)
+    assert (_c64(out) - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    got = ops._bilateral_slice_apply_points_backward(go.cuda(), grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off, [True, True, True])
+    wants = ops._bilateral_slice_apply_points_backward(_c64(go), _c64(grid), _c64(coords), _c64(inp), idx, off, [True, True, True])
+    d, gh, gw = grid.shape[2:]
+    s = _c64(coords) * torch.tensor([gw - 1, gh - 1, d - 1], dtype=torch.float64)
+    away = ((s - s.round()).abs() > 1e-2).all(1)
+    for i, (a, b) in enumerate(zip(got, wants)):
+        a = _c64(a)
+        if i == 1:
+            a, b = a[away], b[away]
+        assert (a - b).abs().max().item() <= 10 * tol * (1 + b.abs().max().item()), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_points_grid_gradient_is_bitwise_reproducible(dtype):
+    grid, coords, inp, idx, go, off = _points_inputs((200000, 3, 3, 3, 8, 16, 16, True), dtype)
+    idx[:150000] = 1
+    args = [t.cuda() for t in (go, grid, coords, inp, idx)]
+    for det in (False, True):
+        with deterministic(det):
+            a = ops._bilateral_slice_apply_points_backward(*args, off, [True, False, False])[0]
+            b = ops._bilateral_slice_apply_points_backward(*args, off, [True, False, False])[0]
+        assert torch.equal(a, b)
+
+
+def test_points_bad_index_gives_nan_not_a_crash():
+    grid, coords, inp, idx, go, off = _points_inputs((100, 3, 3, 3, 2, 3, 4, True), torch.float32)
+    idx[5] = 99
+    idx[6] = -1
+    out = ops.bilateral_slice_apply_points(grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off)
+    assert torch.isnan(out[5:7]).all() and torch.isfinite(out[:5]).all()
+    gg, gc, gi = ops._bilateral_slice_apply_points_backward(go.cuda(), grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off, [True, True, True])
+    assert torch.isfinite(gg).all() and torch.isnan(gc[5:7]).all()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(600, 12, 8, 16, 16, None), (5, 12, 1, 5, 7, [4, 0, 4]), (3, 2, 1, 1, 1, None), (4, 3, 2, 3, 4, [])])
+def test_tv_loss_against_cpu(case, dtype):
+    m, c, d, gh, gw, idx = case
+    x = torch.randn(m, c, d, gh, gw, generator=torch.Generator().manual_seed(3)).to(dtype)
+    i = None if idx is None else torch.tensor(idx, dtype=torch.int64)
+    got = ops.grid_tv_loss(x.cuda(), None if i is None else i.cuda())
+    want = ops.grid_tv_loss(_c64(x), i)
+    if torch.isnan(want):
+        assert torch.isnan(got)
+        return
+    tol = TOL[dtype]
+    assert abs(got.double().item() - want.item()) <= tol * (1 + abs(want.item()))
+    go = torch.tensor(1.7).to(dtype)
+    g = ops._grid_tv_loss_backward(go.cuda(), x.cuda(), None if i is None else i.cuda())
+    w = ops._grid_tv_loss_backward(_c64(go), _c64(x), i)
+    assert (_c64(g) - w).abs().max().item() <= tol * (1 + w.abs().max().item())
+    assert torch.equal(ops.grid_tv_loss(x.cuda(), None if i is None else i.cuda()), got)  # reproducible
+
+
+def test_bilagrid_compat_on_cuda():
+    from bilateral_ops.compat.bilagrid import BilateralGrid, slice
+
+    g = torch.Generator().manual_seed(0)
+    model = BilateralGrid(4)
+    with torch.no_grad():
+        model.grids.add_(0.3 * torch.randn(model.grids.shape, generator=g))
+    xy = torch.rand(2, 30, 40, 2, generator=g)
+    rgb = torch.rand(2, 30, 40, 3, generator=g)
+    idx = torch.tensor([[3], [1]])
+    want = slice(model, xy, rgb, idx)
+    cmodel = BilateralGrid(4).cuda()
+    cmodel.load_state_dict(model.state_dict())
+    got = slice(cmodel, xy.cuda(), rgb.cuda(), idx.cuda())
+    for key in ("rgb", "rgb_affine_mats"):
+        torch.testing.assert_close(got[key].cpu(), want[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cmodel.tv_loss().cpu(), model.tv_loss(), rtol=1e-5, atol=1e-6)

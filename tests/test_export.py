@@ -279,9 +279,9 @@ def test_op_exports_and_runs_in_onnxruntime(name, variant, opset):
 
 @pytest.mark.parametrize("variant", [v for v, _ in VARIANTS])
 def test_slice_decompositions_in_eager_float64(variant):
-    """The decompositions themselves, run eagerly in float64: the kernels' convention, and the
-    align_corners one (lib_bilagrid's: index u (S - 1), pixels at u = (i + 0.5) / n) that the
-    slice ops' schemas may gain, against grid_sample with align_corners=True."""
+    """The decompositions themselves, run eagerly in float64, against the kernels in both
+    conventions, and align_corners=True against grid_sample(align_corners=True) at pixels
+    u = linspace(0, 1, n) (index u (S - 1))."""
     import torch.nn.functional as F
 
     table = bx.decompositions(variant)
@@ -293,11 +293,15 @@ def test_slice_decompositions_in_eager_float64(variant):
     torch.testing.assert_close(sl(grid, guide), bo.bilateral_slice(grid, guide), rtol=0, atol=1e-12)
     torch.testing.assert_close(sa(grid, guide, x), bo.bilateral_slice_apply(grid, guide, x), rtol=0, atol=1e-12)
     n, h, w = guide.shape
-    ux = ((torch.arange(w, dtype=torch.float64) + 0.5) / w * 2 - 1).view(1, 1, w).expand(n, h, w)
-    uy = ((torch.arange(h, dtype=torch.float64) + 0.5) / h * 2 - 1).view(1, h, 1).expand(n, h, w)
+    ux = torch.linspace(-1, 1, w, dtype=torch.float64).view(1, 1, w).expand(n, h, w)
+    uy = torch.linspace(-1, 1, h, dtype=torch.float64).view(1, h, 1).expand(n, h, w)
     xyz = torch.stack([ux, uy, guide.clamp(0, 1) * 2 - 1], -1).unsqueeze(1)
     want = F.grid_sample(grid, xyz, "bilinear", "border", align_corners=True)[:, :, 0]
     torch.testing.assert_close(sl(grid, guide, True), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sl(grid, guide, True), bo.bilateral_slice(grid, guide, align_corners=True), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        sa(grid, guide, x, True, True), bo.bilateral_slice_apply(grid, guide, x, align_corners=True), rtol=0, atol=1e-12
+    )
 
 
 def test_nan_and_inf_guides_stay_in_bounds():

@@ -504,6 +504,12 @@ def test_kernel_info_matches_plans():
                 assert p["launch_bounds"] == (k["max_threads"], k["min_blocks"]), where
                 assert p["dynamic_smem"] <= k["max_dynamic_smem"], where
                 seen.add(p["kernel"])
+        for where, p in all_points_plans() + all_tv_plans():
+            k = info[p["kernel"]]
+            assert p["launch_bounds"] == (k["max_threads"], k["min_blocks"]), where
+            assert p["dynamic_smem"] <= k["max_dynamic_smem"], where
+            assert p["static_smem_budget"] == k["static_smem_budget"], where
+            seen.add(p["kernel"])
     assert seen == {k["kernel"] for k in _C.kernel_info(4)}  # every kernel is launched somewhere
 
 
@@ -859,3 +865,65 @@ def test_ptxas_report_flags_spills_and_static_smem(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# bilateral_slice_apply_points and grid_tv_loss: grid-stride kernels over samples / elements.
+
+# (P, M, C, D, Gh, Gw): the tests', the benchmarks' (1440 x 1080 pixels, BilaRF's 16384 rays
+# over 600 grids) and edges (one sample, more blocks than the grid cap).
+POINTS_SHAPES = [
+    (1, 1, 12, 8, 16, 16), (3000, 5, 12, 8, 16, 16), (1440 * 1080, 1, 12, 8, 16, 16), (16384, 600, 12, 8, 16, 16),
+    (150000, 2, 12, 8, 16, 16), (700, 6, 10, 3, 5, 4), (2**31, 3, 12, 1, 1, 1), (10**10, 1, 4, 2, 2, 2),
+]
+# (M, B, numel, has_idx)
+TV_SHAPES = [(1, 1, 12 * 8 * 16 * 16, False), (600, 600, 12 * 8 * 16 * 16, False), (9, 4, 12 * 120, True),
+             (3, 0, 10, True), (0, 0, 10, False), (4, 4, 0, False), (10**6, 10**6, 12 * 2048, False), (5, 10**9, 12, True)]
+
+
+def all_points_plans():
+    out = []
+    for shape in POINTS_SHAPES:
+        out += [(f"points forward {shape}", p) for p in _C.points_plans("forward", *shape)]
+        for mask in itertools.product([False, True], repeat=3):
+            out += [(f"points backward {shape} {mask}", p) for p in _C.points_plans("backward", *shape, mask=list(mask))]
+    return out
+
+
+def all_tv_plans():
+    out = []
+    for M, B, numel, has_idx in TV_SHAPES:
+        for pass_ in ("forward", "backward"):
+            out += [(f"tv {pass_} {(M, B, numel, has_idx)}", p) for p in _C.tv_plans(pass_, M, B, numel, has_idx=has_idx)]
+    return out
+
+
+def test_points_and_tv_plans_fit_every_architecture():
+    for where, p in all_points_plans() + all_tv_plans():
+        check_plan(p, where)
+
+
+def test_points_plans_launch_what_is_needed():
+    names = lambda pass_, mask=None: [p["kernel"] for p in _C.points_plans(pass_, 100, 2, 12, 8, 16, 16, mask=mask)]  # noqa: E731
+    assert names("forward") == ["points_forward_kernel"]
+    assert names("backward", [False, True, True]) == ["points_backward_kernel"]
+    assert names("backward", [True, False, False]) == ["points_backward_kernel", "points_grid_finish_kernel"]
+    assert names("backward", [False, False, False]) == []
+    assert _C.points_plans("forward", 0, 2, 12, 8, 16, 16) == []
+    (fwd,) = _C.points_plans("forward", 10**10, 1, 12, 8, 16, 16)
+    assert fwd["grid"][0] == 65536  # grid-stride beyond the cap
+    # Warp-uniform loops: whole warps per block.
+    assert all(p["block"][0] % 32 == 0 for _, p in all_points_plans())
+
+
+def test_tv_plans():
+    fwd = _C.tv_plans("forward", 600, 600, 12 * 2048)
+    assert [p["kernel"] for p in fwd] == ["tv_loss_kernel", "tv_reduce_kernel"]
+    assert fwd[0]["grid"][0] == fwd[0]["partials"] <= 1024 and fwd[1]["grid"] == (1, 1, 1)
+    # The partials depend on the sizes only (determinism) and an empty loss still writes its value.
+    assert _C.tv_plans("forward", 3, 0, 10, has_idx=True)[0]["partials"] == 1
+    assert [p["kernel"] for p in _C.tv_plans("backward", 9, 4, 1440, has_idx=True)] == ["tv_count_kernel", "tv_backward_kernel"]
+    assert [p["kernel"] for p in _C.tv_plans("backward", 9, 9, 1440)] == ["tv_backward_kernel"]
+    assert _C.tv_plans("backward", 0, 0, 10) == []
+    with pytest.raises(ValueError):
+        _C.tv_plans("forward", 3, 2, 10)  # B != M without idx

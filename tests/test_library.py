@@ -111,3 +111,27 @@ def test_grid_ops_use_fallback_without_a_kernel(monkeypatch, gen):
     with pytest.warns(RuntimeWarning, match="bilateral_grid_filter"):
         out = bo.bilateral_grid_filter(inp, 0.3, 4.0)
     torch.testing.assert_close(out, reference.bilateral_grid_filter(inp, 0.3, 4.0), rtol=0, atol=0)
+
+
+def test_radiance_field_ops_use_fallback_without_a_kernel(monkeypatch, gen):
+    """bilateral_slice_apply_points and grid_tv_loss (and so the compat module) fall back to the
+    pure-torch reference, with the same results."""
+    grid = torch.randn(3, 12, 2, 3, 4, generator=gen, dtype=F64)
+    coords = torch.rand(20, 3, generator=gen, dtype=F64)
+    x = torch.rand(20, 3, generator=gen, dtype=F64)
+    idx = torch.randint(0, 3, (20,), generator=gen)
+    want = bo.bilateral_slice_apply_points(grid, coords, x, idx)
+    want_tv = bo.grid_tv_loss(grid, idx[:4])
+    monkeypatch.setattr(lib, "_WARNED", set())
+    for name in ("bilateral_slice_apply_points", "grid_tv_loss"):
+        monkeypatch.setitem(lib.KERNEL_DEVICES, name, frozenset())
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "1")
+    with pytest.raises(RuntimeError, match="bilateral_slice_apply_points"):
+        bo.bilateral_slice_apply_points(grid, coords, x, idx)
+    monkeypatch.setenv("BILATERAL_OPS_REQUIRE_COMPILED", "0")
+    with pytest.warns(RuntimeWarning, match="bilateral_slice_apply_points"):
+        got = bo.bilateral_slice_apply_points(grid, coords, x, idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match="grid_tv_loss"):
+        got_tv = bo.grid_tv_loss(grid, idx[:4])
+    torch.testing.assert_close(got_tv, want_tv, rtol=0, atol=1e-12)

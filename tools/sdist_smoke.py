@@ -42,6 +42,9 @@ def main() -> int:
         torch.full((3,), 1 / 3, dtype=torch.float64),
         torch.zeros(1, dtype=torch.float64),
     )
+    pts = torch.rand(20, 3, generator=g, dtype=torch.float64)
+    x_pts = torch.rand(20, 3, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 2, (20,), generator=g)
     ops = torch.ops.bilateral_ops
     calls = {
         "bilateral_slice": lambda: ops.bilateral_slice(grid, guide),
@@ -61,6 +64,14 @@ def main() -> int:
         "bilateral_filter": lambda: ops.bilateral_filter(x, None, [3, 5], sc, ss, "reflect", "l1"),
         "_bilateral_filter_backward": lambda: ops._bilateral_filter_backward(
             torch.ones_like(x), x, None, [3, 5], sc, ss, "reflect", "l1", [True, False, True, True]
+        ),
+        "bilateral_slice_apply_points": lambda: ops.bilateral_slice_apply_points(grid, pts, x_pts, idx, True),
+        "_bilateral_slice_apply_points_backward": lambda: ops._bilateral_slice_apply_points_backward(
+            torch.ones(20, 3, dtype=torch.float64), grid, pts, x_pts, idx, True, [True, True, True]
+        ),
+        "grid_tv_loss": lambda: ops.grid_tv_loss(grid, idx[:3]),
+        "_grid_tv_loss_backward": lambda: ops._grid_tv_loss_backward(
+            torch.ones((), dtype=torch.float64), grid, None
         ),
         "curve_guide": lambda: ops.curve_guide(x, *curve),
         "_curve_guide_backward": lambda: ops._curve_guide_backward(
@@ -83,6 +94,13 @@ def main() -> int:
     assert err < 1e-12, err
     err = (bo.bilateral_filter(x, (3, 5), 0.1, 1.5) - reference.bilateral_filter(x, None, (3, 5), sc, ss)).abs().max()
     assert err < 1e-12, err
+    err = (
+        bo.bilateral_slice_apply_points(grid, pts, x_pts, idx) - reference.bilateral_slice_apply_points(grid, pts, x_pts, idx)
+    ).abs().max()
+    assert err < 1e-12, err
+    from bilateral_ops.compat import bilagrid  # the compat package ships too
+
+    assert bilagrid.BilateralGrid(2).grids.shape == (2, 12, 8, 16, 16)
     from bilateral_ops.models import HDRNet, ReferenceHDRNet
 
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ BO_DEFINE_SLICE_TASKS(slice, false)
 
 namespace {
 
-at::Tensor slice_impl(const at::Tensor& grid, const at::Tensor& guide, bool dguide) {
-  const SliceGeometry g = check_grid_guide(grid, guide);
+at::Tensor slice_impl(const at::Tensor& grid, const at::Tensor& guide, bool align_corners,
+                      bool dguide) {
+  const SliceGeometry g = check_grid_guide(grid, guide, align_corners);
   if (g.pixels() == 0) return at::zeros({g.N, g.C, g.H, g.W}, grid.options());
   const auto dt = compute_dtype(grid.scalar_type());
   at::Tensor out = at::empty({g.N, g.C, g.H, g.W}, grid.options().dtype(dt));
@@ -27,19 +28,21 @@ at::Tensor slice_impl(const at::Tensor& grid, const at::Tensor& guide, bool dgui
   return out.to(grid.scalar_type());
 }
 
-at::Tensor bilateral_slice(const at::Tensor& grid, const at::Tensor& guide) {
-  return slice_impl(grid, guide, false);
+at::Tensor bilateral_slice(const at::Tensor& grid, const at::Tensor& guide, bool align_corners) {
+  return slice_impl(grid, guide, align_corners, false);
 }
 
-at::Tensor bilateral_slice_dguide(const at::Tensor& grid, const at::Tensor& guide) {
-  return slice_impl(grid, guide, true);
+at::Tensor bilateral_slice_dguide(const at::Tensor& grid, const at::Tensor& guide,
+                                  bool align_corners) {
+  return slice_impl(grid, guide, align_corners, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> bilateral_slice_backward(const at::Tensor& grad_output,
                                                             const at::Tensor& grid,
                                                             const at::Tensor& guide, bool dguide,
-                                                            std::array<bool, 2> mask) {
-  const SliceGeometry g = check_grid_guide(grid, guide);
+                                                            std::array<bool, 2> mask,
+                                                            bool align_corners) {
+  const SliceGeometry g = check_grid_guide(grid, guide, align_corners);
   check_grad_output(grad_output, grid, {g.N, g.C, g.H, g.W});
   check_output_mask(dguide, mask);
   if (g.pixels() == 0 || !(mask[0] || mask[1])) {

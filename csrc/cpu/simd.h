@@ -137,11 +137,11 @@ struct VecTaps {
 };
 
 template <typename T>
-BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D) {
+BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D, bool align_corners) {
   using V = vec_t<T>;
   using I = ivec_t<T>;
   const T hi = static_cast<T>(D) - T(0.5);
-  const V g = v * static_cast<T>(D);
+  const V g = v * guide_scale<T>(D, align_corners) + guide_offset<T>(align_corners);
   V gc = g > T(0.5) ? g : vsplat<T>(T(0.5));
   gc = gc < hi ? gc : vsplat<T>(hi);
   VecTaps<T> t;

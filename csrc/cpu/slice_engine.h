@@ -103,7 +103,7 @@ struct BlockZ {
 
 template <typename T, bool kDguide>
 BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_t nb, int64_t D,
-                              BlockZ<T>& bz) {
+                              bool align_corners, BlockZ<T>& bz) {
   using V = vec_t<T>;
   using I = ivec_t<T>;
   constexpr int64_t W = vec_width<T>();
@@ -128,14 +128,14 @@ BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_
     gbuf[j] = guide[0];
     bz.wx0[j] = bz.wx1[j] = T(0);
   }
-  const T scale = static_cast<T>(D);
+  const T scale = guide_scale<T>(D, align_corners);
   I lo = I{} + static_cast<int32_t>(D), hi = I{} - 1;
   for (int64_t v = 0; v < bz.nv; ++v) {
-    const VecTaps<T> t = vguide_taps<T>(vload(gbuf + v * W), D);
+    const VecTaps<T> t = vguide_taps<T>(vload(gbuf + v * W), D, align_corners);
     vstore(bz.gc + v * W, t.gc);
     __builtin_memcpy(bz.z0 + v * W, &t.i0, sizeof(I));
     __builtin_memcpy(bz.z1 + v * W, &t.i1, sizeof(I));
-    if (kDguide) {  // guide_taps with dguide: the weights become -/+ D * slope
+    if (kDguide) {  // guide_taps with dguide: the weights become -/+ scale * slope
       const V sd = t.slope * scale;
       vstore(bz.slope + v * W, sd);
       vstore(bz.wz0 + v * W, -sd);
@@ -445,7 +445,7 @@ BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const S
   const int64_t HW = p.g.H * p.g.W;
   const int64_t pix = y * p.g.W + b;
   BlockZ<T> bz;
-  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, bz);
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners, bz);
   DenseWeights<T> dw;
   if (bz.dense) dense_weights<T, kDguide, false>(bz, dw);
   interp_block<T, false>(R, p.g.D, p.g.C, c0, c1, bz, dw, s.A, nullptr);
@@ -475,7 +475,7 @@ BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t 
   const int64_t plane = p.row_table_size();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.g.H, y = r % p.g.H;
-    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh);
+    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh, p.g.align_corners);
     build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
     const T* guide = p.guide + r * p.g.W;
     BO_FOR_EACH_BLOCK(p, (forward_block<T, kApply, kDguide>(p, R, s, guide, n, y, b, nb, c0, c1)));
@@ -544,7 +544,7 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
   const int64_t pix = y * p.g.W + b;
   const int64_t C = p.g.C;
   BlockZ<T> bz;
-  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, bz);
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners, bz);
   DenseWeights<T> dw;
   if (bz.dense) dense_weights<T, kDguide, kGrad>(bz, dw);
   // grad_input needs the samples, grad_guide their z-derivative; the grid gradient needs neither.
@@ -580,7 +580,7 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
     }
   }
   if (kGrad) {
-    const T zscale = static_cast<T>(p.g.D);  // d gz / d guide
+    const T zscale = guide_scale<T>(p.g.D, p.g.align_corners);  // d gz / d guide
     for (int64_t v = 0; v < bz.nv; ++v) vstore(s.OUT + v * W, gg[v] * zscale);
     store_rows(s.OUT, 1, bz, p.grad_guide + n * HW + pix, HW);
   }
@@ -600,7 +600,7 @@ BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t 
                                     const Scratch<T>& s) {
   const int64_t plane = p.row_table_size();
   for (int64_t y = y0; y < y1; ++y) {
-    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh);
+    const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh, p.g.align_corners);
     // Only samples need the grid: a pure splat (slice, grid gradient alone) has none to read.
     if (kGrad || (kApply && p.need_input)) {
       build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);

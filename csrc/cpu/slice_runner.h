@@ -94,11 +94,11 @@ struct XGeometry {
   std::vector<T> wx0, wx1;
   std::vector<int64_t> seg_begin, seg_c0, seg_c1;
 
-  XGeometry(int64_t W, int64_t Gw) {
+  XGeometry(int64_t W, int64_t Gw, bool align_corners) {
     wx0.reserve(W);
     wx1.reserve(W);
     for (int64_t x = 0; x < W; ++x) {
-      const AxisTaps<T> t = image_taps<T>(x, W, Gw);
+      const AxisTaps<T> t = image_taps<T>(x, W, Gw, align_corners);
       if (x == 0 || t.i0 != seg_c0.back() || t.i1 != seg_c1.back()) {
         seg_begin.push_back(x);
         seg_c0.push_back(t.i0);
@@ -129,7 +129,7 @@ struct Problem {
   Problem(const at::Tensor& grid, const at::Tensor& guide_in, const SliceGeometry& g)
       : grid_t(grid.to(c10::CppTypeToScalarType<T>::value).permute({0, 3, 4, 2, 1}).contiguous()),
         guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)),
-        xg(g.W, g.Gw) {
+        xg(g.W, g.Gw, g.align_corners) {
     p.g = g;
     p.x = xg.taps();
     p.grid_t = grid_t.data_ptr<T>();
@@ -139,7 +139,7 @@ struct Problem {
   // Without a grid: enough for a backward pass that only splats (grid_splat, or the slice's grid
   // gradient alone), which never reads the grid.
   Problem(const at::Tensor& guide_in, const SliceGeometry& g)
-      : guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)), xg(g.W, g.Gw) {
+      : guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)), xg(g.W, g.Gw, g.align_corners) {
     p.g = g;
     p.x = xg.taps();
     p.grid_t = nullptr;
@@ -190,8 +190,8 @@ void run_backward(const SliceParams<T>& p, bool dguide, T* grad_grid) {
     Chunk& c = chunks[i];
     c.y0 = g.H * i / nchunks;
     c.y1 = g.H * (i + 1) / nchunks;
-    c.band_lo = image_taps<T>(c.y0, g.H, g.Gh).i0;
-    c.band_hi = image_taps<T>(c.y1 - 1, g.H, g.Gh).i1;
+    c.band_lo = image_taps<T>(c.y0, g.H, g.Gh, g.align_corners).i0;
+    c.band_hi = image_taps<T>(c.y1 - 1, g.H, g.Gh, g.align_corners).i1;
     c.offset = per_image;
     per_image += (c.band_hi - c.band_lo + 1) * plane;
   }

@@ -20,8 +20,9 @@ namespace bilateral_ops {
 namespace cuda {
 namespace {
 
-at::Tensor slice_impl(const at::Tensor& grid_in, const at::Tensor& guide_in, bool dguide) {
-  const SliceGeometry g = check_grid_guide(grid_in, guide_in);
+at::Tensor slice_impl(const at::Tensor& grid_in, const at::Tensor& guide_in, bool align_corners,
+                      bool dguide) {
+  const SliceGeometry g = check_grid_guide(grid_in, guide_in, align_corners);
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
   if (g.pixels() == 0) return at::zeros({g.N, g.C, g.H, g.W}, grid_in.options());
   const at::Tensor grid = grid_in.contiguous();
@@ -35,20 +36,22 @@ at::Tensor slice_impl(const at::Tensor& grid_in, const at::Tensor& guide_in, boo
   return out;
 }
 
-at::Tensor bilateral_slice(const at::Tensor& grid, const at::Tensor& guide) {
-  return slice_impl(grid, guide, false);
+at::Tensor bilateral_slice(const at::Tensor& grid, const at::Tensor& guide, bool align_corners) {
+  return slice_impl(grid, guide, align_corners, false);
 }
 
-at::Tensor bilateral_slice_dguide(const at::Tensor& grid, const at::Tensor& guide) {
-  return slice_impl(grid, guide, true);
+at::Tensor bilateral_slice_dguide(const at::Tensor& grid, const at::Tensor& guide,
+                                  bool align_corners) {
+  return slice_impl(grid, guide, align_corners, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> bilateral_slice_backward(const at::Tensor& grad_output_in,
                                                             const at::Tensor& grid_in,
                                                             const at::Tensor& guide_in,
                                                             bool dguide,
-                                                            std::array<bool, 2> mask) {
-  const SliceGeometry g = check_grid_guide(grid_in, guide_in);
+                                                            std::array<bool, 2> mask,
+                                                            bool align_corners) {
+  const SliceGeometry g = check_grid_guide(grid_in, guide_in, align_corners);
   check_grad_output(grad_output_in, grid_in, {g.N, g.C, g.H, g.W});
   check_output_mask(dguide, mask);
   const c10::cuda::CUDAGuard device_guard(grid_in.device());

@@ -22,8 +22,10 @@ namespace cuda {
 namespace {
 
 at::Tensor slice_apply_impl(const at::Tensor& grid_in, const at::Tensor& guide_in,
-                            const at::Tensor& input_in, bool has_offset, bool dguide) {
-  const SliceApplyShape shape = check_slice_apply(grid_in, guide_in, input_in, has_offset);
+                            const at::Tensor& input_in, bool has_offset, bool align_corners,
+                            bool dguide) {
+  const SliceApplyShape shape =
+      check_slice_apply(grid_in, guide_in, input_in, has_offset, align_corners);
   const SliceGeometry& g = shape.g;
   const AffineLayout& l = shape.l;
   const c10::cuda::CUDAGuard device_guard(grid_in.device());
@@ -41,19 +43,22 @@ at::Tensor slice_apply_impl(const at::Tensor& grid_in, const at::Tensor& guide_i
 }
 
 at::Tensor bilateral_slice_apply(const at::Tensor& grid, const at::Tensor& guide,
-                                 const at::Tensor& input, bool has_offset) {
-  return slice_apply_impl(grid, guide, input, has_offset, false);
+                                 const at::Tensor& input, bool has_offset, bool align_corners) {
+  return slice_apply_impl(grid, guide, input, has_offset, align_corners, false);
 }
 
 at::Tensor bilateral_slice_apply_dguide(const at::Tensor& grid, const at::Tensor& guide,
-                                        const at::Tensor& input, bool has_offset) {
-  return slice_apply_impl(grid, guide, input, has_offset, true);
+                                        const at::Tensor& input, bool has_offset,
+                                        bool align_corners) {
+  return slice_apply_impl(grid, guide, input, has_offset, align_corners, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_backward(
     const at::Tensor& grad_output_in, const at::Tensor& grid_in, const at::Tensor& guide_in,
-    const at::Tensor& input_in, bool has_offset, bool dguide, std::array<bool, 3> mask) {
-  const SliceApplyShape shape = check_slice_apply(grid_in, guide_in, input_in, has_offset);
+    const at::Tensor& input_in, bool has_offset, bool dguide, std::array<bool, 3> mask,
+    bool align_corners) {
+  const SliceApplyShape shape =
+      check_slice_apply(grid_in, guide_in, input_in, has_offset, align_corners);
   const SliceGeometry& g = shape.g;
   const AffineLayout& l = shape.l;
   check_grad_output(grad_output_in, grid_in, {g.N, l.Co, g.H, g.W});

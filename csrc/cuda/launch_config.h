@@ -45,9 +45,10 @@ constexpr int64_t opt_in_smem_limit(int sm) {
 constexpr int64_t kStaticSmem = 0;  // bytes of static __shared__ any kernel may declare
 
 constexpr int kForwardThreads = 256;  // pack, forward (vectorised and scalar), axis, finish
-// <= 80 registers: at 64 the vectorised slice_apply kernel (16 float4 loads in flight for rows
-// of 8) and the float64 scalar one spill.
-constexpr int kForwardMinBlocks = 3;
+// <= 128 registers: at 64 the vectorised slice_apply kernel (16 float4 loads in flight for rows
+// of 8) and the float64 scalar one spill; at 80 too (on sm_86 / sm_89) since the taps also handle
+// align_corners.
+constexpr int kForwardMinBlocks = 2;
 constexpr int kPackMinBlocks = 4;
 
 // Backward pass per pixel: a block is a 32 x 8 pixel tile, one warp per image row segment, so
@@ -57,10 +58,10 @@ constexpr int kTileH = 8;
 constexpr int kTileThreads = kTileW * kTileH;
 // grad_guide / grad_input only: 4 blocks (64 registers) for float math, 3 (80) for double.
 constexpr int tile_min_blocks(int acc_size) { return acc_size == 8 ? 3 : 4; }
-// With the grad_grid scatter: 3 blocks (80 registers) for a float accumulator, 2 (128) for
-// double, whose weights take two registers each. At 64 registers the float kernel spills inside
-// the scatter loop (peer masks and offsets of the 4 corner groups stay live across it).
-constexpr int scatter_min_blocks(int acc_size) { return acc_size == 8 ? 2 : 3; }
+// With the grad_grid scatter: 2 blocks (128 registers) for either accumulator. At 64 registers
+// the float kernel spills inside the scatter loop (peer masks and offsets of the 4 corner groups
+// stay live across it), and at 80 too since the taps also handle align_corners.
+constexpr int scatter_min_blocks(int acc_size) { return acc_size == 8 ? 2 : 2; }
 // The scatter's dynamic buffer starts with the tile's z range (two ints), padded to 16 bytes so
 // that the accumulators after it are aligned for double.
 constexpr int64_t kScatterHeaderBytes = 16;
@@ -513,6 +514,72 @@ inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backw
 }
 
 // ---------------------------------------------------------------------------------------------
+// bilateral_slice_apply_points (csrc/cuda/bilateral_slice_apply_points.cu): one thread per sample,
+// grid-stride. The backward adds the grid gradient as 64-bit fixed point (integer atomics, whose
+// sum does not depend on their order: deterministic in every mode), warp-aggregated, into an
+// int64 buffer that points_grid_finish_kernel converts; the loop over samples is warp-uniform
+// (the aggregation needs every lane). grid_tv_loss (csrc/cuda/grid_tv_loss.cu): a fixed number
+// of blocks (from the sizes alone) sums its elements into one partial per block, and a
+// single-block kernel adds the partials in order: deterministic, and the loss never leaves the
+// device.
+
+constexpr int kPointsThreads = 256;
+constexpr int64_t kPointsMaxBlocks = 65536;
+constexpr int kTvThreads = 256;
+constexpr int64_t kTvMaxBlocks = 1024;  // partials of the loss: fixed by the sizes alone
+constexpr int64_t kTvReduceBytes = (kTvThreads / 32) * 8;  // one double per warp
+
+struct PointsPlan {
+  Launch forward, backward, finish;
+};
+
+// mask: the backward's output_mask (grid, coords, input); null for the forward.
+inline PointsPlan points_plan(int64_t P, int64_t M, int64_t C, int64_t cells, const bool* mask) {
+  PointsPlan p;
+  if (P <= 0) return p;
+  const int64_t blocks = std::min(blocks_for(P, kPointsThreads), kPointsMaxBlocks);
+  if (mask == nullptr) {
+    p.forward = make_launch("points_forward_kernel", blocks, kPointsThreads, 0);
+    return p;
+  }
+  if (!(mask[0] || mask[1] || mask[2])) return p;
+  p.backward = make_launch("points_backward_kernel", blocks, kPointsThreads, 0);
+  if (mask[0]) {
+    p.finish = make_launch("points_grid_finish_kernel",
+                           std::min(blocks_for(M * C * cells, kPointsThreads), kPointsMaxBlocks),
+                           kPointsThreads, 0);
+  }
+  return p;
+}
+
+struct TvPlan {
+  int64_t partials = 0;  // forward: blocks of tv_loss_kernel, summed by tv_reduce_kernel
+  Launch count, loss, reduce, backward;
+};
+
+// numel: the elements of one grid (C D Gh Gw); B the grids of the loss (idx's length or M).
+inline TvPlan tv_plan(int64_t M, int64_t B, int64_t numel, bool has_idx, bool backward) {
+  TvPlan p;
+  if (!backward) {
+    // Launched even for an empty loss: the reduce writes the result (0, or NaN for B = 0).
+    const int64_t blocks = std::min(blocks_for(B * numel, kTvThreads), kTvMaxBlocks);
+    p.partials = blocks;
+    p.loss = make_launch("tv_loss_kernel", blocks, kTvThreads, 0, kTvReduceBytes);
+    p.reduce = make_launch("tv_reduce_kernel", 1, kTvThreads, 0, kTvReduceBytes);
+    return p;
+  }
+  if (M * numel <= 0) return p;
+  if (has_idx && B > 0) {
+    p.count = make_launch("tv_count_kernel", std::min(blocks_for(B, kTvThreads), kPointsMaxBlocks),
+                          kTvThreads, 0);
+  }
+  p.backward = make_launch("tv_backward_kernel",
+                           std::min(blocks_for(M * numel, kTvThreads), kPointsMaxBlocks),
+                           kTvThreads, 0);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-kernel bounds for tools/ptxas_report.py: the __launch_bounds__ of each kernel and the
 // largest dynamic shared memory any plan above requests from it, by accumulator size.
 
@@ -545,6 +612,13 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"filter_pass2_kernel", kFilterThreads, kFilterPass2MinBlocks, kStaticSmem, 0},
       {"filter_fold_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, 0},
       {"filter_finish_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kFilterReduceBytes},
+      {"points_forward_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_backward_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_grid_finish_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"tv_loss_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
+      {"tv_reduce_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
+      {"tv_count_kernel", kTvThreads, 0, kStaticSmem, 0},
+      {"tv_backward_kernel", kTvThreads, 0, kStaticSmem, 0},
   };
   const int n = static_cast<int>(sizeof(all) / sizeof(all[0]));
   if (out != nullptr) {

@@ -94,10 +94,10 @@ template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ TrilinearTaps<acc_t> pixel_taps(const SliceGeometry& g,
                                                            const scalar_t* guide, bool dguide,
                                                            int64_t n, int64_t y, int64_t x) {
-  const AxisTaps<acc_t> tx = image_taps<acc_t>(x, g.W, g.Gw);
-  const AxisTaps<acc_t> ty = image_taps<acc_t>(y, g.H, g.Gh);
+  const AxisTaps<acc_t> tx = image_taps<acc_t>(x, g.W, g.Gw, g.align_corners);
+  const AxisTaps<acc_t> ty = image_taps<acc_t>(y, g.H, g.Gh, g.align_corners);
   const acc_t v = ldg(guide + (n * g.H + y) * g.W + x);
-  const AxisTaps<acc_t> tz = guide_taps<acc_t>(v, g.D, dguide);
+  const AxisTaps<acc_t> tz = guide_taps<acc_t>(v, g.D, dguide, g.align_corners);
   return trilinear_taps(tx, ty, tz, g.Gh, g.Gw);
 }
 
@@ -431,9 +431,9 @@ __device__ __forceinline__ void backward_tiles(const SliceGeometry& g, const Aff
     PixelCorners<acc_t> pc;
     int zi[2], yi[2], xi[2];
     {
-      const AxisTaps<acc_t> tx = image_taps<acc_t>(x, g.W, g.Gw);
-      const AxisTaps<acc_t> ty = image_taps<acc_t>(y, g.H, g.Gh);
-      const AxisTaps<acc_t> tz = guide_taps<acc_t>(ldg(a.guide + n * HW + pix), g.D, a.dguide);
+      const AxisTaps<acc_t> tx = image_taps<acc_t>(x, g.W, g.Gw, g.align_corners);
+      const AxisTaps<acc_t> ty = image_taps<acc_t>(y, g.H, g.Gh, g.align_corners);
+      const AxisTaps<acc_t> tz = guide_taps<acc_t>(ldg(a.guide + n * HW + pix), g.D, a.dguide, g.align_corners);
       zi[0] = static_cast<int>(tz.i0);
       zi[1] = static_cast<int>(tz.i1);
       yi[0] = static_cast<int>(ty.i0);
@@ -460,7 +460,7 @@ __device__ __forceinline__ void backward_tiles(const SliceGeometry& g, const Aff
     if (per_pixel) {
       const acc_t gg = tile_pixel_grads<kApply>(g, l, a, pc, n, pix, valid);
       if (a.need_guide && valid) {
-        a.grad_guide[n * HW + pix] = static_cast<scalar_t>(gg * static_cast<acc_t>(g.D));
+        a.grad_guide[n * HW + pix] = static_cast<scalar_t>(gg * guide_scale<acc_t>(g.D, g.align_corners));
       }
     }
     if (!kScatter) continue;
@@ -490,8 +490,8 @@ __device__ __forceinline__ void backward_tiles(const SliceGeometry& g, const Aff
       bx0 = __shfl_sync(kFullMask, xi[0], 0);
       const int bx1 = __shfl_sync(kFullMask, xi[1], 31);
       const int64_t ylast = y0 + launch::kTileH - 1 < g.H ? y0 + launch::kTileH - 1 : g.H - 1;
-      by0 = static_cast<int>(image_taps<acc_t>(y0, g.H, g.Gh).i0);
-      const int by1 = static_cast<int>(image_taps<acc_t>(ylast, g.H, g.Gh).i1);
+      by0 = static_cast<int>(image_taps<acc_t>(y0, g.H, g.Gh, g.align_corners).i0);
+      const int by1 = static_cast<int>(image_taps<acc_t>(ylast, g.H, g.Gh, g.align_corners).i1);
       __syncthreads();
       bz0 = s_zrange[0];
       bnz = s_zrange[1] - bz0 + 1;
@@ -564,7 +564,8 @@ __global__ void __launch_bounds__(launch::kForwardThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const AxisTaps<acc_t> t =
-        i < g.W ? image_taps<acc_t>(i, g.W, g.Gw) : image_taps<acc_t>(i - g.W, g.H, g.Gh);
+        i < g.W ? image_taps<acc_t>(i, g.W, g.Gw, g.align_corners)
+                : image_taps<acc_t>(i - g.W, g.H, g.Gh, g.align_corners);
     table[i] = AxisEntry<acc_t>{static_cast<int>(t.i0), static_cast<int>(t.i1), t.w0, t.w1};
   }
 }
@@ -670,7 +671,7 @@ __global__ void __launch_bounds__(launch::kGatherThreads, launch::kGatherMinBloc
           const int64_t yy = ylo + idx / fw, xx = xlo + idx % fw;
           const int64_t pix = yy * g.W + xx;
           const acc_t w = cell_weight(a.axis[xx], xc) * cell_weight(a.axis[g.W + yy], yc);
-          const AxisTaps<acc_t> tz = guide_taps<acc_t>(ldg(a.guide + n * HW + pix), g.D, a.dguide);
+          const AxisTaps<acc_t> tz = guide_taps<acc_t>(ldg(a.guide + n * HW + pix), g.D, a.dguide, g.align_corners);
           s_z[j] = make_int2(static_cast<int>(tz.i0), static_cast<int>(tz.i1));
           s_wa[j] = w * tz.w0;
           s_wb[j] = w * tz.w1;

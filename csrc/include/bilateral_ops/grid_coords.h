@@ -8,14 +8,50 @@
 // [0.5, G - 0.5] first gives the same value (outside that band both taps land on the edge cell)
 // and is what keeps NaN, +-inf and huge guides away from the int conversion. This is exactly
 // F.grid_sample(..., mode="bilinear", padding_mode="border", align_corners=False).
+//
+// align_corners=True (lib_bilagrid's sampling: F.grid_sample(..., align_corners=True,
+// padding_mode="border")) puts the samples on the grid's corners instead: a normalised position u
+// in [0, 1] has grid index u * (G - 1), so pixel p of an n-pixel axis sits at index
+// p * (G - 1) / (n - 1) (index 0 when n = 1) and the guide value v at v * (D - 1). Rather than a
+// second copy of the taps, such an index s is fed to the same machinery as the position
+// g = s + 0.5: the clamp to [0.5, G - 0.5] is then the clamp of s to [0, G - 1], the slope is zero
+// at or beyond the border (as grid_sample's clip, which counts the border as outside) and
+// right-sided at interior knots (floor). Adding 0.5 is exact whenever s is a knot, so knots and
+// borders keep their exact conventions; elsewhere it moves s by at most half an ulp of G.
 
 #include "bilateral_ops/macros.h"
 
 namespace bilateral_ops {
 
 template <typename T>
-BO_HOST_DEVICE T pixel_to_grid(int64_t p, int64_t n, int64_t G) {
+BO_HOST_DEVICE T pixel_to_grid(int64_t p, int64_t n, int64_t G, bool align_corners) {
+  // (Written without a select on n: with n = 1, p = 0 gives 0.5 all the same. The CUDA kernels
+  // keep register budgets tight; see launch_config.h.)
+  if (align_corners) {
+    return static_cast<T>(p) * static_cast<T>(G - 1) / static_cast<T>(n > 1 ? n - 1 : 1) + T(0.5);
+  }
   return (static_cast<T>(p) + T(0.5)) * static_cast<T>(G) / static_cast<T>(n);
+}
+
+// The guide value v sits at g = v * guide_scale + guide_offset; guide_scale is also d g / d v.
+template <typename T>
+BO_HOST_DEVICE T guide_scale(int64_t D, bool align_corners) {
+  return static_cast<T>(D - static_cast<int64_t>(align_corners));
+}
+template <typename T>
+BO_HOST_DEVICE T guide_offset(bool align_corners) {
+  return static_cast<T>(align_corners) * T(0.5);
+}
+template <typename T>
+BO_HOST_DEVICE T guide_to_grid(T v, int64_t D, bool align_corners) {
+  return v * guide_scale<T>(D, align_corners) + guide_offset<T>(align_corners);
+}
+
+// A normalised coordinate u in [0, 1] under align_corners=True (index u * (G - 1)), as a grid
+// position: the explicit-coordinate ops' sampling. Its slope d g / d u is G - 1.
+template <typename T>
+BO_HOST_DEVICE T unit_to_grid_aligned(T u, int64_t G) {
+  return u * static_cast<T>(G - 1) + T(0.5);
 }
 
 // Clamp a grid position into the band where interpolation is not constant. NaN maps to 0.5.
@@ -54,8 +90,8 @@ BO_HOST_DEVICE AxisTaps<T> axis_taps(T g, int64_t G) {
 // keeps float32 weights exact on fine grids (at g ~ 300 a float32 position is off by ~3e-5 cells)
 // and costs little, since x and y taps are computed once per column, row or pixel.
 template <typename T>
-BO_HOST_DEVICE AxisTaps<T> image_taps(int64_t p, int64_t n, int64_t G) {
-  const AxisTaps<double> t = axis_taps(pixel_to_grid<double>(p, n, G), G);
+BO_HOST_DEVICE AxisTaps<T> image_taps(int64_t p, int64_t n, int64_t G, bool align_corners) {
+  const AxisTaps<double> t = axis_taps(pixel_to_grid<double>(p, n, G, align_corners), G);
   AxisTaps<T> r;
   r.i0 = t.i0;
   r.i1 = t.i1;
@@ -65,15 +101,16 @@ BO_HOST_DEVICE AxisTaps<T> image_taps(int64_t p, int64_t n, int64_t G) {
   return r;
 }
 
-// Taps along z of guide value v (g = v * D). With dguide they are the taps of the derivative with
-// respect to v instead: the tent weights become their slopes, -D * slope on i0 and +D * slope on
-// i1, and the slope itself (the second derivative) becomes 0, since the sample is piecewise
-// linear in v. The same trilinear code then computes either the sample or its guide derivative.
+// Taps along z of guide value v (g = guide_to_grid(v)). With dguide they are the taps of the
+// derivative with respect to v instead: the tent weights become their slopes, -scale * slope on i0
+// and +scale * slope on i1 (scale = guide_scale), and the slope itself (the second derivative)
+// becomes 0, since the sample is piecewise linear in v. The same trilinear code then computes
+// either the sample or its guide derivative.
 template <typename T>
-BO_HOST_DEVICE AxisTaps<T> guide_taps(T v, int64_t D, bool dguide) {
-  AxisTaps<T> t = axis_taps(v * static_cast<T>(D), D);
+BO_HOST_DEVICE AxisTaps<T> guide_taps(T v, int64_t D, bool dguide, bool align_corners) {
+  AxisTaps<T> t = axis_taps(guide_to_grid(v, D, align_corners), D);
   if (dguide) {
-    const T s = t.slope * static_cast<T>(D);
+    const T s = t.slope * guide_scale<T>(D, align_corners);
     t.w0 = -s;
     t.w1 = s;
     t.slope = T(0);

@@ -1,0 +1,216 @@
+// CUDA kernels of grid_tv_loss and _grid_tv_loss_backward (csrc/ops.cpp has the schemas,
+// csrc/include/bilateral_ops/grid_tv_loss.h the per-element math shared with the CPU,
+// launch_config.h the launch plans).
+//
+// Forward: a number of blocks fixed by the sizes alone sums the loss terms of its elements (a
+// grid-stride loop per thread, in double, then the block's warps in order) into one partial per
+// block; tv_reduce_kernel adds the partials in order and writes the 0-d result. Bitwise
+// reproducible, and nothing is read back to the host.
+// Backward: each element's gradient from its neighbours, times the number of times its grid
+// appears in idx (counted by integer atomics, exact in any order).
+// An idx value out of [0, M) cannot be reported without a synchronisation: it makes the loss NaN
+// and is not counted in the backward.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "bilateral_ops/grid_tv_loss.h"
+#include "common.cuh"
+#include "launch_config.h"
+
+namespace bilateral_ops {
+namespace cuda {
+namespace {
+
+inline dim3 as_dim3(const launch::Dim3& d) {
+  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
+}
+
+#define BO_LAUNCH(kernel, plan, stream, ...)                                               \
+  do {                                                                                     \
+    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
+             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
+  } while (0)
+
+struct TvWeights {
+  double z, y, x;
+};
+
+// Sum of v over the block, in warp order; valid on thread 0. s_warp: one double per warp
+// (the dynamic shared buffer).
+__device__ __forceinline__ double block_sum(double v, double* s_warp) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) s_warp[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += s_warp[w];
+  }
+  return total;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kTvThreads)
+    tv_loss_kernel(const TvGeometry g, const scalar_t* grids, const int64_t* idx, const TvWeights w,
+                   double* partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* s_warp = reinterpret_cast<double*>(smem_raw);
+  const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
+  const int64_t total = g.B * numel;
+  double sum = 0.0;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = e / numel, r = e % numel;
+    const int64_t m = idx != nullptr ? idx[b] : b;
+    if (m < 0 || m >= g.M) {
+      sum += NAN;
+      continue;
+    }
+    const int64_t k = r % cells;
+    const int64_t z = k / plane, y = (k / g.Gw) % g.Gh, x = k % g.Gw;
+    const scalar_t* q = grids + m * numel + r;
+    const double v = static_cast<double>(ldg(q));
+    if (x + 1 < g.Gw) sum += w.x * tv_axis_term<double>(v, ldg(q + 1), x, g.Gw);
+    if (y + 1 < g.Gh) sum += w.y * tv_axis_term<double>(v, ldg(q + g.Gw), y, g.Gh);
+    if (z + 1 < g.D) sum += w.z * tv_axis_term<double>(v, ldg(q + plane), z, g.D);
+  }
+  const double s = block_sum(sum, s_warp);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kTvThreads)
+    tv_reduce_kernel(const double* partial, int64_t n, bool empty, scalar_t* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* s_warp = reinterpret_cast<double*>(smem_raw);
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partial[i];
+  const double s = block_sum(sum, s_warp);
+  // No grids: 0 / 0, as lib_bilagrid's division by the batch size gives.
+  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(empty ? NAN : s);
+}
+
+__global__ void __launch_bounds__(launch::kTvThreads)
+    tv_count_kernel(const int64_t* idx, int64_t B, int64_t M, int* count) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = idx[b];
+    if (m >= 0 && m < M) atomicAdd(count + m, 1);
+  }
+}
+
+// count null: every grid once (no idx).
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kTvThreads)
+    tv_backward_kernel(const TvGeometry g, const scalar_t* grids, const int* count,
+                       const scalar_t* grad_output, const TvWeights w, scalar_t* grad) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
+  const int64_t total = g.M * numel;
+  const acc_t go = ldg(grad_output);
+  const acc_t wz = static_cast<acc_t>(w.z), wy = static_cast<acc_t>(w.y), wx = static_cast<acc_t>(w.x);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = e / numel;
+    const int n = count != nullptr ? count[m] : 1;
+    if (n == 0) {
+      grad[e] = static_cast<scalar_t>(0);
+      continue;
+    }
+    const int64_t k = (e % numel) % cells;
+    const int64_t z = k / plane, y = (k / g.Gw) % g.Gh, x = k % g.Gw;
+    const scalar_t* q = grids + e;
+    const acc_t v = ldg(q);
+    acc_t d = tv_axis_grad<acc_t>(v, x > 0 ? ldg(q - 1) : v, x + 1 < g.Gw ? ldg(q + 1) : v, x,
+                                  g.Gw, wx);
+    d += tv_axis_grad<acc_t>(v, y > 0 ? ldg(q - g.Gw) : v, y + 1 < g.Gh ? ldg(q + g.Gw) : v, y,
+                             g.Gh, wy);
+    d += tv_axis_grad<acc_t>(v, z > 0 ? ldg(q - plane) : v, z + 1 < g.D ? ldg(q + plane) : v, z,
+                             g.D, wz);
+    grad[e] = static_cast<scalar_t>(go * static_cast<acc_t>(n) * d);
+  }
+}
+
+TvWeights weights(const TvGeometry& g) {
+  const int64_t n = g.grid_numel();
+  return TvWeights{tv_axis_weight(g.B, n, g.D), tv_axis_weight(g.B, n, g.Gh),
+                   tv_axis_weight(g.B, n, g.Gw)};
+}
+
+const int64_t* idx_ptr(const c10::optional<at::Tensor>& idx, at::Tensor& keep) {
+  if (!idx.has_value() || !idx->defined()) return nullptr;
+  keep = idx->contiguous();
+  return keep.data_ptr<int64_t>();
+}
+
+at::Tensor grid_tv_loss(const at::Tensor& grids_in, const c10::optional<at::Tensor>& idx) {
+  const TvGeometry g = check_grid_tv_loss(grids_in, idx);
+  const c10::cuda::CUDAGuard device_guard(grids_in.device());
+  const at::Tensor grids = grids_in.contiguous();
+  at::Tensor idx_c;
+  const int64_t* ip = idx_ptr(idx, idx_c);
+  const launch::TvPlan plan = launch::tv_plan(g.M, g.B, g.grid_numel(), ip != nullptr, false);
+  at::Tensor partial = at::empty({plan.partials}, grids.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({}, grids.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const TvWeights w = weights(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_cuda",
+                                  [&] {
+                                    BO_LAUNCH(tv_loss_kernel<scalar_t>, plan.loss, stream, g,
+                                              grids.data_ptr<scalar_t>(), ip, w,
+                                              partial.data_ptr<double>());
+                                    BO_LAUNCH(tv_reduce_kernel<scalar_t>, plan.reduce, stream,
+                                              partial.data_ptr<double>(), plan.partials, g.B == 0,
+                                              out.data_ptr<scalar_t>());
+                                  });
+  return out;
+}
+
+at::Tensor grid_tv_loss_backward(const at::Tensor& grad_output_in, const at::Tensor& grids_in,
+                                 const c10::optional<at::Tensor>& idx) {
+  const TvGeometry g = check_grid_tv_loss(grids_in, idx);
+  check_floating(grad_output_in, "grad_output");
+  check_same(grad_output_in, "grad_output", grids_in, "grids");
+  TORCH_CHECK(grad_output_in.numel() == 1, "grad_output must have one element, got ",
+              grad_output_in.sizes());
+  const c10::cuda::CUDAGuard device_guard(grids_in.device());
+  const at::Tensor grids = grids_in.contiguous();
+  const at::Tensor go = grad_output_in.contiguous();
+  at::Tensor idx_c;
+  const int64_t* ip = idx_ptr(idx, idx_c);
+  at::Tensor grad = at::empty(grids.sizes(), grids.options());
+  const launch::TvPlan plan = launch::tv_plan(g.M, g.B, g.grid_numel(), ip != nullptr, true);
+  if (!plan.backward.present) return grad;
+  at::Tensor count;
+  if (ip != nullptr) count = at::zeros({g.M}, grids.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (plan.count.present) {
+    BO_LAUNCH(tv_count_kernel, plan.count, stream, ip, g.B, g.M, count.data_ptr<int>());
+  }
+  const TvWeights w = weights(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_backward_cuda", [&] {
+        BO_LAUNCH(tv_backward_kernel<scalar_t>, plan.backward, stream, g,
+                  grids.data_ptr<scalar_t>(), ip != nullptr ? count.data_ptr<int>() : nullptr,
+                  go.data_ptr<scalar_t>(), w, grad.data_ptr<scalar_t>());
+      });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bilateral_ops
+
+TORCH_LIBRARY_IMPL(bilateral_ops, CUDA, m) {
+  m.impl("grid_tv_loss", &bilateral_ops::cuda::grid_tv_loss);
+  m.impl("_grid_tv_loss_backward", &bilateral_ops::cuda::grid_tv_loss_backward);
+}
