@@ -16,7 +16,8 @@ resolution.
    time of the same model with the pure-torch guide and ``F.grid_sample`` slicing (the way PyTorch
    ports of HDRNet compute it), measured one after the other on the same machine.
 
-On a 2-core CPU the whole run takes about four minutes, three of them training.
+On a 2-core CPU the whole run takes about three minutes, most of it training (held-out PSNR
+about 32 dB on chelsea and 30 dB on coffee, from 21 dB for the inputs).
 """
 
 from __future__ import annotations
