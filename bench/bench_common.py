@@ -96,6 +96,20 @@ def impl_fn(impl: str):
     raise ValueError(f"unknown impl {impl!r}")
 
 
+def best_ms(fns: dict, k: int) -> dict:
+    """Best of ``k`` wall-clock times (ms, rounded to 0.01) of each callable of ``fns``, the
+    callables alternated so that a change of load hits all of them alike."""
+    import time
+
+    best = {name: float("inf") for name in fns}
+    for _ in range(k):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+    return {n: round(t, 2) for n, t in best.items()}
+
+
 def cuda_ms(fn, reps: int = 20, repeats: int = 7) -> float:
     """Median over ``repeats`` of the mean time (ms) of ``reps`` back-to-back calls of ``fn()``,
     timed with CUDA events after 3 warm-up calls."""

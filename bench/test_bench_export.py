@@ -22,6 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from bilateral_ops import export as bx
 from bilateral_ops.models import HDRNet
+from bench_common import best_ms  # bench/ is on sys.path (conftest.py)
 
 VARIANTS = {"gather": 18, "gridsample5d": 20, "tensorrt": 19}
 H, W = 1080, 1920
@@ -41,16 +42,6 @@ def _image() -> torch.Tensor:
     import torch.nn.functional as F
 
     return F.interpolate(bc._photo(), (H, W), mode="bilinear", align_corners=False).clamp(0, 1).contiguous()
-
-
-def _best_ms(fns: dict, k: int) -> dict:
-    best = {name: float("inf") for name in fns}
-    for _ in range(k):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-    return {n: round(t, 2) for n, t in best.items()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -81,7 +72,7 @@ def test_hdrnet_onnxruntime_cpu_1080p(benchmark, variant):
     diff = (torch.from_numpy(run_onnx()) - run_eager()).abs().max().item()
     assert diff < 1e-4
     types = bx.onnx_op_types(program.model_proto)
-    best = _best_ms({"onnxruntime": run_onnx, "eager": run_eager}, k=5)
+    best = best_ms({"onnxruntime": run_onnx, "eager": run_eager}, k=5)
     benchmark.group = "cpu hdrnet onnxruntime 1920x1080"
     benchmark.extra_info.update(
         device="cpu", suite="export", op="hdrnet inference", size=f"{W}x{H}", impl=f"onnxruntime {variant}",

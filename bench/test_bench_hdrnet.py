@@ -18,7 +18,6 @@ what the fused ops buy a whole network.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from bilateral_ops.enhance import timed_enhance
 from bilateral_ops.models import HDRNet, ReferenceHDRNet
+from bench_common import best_ms  # bench/ is on sys.path (conftest.py)
 
 IMPLS = {"ours": HDRNet, "torch": ReferenceHDRNet}
 INFER_SIZES = {"1920x1080": (1080, 1920), "3840x2160": (2160, 3840)}
@@ -91,16 +91,6 @@ def _pieces(model, x):
     return {"coefficients": coefficient_network, "guide": guide_fn, "slice_apply": slice_apply}
 
 
-def _best_ms(fns: dict, k: int) -> dict:
-    best = {name: float("inf") for name in fns}
-    for _ in range(k):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-    return {n: round(t, 2) for n, t in best.items()}
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_cpu_train_step(benchmark, impl):
     models = _models()
@@ -111,11 +101,11 @@ def test_cpu_train_step(benchmark, impl):
     benchmark.extra_info.update(device="cpu", suite="hdrnet", op="train step", size="4x384x384", impl=impl,
                                 threads=torch.get_num_threads())
     benchmark.pedantic(_train_step, args=(model, opt, x, target), rounds=ROUNDS[impl], warmup_rounds=2, iterations=1)
-    benchmark.extra_info["split_ms"] = _best_ms(_pieces(model, x), k=3 if impl == "ours" else 2)
+    benchmark.extra_info["split_ms"] = best_ms(_pieces(model, x), k=3 if impl == "ours" else 2)
     if impl == "ours":
         other = models["torch"].train()
         opt2 = torch.optim.Adam(other.parameters(), lr=1e-4)
-        best = _best_ms({"ours": lambda: _train_step(model, opt, x, target),
+        best = best_ms({"ours": lambda: _train_step(model, opt, x, target),
                          "torch": lambda: _train_step(other, opt2, x, target)}, k=3)
         benchmark.extra_info["interleaved_min_ms"] = best
         benchmark.extra_info["speedup_vs_torch"] = round(best["torch"] / best["ours"], 2)

@@ -27,6 +27,7 @@
 #include "../bilateral_filter_args.h"
 #include "bilateral_ops/bilateral_filter.h"
 #include "common.cuh"
+#include "launch.cuh"
 #include "launch_config.h"
 
 namespace bilateral_ops {
@@ -408,17 +409,6 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
 // ---------------------------------------------------------------------------------------------
 // Launchers
 
-dim3 as_dim3(const launch::Dim3& d) {
-  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-#define BO_FILTER_LAUNCH(kernel, plan, stream, ...)                                      \
-  do {                                                                                   \
-    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                \
-             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);         \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                      \
-  } while (0)
-
 launch::FilterPlan plan_for(const FilterShape& s, const at::Tensor& input, bool backward,
                             const std::array<bool, 4>& mask) {
   const int64_t acc = input.scalar_type() == at::kDouble ? 8 : 4;
@@ -454,7 +444,7 @@ at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bilateral_filter_cuda", [&] {
     const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                              ss.data_ptr<scalar_t>()};
-    BO_FILTER_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+    BO_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -506,23 +496,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     const Pass1Out<scalar_t> o1{go.data_ptr<scalar_t>(), gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(),
                                 need_range ? gcen.data_ptr<acc_t>() : nullptr,
                                 need_sigma ? partials.data_ptr<double>() : nullptr};
-    BO_FILTER_LAUNCH(filter_pass1_kernel<scalar_t>, plan.pass1, stream, d, p, o1);
+    BO_LAUNCH(filter_pass1_kernel<scalar_t>, plan.pass1, stream, d, p, o1);
     if (need_sigma) {
-      BO_FILTER_LAUNCH(filter_finish_kernel<scalar_t>, plan.finish, stream, d, p, partials.data_ptr<double>(),
+      BO_LAUNCH(filter_finish_kernel<scalar_t>, plan.finish, stream, d, p, partials.data_ptr<double>(),
                        mask[2] ? grad_sc.data_ptr<scalar_t>() : nullptr,
                        mask[3] ? grad_ss.data_ptr<scalar_t>() : nullptr);
     }
     if (!(mask[0] || mask[1])) return;
     const Pass2Args<scalar_t> o2{gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(), mask[0] ? gin.data_ptr<acc_t>() : nullptr,
                                  ggd.defined() ? ggd.data_ptr<acc_t>() : nullptr, mask[0], need_range};
-    BO_FILTER_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
+    BO_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
     if (mask[0]) {
-      BO_FILTER_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_input, stream, d, s.C, gin.data_ptr<acc_t>(),
+      BO_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_input, stream, d, s.C, gin.data_ptr<acc_t>(),
                        s.self ? gcen.data_ptr<acc_t>() : static_cast<const acc_t*>(nullptr),
                        grad_input.data_ptr<scalar_t>());
     }
     if (mask[1] && !s.self) {
-      BO_FILTER_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_guidance, stream, d, s.Cg, ggd.data_ptr<acc_t>(),
+      BO_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_guidance, stream, d, s.Cg, ggd.data_ptr<acc_t>(),
                        gcen.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
     }
   });

@@ -30,22 +30,12 @@
 #include "../checks.h"
 #include "bilateral_ops/slice_points.h"
 #include "common.cuh"
+#include "launch.cuh"
 #include "launch_config.h"
 
 namespace bilateral_ops {
 namespace cuda {
 namespace {
-
-inline dim3 as_dim3(const launch::Dim3& d) {
-  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-#define BO_LAUNCH(kernel, plan, stream, ...)                                               \
-  do {                                                                                     \
-    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
-             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
-  } while (0)
 
 // 2^62: the fixed-point scale maps the bound of the whole sum to it, so no sum can overflow.
 constexpr double kFixedPointRange = 4611686018427387904.0;

@@ -30,6 +30,7 @@
 #include "../curve_guide_table.h"
 #include "bilateral_ops/curve_guide.h"
 #include "common.cuh"
+#include "launch.cuh"
 #include "launch_config.h"
 
 namespace bilateral_ops {
@@ -266,17 +267,6 @@ __global__ void __launch_bounds__(launch::kCurveThreads)
   out[q] = static_cast<acc_t>(sum);
 }
 
-inline dim3 as_dim3(const launch::Dim3& d) {
-  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-#define BO_CURVE_LAUNCH(kernel, plan, stream, ...)                                         \
-  do {                                                                                     \
-    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
-             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
-  } while (0)
-
 at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
                        const at::Tensor& ccm_bias, const at::Tensor& shifts,
                        const at::Tensor& slopes, const at::Tensor& mix,
@@ -304,10 +294,10 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
     a.table = table.data_ptr<acc_t>();
     a.table_shared = plan.table_shared;
     if (plan.registers) {
-      BO_CURVE_LAUNCH((curve_forward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
+      BO_LAUNCH((curve_forward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
                       stream, a);
     } else {
-      BO_CURVE_LAUNCH((curve_forward_kernel<scalar_t, 0>), plan.main, stream, a);
+      BO_LAUNCH((curve_forward_kernel<scalar_t, 0>), plan.main, stream, a);
     }
   });
   return out;
@@ -379,13 +369,13 @@ Grads curve_guide_backward(const at::Tensor& grad_output_in, const at::Tensor& i
     a.dc = dc.defined() ? dc.data_ptr<acc_t>() : nullptr;
     a.partial = need_params ? partial.data_ptr<acc_t>() : nullptr;
     if (plan.registers) {
-      BO_CURVE_LAUNCH((curve_backward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
+      BO_LAUNCH((curve_backward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
                       stream, a);
     } else {
-      BO_CURVE_LAUNCH((curve_backward_kernel<scalar_t, 0>), plan.main, stream, a);
+      BO_LAUNCH((curve_backward_kernel<scalar_t, 0>), plan.main, stream, a);
     }
     if (need_params) {
-      BO_CURVE_LAUNCH(curve_reduce_kernel<acc_t>, plan.reduce, stream, partial.data_ptr<acc_t>(),
+      BO_LAUNCH(curve_reduce_kernel<acc_t>, plan.reduce, stream, partial.data_ptr<acc_t>(),
                       plan.partial_rows, l.size(), row.data_ptr<acc_t>());
     }
   });

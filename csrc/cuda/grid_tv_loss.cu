@@ -23,22 +23,12 @@
 #include "../checks.h"
 #include "bilateral_ops/grid_tv_loss.h"
 #include "common.cuh"
+#include "launch.cuh"
 #include "launch_config.h"
 
 namespace bilateral_ops {
 namespace cuda {
 namespace {
-
-inline dim3 as_dim3(const launch::Dim3& d) {
-  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-#define BO_LAUNCH(kernel, plan, stream, ...)                                               \
-  do {                                                                                     \
-    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
-             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
-  } while (0)
 
 struct TvWeights {
   double z, y, x;

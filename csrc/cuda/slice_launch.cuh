@@ -19,24 +19,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "launch.cuh"
 #include "launch_config.h"
 #include "slice_kernels.cuh"
 
 namespace bilateral_ops {
 namespace cuda {
 namespace {
-
-inline dim3 as_dim3(const launch::Dim3& d) {
-  return dim3(static_cast<unsigned>(d.x), static_cast<unsigned>(d.y), static_cast<unsigned>(d.z));
-}
-
-// <<<grid, block, dynamic shared memory, current stream>>> of a plan, then the launch check.
-#define BO_LAUNCH(kernel, plan, stream, ...)                                               \
-  do {                                                                                     \
-    kernel<<<as_dim3((plan).grid), as_dim3((plan).block),                                  \
-             static_cast<size_t>((plan).dynamic_smem), (stream)>>>(__VA_ARGS__);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                        \
-  } while (0)
 
 // Sizes the kernels index in int32 (offsets inside one channel slab, warp keys).
 inline void check_int32_sizes(const SliceGeometry& g) {
