@@ -68,6 +68,19 @@ def affine_stride(in_channels: int, has_offset: bool) -> int:
     return in_channels + (1 if has_offset else 0)
 
 
+def affine_output_channels(grid: torch.Tensor, ci: int, has_offset: bool) -> int:
+    """Co of a slice-apply grid for Ci input channels; a channel count that is not a multiple of
+    the affine stride raises ValueError naming the grid."""
+    stride = affine_stride(ci, has_offset)
+    if grid.shape[1] % stride != 0:
+        expected = "Co*(Ci+1)" if has_offset else "Co*Ci"
+        raise ValueError(
+            f"grid must have {expected} channels for Ci={ci} input channels "
+            f"(has_offset={has_offset}), got {grid.shape[1]}"
+        )
+    return grid.shape[1] // stride
+
+
 def check_slice_apply(grid: torch.Tensor, guide: torch.Tensor, input: torch.Tensor, has_offset: bool) -> int:
     """bilateral_slice_apply's arguments (guide already (N, H, W)); returns the output channels Co."""
     check_bool("has_offset", has_offset)
@@ -83,14 +96,7 @@ def check_slice_apply(grid: torch.Tensor, guide: torch.Tensor, input: torch.Tens
         raise ValueError("input must have at least one channel")
     check_grid_guide(grid, guide)
     check_like("input", input, "grid", grid)
-    stride = affine_stride(ci, has_offset)
-    if grid.shape[1] % stride != 0:
-        expected = "Co*(Ci+1)" if has_offset else "Co*Ci"
-        raise ValueError(
-            f"grid must have {expected} channels for Ci={ci} input channels "
-            f"(has_offset={has_offset}), got {grid.shape[1]}"
-        )
-    return grid.shape[1] // stride
+    return affine_output_channels(grid, ci, has_offset)
 
 
 CURVE_PARAMS = ("ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
@@ -355,14 +361,7 @@ def check_slice_apply_points(
         raise TypeError(f"grid_idx must be int64, got {grid_idx.dtype}")
     check_index("grid_idx", grid_idx, "grid", grid)
     ci = input.shape[1]
-    stride = affine_stride(ci, has_offset)
-    if grid.shape[1] % stride != 0:
-        expected = "Co*(Ci+1)" if has_offset else "Co*Ci"
-        raise ValueError(
-            f"grid must have {expected} channels for Ci={ci} input channels "
-            f"(has_offset={has_offset}), got {grid.shape[1]}"
-        )
-    return grid.shape[1] // stride
+    return affine_output_channels(grid, ci, has_offset)
 
 
 def check_grid_tv_loss(grids: torch.Tensor, idx: torch.Tensor | None) -> None:
