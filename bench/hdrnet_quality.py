@@ -42,7 +42,7 @@ def main() -> int:
             if impl == "torch":
                 argv.append("--reference")
             t0 = time.perf_counter()
-            model = train.run(train.parse_args(argv))
+            model = train.run(train.parse_args(argv), data)
             wall = time.perf_counter() - t0
             p = statistics.mean(train.evaluate(model, data, torch.device("cpu")))
             scores[impl].append(p)

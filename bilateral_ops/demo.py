@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
          "--checkpoint-every", str(args.steps), "--device", args.device, "--seed", str(args.seed),
          "--spatial-bins", str(args.spatial_bins)]
     )
-    model = train.run(train_args).eval()
+    data = train.load_dataset("detail_enhance")
+    model = train.run(train_args, data).eval()
     t_train = time.perf_counter() - t0
 
     twin = ReferenceHDRNet(**model.config()).to(model.ccm.device).eval()
     twin.load_state_dict(model.state_dict())
-    data = train.load_dataset("detail_enhance")
     rows, table = [], []
     for name, x, target in data.holdout:
         ours, t_ours = timed_enhance(model, x, repeats=5)

@@ -299,8 +299,10 @@ def _check_replicas(model: torch.nn.Module, world: int) -> None:
         raise RuntimeError(f"DDP replicas diverged: max parameter difference {worst:.3e}")
 
 
-def run(args: argparse.Namespace) -> torch.nn.Module:
-    """Train as ``args`` say; returns the trained (unwrapped) model."""
+def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Module:
+    """Train as ``args`` say; returns the trained (unwrapped) model. ``data``: the pairs
+    ``load_dataset`` gives for ``args``, when the caller already has them (computing a built-in
+    operator's targets takes seconds)."""
     from tqdm.auto import tqdm
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -319,7 +321,8 @@ def run(args: argparse.Namespace) -> torch.nn.Module:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     try:
-        data = load_dataset(args.operator, tuple(args.pairs) if args.pairs else None, args.holdout)
+        if data is None:
+            data = load_dataset(args.operator, tuple(args.pairs) if args.pairs else None, args.holdout)
         crop = min([args.crop] + [min(x.shape[1:]) for x, _ in data.train])
         if crop < args.crop:
             _log(f"crop {args.crop} is larger than the smallest training image: using {crop}", rank)
