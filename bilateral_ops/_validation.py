@@ -334,7 +334,9 @@ def check_index_values(name: str, t: torch.Tensor, bound: int, what: str) -> Non
     break: eagerly, on CPU (CUDA kernels turn an index out of range into NaN instead)."""
     if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = int(t.min()), int(t.max())
+    if t.dim() == 1 and t.stride(0) == 0:
+        t = t[:1]  # one index expanded to every sample: one value to check
+    lo, hi = (int(x) for x in torch.aminmax(t))
     if lo < 0 or hi >= bound:
         raise ValueError(f"{name} values must be in [0, {bound}) ({what}), got values in [{lo}, {hi}]")
 

@@ -164,6 +164,33 @@ def test_dense_and_chunked_paths(p, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "ci,co,has_offset",
+    [(3, 3, True), (2, 4, False), (3, 3, False), (4, 5, True)],
+    ids=["rgb_3x4", "2to4", "3x3", "4to5_offset"],
+)
+def test_dense_paths_every_layout(ci, co, has_offset, dtype, gen):
+    """The densely sampled paths in float32 and float64, every layout (lib_bilagrid's 3x4 has its
+    own vector code), a sample count that leaves a partial block of samples at the end, two
+    grids in unsorted order: forward and all three gradients against the float64 gather formula."""
+    p = 20011
+    grid, coords, inp, idx = make_points_case(2, ci, co, 8, 16, 16, p, has_offset, dtype, gen, spread=0.1, knots=0.05)
+    go = torch.randn(p, co, generator=gen, dtype=F64)
+    leaves = [t.clone().requires_grad_() for t in (grid, coords, inp)]
+    out = bo.bilateral_slice_apply_points(*leaves, idx, has_offset)
+    grads = torch.autograd.grad(out, leaves, go.to(dtype))
+    ref_leaves = [t.double().requires_grad_() for t in (grid, coords, inp)]
+    want = gather_points(*ref_leaves, idx, has_offset)
+    wants = torch.autograd.grad(want, ref_leaves, go)
+    rel = 1e-12 if dtype == F64 else 2e-6
+    assert_close_scaled(out, want, rel, "output")
+    ok = away_from_knots(coords, (16, 16, 8), 1e-9 if dtype == F64 else 1e-4)
+    assert_close_scaled(grads[0], wants[0], 10 * rel, "grid")
+    assert_close_scaled(grads[1][ok], wants[1][ok], 10 * rel, "coords")
+    assert_close_scaled(grads[2], wants[2], 10 * rel, "input")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
 def test_cpu_deterministic(dtype, gen, restore_num_threads):
     """Bitwise the same grid gradient whatever the thread count and run, sorted or not."""
     grid, coords, inp, idx = make_points_case(3, 3, 3, 8, 16, 16, 60000, True, dtype, gen)
@@ -192,6 +219,25 @@ def test_int32_index_and_empty(gen):
     assert torch.equal(bo.bilateral_slice_apply_points(grid, coords, inp, idx.int()), bo.bilateral_slice_apply_points(grid, coords, inp, idx))
     out = bo.bilateral_slice_apply_points(grid, coords[:0], inp[:0], idx[:0])
     assert out.shape == (0, 3)
+
+
+@pytest.mark.parametrize("p", [1, 5000], ids=["one", "dense"])
+def test_expanded_index(p, gen):
+    """One grid index expanded to every sample (stride 0, how compat.bilagrid passes a single
+    index) gives what the materialised indices give, forward and backward; its value is checked."""
+    grid, coords, inp, _ = make_points_case(3, 3, 3, 4, 5, 6, p, True, F64, gen)
+    expanded = torch.tensor([2]).expand(p)
+    dense = torch.full((p,), 2, dtype=torch.int64)
+    assert torch.equal(bo.bilateral_slice_apply_points(grid, coords, inp, expanded), bo.bilateral_slice_apply_points(grid, coords, inp, dense))
+    go = torch.randn(p, 3, generator=gen, dtype=F64)
+    a = OPS._bilateral_slice_apply_points_backward(go, grid, coords, inp, expanded, True, [True, True, True])
+    b = OPS._bilateral_slice_apply_points_backward(go, grid, coords, inp, dense, True, [True, True, True])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="grid_idx"):
+        bo.bilateral_slice_apply_points(grid, coords, inp, torch.tensor([3]).expand(p))
+    with pytest.raises(RuntimeError, match="grid_idx"):
+        OPS.bilateral_slice_apply_points(grid, coords, inp, torch.tensor([-1]).expand(p), True)
 
 
 def test_nan_and_inf_coordinates_stay_in_bounds(gen):

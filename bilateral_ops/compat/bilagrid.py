@@ -203,7 +203,9 @@ class BilateralGrid(nn.Module):
     # lib_bilagrid's grid_sample position ((x - 0.5) 2, (y - 0.5) 2, gray 2 - 1) before its
     # normalisation.
     def _slice_coords(self, xy: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-        gray = rgb @ self.rgb2gray_weight.T
+        # rgb @ rgb2gray_weight.T as a matrix-vector product: the same dot products, and a
+        # backward that is an outer product rather than an (P, 1) @ (1, 3) matrix product.
+        gray = torch.mv(rgb, self.rgb2gray_weight[0].to(rgb.dtype)).unsqueeze(-1)
         return torch.cat([xy, gray], dim=-1)
 
     def _slice_rgb(self, coords: torch.Tensor, rgb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -127,8 +127,8 @@ BO_ALWAYS_INLINE vec_t<T> vsum_many(const vec_t<T>* v) {
   }
 }
 
-// The vector form of guide_taps (grid_coords.h) without dguide: the same operations in the same
-// order, so the same bits. The clamp's comparisons map NaN to the lower edge; s >= 0, so the
+// The vector form of axis_taps (grid_coords.h) at grid positions g: the same operations in the
+// same order, so the same bits. The clamp's comparisons map NaN to the lower edge; s >= 0, so the
 // truncating conversion is the floor.
 template <typename T>
 struct VecTaps {
@@ -137,11 +137,10 @@ struct VecTaps {
 };
 
 template <typename T>
-BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D, bool align_corners) {
+BO_ALWAYS_INLINE VecTaps<T> vaxis_taps(vec_t<T> g, int64_t G) {
   using V = vec_t<T>;
   using I = ivec_t<T>;
-  const T hi = static_cast<T>(D) - T(0.5);
-  const V g = v * guide_scale<T>(D, align_corners) + guide_offset<T>(align_corners);
+  const T hi = static_cast<T>(G) - T(0.5);
   V gc = g > T(0.5) ? g : vsplat<T>(T(0.5));
   gc = gc < hi ? gc : vsplat<T>(hi);
   VecTaps<T> t;
@@ -151,10 +150,51 @@ BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D, bool align_corner
   t.w1 = s - __builtin_convertvector(t.i0, V);
   t.w0 = T(1) - t.w1;
   const I next = t.i0 + 1;
-  t.i1 = next < static_cast<int32_t>(D) ? next : I{} + static_cast<int32_t>(D - 1);
+  t.i1 = next < static_cast<int32_t>(G) ? next : I{} + static_cast<int32_t>(G - 1);
   const V one = vsplat<T>(T(1));
   t.slope = ((g > T(0.5)) & (g < hi)) ? one : V{};
   return t;
+}
+
+// The vector form of guide_taps without dguide.
+template <typename T>
+BO_ALWAYS_INLINE VecTaps<T> vguide_taps(vec_t<T> v, int64_t D, bool align_corners) {
+  return vaxis_taps<T>(v * guide_scale<T>(D, align_corners) + guide_offset<T>(align_corners), D);
+}
+
+// Transposes W vectors of W lanes in place: r[i][j] becomes r[j][i].
+template <typename T>
+BO_ALWAYS_INLINE void vtranspose(vec_t<T>* r) {
+  using V = vec_t<T>;
+  using M = typename VecOf<T>::mask;
+  if constexpr (vec_width<T>() == 8) {
+    V t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
+      t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    // u[4 h + c]: lanes 0-3 column c (rows 4 h .. 4 h + 3), lanes 4-7 column c + 4.
+    for (int h = 0; h < 2; ++h) {
+      const V* a = t + 4 * h;
+      u[4 * h + 0] = __builtin_shuffle(a[0], a[2], M{0, 1, 8, 9, 4, 5, 12, 13});
+      u[4 * h + 1] = __builtin_shuffle(a[0], a[2], M{2, 3, 10, 11, 6, 7, 14, 15});
+      u[4 * h + 2] = __builtin_shuffle(a[1], a[3], M{0, 1, 8, 9, 4, 5, 12, 13});
+      u[4 * h + 3] = __builtin_shuffle(a[1], a[3], M{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c] = __builtin_shuffle(u[c], u[4 + c], M{0, 1, 2, 3, 8, 9, 10, 11});
+      r[c + 4] = __builtin_shuffle(u[c], u[4 + c], M{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  } else {
+    const V t0 = __builtin_shuffle(r[0], r[1], M{0, 4, 2, 6});
+    const V t1 = __builtin_shuffle(r[0], r[1], M{1, 5, 3, 7});
+    const V t2 = __builtin_shuffle(r[2], r[3], M{0, 4, 2, 6});
+    const V t3 = __builtin_shuffle(r[2], r[3], M{1, 5, 3, 7});
+    r[0] = __builtin_shuffle(t0, t2, M{0, 1, 4, 5});
+    r[1] = __builtin_shuffle(t1, t3, M{0, 1, 4, 5});
+    r[2] = __builtin_shuffle(t0, t2, M{2, 3, 6, 7});
+    r[3] = __builtin_shuffle(t1, t3, M{2, 3, 6, 7});
+  }
 }
 
 // Tent weight of cell k (centre kc = k + 0.5) at clamped positions gc, and its slope with the

@@ -3,6 +3,9 @@
 // CUDA kernels: a sample at (x, y, z) in [0, 1] reads its grid at index (x (Gw - 1), y (Gh - 1),
 // z (D - 1)), clamped to the grid (F.grid_sample(..., align_corners=True, padding_mode="border")).
 // The taps come from grid_coords.h (unit_to_grid_aligned feeds the one copy of the tent math).
+// The CPU's dense paths compute point_corners for a vector of samples at once (corner_block in
+// csrc/cpu/bilateral_slice_apply_points.cpp: the same operations in the same order); its other
+// paths call it as the CUDA kernels do.
 
 #include "bilateral_ops/affine.h"
 #include "bilateral_ops/grid_coords.h"
