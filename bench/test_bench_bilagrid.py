@@ -7,6 +7,8 @@ grid_W), float32, one grid:
     rgb (through the affine map and the guide);
   * irregular: 1440 * 1080 samples at xy, rgb = 0.5 + 0.5 randn (many outside [0, 1]),
     gradients for the grid, xy and rgb;
+  * rays: BilaRF's call pattern, a batch of 16384 rays (P, 1, 1, .) reading 100 grids through
+    per-ray camera indices, gradients for the grids and rgb;
   * tv: total_variation_loss of 600 grids (BilaRF's largest scenes), forward and forward +
     backward.
 Each case runs forward, and forward + backward. lib_bilagrid is reference.bilagrid_slice (its
@@ -58,9 +60,17 @@ def _model(num: int, device: str) -> bilagrid.BilateralGrid:
     return m
 
 
+RAYS, RAY_GRIDS = 16384, 100
+
+
 def _case(kind: str, device: str):
     """(model, xy, rgb, grid_idx, which of xy / rgb need gradients)."""
     g = torch.Generator().manual_seed(42)
+    if kind == "rays":
+        xy = torch.rand(RAYS, 1, 1, 2, generator=g).to(device)
+        rgb = torch.rand(RAYS, 1, 1, 3, generator=g).to(device)
+        idx = torch.randint(0, RAY_GRIDS, (RAYS, 1, 1, 1), generator=g).to(device)
+        return _model(RAY_GRIDS, device), xy, rgb, idx, (False, True)
     model = _model(1, device)
     idx = torch.tensor([0], device=device)
     if kind == "uniform":
@@ -89,7 +99,7 @@ def _slice_fn(impl: str, model):
         return core
     if impl == "fused_bilagrid":
         fused = pytest.importorskip("fused_bilagrid")
-        fmodel = fused.BilateralGrid(1, *GRID).to(model.grids.device)
+        fmodel = fused.BilateralGrid(model.grids.shape[0], *GRID).to(model.grids.device)
         fmodel.load_state_dict(model.state_dict(), strict=False)
         return lambda xy, rgb, idx: fused.slice(fmodel, xy, rgb, idx, compute_coords_grad=xy.requires_grad)["rgb"]
     raise ValueError(impl)
@@ -122,7 +132,19 @@ def _interleaved(benchmark, fns: dict) -> None:
         }
 
 
-CPU_CASES = [("uniform", "ours"), ("uniform", "core"), ("uniform", "lib_bilagrid"), ("irregular", "ours"), ("irregular", "lib_bilagrid")]
+CPU_CASES = [
+    ("uniform", "ours"),
+    ("uniform", "core"),
+    ("uniform", "lib_bilagrid"),
+    ("irregular", "ours"),
+    ("irregular", "lib_bilagrid"),
+    ("rays", "ours"),
+    ("rays", "lib_bilagrid"),
+]
+
+
+def _size(kind: str) -> str:
+    return f"{RAYS} rays, {RAY_GRIDS} grids" if kind == "rays" else f"{W}x{H}"
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
@@ -131,8 +153,8 @@ def test_cpu_slice(benchmark, kind, impl, mode):
     model, xy, rgb, idx, needs = _case(kind, "cpu")
     backward = mode == "forward_backward"
     fn = _slice_fn(impl, model)
-    benchmark.group = f"bilagrid cpu {kind} {mode} {W}x{H}"
-    benchmark.extra_info.update(device="cpu", case=kind, op=mode, impl=impl, size=f"{W}x{H}", grid=GRID, threads=torch.get_num_threads())
+    benchmark.group = f"bilagrid cpu {kind} {mode} {_size(kind)}"
+    benchmark.extra_info.update(device="cpu", case=kind, op=mode, impl=impl, size=_size(kind), grid=GRID, threads=torch.get_num_threads())
     benchmark.pedantic(_step, args=(fn, model, xy, rgb, idx, needs, backward), rounds=ROUNDS[impl], warmup_rounds=1, iterations=1)
     if impl == "ours":
         impls = ["ours", "lib_bilagrid"] + (["core"] if kind == "uniform" else [])
@@ -167,7 +189,7 @@ CUDA_IMPLS = ["ours", "lib_bilagrid", "fused_bilagrid"]
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("kind", ["uniform", "irregular"])
+@pytest.mark.parametrize("kind", ["uniform", "irregular", "rays"])
 @pytest.mark.parametrize("impl", CUDA_IMPLS + ["core"])
 def test_cuda_slice(benchmark, requires_cuda, impl, kind, mode):
     if impl == "core" and kind != "uniform":
@@ -178,8 +200,8 @@ def test_cuda_slice(benchmark, requires_cuda, impl, kind, mode):
     with bc_deterministic(deterministic):
         ms = bc.cuda_ms(lambda: _step(fn, model, xy, rgb, idx, needs, mode == "forward_backward"))
         benchmark.pedantic(_step, args=(fn, model, xy, rgb, idx, needs, mode == "forward_backward"), rounds=5, iterations=1)
-    benchmark.group = f"bilagrid cuda {kind} {mode} {W}x{H}"
-    benchmark.extra_info.update(device="cuda", case=kind, op=mode, impl=impl, size=f"{W}x{H}", grid=GRID, event_ms=round(ms, 3), deterministic=deterministic)
+    benchmark.group = f"bilagrid cuda {kind} {mode} {_size(kind)}"
+    benchmark.extra_info.update(device="cuda", case=kind, op=mode, impl=impl, size=_size(kind), grid=GRID, event_ms=round(ms, 3), deterministic=deterministic)
 
 
 @pytest.mark.cuda
