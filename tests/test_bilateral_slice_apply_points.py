@@ -240,14 +240,24 @@ def test_expanded_index(p, gen):
         OPS.bilateral_slice_apply_points(grid, coords, inp, torch.tensor([-1]).expand(p), True)
 
 
-def test_nan_and_inf_coordinates_stay_in_bounds(gen):
-    grid, coords, inp, idx = make_points_case(2, 3, 3, 3, 4, 5, 6, True, F64, gen)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("p", [6, 400], ids=["sparse", "dense"])
+def test_nan_and_inf_coordinates_stay_in_bounds(p, dtype, gen):
+    """Non-finite and huge coordinates read the border cells (NaN the lower one), on the paths
+    that compute the corners per sample and per block of samples; all gradients stay finite."""
+    grid, coords, inp, idx = make_points_case(2, 3, 3, 3, 4, 5, p, True, dtype, gen)
     coords[0, 0] = float("nan")
     coords[1, 1] = float("inf")
     coords[2, 2] = -float("inf")
     coords[3] = 1e30
-    out = bo.bilateral_slice_apply_points(grid, coords, inp, idx)
+    leaves = [t.requires_grad_() for t in (grid, coords, inp)]
+    out = bo.bilateral_slice_apply_points(*leaves, idx)
     assert torch.isfinite(out).all()
+    clamped = coords.detach().double().nan_to_num(nan=0.0).clamp(0, 1)
+    want = gather_points(grid.detach().double(), clamped, inp.detach().double(), idx)
+    assert_close_scaled(out, want, 1e-12 if dtype == F64 else 2e-6, "output")
+    for g in torch.autograd.grad(out.sum(), leaves):
+        assert torch.isfinite(g).all()
 
 
 # ----------------------------------------------------------------------------------------------
