@@ -10,8 +10,8 @@ Nothing is registered as a CompositeImplicitAutograd kernel of the ops: eager mo
 ``torch.compile`` keep calling the compiled kernels; the decompositions exist only inside
 :func:`export_onnx`.
 
-Variants (only the slice ops differ between them; splat, blur, exact filter and curve guide are
-the same everywhere):
+Variants (only the slice ops differ between them; splat, blur, exact filter, curve guide and the
+radiance-field grid ops are the same everywhere):
 
 * ``"gather"`` (default, opset 17 to 18 and above): the grid is first interpolated along its
   width (a matmul with the tent matrix of the pixel columns, exact: every column of it holds the
@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _library as lib
+from . import reference
 from .reference import blur_kernel
 
 __all__ = [
@@ -352,6 +353,52 @@ def _curve_guide(input, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
     return torch.clamp(g + mix_bias, 0.0, 1.0)
 
 
+# ----------------------------------------------------------------------------------------------
+# Radiance-field grids: explicit sample coordinates, a grid per sample, the TV loss. The same in
+# every variant (a sample's eight corners are rows of the channels-last grids: Gather).
+
+
+def _slice_points(grid, coords, input, grid_idx, has_offset=True):
+    """bilateral_slice_apply_points: lib_bilagrid's sampling (index ``u (S - 1)`` on every axis,
+    clamped, NaN at cell 0), each sample reading the eight corners of its own grid as rows of the
+    (M D Gh Gw, C) channels-last table, then the affine map."""
+    m, c, d, gh, gw = grid.shape
+    ci = input.shape[1]
+    rows = grid.permute(0, 2, 3, 4, 1).reshape(m * d * gh * gw, c)
+
+    def taps(u, g):
+        s = u * (g - 1)
+        s = torch.where(torch.isnan(s), torch.zeros_like(s), s)  # also inf * 0 on a size-1 axis
+        return _taps(_clamp_cells(s, g), g)
+
+    x0, x1, wx0, wx1 = taps(coords[:, 0], gw)
+    y0, y1, wy0, wy1 = taps(coords[:, 1], gh)
+    z0, z1, wz0, wz1 = taps(coords[:, 2], d)
+    base = grid_idx.to(torch.int64) * d
+    out = None
+    for zi, wz in ((z0, wz0), (z1, wz1)):
+        for yi, wy in ((y0, wy0), (y1, wy1)):
+            row = ((base + zi) * gh + yi) * gw
+            wzy = wz * wy
+            for xi, wx in ((x0, wx0), (x1, wx1)):
+                term = torch.index_select(rows, 0, row + xi) * (wzy * wx).unsqueeze(1)
+                out = term if out is None else out + term
+    stride = ci + 1 if has_offset else ci
+    coeffs = out.reshape(-1, c // stride, stride)
+    result = (coeffs[:, :, :ci] * input.unsqueeze(1)).sum(-1)
+    if has_offset:
+        result = result + coeffs[:, :, ci]
+    return result
+
+
+def _grid_tv_loss(grids, idx=None):
+    """grid_tv_loss: lib_bilagrid's total variation (the reference formula: Slice, Sub, Pow,
+    ReduceSum), of the grids indexed by idx (Gather) when given. Summed in float64, as the
+    kernels do: a float32 ReduceSum over 600 grids is off by ~4e-4 relative."""
+    x = grids if idx is None else torch.index_select(grids, 0, idx)
+    return reference.grid_tv_loss(x.to(torch.float64)).to(grids.dtype)
+
+
 def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_FALSE) -> dict:
     """``{op overload: pure-torch decomposition}`` for every op of an inference graph: the public
     ops and the grid filter's fused ends. ``variant`` picks how the slice ops read the grid;
@@ -409,6 +456,8 @@ def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_
         _ops._bilateral_grid_filter_slice.default: grid_filter_slice,
         _ops.bilateral_filter.default: _bilateral_filter,
         _ops.curve_guide.default: curve_guide,
+        _ops.bilateral_slice_apply_points.default: _slice_points,
+        _ops.grid_tv_loss.default: _grid_tv_loss,
     }
 
 

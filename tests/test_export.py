@@ -323,6 +323,113 @@ def test_nan_and_inf_guides_stay_in_bounds():
 
 
 # ----------------------------------------------------------------------------------------------
+# Radiance-field grids: bilateral_slice_apply_points, grid_tv_loss, the lib_bilagrid drop-in
+
+
+class Points(torch.nn.Module):
+    def __init__(self, has_offset=True):
+        super().__init__()
+        self.has_offset = has_offset
+
+    def forward(self, grid, coords, x, grid_idx):
+        return bo.bilateral_slice_apply_points(grid, coords, x, grid_idx, self.has_offset)
+
+
+class TvLoss(torch.nn.Module):
+    def forward(self, grids, idx):
+        return bo.grid_tv_loss(grids, idx) + 0.5 * bo.grid_tv_loss(grids)
+
+
+class BilagridSlice(torch.nn.Module):
+    """compat.bilagrid's slice of an image (nerfstudio's call: one 0-d grid index)."""
+
+    def __init__(self):
+        super().__init__()
+        from bilateral_ops.compat import bilagrid
+
+        self.bilagrid = bilagrid
+        self.grids = bilagrid.BilateralGrid(3, 8, 6, 4)
+        with torch.no_grad():
+            self.grids.grids.add_(0.2 * torch.randn(self.grids.grids.shape, generator=_gen(7)))
+
+    def forward(self, xy, rgb, grid_idx):
+        return self.bilagrid.slice(self.grids, xy, rgb, grid_idx)["rgb"]
+
+
+def _points_inputs(p, g, has_offset=True):
+    ci, co = (3, 3) if has_offset else (2, 4)
+    coords = torch.rand(p, 3, generator=g) * 1.4 - 0.2
+    coords[: p // 10] = torch.floor(coords[: p // 10] * 8) / 8  # on knots and borders
+    return {
+        "grid": torch.randn(5, co * (ci + has_offset), 8, 16, 16, generator=g),
+        "coords": coords,
+        "x": torch.rand(p, ci, generator=g),
+        "grid_idx": torch.randint(0, 5, (p,), generator=g),
+    }
+
+
+@pytest.mark.parametrize("variant, opset", VARIANTS, ids=[f"{v}{o}" for v, o in VARIANTS])
+@pytest.mark.parametrize("has_offset", [True, False], ids=["offset", "no_offset"])
+def test_points_op_exports(variant, opset, has_offset):
+    """Dynamic sample count; unseen counts, coordinates outside [0, 1], on knots, NaN and
+    infinite (they read the border cells, as the kernels do)."""
+    model = Points(has_offset).eval()
+    P = Dim("P", min=2, max=1 << 24)
+    example = _points_inputs(100, _gen(0), has_offset)
+    dims = {"grid": {}, "coords": {0: P}, "x": {0: P}, "grid_idx": {0: P}}
+    program = bx.export_onnx(model, tuple(example.values()), opset=opset, variant=variant, dynamic_shapes=dims)
+    types = _check_model(program.model_proto, variant, opset)
+    assert "GridSample" not in types
+    session = _session(program.model_proto)
+    for i, p in enumerate((7, 20011)):
+        args = _points_inputs(p, _gen(20 + i), has_offset)
+        args["coords"][0, 0], args["coords"][1, 1], args["coords"][2, 2] = float("nan"), float("inf"), -float("inf")
+        with torch.no_grad():
+            want = model(*args.values())
+        _assert_close(_run(session, args), want, TOL["gather"], f"points {variant} P={p}")
+
+
+def test_grid_tv_loss_exports():
+    """Dynamic grid and index counts, a grid with size-1 axes too."""
+    model = TvLoss().eval()
+    M, K = Dim("M", min=2, max=4096), Dim("K", min=1, max=4096)
+    program = bx.export_onnx(
+        model, (torch.randn(7, 12, 8, 16, 16), torch.tensor([1, 3])), dynamic_shapes={"grids": {0: M}, "idx": {0: K}}
+    )
+    _check_model(program.model_proto, "gather", bx.DEFAULT_OPSET)
+    session = _session(program.model_proto)
+    for i, (m, k) in enumerate(((11, 4), (600, 37))):
+        args = {"grids": torch.randn(m, 12, 8, 16, 16, generator=_gen(30 + i)), "idx": torch.randint(0, m, (k,), generator=_gen(40 + i))}
+        with torch.no_grad():
+            want = model(*args.values())
+        _assert_close(_run(session, args), want, 1e-5, f"tv M={m} K={k}")
+    flat = bx.export_onnx(model, (torch.randn(3, 12, 1, 5, 1), torch.tensor([2])))
+    args = {"grids": torch.randn(3, 12, 1, 5, 1, generator=_gen(50)), "idx": torch.tensor([2])}
+    with torch.no_grad():
+        want = model(*args.values())
+    _assert_close(_run(_session(flat.model_proto), args), want, 1e-5, "tv with size-1 axes")
+
+
+def test_lib_bilagrid_drop_in_exports():
+    """compat.bilagrid.slice of a whole image (dynamic H, W): the gray level, the coordinates and
+    the points op, end to end."""
+    model = BilagridSlice().eval()
+    H, W = Dim("H", min=2, max=8192), Dim("W", min=2, max=8192)
+
+    def inputs(h, w, g):
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        return {"xy": torch.stack([xs, ys], -1)[None], "rgb": torch.rand(1, h, w, 3, generator=g), "grid_idx": torch.tensor(1)}
+
+    example = inputs(24, 32, _gen(0))
+    program = bx.export_onnx(model, tuple(example.values()), dynamic_shapes={"xy": {1: H, 2: W}, "rgb": {1: H, 2: W}, "grid_idx": {}})
+    _check_model(program.model_proto, "gather", bx.DEFAULT_OPSET)
+    args = inputs(97, 131, _gen(1))
+    with torch.no_grad():
+        want = model(*args.values())
+    _assert_close(_run(_session(program.model_proto), args), want, 1e-5, "lib_bilagrid slice")
+
+
+# ----------------------------------------------------------------------------------------------
 # HDRNet end to end
 
 
