@@ -33,6 +33,7 @@ At the end the processes compare their parameters and fail if any replica differ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -252,6 +253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run_.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run_.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_.add_argument(
+        "--amp", default="off", choices=["off", "bf16", "fp16"],
+        help="mixed precision: the forward under torch.autocast in bfloat16 or float16 (fp16: "
+        "CUDA only, with a gradient scaler); parameters, optimiser and checkpoints stay float32",
+    )
     args = ap.parse_args(argv)
     for name in ("crop", "steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -260,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--lr must be positive")
     if args.resume and not args.checkpoint:
         ap.error("--resume needs --checkpoint")
+    if args.amp == "fp16" and args.device is not None and not args.device.startswith("cuda"):
+        ap.error("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     return args
 
 
@@ -314,6 +322,9 @@ def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Modul
         torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     distributed = world > 1
     if distributed:
         import torch.distributed as dist
@@ -331,6 +342,8 @@ def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Modul
         config = _model_config(args)
         model = (ReferenceHDRNet if args.reference else HDRNet)(**config).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         gen = torch.Generator().manual_seed(args.seed * 1000003 + rank)
         start = 0
         if args.resume and os.path.exists(args.checkpoint):
@@ -341,6 +354,8 @@ def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Modul
                 )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             start = int(state["step"])
             gen.set_state(state["generators"][rank] if rank < len(state["generators"]) else gen.get_state())
             _log(f"resumed from {args.checkpoint} at step {start}", rank)
@@ -377,6 +392,8 @@ def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Modul
                         "config": config,
                         "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                        "amp": args.amp,
                         "step": step,
                         "generators": gens,
                         "operator": None if args.pairs else args.operator,
@@ -393,10 +410,13 @@ def run(args: argparse.Namespace, data: Dataset | None = None) -> torch.nn.Modul
                 group["lr"] = learning_rate(args, step)
             x, y = sample_batch(data, args.batch_size, crop, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.mse_loss(net(x), y)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                out = net(x)
+            loss = F.mse_loss(out.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             done = step + 1
             seen += args.batch_size * world
             value = loss.item()
