@@ -103,6 +103,7 @@ class VecBuf {
   VecBuf(const VecBuf&) = delete;
   VecBuf& operator=(const VecBuf&) = delete;
   vec_t<T>& operator[](int64_t i) { return p_[i]; }
+  const vec_t<T>& operator[](int64_t i) const { return p_[i]; }
   void fill() {
     for (int64_t i = 0; i < n_; ++i) p_[i] = vec_t<T>{};
   }
@@ -112,17 +113,32 @@ class VecBuf {
   int64_t n_;
 };
 
-// Per-task block buffers: x, and (backward) every channel's c, f and f' and the input gradient.
+// A zero the compiler cannot fold (curve_relu's max then stays one instruction).
+template <typename T>
+T opaque_zero() {
+  static volatile T zero = T(0);
+  return zero;
+}
+
+// Per-task block buffers: x, and (backward) every channel's c, f and f' and the input gradient;
+// the parameter table with every value broadcast to a vector once (GCC broadcasts a scalar with
+// an add of zero first, two instructions, which the curve loops would pay per point), and a
+// zero vector for curve_relu.
 template <typename T>
 struct Scratch {
-  VecBuf<T> x, c, f, fp, dx, acc;
-  Scratch(const CurveLayout& l, bool backward)
+  VecBuf<T> x, c, f, fp, dx, acc, tab;
+  vec_t<T> zero;
+  Scratch(const CurveLayout& l, bool backward, const T* table)
       : x(l.C * kVecs),
         c(backward ? l.C * kVecs : 0),
         f(backward ? l.C * kVecs : 0),
         fp(backward ? l.C * kVecs : 0),
         dx(backward ? l.C * kVecs : 0),
-        acc(backward ? l.size() : 0) {}
+        acc(backward ? l.size() : 0),
+        tab(l.size()),
+        zero(vsplat<T>(opaque_zero<T>())) {
+    for (int64_t q = 0; q < l.size(); ++q) tab[q] = vsplat<T>(table[q]);
+  }
 };
 
 // The pre-clamp guide g of one block (x already loaded); with kKeep, each channel's c, f and f'
@@ -132,28 +148,27 @@ BO_ALWAYS_INLINE void block_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>
   using V = vec_t<T>;
   const CurveLayout& l = a.l;
   const int64_t C = l.C, K = l.K;
-  const T* tb = a.table;
-  for (int64_t v = 0; v < kVecs; ++v) g[v] = vsplat<T>(tb[l.mix_bias()]);
+  const VecBuf<T>& tb = s.tab;
+  for (int64_t v = 0; v < kVecs; ++v) g[v] = tb[l.mix_bias()];
   for (int64_t k = 0; k < C; ++k) {
     V ck[kVecs], fk[kVecs] = {}, fpk[kVecs] = {};
-    for (int64_t v = 0; v < kVecs; ++v) ck[v] = vsplat<T>(tb[l.ccm_bias() + k]);
+    for (int64_t v = 0; v < kVecs; ++v) ck[v] = tb[l.ccm_bias() + k];
     for (int64_t i = 0; i < C; ++i) {
-      const V m = vsplat<T>(tb[l.ccm() + k * C + i]);
+      const V m = tb[l.ccm() + k * C + i];
       for (int64_t v = 0; v < kVecs; ++v) ck[v] += m * s.x[i * kVecs + v];
     }
-    const T* sh = tb + l.shifts() + k * K;
-    const T* sl = tb + l.slopes() + k * K;
+    const V zero = s.zero;
     for (int64_t j = 0; j < K; ++j) {
-      const V t = vsplat<T>(sh[j]), m = vsplat<T>(sl[j]);
+      const V t = tb[l.shifts() + k * K + j], m = tb[l.slopes() + k * K + j];
       for (int64_t v = 0; v < kVecs; ++v) {
         if constexpr (kKeep) {
-          curve_point(ck[v], t, m, fk[v], fpk[v]);
+          curve_point(ck[v], t, m, fk[v], fpk[v], zero);
         } else {
-          curve_value(ck[v], t, m, fk[v]);
+          curve_value(ck[v], t, m, fk[v], zero);
         }
       }
     }
-    const V mk = vsplat<T>(tb[l.mix() + k]);
+    const V mk = tb[l.mix() + k];
     for (int64_t v = 0; v < kVecs; ++v) {
       g[v] += mk * fk[v];
       if constexpr (kKeep) {
@@ -173,7 +188,7 @@ BO_ALWAYS_INLINE void load_pixels(const CurveArgs<T>& a, Scratch<T>& s, const T*
 template <typename T>
 BO_ALWAYS_INLINE void forward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t c1) {
   using V = vec_t<T>;
-  Scratch<T> s(a.l, false);
+  Scratch<T> s(a.l, false, a.table);
   constexpr int64_t B = block_pixels<T>();
   for (int64_t chunk = c0; chunk < c1; ++chunk) {
     const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
@@ -203,8 +218,8 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
   using V = vec_t<T>;
   const CurveLayout& l = a.l;
   const int64_t C = l.C, K = l.K, P = l.size();
-  const T* tb = a.table;
-  Scratch<T> s(l, true);
+  Scratch<T> s(l, true, a.table);
+  const VecBuf<T>& tb = s.tab;
   constexpr int64_t B = block_pixels<T>();
   for (int64_t chunk = c0; chunk < c1; ++chunk) {
     const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
@@ -222,7 +237,7 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
       if constexpr (kParams) accumulate<T>(s.acc[l.mix_bias()], gp);
       if constexpr (kInput) s.dx.fill();
       for (int64_t k = 0; k < C; ++k) {
-        const V mk = vsplat<T>(tb[l.mix() + k]);
+        const V mk = tb[l.mix() + k];
         const V* ck = &s.c[k * kVecs];
         V df[kVecs], dc[kVecs], t[kVecs];
         for (int64_t v = 0; v < kVecs; ++v) {
@@ -231,7 +246,7 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
         }
         if constexpr (kInput) {
           for (int64_t i = 0; i < C; ++i) {
-            const V m = vsplat<T>(tb[l.ccm() + k * C + i]);
+            const V m = tb[l.ccm() + k * C + i];
             for (int64_t v = 0; v < kVecs; ++v) s.dx[i * kVecs + v] += m * dc[v];
           }
         }
@@ -243,14 +258,14 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
             for (int64_t v = 0; v < kVecs; ++v) t[v] = dc[v] * s.x[i * kVecs + v];
             accumulate<T>(s.acc[l.ccm() + k * C + i], t);
           }
-          const T* sh = tb + l.shifts() + k * K;
           V* acc_shift = &s.acc[l.shifts() + k * K];
           V* acc_slope = &s.acc[l.slopes() + k * K];
+          const V zero = s.zero;
           for (int64_t j = 0; j < K; ++j) {
-            const V tj = vsplat<T>(sh[j]);
+            const V tj = tb[l.shifts() + k * K + j];
             V d_shift[kVecs] = {}, d_slope[kVecs] = {};
             for (int64_t v = 0; v < kVecs; ++v) {
-              curve_point_grads(ck[v], tj, df[v], d_shift[v], d_slope[v]);
+              curve_point_grads(ck[v], tj, df[v], d_shift[v], d_slope[v], zero);
             }
             accumulate<T>(acc_shift[j], d_shift);
             accumulate<T>(acc_slope[j], d_slope);
