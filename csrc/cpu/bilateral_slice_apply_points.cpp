@@ -297,7 +297,7 @@ BO_ALWAYS_INLINE void forward_dense(const GridView<T>& v, const PointsGeometry& 
       V acc[2][NV] = {};
       for (int k = 0; k < 8; ++k) {
         const T* q = grid + cb.off[k][s] * CP;
-        const V w = vsplat<T>(cb.w[k][s]);
+        const V w = vbroadcast<T>(cb.w[k][s]);
         for (int j = 0; j < NV; ++j) acc[k & 1][j] += w * vload(q + j * W);
       }
       for (int j = 0; j < NV; ++j) acc[0][j] += acc[1][j];
@@ -499,7 +499,7 @@ BO_ALWAYS_INLINE void backward_block_dense(const BackwardArgs<T>& a, const Block
       Vec d[8];
       for (int k = 0; k < 8; ++k) {
         const T* q = grid + cb.off[k][s] * CP;
-        const Vec w = vsplat<T>(cb.w[k][s]);
+        const Vec w = vbroadcast<T>(cb.w[k][s]);
         d[k] = Vec{};
         for (int j = 0; j < NV; ++j) {
           const Vec sv = vload(q + j * W);
@@ -618,7 +618,7 @@ struct ChunkSink {
     for (int k = 0; k < 8; ++k) {
       double* q = acc + cb.off[k][s] * cpd;
       const double w = cb.w[k][s];
-      const VD wv = vsplat<double>(w);
+      const VD wv = vsplat<double>(w);  // converted from T: a broadcast of a computed value
       for (int64_t j = 0; j < nvd; ++j) vstore(q + j * WD, vload(q + j * WD) + wv * vd[j]);
       for (int64_t c = nvd * WD; c < C; ++c) q[c] += w * static_cast<double>(V[c]);
     }

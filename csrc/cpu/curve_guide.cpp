@@ -137,7 +137,7 @@ struct Scratch {
         acc(backward ? l.size() : 0),
         tab(l.size()),
         zero(vsplat<T>(opaque_zero<T>())) {
-    for (int64_t q = 0; q < l.size(); ++q) tab[q] = vsplat<T>(table[q]);
+    for (int64_t q = 0; q < l.size(); ++q) tab[q] = vbroadcast<T>(table[q]);
   }
 };
 

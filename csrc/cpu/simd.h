@@ -6,6 +6,7 @@
 // in registers across an inner loop).
 
 #include <cstdint>
+#include <type_traits>
 
 // Helpers passing vectors by value must be inlined into each target_clones copy: an out-of-line
 // copy is compiled for the baseline ABI, which passes 32-byte vectors differently from the AVX
@@ -82,6 +83,24 @@ BO_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vsplat(T x) {
   return vec_t<T>{} + x;
+}
+
+// vsplat of a value loaded from memory in an inner loop, as the integer of the same bits: GCC
+// cannot fold vsplat's add of zero (-0 + 0 is +0) and emits a scalar add before the broadcast,
+// and lane-by-lane initialisers compile to chains of inserts under target_clones; an integer
+// splat of a loaded value is one broadcast from memory (a load, no arithmetic). Bit-exact, -0
+// included. (Not a general replacement: for constants and computed values vsplat compiles
+// better, e.g. as operands of min/max patterns.)
+template <typename T>
+BO_ALWAYS_INLINE vec_t<T> vbroadcast(const T& x) {
+  using M = typename VecOf<T>::mask;
+  using I = typename std::remove_reference<decltype(M{}[0])>::type;
+  I bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  const M m = M{} + bits;
+  vec_t<T> v;
+  __builtin_memcpy(&v, &m, sizeof(v));
+  return v;
 }
 
 // Sum of the lanes, as a tree of half-swaps.
