@@ -61,6 +61,27 @@ def test_matches_kornia(border, distance, setting, guide):
     _assert_close(got, want, 1e-5, f"{border} {distance} {ks}")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30], ids=["nan", "inf", "-inf", "huge"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("joint", [False, True])
+def test_non_finite_inputs_match_kornia(value, distance, joint):
+    """NaN, infinite and huge values in the input (or the guidance): NaN and infinite outputs where
+    kornia has them (an infinite colour distance is a weight of exactly 0, and 0 * inf is NaN), the
+    other pixels as close as ever. Odd sizes and both chunk paths of the vector loops."""
+    x = _rand(2, 3, 19, 37, seed=3)
+    g = _rand(2, 2, 19, 37, seed=4) if joint else None
+    target = g if joint else x
+    target[0, 0, 9, 3] = value
+    target[1, target.shape[1] - 1, 0, 36] = value
+    args = (5, 0.1, (1.5, 2.0), "reflect", distance)
+    got = bo.joint_bilateral_blur(x, g, *args) if joint else bo.bilateral_blur(x, *args)
+    want = KF.joint_bilateral_blur(x, g, *args) if joint else KF.bilateral_blur(x, *args)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    err = (got[finite] - want[finite]).abs().max().item()
+    assert err <= 1e-5 * (1 + want[finite].abs().max().item())
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("joint", [False, True])
 def test_tensor_sigmas_match_kornia(distance, joint):

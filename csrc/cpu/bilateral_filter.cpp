@@ -41,18 +41,29 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // exp of vectors of non-positive arguments (the weights' exponents). float: 2^n times a degree-6
 // polynomial of 2^f (a few ulp of expf, so float32 stays within ~1e-7 of torch.exp, far inside
-// the 1e-5 contract); arguments are clamped at -86 so that 2^n stays a normal number (such
-// weights are ~1e-37 against a centre weight of 1). double: libm per lane, as the float64
-// contract is 1e-10.
+// the 1e-5 contract). Arguments below -86 give exactly 0: they are clamped there for the
+// arithmetic (2^n stays a normal number), then zeroed. torch's float32 exp gives denormals down
+// to -104 and 0 below, so the weights differ by less than 1e-37 of the centre weight (1), and an
+// infinite input (exponent -inf) gets weight 0 and makes NaN (0 * inf) where kornia does.
+// double: libm per lane, as the float64 contract is 1e-10.
+
+// The clamp's bound, -86, read where the compiler cannot see it as a constant: against a vector
+// it cannot fold, `lo > x ? lo : x` compiles to one max (x86's max returns x when x is NaN, so NaN
+// still passes through), against the literal to a compare and a blend.
+inline float exp_floor() {
+  static volatile float lo = -86.0f;
+  return lo;
+}
 
 template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vexp(vec_t<T> x);
+BO_ALWAYS_INLINE vec_t<T> vexp(vec_t<T> x, vec_t<T> lo);
 
 template <>
-BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x) {
+BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x, vec_t<float> lo) {
   using V = vec_t<float>;
   using I = VecOf<float>::mask;
-  x = x < -86.0f ? vsplat<float>(-86.0f) : x;  // NaN passes through as NaN
+  const V x_in = x;
+  x = lo > x ? lo : x;  // lo = exp_floor(); NaN passes through as NaN
   // exp(x) = 2^n 2^f with n = round(x log2 e), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer
   // held in the low mantissa bits.
   const V t = x * 1.44269504088896341f;
@@ -75,11 +86,11 @@ BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x) {
   bits += n << 23;
   V out;
   __builtin_memcpy(&out, &bits, sizeof(out));
-  return out;
+  return x_in < lo ? V{} : out;
 }
 
 template <>
-BO_ALWAYS_INLINE vec_t<double> vexp<double>(vec_t<double> x) {
+BO_ALWAYS_INLINE vec_t<double> vexp<double>(vec_t<double> x, vec_t<double>) {
   for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
   return x;
 }
@@ -168,7 +179,8 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
 // loaded (gv; the input values too when the input guides itself).
 template <typename T, int CG, int DIST>
 BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
-                                     vec_t<T> nrc, const T& ss, vec_t<T>* dist_acc, vec_t<T>* gv) {
+                                     vec_t<T> nrc, const T& ss, vec_t<T> lo, vec_t<T>* dist_acc,
+                                     vec_t<T>* gv) {
   const auto term = [](vec_t<T> d) { return DIST == kL1 ? vabs<T>(d) : d * d; };
   gv[0] = vload(grow[0] + col);
   vec_t<T> acc = term(gv[0] - gc[0]);  // the terms are >= +0: no "0 +" needed
@@ -178,7 +190,7 @@ BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const ve
   }
   *dist_acc = acc;
   const vec_t<T> D = DIST == kL1 ? acc * acc : acc;
-  return vexp<T>(D * nrc - ss);
+  return vexp<T>(D * nrc - ss, lo);
 }
 
 // Sum of w and of w I over every tap of the chunk at (n, y, x0): the forward pass. SELF: the input
@@ -190,7 +202,7 @@ BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int
                                      vec_t<T>* acc, vec_t<T>* gv, const T** irow, const T** grow,
                                      vec_t<T>* taps = nullptr) {
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const vec_t<T> nrc = vsplat<T>(-p.rc[n]);
+  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vsplat<T>(static_cast<T>(exp_floor()));
   const T* ss = p.ss + n * p.ky * p.kx;
   vec_t<T> wsum{};
 #pragma GCC unroll 4
@@ -200,7 +212,7 @@ BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int
     for (int64_t c = 0; c < ng; ++c) grow[c] = p.gd_row(n, c, y + ty);
     for (int64_t tx = 0; tx < p.kx; ++tx) {
       vec_t<T> dist;
-      const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, nrc, ss[ty * p.kx + tx], &dist, gv);
+      const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
       wsum += w;
       if (taps != nullptr) {
         taps[2 * (ty * p.kx + tx)] = w;
@@ -224,7 +236,7 @@ BO_ALWAYS_INLINE void accumulate_pair(const Args<T>& p, int64_t n, int64_t y, in
                                       const vec_t<T> (&gc)[2][CG], vec_t<T> (&acc)[2][CC],
                                       vec_t<T> (&wsum)[2]) {
   constexpr int64_t V = vec_width<T>();
-  const vec_t<T> nrc = vsplat<T>(-p.rc[n]);
+  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vsplat<T>(static_cast<T>(exp_floor()));
   const T* ss = p.ss + n * p.ky * p.kx;
   for (int j = 0; j < 2; ++j) {
     wsum[j] = vec_t<T>{};
@@ -239,7 +251,7 @@ BO_ALWAYS_INLINE void accumulate_pair(const Args<T>& p, int64_t n, int64_t y, in
       for (int j = 0; j < 2; ++j) {
         const int64_t col = x0 + j * V + tx;
         vec_t<T> dist, gv[CG];
-        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc[j], CG, nrc, ss[ty * p.kx + tx], &dist, gv);
+        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc[j], CG, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
         wsum[j] += w;
         for (int c = 0; c < CC; ++c) acc[j][c] += w * (SELF ? gv[c] : vload(irow[c] + col));
       }
@@ -423,7 +435,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
   const T** crow = s.rows.data() + p.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.Hp, qy = r % p.Hp;
-    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc;
+    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc, lo = vsplat<T>(static_cast<T>(exp_floor()));
     const T* ss = p.ss + n * p.ky * p.kx;
     for (int64_t q0 = 0; q0 < p.Wp; q0 += V) {
       for (int64_t c = 0; c < nc; ++c) {
@@ -450,7 +462,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
             dist += DIST == kL1 ? vabs<T>(d) : d * d;
           }
           const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-          const vec_t<T> w = vexp<T>(D * nrc - ss[ty * p.kx + tx]);
+          const vec_t<T> w = vexp<T>(D * nrc - ss[ty * p.kx + tx], lo);
 #pragma GCC unroll 4
           for (int64_t c = 0; c < nc; ++c) gpv[c] = vload(gprow[c] + x0);
           if (p.need_value) {
