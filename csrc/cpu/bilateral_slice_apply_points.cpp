@@ -244,6 +244,43 @@ BO_ALWAYS_INLINE void sample_channels(const GridView<T>& v, const T* grid, const
   }
 }
 
+typedef float f32x4 __attribute__((vector_size(16)));
+
+// Vectors built from three values of a sample (its input x or its output gradient g, both
+// (P, 3) rows) by one 16-byte load and a permute: x[3], the next sample's first value, is read
+// and not used, so the callers only use them for a sample that is not the last one. Written lane by
+// lane, GCC compiles such vectors to chains of inserts under target_clones (and
+// __builtin_shufflevector arrived in GCC 12).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define BO_SHUFFLEVECTOR 1
+#endif
+
+// [x0, x1, x2, 1, x0, x1, x2, 1]
+BO_ALWAYS_INLINE vec_t<float> xyz1_twice(const float* x) {
+#ifdef BO_SHUFFLEVECTOR
+  f32x4 v;
+  __builtin_memcpy(&v, x, sizeof(v));
+  const f32x4 one = f32x4{} + 1.0f;
+  return __builtin_shufflevector(v, one, 0, 1, 2, 4, 0, 1, 2, 4);
+#else
+  return vec_t<float>{x[0], x[1], x[2], 1.0f, x[0], x[1], x[2], 1.0f};
+#endif
+}
+
+// [g0, g0, g0, g0, g1, g1, g1, g1] and [g2, g2, g2, g2, 0, 0, 0, 0]
+BO_ALWAYS_INLINE void rows_of(const float* g, vec_t<float>& g01, vec_t<float>& g2) {
+#ifdef BO_SHUFFLEVECTOR
+  f32x4 v;
+  __builtin_memcpy(&v, g, sizeof(v));
+  const f32x4 zero{};
+  g01 = __builtin_shufflevector(v, zero, 0, 0, 0, 0, 1, 1, 1, 1);
+  g2 = __builtin_shufflevector(v, zero, 2, 2, 2, 2, 4, 4, 4, 4);
+#else
+  g01 = vec_t<float>{g[0], g[0], g[0], g[0], g[1], g[1], g[1], g[1]};
+  g2 = vec_t<float>{g[2], g[2], g[2], g[2], 0.0f, 0.0f, 0.0f, 0.0f};
+#endif
+}
+
 // lib_bilagrid's layout (3 inputs, offsets, 3 outputs: 12 channels, two float vectors of a
 // channels-last copy: rows 0 and 1 of the 3x4 matrix in a0, row 2 in the low half of a1).
 // The affine map, out[o] = (A[o, 0] x0 + A[o, 2] x2) + (A[o, 1] x1 + A[o, 3]), written as four
@@ -251,7 +288,7 @@ BO_ALWAYS_INLINE void sample_channels(const GridView<T>& v, const T* grid, const
 BO_ALWAYS_INLINE void affine34_store4(vec_t<float> a0, vec_t<float> a1, const float* x, float* out) {
   using V = vec_t<float>;
   using M = VecOf<float>::mask;
-  const V xv = V{x[0], x[1], x[2], 1.0f, x[0], x[1], x[2], 1.0f};
+  const V xv = xyz1_twice(x);
   const V m0 = a0 * xv, m1 = a1 * xv;
   const V s = __builtin_shuffle(m0, m1, M{0, 1, 4, 5, 8, 9, 12, 13}) +
               __builtin_shuffle(m0, m1, M{2, 3, 6, 7, 10, 11, 14, 15});
@@ -260,12 +297,11 @@ BO_ALWAYS_INLINE void affine34_store4(vec_t<float> a0, vec_t<float> a1, const fl
   __builtin_memcpy(out, &r, 4 * sizeof(float));
 }
 
-// Its input gradient: gi[i] = sum_o go[o] A[o, i].
-BO_ALWAYS_INLINE void input_grad34(vec_t<float> a0, vec_t<float> a1, const float* go, float* gi) {
+// Its input gradient: gi[i] = sum_o go[o] A[o, i], with go's rows from rows_of.
+BO_ALWAYS_INLINE void input_grad34(vec_t<float> a0, vec_t<float> a1, vec_t<float> g01, vec_t<float> g2,
+                                   float* gi) {
   using V = vec_t<float>;
   using M = VecOf<float>::mask;
-  const V g01 = V{go[0], go[0], go[0], go[0], go[1], go[1], go[1], go[1]};
-  const V g2 = V{go[2], go[2], go[2], go[2], 0.0f, 0.0f, 0.0f, 0.0f};
   const V h = a0 * g01 + a1 * g2;
   const V r = h + __builtin_shuffle(h, M{4, 5, 6, 7, 0, 1, 2, 3});
   gi[0] = r[0];
@@ -492,7 +528,21 @@ BO_ALWAYS_INLINE void backward_block_dense(const BackwardArgs<T>& a, const Block
     const T* x = a.input + p * l.Ci;
     const T* go = a.grad_output + p * l.Co;
     Vec vv[NV];
-    splat_vectors<T, NV>(l, go, x, V, vv);
+    [[maybe_unused]] Vec g01, g2;
+    // lib_bilagrid's layout, not the last sample (whose row is the last of go and x): the splat
+    // values as two products of permuted loads.
+    [[maybe_unused]] bool rows = false;
+    if constexpr (W == 8 && NV == 2) {
+      if (rgb34 && p + 1 < a.g.P) {
+        rows_of(go, g01, g2);
+        const Vec xv = xyz1_twice(x);
+        vv[0] = g01 * xv;
+        vv[1] = g2 * xv;
+        for (int j = 0; j < NV; ++j) vstore(V + j * W, vv[j]);
+        rows = true;
+      }
+    }
+    if (!rows) splat_vectors<T, NV>(l, go, x, V, vv);
     if (a.need_coords || a.need_input) {
       const T* grid = a.v.grid(a.idx[p]);
       Vec acc[2][NV] = {};
@@ -515,8 +565,8 @@ BO_ALWAYS_INLINE void backward_block_dense(const BackwardArgs<T>& a, const Block
         T* gi = a.grad_input + p * l.Ci;
         bool done = false;
         if constexpr (W == 8 && NV == 2) {
-          if (rgb34) {
-            input_grad34(acc[0][0], acc[0][1], go, gi);
+          if (rows) {
+            input_grad34(acc[0][0], acc[0][1], g01, g2, gi);
             done = true;
           }
         }
@@ -585,7 +635,6 @@ BO_ALWAYS_INLINE void backward_samples(const BackwardArgs<T>& a, const int64_t* 
 
 // Four values as a vector of doubles (a 16-byte load of floats, converted: it forwards from the
 // vector store of splat_vectors).
-typedef float f32x4 __attribute__((vector_size(16)));
 BO_ALWAYS_INLINE vec_t<double> widen(const float* p) {
   f32x4 v;
   __builtin_memcpy(&v, p, sizeof(v));
