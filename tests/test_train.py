@@ -149,6 +149,14 @@ def test_mixed_precision_training(tmp_path, pairs, capsys):
     if not torch.cuda.is_available():
         assert train.main(_train_args(pairs, tmp_path / "x.pt", 2, "--amp", "fp16")) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+        return
+    # On a GPU: float16 with the gradient scaler, its state checkpointed and resumed.
+    ck16 = tmp_path / "fp16.pt"
+    assert train.main(_train_args(pairs, ck16, 4, "--amp", "fp16", "--device", "cuda")) == 0
+    st = train.load_checkpoint(str(ck16))
+    assert st["amp"] == "fp16" and st["scaler"] is not None and st["scaler"]["scale"] > 0
+    assert train.main(_train_args(pairs, ck16, 6, "--amp", "fp16", "--device", "cuda", "--resume")) == 0
+    assert train.load_checkpoint(str(ck16))["step"] == 6
 
 
 def test_cosine_schedule():
