@@ -47,13 +47,8 @@ namespace {
 // infinite input (exponent -inf) gets weight 0 and makes NaN (0 * inf) where kornia does.
 // double: libm per lane, as the float64 contract is 1e-10.
 
-// The clamp's bound, -86, read where the compiler cannot see it as a constant: against a vector
-// it cannot fold, `lo > x ? lo : x` compiles to one max (x86's max returns x when x is NaN, so NaN
-// still passes through), against the literal to a compare and a blend.
-inline float exp_floor() {
-  static volatile float lo = -86.0f;
-  return lo;
-}
+// The clamp's bound, passed as lo = vopaque(kExpFloor) (simd.h): the clamp is then one max.
+constexpr float kExpFloor = -86.0f;
 
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vexp(vec_t<T> x, vec_t<T> lo);
@@ -63,7 +58,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x, vec_t<float> lo) {
   using V = vec_t<float>;
   using I = VecOf<float>::mask;
   const V x_in = x;
-  x = lo > x ? lo : x;  // lo = exp_floor(); NaN passes through as NaN
+  x = lo > x ? lo : x;  // NaN passes through as NaN
   // exp(x) = 2^n 2^f with n = round(x log2 e), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer
   // held in the low mantissa bits.
   const V t = x * 1.44269504088896341f;
@@ -193,73 +188,58 @@ BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const ve
   return vexp<T>(D * nrc - ss, lo);
 }
 
-// Sum of w and of w I over every tap of the chunk at (n, y, x0): the forward pass. SELF: the input
-// is the guidance (same rows), so its values are the ones tap_weight loaded.
-// taps (or nullptr): where to keep each tap's weight and distance, 2 vectors per tap, for a
-// second sweep over the same chunk.
-template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE vec_t<T> accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
-                                     vec_t<T>* acc, vec_t<T>* gv, const T** irow, const T** grow,
-                                     vec_t<T>* taps = nullptr) {
+// Sums of w and of w I over every tap of J neighbouring chunks (x0, x0 + vec_width, ...) of row
+// (n, y): the forward pass. gc and acc hold J groups of ng and nc vectors, wsum J vectors. SELF:
+// the input is the guidance (same rows), so its values are the ones tap_weight loaded.
+// taps (or nullptr; J = 1 only): where to keep each tap's weight and distance, 2 vectors per tap,
+// for a second sweep over the same chunk.
+// Two chunks (J = 2, channel counts fixed): each tap's weight is a chain of ~15 dependent
+// operations (the distance, then exp's polynomial); with one chunk the out-of-order window holds
+// too few taps to hide it, and the loop runs well below the FP throughput. Two independent chains
+// side by side in program order fill it. Their registers (2 x (CC + CG + 1) accumulators and
+// centres) fit AVX-512's 32, not AVX2's 16, so the callers take J = 2 only when the CPU has
+// AVX-512.
+template <typename T, int CC, int CG, int DIST, bool SELF, int J = 1>
+BO_ALWAYS_INLINE void accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
+                                 vec_t<T>* acc, vec_t<T>* wsum, vec_t<T>* gv, const T** irow,
+                                 const T** grow, vec_t<T>* taps = nullptr) {
+  static_assert(J == 1 || (CC > 0 && CG > 0), "two chunks at once need fixed channel counts");
+  constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vsplat<T>(static_cast<T>(exp_floor()));
+  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vopaque<T>(T(kExpFloor));
   const T* ss = p.ss + n * p.ky * p.kx;
-  vec_t<T> wsum{};
+  for (int j = 0; j < J; ++j) {
+    wsum[j] = vec_t<T>{};
 #pragma GCC unroll 4
-  for (int64_t c = 0; c < nc; ++c) acc[c] = vec_t<T>{};
+    for (int64_t c = 0; c < nc; ++c) acc[j * nc + c] = vec_t<T>{};
+  }
   for (int64_t ty = 0; ty < p.ky; ++ty) {
     for (int64_t c = 0; c < nc; ++c) irow[c] = p.in_row(n, c, y + ty);
     for (int64_t c = 0; c < ng; ++c) grow[c] = p.gd_row(n, c, y + ty);
     for (int64_t tx = 0; tx < p.kx; ++tx) {
-      vec_t<T> dist;
-      const vec_t<T> w = tap_weight<T, CG, DIST>(grow, x0 + tx, gc, ng, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
-      wsum += w;
-      if (taps != nullptr) {
-        taps[2 * (ty * p.kx + tx)] = w;
-        taps[2 * (ty * p.kx + tx) + 1] = dist;
-      }
-#pragma GCC unroll 4
-      for (int64_t c = 0; c < nc; ++c) acc[c] += w * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
-    }
-  }
-  return wsum;
-}
-
-// accumulate for two neighbouring chunks at once (x0 and x0 + vec_width), channel counts fixed.
-// Each tap's weight is a chain of ~15 dependent operations (the distance, then exp's polynomial);
-// with one chunk the out-of-order window holds too few taps to hide it, and the loop runs at about
-// half the FP throughput. Two independent chains side by side in program order fill it. The
-// registers (2 x (CC + CG + 1) accumulators and centres) fit AVX-512's 32, not AVX2's 16, so the
-// callers take this path only when the CPU has AVX-512.
-template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void accumulate_pair(const Args<T>& p, int64_t n, int64_t y, int64_t x0,
-                                      const vec_t<T> (&gc)[2][CG], vec_t<T> (&acc)[2][CC],
-                                      vec_t<T> (&wsum)[2]) {
-  constexpr int64_t V = vec_width<T>();
-  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vsplat<T>(static_cast<T>(exp_floor()));
-  const T* ss = p.ss + n * p.ky * p.kx;
-  for (int j = 0; j < 2; ++j) {
-    wsum[j] = vec_t<T>{};
-    for (int c = 0; c < CC; ++c) acc[j][c] = vec_t<T>{};
-  }
-  const T* irow[CC];
-  const T* grow[CG];
-  for (int64_t ty = 0; ty < p.ky; ++ty) {
-    for (int c = 0; c < CC; ++c) irow[c] = p.in_row(n, c, y + ty);
-    for (int c = 0; c < CG; ++c) grow[c] = p.gd_row(n, c, y + ty);
-    for (int64_t tx = 0; tx < p.kx; ++tx) {
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < J; ++j) {
         const int64_t col = x0 + j * V + tx;
-        vec_t<T> dist, gv[CG];
-        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc[j], CG, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
+        vec_t<T> dist;
+        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc + j * ng, ng, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
         wsum[j] += w;
-        for (int c = 0; c < CC; ++c) acc[j][c] += w * (SELF ? gv[c] : vload(irow[c] + col));
+        if (taps != nullptr) {
+          taps[2 * (ty * p.kx + tx)] = w;
+          taps[2 * (ty * p.kx + tx) + 1] = dist;
+        }
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < nc; ++c) acc[j * nc + c] += w * (SELF ? gv[c] : vload(irow[c] + col));
       }
     }
   }
 }
 
-// Whether this CPU has the 32 vector registers accumulate_pair needs.
+// The centre guidance of the chunk at (n, y, x0).
+template <typename T>
+BO_ALWAYS_INLINE void load_centres(const Args<T>& p, int64_t n, int64_t y, int64_t x0, int64_t ng, vec_t<T>* gc) {
+  for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
+}
+
+// Whether this CPU has the 32 vector registers accumulate<..., 2> needs.
 inline bool has_avx512() {
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
@@ -290,6 +270,14 @@ struct Scratch {
   vec_t<T>* taps() { return vbuf + tap_offset; }
 };
 
+// The forward's result for the chunk at (n, y, x0): acc / wsum per channel.
+template <typename T>
+BO_ALWAYS_INLINE void store_chunk(const Args<T>& p, int64_t n, int64_t y, int64_t x0, int64_t nc,
+                                  const vec_t<T>* acc, vec_t<T> wsum) {
+  const vec_t<T> inv = T(1) / wsum;
+  for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
+}
+
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
@@ -306,26 +294,17 @@ BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1
     int64_t x0 = 0;
     if constexpr (CC > 0 && CG > 0) {
       for (; pairs && x0 + V < p.W; x0 += 2 * V) {
-        vec_t<T> gc2[2][CG], acc2[2][CC], wsum2[2];
-        for (int j = 0; j < 2; ++j) {
-          for (int c = 0; c < CG; ++c) gc2[j][c] = vload(p.gd_row(n, c, y + p.py) + x0 + j * V + p.px);
-        }
-        accumulate_pair<T, CC, CG, DIST, SELF>(p, n, y, x0, gc2, acc2, wsum2);
-        for (int j = 0; j < 2; ++j) {
-          const vec_t<T> inv = T(1) / wsum2[j];
-          for (int c = 0; c < CC; ++c) {
-            store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0 + j * V, p.W, acc2[j][c] * inv);
-          }
-        }
+        vec_t<T> gc2[2 * CG], acc2[2 * CC], wsum2[2];
+        for (int j = 0; j < 2; ++j) load_centres(p, n, y, x0 + j * V, CG, gc2 + j * CG);
+        accumulate<T, CC, CG, DIST, SELF, 2>(p, n, y, x0, gc2, acc2, wsum2, gv, irow, grow);
+        for (int j = 0; j < 2; ++j) store_chunk(p, n, y, x0 + j * V, CC, acc2 + j * CC, wsum2[j]);
       }
     }
     for (; x0 < p.W; x0 += V) {
-      for (int64_t c = 0; c < count<CG>(p.Cg); ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow);
-      const vec_t<T> inv = T(1) / wsum;
-      for (int64_t c = 0; c < count<CC>(p.C); ++c) {
-        store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
-      }
+      load_centres(p, n, y, x0, count<CG>(p.Cg), gc);
+      vec_t<T> wsum;
+      accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, &wsum, gv, irow, grow);
+      store_chunk(p, n, y, x0, count<CC>(p.C), acc, wsum);
     }
   }
 }
@@ -347,7 +326,6 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.H, y = r % p.H;
     const vec_t<T> rc = vsplat<T>(p.rc[n]);
-    const T* ss = p.ss + n * p.ky * p.kx;
     double row_d = 0, row_y = 0, row_x = 0;
     // Centre planes are zero outside the image: pass 2 gathers nothing from there.
     for (int64_t c = 0; c <= nc; ++c) {
@@ -356,9 +334,10 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
       std::fill(row + p.xoff + p.W, row + p.Wx, T(0));
     }
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
-      for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-      const vec_t<T> wsum = accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, gv, irow, grow,
-                                                              second ? s.taps() : nullptr);
+      load_centres(p, n, y, x0, ng, gc);
+      vec_t<T> wsum;
+      accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, &wsum, gv, irow, grow,
+                                        second ? s.taps() : nullptr);
       const vec_t<T> inv = T(1) / wsum;
       vec_t<T> a{};
       for (int64_t c = 0; c < nc; ++c) {
@@ -435,7 +414,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
   const T** crow = s.rows.data() + p.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.Hp, qy = r % p.Hp;
-    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc, lo = vsplat<T>(static_cast<T>(exp_floor()));
+    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc, lo = vopaque<T>(T(kExpFloor));
     const T* ss = p.ss + n * p.ky * p.kx;
     for (int64_t q0 = 0; q0 < p.Wp; q0 += V) {
       for (int64_t c = 0; c < nc; ++c) {

@@ -113,17 +113,10 @@ class VecBuf {
   int64_t n_;
 };
 
-// A zero the compiler cannot fold (curve_relu's max then stays one instruction).
-template <typename T>
-T opaque_zero() {
-  static volatile T zero = T(0);
-  return zero;
-}
-
 // Per-task block buffers: x, and (backward) every channel's c, f and f' and the input gradient;
 // the parameter table with every value broadcast to a vector once (GCC broadcasts a scalar with
 // an add of zero first, two instructions, which the curve loops would pay per point), and a
-// zero vector for curve_relu.
+// zero vector for curve_relu that the compiler cannot fold (vopaque: its max is one instruction).
 template <typename T>
 struct Scratch {
   VecBuf<T> x, c, f, fp, dx, acc, tab;
@@ -136,7 +129,7 @@ struct Scratch {
         dx(backward ? l.C * kVecs : 0),
         acc(backward ? l.size() : 0),
         tab(l.size()),
-        zero(vsplat<T>(opaque_zero<T>())) {
+        zero(vopaque<T>(T(0))) {
     for (int64_t q = 0; q < l.size(); ++q) tab[q] = vbroadcast<T>(table[q]);
   }
 };

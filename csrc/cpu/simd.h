@@ -103,6 +103,17 @@ BO_ALWAYS_INLINE vec_t<T> vbroadcast(const T& x) {
   return v;
 }
 
+// x in every lane, as a vector the compiler cannot see as a constant (x is read back through a
+// volatile). A select against it, `b > a ? b : a`, compiles to one max, which is exactly that
+// select (x86's max returns a when a is NaN, and a -0 passes as a); against a literal, GCC
+// emits a compare and a blend (an and-not for zero). Made outside the inner loops (a store and a
+// load each time).
+template <typename T>
+BO_ALWAYS_INLINE vec_t<T> vopaque(T x) {
+  volatile T v = x;
+  return vsplat<T>(v);
+}
+
 // Sum of the lanes, as a tree of half-swaps.
 template <typename T>
 BO_ALWAYS_INLINE T vsum(vec_t<T> v) {
