@@ -246,39 +246,41 @@ BO_ALWAYS_INLINE void sample_channels(const GridView<T>& v, const T* grid, const
 
 typedef float f32x4 __attribute__((vector_size(16)));
 
-// Vectors built from three values of a sample (its input x or its output gradient g, both
-// (P, 3) rows) by one 16-byte load and a permute: x[3], the next sample's first value, is read
-// and not used, so the callers only use them for a sample that is not the last one. Written lane by
-// lane, GCC compiles such vectors to chains of inserts under target_clones (and
-// __builtin_shufflevector arrived in GCC 12).
+// Vectors built from the three values of a sample's row (its input x or its output gradient g,
+// both (P, 3)): one 16-byte load and a permute, which reads x[3], the next row's first value
+// (unused), so the last row (next_row false) is built lane by lane. GCC compiles lane-by-lane
+// vectors to chains of inserts under target_clones, and has __builtin_shufflevector from GCC 12.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define BO_SHUFFLEVECTOR 1
 #endif
 
 // [x0, x1, x2, 1, x0, x1, x2, 1]
-BO_ALWAYS_INLINE vec_t<float> xyz1_twice(const float* x) {
+BO_ALWAYS_INLINE vec_t<float> xyz1_twice(const float* x, bool next_row) {
 #ifdef BO_SHUFFLEVECTOR
-  f32x4 v;
-  __builtin_memcpy(&v, x, sizeof(v));
-  const f32x4 one = f32x4{} + 1.0f;
-  return __builtin_shufflevector(v, one, 0, 1, 2, 4, 0, 1, 2, 4);
-#else
-  return vec_t<float>{x[0], x[1], x[2], 1.0f, x[0], x[1], x[2], 1.0f};
+  if (next_row) {
+    f32x4 v;
+    __builtin_memcpy(&v, x, sizeof(v));
+    const f32x4 one = f32x4{} + 1.0f;
+    return __builtin_shufflevector(v, one, 0, 1, 2, 4, 0, 1, 2, 4);
+  }
 #endif
+  return vec_t<float>{x[0], x[1], x[2], 1.0f, x[0], x[1], x[2], 1.0f};
 }
 
 // [g0, g0, g0, g0, g1, g1, g1, g1] and [g2, g2, g2, g2, 0, 0, 0, 0]
-BO_ALWAYS_INLINE void rows_of(const float* g, vec_t<float>& g01, vec_t<float>& g2) {
+BO_ALWAYS_INLINE void rows_of(const float* g, bool next_row, vec_t<float>& g01, vec_t<float>& g2) {
 #ifdef BO_SHUFFLEVECTOR
-  f32x4 v;
-  __builtin_memcpy(&v, g, sizeof(v));
-  const f32x4 zero{};
-  g01 = __builtin_shufflevector(v, zero, 0, 0, 0, 0, 1, 1, 1, 1);
-  g2 = __builtin_shufflevector(v, zero, 2, 2, 2, 2, 4, 4, 4, 4);
-#else
+  if (next_row) {
+    f32x4 v;
+    __builtin_memcpy(&v, g, sizeof(v));
+    const f32x4 zero{};
+    g01 = __builtin_shufflevector(v, zero, 0, 0, 0, 0, 1, 1, 1, 1);
+    g2 = __builtin_shufflevector(v, zero, 2, 2, 2, 2, 4, 4, 4, 4);
+    return;
+  }
+#endif
   g01 = vec_t<float>{g[0], g[0], g[0], g[0], g[1], g[1], g[1], g[1]};
   g2 = vec_t<float>{g[2], g[2], g[2], g[2], 0.0f, 0.0f, 0.0f, 0.0f};
-#endif
 }
 
 // lib_bilagrid's layout (3 inputs, offsets, 3 outputs: 12 channels, two float vectors of a
@@ -288,7 +290,7 @@ BO_ALWAYS_INLINE void rows_of(const float* g, vec_t<float>& g01, vec_t<float>& g
 BO_ALWAYS_INLINE void affine34_store4(vec_t<float> a0, vec_t<float> a1, const float* x, float* out) {
   using V = vec_t<float>;
   using M = VecOf<float>::mask;
-  const V xv = xyz1_twice(x);
+  const V xv = xyz1_twice(x, true);  // not the task's last sample, so not the last row
   const V m0 = a0 * xv, m1 = a1 * xv;
   const V s = __builtin_shuffle(m0, m1, M{0, 1, 4, 5, 8, 9, 12, 13}) +
               __builtin_shuffle(m0, m1, M{2, 3, 6, 7, 10, 11, 14, 15});
@@ -479,24 +481,20 @@ BO_ALWAYS_INLINE void backward_block(const BackwardArgs<T>& a, const BlockSample
 
 // The splat values V of one sample (point_splat_value) as NV vectors vv, and stored to V. For
 // lib_bilagrid's layout (3 inputs, offsets, 3 outputs: 12 channels) they are built in registers:
-// scalar stores read back as one vector load cannot be forwarded and stall every sample.
+// scalar stores read back as one vector load cannot be forwarded and stall every sample. (In float,
+// the dense backward builds them itself from go's rows, which the input gradient uses too.)
 template <typename T, int NV>
 BO_ALWAYS_INLINE void splat_vectors(const AffineLayout& l, const T* go, const T* x, T* V,
                                     vec_t<T>* vv) {
   using Vec = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
-  if constexpr (NV * W >= 12 && NV * W <= 16) {
+  if constexpr (W == 4 && NV >= 3 && NV <= 4) {
     if (is_rgb34(l)) {
       const T g0 = go[0], g1 = go[1], g2 = go[2], x0 = x[0], x1 = x[1], x2 = x[2];
-      if constexpr (W == 8) {
-        vv[0] = Vec{g0 * x0, g0 * x1, g0 * x2, g0, g1 * x0, g1 * x1, g1 * x2, g1};
-        vv[1] = Vec{g2 * x0, g2 * x1, g2 * x2, g2, T(0), T(0), T(0), T(0)};
-      } else {
-        vv[0] = Vec{g0 * x0, g0 * x1, g0 * x2, g0};
-        vv[1] = Vec{g1 * x0, g1 * x1, g1 * x2, g1};
-        vv[2] = Vec{g2 * x0, g2 * x1, g2 * x2, g2};
-        for (int j = 3; j < NV; ++j) vv[j] = Vec{};
-      }
+      vv[0] = Vec{g0 * x0, g0 * x1, g0 * x2, g0};
+      vv[1] = Vec{g1 * x0, g1 * x1, g1 * x2, g1};
+      vv[2] = Vec{g2 * x0, g2 * x1, g2 * x2, g2};
+      for (int j = 3; j < NV; ++j) vv[j] = Vec{};
       for (int j = 0; j < NV; ++j) vstore(V + j * W, vv[j]);
       return;
     }
@@ -527,22 +525,23 @@ BO_ALWAYS_INLINE void backward_block_dense(const BackwardArgs<T>& a, const Block
     const int64_t p = bs(s);
     const T* x = a.input + p * l.Ci;
     const T* go = a.grad_output + p * l.Co;
-    Vec vv[NV];
+    Vec vv[NV] = {};
+    // lib_bilagrid's layout in float: go's rows give the splat values [go0 x, go0 | go1 x, go1]
+    // and [go2 x, go2 | 0] and, below, the input gradient.
     [[maybe_unused]] Vec g01, g2;
-    // lib_bilagrid's layout, not the last sample (whose row is the last of go and x): the splat
-    // values as two products of permuted loads.
-    [[maybe_unused]] bool rows = false;
+    bool built = false;
     if constexpr (W == 8 && NV == 2) {
-      if (rgb34 && p + 1 < a.g.P) {
-        rows_of(go, g01, g2);
-        const Vec xv = xyz1_twice(x);
+      if (rgb34) {
+        const bool next_row = p + 1 < a.g.P;
+        rows_of(go, next_row, g01, g2);
+        const Vec xv = xyz1_twice(x, next_row);
         vv[0] = g01 * xv;
         vv[1] = g2 * xv;
         for (int j = 0; j < NV; ++j) vstore(V + j * W, vv[j]);
-        rows = true;
+        built = true;
       }
     }
-    if (!rows) splat_vectors<T, NV>(l, go, x, V, vv);
+    if (!built) splat_vectors<T, NV>(l, go, x, V, vv);
     if (a.need_coords || a.need_input) {
       const T* grid = a.v.grid(a.idx[p]);
       Vec acc[2][NV] = {};
@@ -563,14 +562,10 @@ BO_ALWAYS_INLINE void backward_block_dense(const BackwardArgs<T>& a, const Block
       if (a.need_input) {
         for (int j = 0; j < NV; ++j) acc[0][j] += acc[1][j];
         T* gi = a.grad_input + p * l.Ci;
-        bool done = false;
         if constexpr (W == 8 && NV == 2) {
-          if (rows) {
-            input_grad34(acc[0][0], acc[0][1], g01, g2, gi);
-            done = true;
-          }
+          if (built) input_grad34(acc[0][0], acc[0][1], g01, g2, gi);
         }
-        if (!done) {
+        if (!built) {
           for (int j = 0; j < NV; ++j) vstore(A + j * W, acc[0][j]);
           for (int64_t i = 0; i < l.Ci; ++i) {
             T sum = T(0);
