@@ -367,9 +367,9 @@ def _slice_points(grid, coords, input, grid_idx, has_offset=True):
     rows = grid.permute(0, 2, 3, 4, 1).reshape(m * d * gh * gw, c)
 
     def taps(u, g):
-        s = u * (g - 1)
-        s = torch.where(torch.isnan(s), torch.zeros_like(s), s)  # also inf * 0 on a size-1 axis
-        return _taps(_clamp_cells(s, g), g)
+        # Every axis maps as the guide does under align_corners=True (u (g - 1), NaN to 0, which
+        # also catches inf * 0 on a size-1 axis, clamped).
+        return _taps(Coordinates(True).depth(u, g), g)
 
     x0, x1, wx0, wx1 = taps(coords[:, 0], gw)
     y0, y1, wy0, wy1 = taps(coords[:, 1], gh)
