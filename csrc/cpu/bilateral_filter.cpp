@@ -6,17 +6,26 @@
 // are branch-free: each processes a chunk of vec_width pixels of one row, all taps, accumulators in
 // registers. Memory is O(image) in both passes, never O(image * taps).
 //
-// Backward, with w_pt the weight of tap t of centre p, W_p = sum_t w_pt and g the output gradient:
-//   pass 1, per centre p: gp_p = g_p / W_p and a_p = gp_p . out_p (the weights kept per chunk of
-//   pixels, O(taps) per thread); then per tap
-//     e_pt = gp_p . I_{p+t} - a_p (= dL/dw_pt), the centre side of the guidance gradient
-//     -sum_t h_pt dD/dDelta with h_pt = -rc e_pt w_pt, and the per-row sums of e_pt w_pt times
-//     D_pt, ty^2 and tx^2 (the sigma gradients);
-//   pass 2, per padded position q, gathering over the centres p = q - t: the value gradient
-//     sum_t w_pt gp_p and the neighbour side of the guidance gradient sum_t h_pt dD/dDelta;
+// Backward, with w_pq the weight of neighbour q of centre p, W_p = sum_q w_pq and g the output
+// gradient:
+//   pass 1, per centre p (a forward): gp_p = g_p / W_p and a_p = gp_p . out_p, into planes that
+//   are zero outside the image;
+//   pass 2, once per unordered pair {p, q = p + s} of padded positions, s in the half window S+
+//   (dy > 0, or dy = 0 and dx > 0): the weight is symmetric (w_pq = w_qp: the spatial exponent is
+//   even in s, the colour distance symmetric), so one exponential serves both directions:
+//     value:  gI_q += w gp_p,  gI_p += w gp_q;
+//     range:  e_pq = gp_p . I_q - a_p (= dL/dw_pq) and e_qp likewise; with h = -rc w (e_pq + e_qp),
+//             gG_q += h dD/dG_q and gG_p += h dD/dG_p = -h dD/dG_q;
+//     sigmas: per-row sums of w (e_pq + e_qp) times D, dy^2 and dx^2.
+//   A centre outside the image has gp = a = 0, so pairs count only the directions whose centre is
+//   a pixel, and every pair of a pixel's window lies in the padded domain. This evaluates half
+//   the exponentials of a gather per centre, and each once rather than in two passes.
+//   Pass 2 runs in bands of rows of p. A band's q reach up to py rows below it: each band
+//   accumulates into its own planes of Bh + py rows (its rows, then that halo), so bands never
+//   write the same memory; the halos are then added into the next band's first rows.
 //   fold: each padded position adds into the pixel it reads, in a fixed order.
-// Every sum has a fixed order (rows summed in row order per image): results are deterministic
-// whatever the thread count.
+// Every sum has a fixed order (the band height does not depend on the thread count; rows summed
+// in row order per image): results are deterministic whatever the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,56 +48,62 @@ namespace cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// exp of vectors of non-positive arguments (the weights' exponents). float: 2^n times a degree-6
-// polynomial of 2^f (a few ulp of expf, so float32 stays within ~1e-7 of torch.exp, far inside
-// the 1e-5 contract). Arguments below -86 give exactly 0: they are clamped there for the
-// arithmetic (2^n stays a normal number), then zeroed. torch's float32 exp gives denormals down
-// to -104 and 0 below, so the weights differ by less than 1e-37 of the centre weight (1), and an
-// infinite input (exponent -inf) gets weight 0 and makes NaN (0 * inf) where kornia does.
-// double: libm per lane, as the float64 contract is 1e-10.
+// The weights' exponentials, in base 2: exp(x) = 2^(x log2 e), with the colour scale and the
+// spatial table multiplied by log2 e once (Prepared, nrc2 below), so a tap's exponent comes out of
+// one multiply-add already in base 2. The tap loops are bound by the multiply-add ports, and
+// this saves one of a dozen per tap.
+// float: 2^n times a degree-5 minimax polynomial of 2^f, |f| <= 1/2, constant term 1 so that a
+// weight of exponent 0 is exactly 1 (relative error 9.2e-8, 1.9e-7 evaluated in float: a few ulp
+// of expf, so float32 weights stay within ~2e-7 of torch.exp, far inside the 1e-5 contract).
+// Exponents below -86 (natural units) give exactly 0: they are clamped there for the arithmetic
+// (2^n stays a normal number), then zeroed. torch's float32 exp gives denormals down to -104 and
+// 0 below, so the weights differ by less than 1e-37 of the centre weight (1), and an infinite
+// input (exponent -inf) gets weight 0 and makes NaN (0 * inf) where kornia does.
+// double: libm's exp2 per lane, as the float64 contract is 1e-10.
 
-// The clamp's bound, passed as lo = vopaque(kExpFloor) (simd.h): the clamp is then one max.
-constexpr float kExpFloor = -86.0f;
+constexpr double kLog2e = 1.44269504088896340736;
+
+// The clamp's bound (-86 in natural units), passed as lo = vopaque(kExp2Floor) (simd.h): the
+// clamp is then one max.
+constexpr float kExp2Floor = static_cast<float>(-86.0 * kLog2e);
 
 template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vexp(vec_t<T> x, vec_t<T> lo);
+BO_ALWAYS_INLINE vec_t<T> vexp2(vec_t<T> t, vec_t<T> lo);
 
 template <>
-BO_ALWAYS_INLINE vec_t<float> vexp<float>(vec_t<float> x, vec_t<float> lo) {
+BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   using V = vec_t<float>;
   using I = VecOf<float>::mask;
-  const V x_in = x;
-  x = lo > x ? lo : x;  // NaN passes through as NaN
-  // exp(x) = 2^n 2^f with n = round(x log2 e), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer
-  // held in the low mantissa bits.
-  const V t = x * 1.44269504088896341f;
+  const V t_in = t;
+  t = lo > t ? lo : t;  // NaN passes through as NaN
+  // 2^t = 2^n 2^f with n = round(t), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer held in
+  // the low mantissa bits.
   const V magic = vsplat<float>(12582912.0f);
   const V m = t + magic;
   const V f = t - (m - magic);
   I n;
   __builtin_memcpy(&n, &m, sizeof(n));
   n -= 0x4B400000;  // the bits of 1.5 * 2^23
-  // 2^f by its Taylor series to degree 6: relative error < 1.3e-7 on |f| <= 1/2.
-  V p = vsplat<float>(1.5403530393e-4f);
-  p = p * f + 1.3333558146e-3f;
-  p = p * f + 9.6181291076e-3f;
-  p = p * f + 5.5504108665e-2f;
-  p = p * f + 2.4022650696e-1f;
-  p = p * f + 6.9314718056e-1f;
+  V p = vsplat<float>(1.3264708791e-3f);
+  p = p * f + 9.6715114712e-3f;
+  p = p * f + 5.5507337765e-2f;
+  p = p * f + 2.4022242104e-1f;
+  p = p * f + 6.9314697759e-1f;
   p = p * f + 1.0f;
   I bits;
   __builtin_memcpy(&bits, &p, sizeof(bits));
   bits += n << 23;
   V out;
   __builtin_memcpy(&out, &bits, sizeof(out));
-  return x_in < lo ? V{} : out;
+  return t_in < lo ? V{} : out;
 }
 
 template <>
-BO_ALWAYS_INLINE vec_t<double> vexp<double>(vec_t<double> x, vec_t<double>) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
-  return x;
+BO_ALWAYS_INLINE vec_t<double> vexp2<double>(vec_t<double> t, vec_t<double>) {
+  for (int i = 0; i < 4; ++i) t[i] = std::exp2(t[i]);
+  return t;
 }
+
 
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vabs(vec_t<T> v) {
@@ -127,33 +142,40 @@ BO_ALWAYS_INLINE void store_tail(T* row, int64_t x0, int64_t n, vec_t<T> v) {
 // ---------------------------------------------------------------------------------------------
 // Layouts. Padded planes: rows of Ws = kMargin + Wp + kMargin values, padded column j at
 // kMargin + j; the margins (>= the kernel width plus a vector) are zero, so a load at any tap of
-// any chunk, tails included, stays in its row. Centre planes (gp, a): rows of Wx values, pixel x
-// at x + xoff, zero outside the image, so that pass 2 reads zeros for centres outside the image.
+// any chunk, tails included, stays in its row. Centre planes (gp, a): one row per padded row
+// (rows outside the image zero), rows of Wx values, pixel x at x + xoff, zero outside the image,
+// so that pass 2 reads zeros for centres outside the image. Band planes (pass 2's gradients):
+// per image and band, Bh + py rows of Ws values, padded row R0 + i at row i.
 
 template <typename T>
 struct Args {
   int64_t N, C, Cg, H, W, ky, kx, py, px, Hp, Wp;
   int64_t margin, Ws;   // padded planes
   int64_t xoff, Wx;     // centre planes
+  int64_t PH;           // rows of p in pass 2: padded rows 0 .. py + H - 1
+  int64_t Bh, nb;       // pass 2's band height (>= py) and bands per image
   int distance;
   bool self;
   const T* in;          // (N, C, Hp, Ws)
   const T* gd;          // (N, Cg, Hp, Ws); == in when self
   const T* rc;          // (N,) 0.5 / sigma_color^2
-  const T* ss;          // (N, ky * kx) spatial exponents
+  const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
   // Backward.
   const T* go;          // (N, C, H, W)
-  T* gp;                // (N, C, H, Wx) g / W
-  T* a;                 // (N, H, Wx) gp . out
-  T* gcen;              // (N, Cg, H, W) centre side of the guidance gradient (or nullptr)
-  double* rows;         // (N * H, 3) per-row sums for the sigma gradients (or nullptr)
-  T* gin;               // (N, C, Hp, Ws) value (+ range when self) gradient of the padded input
-  T* ggd;               // (N, Cg, Hp, Ws) range gradient of the padded guidance (joint only)
+  T* gp;                // (N, C, Hp, Wx) g / W
+  T* a;                 // (N, Hp, Wx) gp . out
+  double* rows;         // (N * PH, 3) per-row sums for the sigma gradients (or nullptr)
+  T* gin;               // (N * nb, C, Bh + py, Ws) value (+ range when self) gradient (or nullptr)
+  T* ggd;               // (N * nb, Cg, Bh + py, Ws) range gradient of the guidance (joint; or nullptr)
   bool need_value, need_range;
 
   const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + ((n * C + c) * Hp + r) * Ws + margin; }
   const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + ((n * Cg + c) * Hp + r) * Ws + margin; }
+  int64_t band_rows() const { return Bh + py; }
+  // Band b's first padded row and its number of own rows.
+  int64_t band_start(int64_t b) const { return b * Bh; }
+  int64_t band_len(int64_t b) const { return std::min(Bh, PH - b * Bh); }
 };
 
 // Channel counts fixed at compile time (0: the runtime count), so the accumulators of common
@@ -168,13 +190,13 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
   return K > 0 ? K : runtime;
 }
 
-// Weight of one tap for a chunk: guidance rows at the tap, centre guidance gc, nrc = -rc and the
-// spatial exponent ss_t (subtracted, so that its broadcast folds into the FMA as a memory
+// Weight of one tap for a chunk: guidance rows at the tap, centre guidance gc, nrc2 = -rc log2 e
+// and the spatial exponent ss_t (base 2) (subtracted, so that its broadcast folds into the FMA as a memory
 // operand). Also returns the accumulated distance (for the l1 slope) and the guidance values
 // loaded (gv; the input values too when the input guides itself).
 template <typename T, int CG, int DIST>
 BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
-                                     vec_t<T> nrc, const T& ss, vec_t<T> lo, vec_t<T>* dist_acc,
+                                     vec_t<T> nrc2, const T& ss, vec_t<T> lo, vec_t<T>* dist_acc,
                                      vec_t<T>* gv) {
   const auto term = [](vec_t<T> d) { return DIST == kL1 ? vabs<T>(d) : d * d; };
   gv[0] = vload(grow[0] + col);
@@ -185,14 +207,12 @@ BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const ve
   }
   *dist_acc = acc;
   const vec_t<T> D = DIST == kL1 ? acc * acc : acc;
-  return vexp<T>(D * nrc - ss, lo);
+  return vexp2<T>(D * nrc2 - ss, lo);
 }
 
 // Sums of w and of w I over every tap of J neighbouring chunks (x0, x0 + vec_width, ...) of row
 // (n, y): the forward pass. gc and acc hold J groups of ng and nc vectors, wsum J vectors. SELF:
 // the input is the guidance (same rows), so its values are the ones tap_weight loaded.
-// taps (or nullptr; J = 1 only): where to keep each tap's weight and distance, 2 vectors per tap,
-// for a second sweep over the same chunk.
 // Two chunks (J = 2, channel counts fixed): each tap's weight is a chain of ~15 dependent
 // operations (the distance, then exp's polynomial); with one chunk the out-of-order window holds
 // too few taps to hide it, and the loop runs well below the FP throughput. Two independent chains
@@ -202,11 +222,11 @@ BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const ve
 template <typename T, int CC, int CG, int DIST, bool SELF, int J = 1>
 BO_ALWAYS_INLINE void accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
                                  vec_t<T>* acc, vec_t<T>* wsum, vec_t<T>* gv, const T** irow,
-                                 const T** grow, vec_t<T>* taps = nullptr) {
+                                 const T** grow) {
   static_assert(J == 1 || (CC > 0 && CG > 0), "two chunks at once need fixed channel counts");
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const vec_t<T> nrc = vsplat<T>(-p.rc[n]), lo = vopaque<T>(T(kExpFloor));
+  const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
   const T* ss = p.ss + n * p.ky * p.kx;
   for (int j = 0; j < J; ++j) {
     wsum[j] = vec_t<T>{};
@@ -220,12 +240,8 @@ BO_ALWAYS_INLINE void accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t
       for (int j = 0; j < J; ++j) {
         const int64_t col = x0 + j * V + tx;
         vec_t<T> dist;
-        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc + j * ng, ng, nrc, ss[ty * p.kx + tx], lo, &dist, gv);
+        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc + j * ng, ng, nrc2, ss[ty * p.kx + tx], lo, &dist, gv);
         wsum[j] += w;
-        if (taps != nullptr) {
-          taps[2 * (ty * p.kx + tx)] = w;
-          taps[2 * (ty * p.kx + tx) + 1] = dist;
-        }
 #pragma GCC unroll 4
         for (int64_t c = 0; c < nc; ++c) acc[j * nc + c] += w * (SELF ? gv[c] : vload(irow[c] + col));
       }
@@ -249,17 +265,16 @@ inline bool has_avx512() {
 #endif
 }
 
-// Per-task scratch, allocated once per parallel_for task (never per pixel): the accumulators and
-// row pointers of runtime channel counts.
+// Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors and row
+// pointers of runtime channel counts.
 // std::vector does not honour the 32-byte alignment of vec_t under every ABI setting, and the
 // compiler uses aligned moves on these arrays: allocate them explicitly aligned.
 template <typename T>
 struct Scratch {
   vec_t<T>* vbuf;
   std::vector<const T*> rows;
-  int64_t tap_offset;
-  Scratch(int64_t C, int64_t Cg, int64_t taps) : rows(2 * (C + Cg) + 2), tap_offset(3 * (C + Cg) + Cg + 4) {
-    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(tap_offset + 2 * taps);
+  Scratch(int64_t C, int64_t Cg) : rows(2 * (C + Cg) + 2) {
+    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(6 * (C + Cg) + 4);
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
   }
@@ -267,19 +282,14 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   vec_t<T>* v() { return vbuf; }
-  vec_t<T>* taps() { return vbuf + tap_offset; }
 };
 
-// The forward's result for the chunk at (n, y, x0): acc / wsum per channel.
-template <typename T>
-BO_ALWAYS_INLINE void store_chunk(const Args<T>& p, int64_t n, int64_t y, int64_t x0, int64_t nc,
-                                  const vec_t<T>* acc, vec_t<T> wsum) {
-  const vec_t<T> inv = T(1) / wsum;
-  for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
-}
-
-template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+// Runs accumulate over every chunk of rows r0 .. r1 (over N * H) and hands each chunk's sums to
+// sink(n, y, x0, acc, wsum): the forward and pass 1 differ only in what they make of them. A
+// lambda does not inherit its enclosing function's target_clones: the sinks must be inlined
+// (BO_LAMBDA_INLINE), or they run as baseline code with another vector ABI.
+template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
+BO_ALWAYS_INLINE void centre_rows(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s, Sink&& sink) {
   constexpr int64_t V = vec_width<T>();
   Accs<T, CC> acc_l;
   Accs<T, CG> gc_l, gv_l;
@@ -297,176 +307,209 @@ BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1
         vec_t<T> gc2[2 * CG], acc2[2 * CC], wsum2[2];
         for (int j = 0; j < 2; ++j) load_centres(p, n, y, x0 + j * V, CG, gc2 + j * CG);
         accumulate<T, CC, CG, DIST, SELF, 2>(p, n, y, x0, gc2, acc2, wsum2, gv, irow, grow);
-        for (int j = 0; j < 2; ++j) store_chunk(p, n, y, x0 + j * V, CC, acc2 + j * CC, wsum2[j]);
+        for (int j = 0; j < 2; ++j) sink(n, y, x0 + j * V, acc2 + j * CC, wsum2[j]);
       }
     }
     for (; x0 < p.W; x0 += V) {
       load_centres(p, n, y, x0, count<CG>(p.Cg), gc);
       vec_t<T> wsum;
       accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, &wsum, gv, irow, grow);
-      store_chunk(p, n, y, x0, count<CC>(p.C), acc, wsum);
+      sink(n, y, x0, acc, wsum);
     }
   }
 }
 
+template <typename T, int CC, int CG, int DIST, bool SELF>
+BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+  const int64_t nc = count<CC>(p.C);
+  centre_rows<T, CC, CG, DIST, SELF>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                        const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+    const vec_t<T> inv = T(1) / wsum;
+    for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
+  });
+}
+
+// Pass 1: gp = g / W and a = gp . out per centre, written at padded row y + py of the centre
+// planes; each row also clears its columns outside the image, and the first and last rows of an
+// image clear the padded rows above and below it.
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
-  constexpr int64_t V = vec_width<T>();
-  const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  Accs<T, CC> acc_l, gp_l;
-  Accs<T, CG> gc_l, cen_l, gv_l;
-  vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
-  vec_t<T>* gpv = CC > 0 ? gp_l.v : s.v() + p.C;
-  vec_t<T>* gc = CG > 0 ? gc_l.v : s.v() + 2 * p.C;
-  vec_t<T>* cen = CG > 0 ? cen_l.v : s.v() + 2 * p.C + p.Cg;
-  vec_t<T>* gv = CG > 0 ? gv_l.v : s.v() + 2 * p.C + 2 * p.Cg;
-  const T** irow = s.rows.data();
-  const T** grow = s.rows.data() + p.C;
-  const bool second = p.need_range || p.rows != nullptr;
+  const int64_t nc = count<CC>(p.C);
+  const auto clear = [&](int64_t n, int64_t R, int64_t x0, int64_t x1) {
+    for (int64_t c = 0; c <= nc; ++c) {
+      T* row = c < nc ? p.gp + ((n * p.C + c) * p.Hp + R) * p.Wx : p.a + (n * p.Hp + R) * p.Wx;
+      std::fill(row + x0, row + x1, T(0));
+    }
+  };
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.H, y = r % p.H;
-    const vec_t<T> rc = vsplat<T>(p.rc[n]);
-    double row_d = 0, row_y = 0, row_x = 0;
-    // Centre planes are zero outside the image: pass 2 gathers nothing from there.
-    for (int64_t c = 0; c <= nc; ++c) {
-      T* row = c < nc ? p.gp + ((n * p.C + c) * p.H + y) * p.Wx : p.a + (n * p.H + y) * p.Wx;
-      std::fill(row, row + p.xoff, T(0));
-      std::fill(row + p.xoff + p.W, row + p.Wx, T(0));
+    clear(n, y + p.py, 0, p.xoff);
+    clear(n, y + p.py, p.xoff + p.W, p.Wx);
+    if (y == 0) {
+      for (int64_t R = 0; R < p.py; ++R) clear(n, R, 0, p.Wx);
     }
-    for (int64_t x0 = 0; x0 < p.W; x0 += V) {
-      load_centres(p, n, y, x0, ng, gc);
-      vec_t<T> wsum;
-      accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, &wsum, gv, irow, grow,
-                                        second ? s.taps() : nullptr);
-      const vec_t<T> inv = T(1) / wsum;
-      vec_t<T> a{};
-      for (int64_t c = 0; c < nc; ++c) {
-        // Lanes past the row read zeros, so their gp and a are zero: pass 2 then gathers nothing
-        // from them.
-        const vec_t<T> g = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W);
-        gpv[c] = g * inv;
-        a += gpv[c] * (acc[c] * inv);
-        vstore(p.gp + ((n * p.C + c) * p.H + y) * p.Wx + p.xoff + x0, gpv[c]);
-      }
-      vstore(p.a + (n * p.H + y) * p.Wx + p.xoff + x0, a);
-      if (!second) continue;
-      vec_t<T> sd{}, sy{}, sx{};
-      for (int64_t c = 0; c < ng; ++c) cen[c] = vec_t<T>{};
-      for (int64_t ty = 0; ty < p.ky; ++ty) {
-        for (int64_t c = 0; c < nc; ++c) irow[c] = p.in_row(n, c, y + ty);
-        for (int64_t c = 0; c < ng; ++c) grow[c] = p.gd_row(n, c, y + ty);
-        const T fy = static_cast<T>((ty - p.py) * (ty - p.py));
-        vec_t<T> ew_row{};
-        for (int64_t tx = 0; tx < p.kx; ++tx) {
-          const vec_t<T> w = s.taps()[2 * (ty * p.kx + tx)];
-          const vec_t<T> dist = s.taps()[2 * (ty * p.kx + tx) + 1];
-#pragma GCC unroll 4
-          for (int64_t c = 0; c < ng; ++c) gv[c] = vload(grow[c] + x0 + tx);
-          vec_t<T> e = -a;
-#pragma GCC unroll 4
-          for (int64_t c = 0; c < nc; ++c) e += gpv[c] * (SELF ? gv[c] : vload(irow[c] + x0 + tx));
-          const vec_t<T> ew = e * w;
-          ew_row += ew;
-          sd += ew * (DIST == kL1 ? dist * dist : dist);
-          sx += ew * static_cast<T>((tx - p.px) * (tx - p.px));
-          if (p.need_range) {
-            const vec_t<T> h = -rc * ew;
-#pragma GCC unroll 4
-            for (int64_t c = 0; c < ng; ++c) {
-              const vec_t<T> d = gv[c] - gc[c];
-              cen[c] -= h * (DIST == kL1 ? T(2) * dist * vsign<T>(d) : T(2) * d);
-            }
-          }
-        }
-        sy += ew_row * fy;
-      }
-      if (p.need_range) {
-        for (int64_t c = 0; c < ng; ++c) store_tail(p.gcen + ((n * p.Cg + c) * p.H + y) * p.W, x0, p.W, cen[c]);
-      }
-      if (p.rows != nullptr) {
-        row_d += vsum<T>(sd);
-        row_y += vsum<T>(sy);
-        row_x += vsum<T>(sx);
-      }
-    }
-    if (p.rows != nullptr) {
-      p.rows[3 * r] = row_d;
-      p.rows[3 * r + 1] = row_y;
-      p.rows[3 * r + 2] = row_x;
+    if (y == p.H - 1) {
+      for (int64_t R = p.py + p.H; R < p.Hp; ++R) clear(n, R, 0, p.Wx);
     }
   }
+  centre_rows<T, CC, CG, DIST, SELF>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                        const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+    const vec_t<T> inv = T(1) / wsum;
+    const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
+    vec_t<T> a{};
+    for (int64_t c = 0; c < nc; ++c) {
+      // Lanes past the row read zeros, so their gp and a are zero: pass 2 pairs nothing with them.
+      const vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
+      a += gpv * (acc[c] * inv);
+      vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
+    }
+    vstore(p.a + n * p.Hp * p.Wx + at, a);
+  });
 }
 
-// Pass 2: rows of the padded image (r over N * Hp), gathering from every centre whose window
-// covers each position.
+// Pass 2 over the bands t0 .. t1 (over N * nb): every unordered pair {p, q = p + s}, s in S+,
+// with p in the band's rows (padded rows R0 .. R0 + len - 1, every padded column), once. p's sums
+// stay in registers over S+; q's are added in memory, in the order dx outer, dy inner, so that
+// consecutive updates of q go to different rows (an unaligned update overlapping the previous
+// one in the same row would wait on its store).
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  Accs<T, CC> val_l, iq_l, gpv_l;
-  Accs<T, CG> rng_l, gq_l;
-  vec_t<T>* val = CC > 0 ? val_l.v : s.v();
-  vec_t<T>* iq = CC > 0 ? iq_l.v : s.v() + p.C;
-  vec_t<T>* gpv = CC > 0 ? gpv_l.v : s.v() + 2 * p.C;
-  vec_t<T>* rng = CG > 0 ? rng_l.v : s.v() + 3 * p.C;
-  vec_t<T>* gq = CG > 0 ? gq_l.v : s.v() + 3 * p.C + p.Cg;
-  const T** gprow = s.rows.data();
-  const T** crow = s.rows.data() + p.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.Hp, qy = r % p.Hp;
-    const vec_t<T> rc = vsplat<T>(p.rc[n]), nrc = -rc, lo = vopaque<T>(T(kExpFloor));
+  const int64_t Ws = p.Ws, Wx = p.Wx;
+  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = p.band_rows() * Ws;  // channel strides
+  Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l, qv_l, pv_l;
+  Accs<T, CG> gdp_l, d_l, racc_l;
+  vec_t<T>* v = s.v();
+  vec_t<T>* gpp = CC > 0 ? gpp_l.v : v;            // gp at p
+  vec_t<T>* inp = CC > 0 ? inp_l.v : v + p.C;      // input at p (joint)
+  vec_t<T>* vacc = CC > 0 ? vacc_l.v : v + 2 * p.C;  // p's value (+ range when self) gradient
+  vec_t<T>* gpq = CC > 0 ? gpq_l.v : v + 3 * p.C;  // gp at q
+  vec_t<T>* qv = CC > 0 ? qv_l.v : v + 4 * p.C;    // q's value (+ range) gradient of the pair
+  vec_t<T>* pv = CC > 0 ? pv_l.v : v + 5 * p.C;    // p's
+  vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 6 * p.C;  // guidance at p
+  vec_t<T>* d = CG > 0 ? d_l.v : v + 6 * p.C + p.Cg;  // guidance at q minus at p
+  vec_t<T>* racc = CG > 0 ? racc_l.v : v + 6 * p.C + 2 * p.Cg;  // p's range gradient (joint)
+  const bool value = p.need_value, range = p.need_range, sigma = p.rows != nullptr;
+  const bool pair_terms = range || sigma;
+  // The runtime-count instantiation serves self-guided images too (SELF is only a shortcut).
+  const bool self = SELF || p.self;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / p.nb, b = t % p.nb;
+    const int64_t R0 = p.band_start(b), R1 = R0 + p.band_len(b);
+    T* vband = p.gin != nullptr ? p.gin + t * p.C * PB : nullptr;
+    T* rband = p.ggd != nullptr ? p.ggd + t * p.Cg * PB : nullptr;
+    if (vband != nullptr) std::fill(vband, vband + p.C * PB, T(0));
+    if (rband != nullptr) std::fill(rband, rband + p.Cg * PB, T(0));
+    const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
+    // h = -rc w (e_pq + e_qp) times dD/dG_q: 2 d for l2, 2 acc sign(d) for l1; the 2 goes here.
+    const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
     const T* ss = p.ss + n * p.ky * p.kx;
-    for (int64_t q0 = 0; q0 < p.Wp; q0 += V) {
-      for (int64_t c = 0; c < nc; ++c) {
-        val[c] = vec_t<T>{};
-        iq[c] = vload(p.in_row(n, c, qy) + q0);
-      }
-      for (int64_t c = 0; c < ng; ++c) {
-        rng[c] = vec_t<T>{};
-        gq[c] = vload(p.gd_row(n, c, qy) + q0);
-      }
-      for (int64_t ty = 0; ty < p.ky; ++ty) {
-        const int64_t y = qy - ty;  // the centre row
-        if (y < 0 || y >= p.H) continue;
-        for (int64_t c = 0; c < nc; ++c) gprow[c] = p.gp + ((n * p.C + c) * p.H + y) * p.Wx + p.xoff;
-        // Centre guidance of pixel x is at padded column x + px of padded row y + py.
-        for (int64_t c = 0; c < ng; ++c) crow[c] = p.gd_row(n, c, y + p.py) + p.px;
-        const T* arow = p.a + (n * p.H + y) * p.Wx + p.xoff;
-        for (int64_t tx = 0; tx < p.kx; ++tx) {
-          const int64_t x0 = q0 - tx;  // centres of this tap
-          vec_t<T> dist{};
+    for (int64_t R = R0; R < R1; ++R) {
+      const T* gd0 = p.gd + (n * p.Cg * p.Hp + R) * Ws + p.margin;
+      const T* in0 = p.in + (n * p.C * p.Hp + R) * Ws + p.margin;
+      const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
+      const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
+      T* v0 = vband != nullptr ? vband + (R - R0) * Ws + p.margin : nullptr;
+      T* r0 = rband != nullptr ? rband + (R - R0) * Ws + p.margin : nullptr;
+      double row_d = 0, row_y = 0, row_x = 0;
+      for (int64_t j0 = 0; j0 < p.Wp; j0 += V) {
+        for (int64_t c = 0; c < nc; ++c) {
+          gpp[c] = vload(gp0 + c * PX + j0);
+          if (!SELF) inp[c] = vload(in0 + c * PS + j0);
+          vacc[c] = value ? gpp[c] : vec_t<T>{};  // the centre tap: w = 1, no range term
+        }
+        for (int64_t c = 0; c < ng; ++c) {
+          gdp[c] = vload(gd0 + c * PS + j0);
+          racc[c] = vec_t<T>{};
+        }
+        const vec_t<T> ap = vload(a0 + j0);
+        vec_t<T> sd{}, sy{}, sx{};
+        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+          const T fx = static_cast<T>(dx * dx);
+          for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
+            const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
+            vec_t<T> gq = vload(gd0 + os);
+            d[0] = gq - gdp[0];
+            vec_t<T> dist = DIST == kL1 ? vabs<T>(d[0]) : d[0] * d[0];
+            vec_t<T> e{};
+            if (SELF && pair_terms) e = gpp[0] * gq;
 #pragma GCC unroll 4
-          for (int64_t c = 0; c < ng; ++c) {
-            const vec_t<T> d = gq[c] - vload(crow[c] + x0);
-            dist += DIST == kL1 ? vabs<T>(d) : d * d;
-          }
-          const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-          const vec_t<T> w = vexp<T>(D * nrc - ss[ty * p.kx + tx], lo);
+            for (int64_t c = 1; c < ng; ++c) {
+              gq = vload(gd0 + c * PS + os);
+              d[c] = gq - gdp[c];
+              dist += DIST == kL1 ? vabs<T>(d[c]) : d[c] * d[c];
+              if (SELF && pair_terms) e += gpp[c] * gq;
+            }
+            const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
+            const vec_t<T> w = vexp2<T>(D * nrc2 - ss[(dy + p.py) * p.kx + dx + p.px], lo);
+            if (value || pair_terms) {
 #pragma GCC unroll 4
-          for (int64_t c = 0; c < nc; ++c) gpv[c] = vload(gprow[c] + x0);
-          if (p.need_value) {
+              for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
+            }
+            // p's terms are summed before they meet vacc: one add a pair on its dependency chain.
 #pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) val[c] += w * gpv[c];
-          }
-          if (p.need_range) {
-            vec_t<T> e = -vload(arow + x0);
+            for (int64_t c = 0; c < nc; ++c) {
+              qv[c] = value ? w * gpp[c] : vec_t<T>{};
+              pv[c] = value ? w * gpq[c] : vec_t<T>{};
+            }
+            if (pair_terms) {
+              e -= ap + vload(a0 + ox);
 #pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) e += gpv[c] * iq[c];
-            const vec_t<T> h = -rc * e * w;
-            vec_t<T>* dst = p.self ? val : rng;
+              for (int64_t c = 0; c < nc; ++c) {
+                if (!SELF) e += gpp[c] * vload(in0 + c * PS + os);
+                e += gpq[c] * (SELF ? gdp[c] : inp[c]);
+              }
+              const vec_t<T> ew = e * w;
+              if (sigma) {
+                sd += ew * D;
+                sx += ew * fx;
+                sy += ew * static_cast<T>(dy * dy);
+              }
+              if (range) {
+                const vec_t<T> h = DIST == kL1 ? n2rc * ew * dist : n2rc * ew;
 #pragma GCC unroll 4
-            for (int64_t c = 0; c < ng; ++c) {
-              const vec_t<T> d = gq[c] - vload(crow[c] + x0);
-              dst[c] += h * (DIST == kL1 ? T(2) * dist * vsign<T>(d) : T(2) * d);
+                for (int64_t c = 0; c < ng; ++c) {
+                  const vec_t<T> tq = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);
+                  if (self) {
+                    qv[c] += tq;
+                    pv[c] -= tq;
+                  } else {
+                    racc[c] -= tq;
+                    T* q = r0 + c * PB + os;
+                    vstore(q, vload(q) + tq);
+                  }
+                }
+              }
+            }
+#pragma GCC unroll 4
+            for (int64_t c = 0; c < nc; ++c) vacc[c] += pv[c];
+            if (v0 != nullptr) {
+#pragma GCC unroll 4
+              for (int64_t c = 0; c < nc; ++c) {
+                T* q = v0 + c * PB + os;
+                vstore(q, vload(q) + qv[c]);
+              }
             }
           }
         }
+        if (v0 != nullptr) {
+          for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
+        }
+        if (r0 != nullptr && range) {
+          for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
+        }
+        if (sigma) {
+          row_d += vsum<T>(sd);
+          row_y += vsum<T>(sy);
+          row_x += vsum<T>(sx);
+        }
       }
-      if (p.need_value || (p.self && p.need_range)) {
-        for (int64_t c = 0; c < nc; ++c) vstore(p.gin + ((n * p.C + c) * p.Hp + qy) * p.Ws + p.margin + q0, val[c]);
-      }
-      if (!p.self && p.need_range) {
-        for (int64_t c = 0; c < ng; ++c) vstore(p.ggd + ((n * p.Cg + c) * p.Hp + qy) * p.Ws + p.margin + q0, rng[c]);
+      if (sigma) {
+        double* out = p.rows + 3 * (n * p.PH + R);
+        out[0] = row_d;
+        out[1] = row_y;
+        out[2] = row_x;
       }
     }
   }
@@ -524,11 +567,12 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
   filter_task_f64(pass, p, r0, r1, s);
 }
 
+// Rows (forward, pass 1) or bands (pass 2) are independent; a grain of a few rows keeps per-task
+// scratch negligible, a band is enough work on its own.
 template <typename T>
 void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
-  // Rows are independent; a grain of a few rows keeps per-task scratch negligible.
-  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
-    Scratch<T> s(p.C, p.Cg, p.ky * p.kx);
+  at::parallel_for(0, rows, pass == Pass::kPass2 ? 1 : 4, [&](int64_t r0, int64_t r1) {
+    Scratch<T> s(p.C, p.Cg);
     filter_task(pass, p, r0, r1, s);
   });
 }
@@ -569,15 +613,36 @@ at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t ma
   return dst;
 }
 
-// Padded-plane gradients (N, Cx, Hp, Ws) -> image gradients added into dst (N, Cx, H, W): each
+// Pass 2's halos: band b's first py rows get band b - 1's halo (rows Bh .. Bh + py - 1; band
+// b - 1 is a full band). A band shorter than py is the last, and what reaches past its rows lands
+// in its own halo rows, which hold the padded rows below the image.
+template <typename T>
+void add_halos(T* bands, const Args<T>& a, int64_t Cx) {
+  const int64_t PB = a.band_rows() * a.Ws;
+  at::parallel_for(0, a.N * a.nb * Cx, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = (i / Cx) % a.nb;
+      if (b == 0) continue;
+      T* dst = bands + i * PB;
+      const T* src = bands + (i - Cx) * PB + a.Bh * a.Ws;
+      for (int64_t k = 0; k < a.py * a.Ws; ++k) dst[k] += src[k];
+    }
+  });
+}
+
+// Band-plane gradients (after add_halos) -> image gradients added into dst (N, Cx, H, W): each
 // padded position adds into the pixel it reads; rows in preimage order, columns interior first,
 // then the left and right borders in order.
 template <typename T>
-void fold_add(const at::Tensor& padded, at::Tensor& dst, const FilterShape& s, int64_t margin, int64_t Ws) {
-  const int64_t Cx = dst.size(1), Hp = s.H + 2 * s.py, Wp = s.W + 2 * s.px;
+void fold_add(const T* bands, at::Tensor& dst, const Args<T>& a, const FilterShape& s) {
+  const int64_t Cx = dst.size(1), Wp = a.Wp, PB = a.band_rows() * a.Ws;
   std::vector<int64_t> xmap(Wp);
   for (int64_t j = 0; j < Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
-  const T* pp = padded.data_ptr<T>();
+  // Padded row R of plane (n, c): in its own band, or the last band's halo below the image.
+  const auto row_of = [&](int64_t n, int64_t c, int64_t R) {
+    const int64_t b = R < a.PH ? R / a.Bh : a.nb - 1;
+    return bands + ((n * a.nb + b) * Cx + c) * PB + (R - a.band_start(b)) * a.Ws + a.margin;
+  };
   T* dp = dst.data_ptr<T>();
   at::parallel_for(0, s.N * Cx * s.H, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -586,7 +651,7 @@ void fold_add(const at::Tensor& padded, at::Tensor& dst, const FilterShape& s, i
       const Preimages pre = preimages(y, s.H, s.py, s.border);
       for (int i = 0; i < pre.count; ++i) {
         for (int64_t yy = pre.lo[i]; yy <= pre.hi[i]; ++yy) {
-          const T* prow = pp + (plane * Hp + yy + s.py) * Ws + margin;
+          const T* prow = row_of(plane / Cx, plane % Cx, yy + s.py);
           for (int64_t x = 0; x < s.W; ++x) drow[x] += prow[x + s.px];
           for (int64_t j = 0; j < s.px; ++j) {
             if (xmap[j] >= 0) drow[xmap[j]] += prow[j];
@@ -624,6 +689,10 @@ struct Prepared {
     a.Ws = a.margin + a.Wp + a.margin;
     a.xoff = s.kx - 1;
     a.Wx = s.W + 2 * (s.kx - 1) + kVecMax;
+    a.PH = s.py + s.H;
+    // A fixed height (not derived from the thread count) keeps the sums' order fixed.
+    a.Bh = std::max<int64_t>(16, s.py);
+    a.nb = (a.PH + a.Bh - 1) / a.Bh;
     a.distance = s.distance;
     a.self = s.self;
     in_pad = pad_planes<T>(input, s, a.margin, a.Ws);
@@ -641,7 +710,7 @@ struct Prepared {
       for (int64_t ty = 0; ty < s.ky; ++ty) {
         for (int64_t tx = 0; tx < s.kx; ++tx) {
           ssp[(n * s.ky + ty) * s.kx + tx] =
-              spatial_exponent<T>(ty - s.py, tx - s.px, spp[2 * n], spp[2 * n + 1]);
+              spatial_exponent<T>(ty - s.py, tx - s.px, spp[2 * n], spp[2 * n + 1]) * static_cast<T>(kLog2e);
         }
       }
     }
@@ -693,15 +762,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.need_value = mask[0];
     a.need_range = (s.self && mask[0]) || mask[1];
     const bool need_sigma = mask[2] || mask[3];
-    at::Tensor gp = at::empty({s.N, s.C, s.H, a.Wx}, opt);  // pass 1 writes every column
-    at::Tensor av = at::empty({s.N, s.H, a.Wx}, opt);
-    at::Tensor gcen = a.need_range ? at::empty({s.N, s.Cg, s.H, s.W}, opt) : at::Tensor();
-    at::Tensor rows = need_sigma ? at::empty({s.N * s.H, 3}, opt.dtype(at::kDouble)) : at::Tensor();
+    at::Tensor gp = at::empty({s.N, s.C, a.Hp, a.Wx}, opt);  // pass 1 writes every column
+    at::Tensor av = at::empty({s.N, a.Hp, a.Wx}, opt);
     a.gp = gp.data_ptr<T>();
     a.a = av.data_ptr<T>();
-    a.gcen = a.need_range ? gcen.data_ptr<T>() : nullptr;
-    a.rows = need_sigma ? rows.data_ptr<double>() : nullptr;
     run_rows(Pass::kPass1, a, s.N * s.H);
+
+    // Pass 2 clears its band planes.
+    const int64_t band_plane = a.band_rows() * a.Ws;
+    at::Tensor gin = mask[0] ? at::empty({s.N * a.nb, s.C, band_plane}, opt) : at::Tensor();
+    at::Tensor ggd = (!s.self && mask[1]) ? at::empty({s.N * a.nb, s.Cg, band_plane}, opt) : at::Tensor();
+    at::Tensor rows = need_sigma ? at::empty({s.N * a.PH, 3}, opt.dtype(at::kDouble)) : at::Tensor();
+    a.gin = gin.defined() ? gin.data_ptr<T>() : nullptr;
+    a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
+    a.rows = need_sigma ? rows.data_ptr<double>() : nullptr;
+    run_rows(Pass::kPass2, a, s.N * a.nb);
 
     if (need_sigma) {
       // Per image, rows summed in row order.
@@ -712,10 +787,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
       at::Tensor gss = at::empty({s.N, 2}, sc.options());
       for (int64_t n = 0; n < s.N; ++n) {
         double d = 0, yy = 0, xx = 0;
-        for (int64_t y = 0; y < s.H; ++y) {
-          d += rp[3 * (n * s.H + y)];
-          yy += rp[3 * (n * s.H + y) + 1];
-          xx += rp[3 * (n * s.H + y) + 2];
+        for (int64_t R = 0; R < a.PH; ++R) {
+          d += rp[3 * (n * a.PH + R)];
+          yy += rp[3 * (n * a.PH + R) + 1];
+          xx += rp[3 * (n * a.PH + R) + 2];
         }
         const double c = sc.data_ptr<double>()[n];
         const double sy = sp.data_ptr<double>()[2 * n], sx = sp.data_ptr<double>()[2 * n + 1];
@@ -726,24 +801,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
       if (mask[2]) grad_sc = gsc.to(sigma_color.scalar_type());
       if (mask[3]) grad_ss = gss.to(sigma_space.scalar_type());
     }
-    if (!(mask[0] || mask[1])) return;
-
-    const bool want_gin = mask[0];
-    // Pass 2 writes every padded position the fold reads.
-    at::Tensor gin = want_gin ? at::empty({s.N, s.C, a.Hp, a.Ws}, opt) : at::Tensor();
-    at::Tensor ggd = (!s.self && mask[1]) ? at::empty({s.N, s.Cg, a.Hp, a.Ws}, opt) : at::Tensor();
-    a.gin = want_gin ? gin.data_ptr<T>() : nullptr;
-    a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
-    run_rows(Pass::kPass2, a, s.N * a.Hp);
-
-    if (want_gin) {
-      at::Tensor gi = s.self ? gcen : at::zeros({s.N, s.C, s.H, s.W}, opt);
-      fold_add<T>(gin, gi, s, a.margin, a.Ws);
+    if (gin.defined()) {
+      add_halos<T>(a.gin, a, s.C);
+      at::Tensor gi = at::zeros({s.N, s.C, s.H, s.W}, opt);
+      fold_add<T>(a.gin, gi, a, s);
       grad_input = gi.to(input.scalar_type());
     }
-    if (!s.self && mask[1]) {
-      fold_add<T>(ggd, gcen, s, a.margin, a.Ws);
-      grad_guidance = gcen.to(guidance->scalar_type());
+    if (ggd.defined()) {
+      add_halos<T>(a.ggd, a, s.Cg);
+      at::Tensor gg = at::zeros({s.N, s.Cg, s.H, s.W}, opt);
+      fold_add<T>(a.ggd, gg, a, s);
+      grad_guidance = gg.to(guidance->scalar_type());
     }
   });
   return {grad_input, grad_guidance, grad_sc, grad_ss};

@@ -17,6 +17,13 @@
 #define BO_ALWAYS_INLINE inline
 #endif
 
+// The same for a lambda, written after its parameter list: `[&](int x) BO_LAMBDA_INLINE { ... }`.
+#if defined(__GNUC__)
+#define BO_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define BO_LAMBDA_INLINE
+#endif
+
 // One build runs fast on any x86-64: GCC emits an AVX-512, an AVX2+FMA and a baseline copy of each
 // task function and picks one at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
