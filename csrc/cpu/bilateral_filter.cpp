@@ -161,6 +161,7 @@ struct Args {
   const T* rc;          // (N,) 0.5 / sigma_color^2
   const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
+  T* sums;              // (N * nb, C + 1, Bh + py, Ws) band planes: sum w I per channel, then W
   // Backward.
   const T* go;          // (N, C, H, W)
   T* gp;                // (N, C, Hp, Wx) g / W
@@ -190,90 +191,38 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
   return K > 0 ? K : runtime;
 }
 
-// Weight of one tap for a chunk: guidance rows at the tap, centre guidance gc, nrc2 = -rc log2 e
-// and the spatial exponent ss_t (base 2) (subtracted, so that its broadcast folds into the FMA as a memory
-// operand). Also returns the accumulated distance (for the l1 slope) and the guidance values
-// loaded (gv; the input values too when the input guides itself).
+// The weight of the pair {p, q = p + s} for a chunk of p: guidance at q loaded from gd0 (p's row
+// of the padded guidance, channel stride PS) at offset os, gdp the guidance at p, nrc2 = -rc log2 e
+// and ss the pair's spatial exponent (base 2; subtracted, so that its broadcast folds into the
+// multiply-add as a memory operand). Also returns the guidance at q (gq), the differences
+// gq - gdp (d) and the accumulated distance (for the l1 slope).
 template <typename T, int CG, int DIST>
-BO_ALWAYS_INLINE vec_t<T> tap_weight(const T* const* grow, int64_t col, const vec_t<T>* gc, int64_t ng,
-                                     vec_t<T> nrc2, const T& ss, vec_t<T> lo, vec_t<T>* dist_acc,
-                                     vec_t<T>* gv) {
-  const auto term = [](vec_t<T> d) { return DIST == kL1 ? vabs<T>(d) : d * d; };
-  gv[0] = vload(grow[0] + col);
-  vec_t<T> acc = term(gv[0] - gc[0]);  // the terms are >= +0: no "0 +" needed
+BO_ALWAYS_INLINE vec_t<T> pair_weight(const T* gd0, int64_t PS, int64_t os, const vec_t<T>* gdp, int64_t ng,
+                                      vec_t<T> nrc2, const T& ss, vec_t<T> lo, vec_t<T>* gq, vec_t<T>* d,
+                                      vec_t<T>* dist_acc) {
+  const auto term = [](vec_t<T> v) { return DIST == kL1 ? vabs<T>(v) : v * v; };
+  gq[0] = vload(gd0 + os);
+  d[0] = gq[0] - gdp[0];
+  vec_t<T> acc = term(d[0]);  // the terms are >= +0: no "0 +" needed
+#pragma GCC unroll 4
   for (int64_t c = 1; c < count<CG>(ng); ++c) {
-    gv[c] = vload(grow[c] + col);
-    acc += term(gv[c] - gc[c]);
+    gq[c] = vload(gd0 + c * PS + os);
+    d[c] = gq[c] - gdp[c];
+    acc += term(d[c]);
   }
   *dist_acc = acc;
   const vec_t<T> D = DIST == kL1 ? acc * acc : acc;
   return vexp2<T>(D * nrc2 - ss, lo);
 }
 
-// Sums of w and of w I over every tap of J neighbouring chunks (x0, x0 + vec_width, ...) of row
-// (n, y): the forward pass. gc and acc hold J groups of ng and nc vectors, wsum J vectors. SELF:
-// the input is the guidance (same rows), so its values are the ones tap_weight loaded.
-// Two chunks (J = 2, channel counts fixed): each tap's weight is a chain of ~15 dependent
-// operations (the distance, then exp's polynomial); with one chunk the out-of-order window holds
-// too few taps to hide it, and the loop runs well below the FP throughput. Two independent chains
-// side by side in program order fill it. Their registers (2 x (CC + CG + 1) accumulators and
-// centres) fit AVX-512's 32, not AVX2's 16, so the callers take J = 2 only when the CPU has
-// AVX-512.
-template <typename T, int CC, int CG, int DIST, bool SELF, int J = 1>
-BO_ALWAYS_INLINE void accumulate(const Args<T>& p, int64_t n, int64_t y, int64_t x0, const vec_t<T>* gc,
-                                 vec_t<T>* acc, vec_t<T>* wsum, vec_t<T>* gv, const T** irow,
-                                 const T** grow) {
-  static_assert(J == 1 || (CC > 0 && CG > 0), "two chunks at once need fixed channel counts");
-  constexpr int64_t V = vec_width<T>();
-  const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
-  const T* ss = p.ss + n * p.ky * p.kx;
-  for (int j = 0; j < J; ++j) {
-    wsum[j] = vec_t<T>{};
-#pragma GCC unroll 4
-    for (int64_t c = 0; c < nc; ++c) acc[j * nc + c] = vec_t<T>{};
-  }
-  for (int64_t ty = 0; ty < p.ky; ++ty) {
-    for (int64_t c = 0; c < nc; ++c) irow[c] = p.in_row(n, c, y + ty);
-    for (int64_t c = 0; c < ng; ++c) grow[c] = p.gd_row(n, c, y + ty);
-    for (int64_t tx = 0; tx < p.kx; ++tx) {
-      for (int j = 0; j < J; ++j) {
-        const int64_t col = x0 + j * V + tx;
-        vec_t<T> dist;
-        const vec_t<T> w = tap_weight<T, CG, DIST>(grow, col, gc + j * ng, ng, nrc2, ss[ty * p.kx + tx], lo, &dist, gv);
-        wsum[j] += w;
-#pragma GCC unroll 4
-        for (int64_t c = 0; c < nc; ++c) acc[j * nc + c] += w * (SELF ? gv[c] : vload(irow[c] + col));
-      }
-    }
-  }
-}
-
-// The centre guidance of the chunk at (n, y, x0).
-template <typename T>
-BO_ALWAYS_INLINE void load_centres(const Args<T>& p, int64_t n, int64_t y, int64_t x0, int64_t ng, vec_t<T>* gc) {
-  for (int64_t c = 0; c < ng; ++c) gc[c] = vload(p.gd_row(n, c, y + p.py) + x0 + p.px);
-}
-
-// Whether this CPU has the 32 vector registers accumulate<..., 2> needs.
-inline bool has_avx512() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-// Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors and row
-// pointers of runtime channel counts.
+// Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors of runtime
+// channel counts.
 // std::vector does not honour the 32-byte alignment of vec_t under every ABI setting, and the
 // compiler uses aligned moves on these arrays: allocate them explicitly aligned.
 template <typename T>
 struct Scratch {
   vec_t<T>* vbuf;
-  std::vector<const T*> rows;
-  Scratch(int64_t C, int64_t Cg) : rows(2 * (C + Cg) + 2) {
+  explicit Scratch(int64_t C, int64_t Cg) {
     const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(6 * (C + Cg) + 4);
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
@@ -284,37 +233,110 @@ struct Scratch {
   vec_t<T>* v() { return vbuf; }
 };
 
-// Runs accumulate over every chunk of rows r0 .. r1 (over N * H) and hands each chunk's sums to
-// sink(n, y, x0, acc, wsum): the forward and pass 1 differ only in what they make of them. A
-// lambda does not inherit its enclosing function's target_clones: the sinks must be inlined
-// (BO_LAMBDA_INLINE), or they run as baseline code with another vector ABI.
-template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
-BO_ALWAYS_INLINE void centre_rows(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s, Sink&& sink) {
+// What every band of a pair sweep starts from: the task's image and band, its rows, and its
+// planes of `planes` channels cleared.
+template <typename T>
+struct Band {
+  int64_t n, R0, R1;
+  T* planes;
+  Band(const Args<T>& p, int64_t t, T* all, int64_t planes_per_band) {
+    n = t / p.nb;
+    R0 = p.band_start(t % p.nb);
+    R1 = R0 + p.band_len(t % p.nb);
+    const int64_t size = planes_per_band * p.band_rows() * p.Ws;
+    planes = all != nullptr ? all + t * size : nullptr;
+    if (planes != nullptr) std::fill(planes, planes + size, T(0));
+  }
+};
+
+// Sums pass (the forward, and pass 1 of the backward): for every chunk of p, W_p = sum_q w_pq
+// and the C sums sum_q w_pq I_q, over every unordered pair once: p's sums in registers over S+
+// (plus the centre tap, weighed like any other so that a non-finite guidance makes NaN as in
+// kornia), q's added in memory, into the band planes p.sums (C sums, then W). Order of S+: dx
+// outer, dy inner, so that consecutive updates of q go to different rows (an unaligned update
+// overlapping the previous one in the same row would wait on its store).
+template <typename T, int CC, int CG, int DIST, bool SELF>
+BO_ALWAYS_INLINE void sums_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
-  Accs<T, CC> acc_l;
-  Accs<T, CG> gc_l, gv_l;
-  vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
-  vec_t<T>* gc = CG > 0 ? gc_l.v : s.v() + p.C;
-  vec_t<T>* gv = CG > 0 ? gv_l.v : s.v() + p.C + p.Cg;
-  const T** irow = s.rows.data();
-  const T** grow = s.rows.data() + p.C;
-  [[maybe_unused]] const bool pairs = has_avx512();
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.H, y = r % p.H;
-    int64_t x0 = 0;
-    if constexpr (CC > 0 && CG > 0) {
-      for (; pairs && x0 + V < p.W; x0 += 2 * V) {
-        vec_t<T> gc2[2 * CG], acc2[2 * CC], wsum2[2];
-        for (int j = 0; j < 2; ++j) load_centres(p, n, y, x0 + j * V, CG, gc2 + j * CG);
-        accumulate<T, CC, CG, DIST, SELF, 2>(p, n, y, x0, gc2, acc2, wsum2, gv, irow, grow);
-        for (int j = 0; j < 2; ++j) sink(n, y, x0 + j * V, acc2 + j * CC, wsum2[j]);
+  const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
+  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PB = p.band_rows() * Ws;
+  Accs<T, CC> inp_l, acc_l;
+  Accs<T, CG> gdp_l, gq_l, d_l;
+  vec_t<T>* v = s.v();
+  vec_t<T>* inp = CC > 0 ? inp_l.v : v;              // input at p
+  vec_t<T>* acc = CC > 0 ? acc_l.v : v + p.C;        // p's sums of w I
+  vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 2 * p.C;    // guidance at p
+  vec_t<T>* gq = CG > 0 ? gq_l.v : v + 2 * p.C + p.Cg;  // guidance at q
+  vec_t<T>* d = CG > 0 ? d_l.v : v + 2 * p.C + 2 * p.Cg;
+  for (int64_t t = t0; t < t1; ++t) {
+    const Band<T> band(p, t, p.sums, p.C + 1);
+    const int64_t n = band.n;
+    const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
+    const T* ss = p.ss + n * p.ky * p.kx;
+    const T centre_ss = T(0);
+    for (int64_t R = band.R0; R < band.R1; ++R) {
+      const T* gd0 = p.gd_row(n, 0, R);
+      const T* in0 = p.in_row(n, 0, R);
+      T* s0 = band.planes + (R - band.R0) * Ws + p.margin;
+      for (int64_t j0 = 0; j0 < p.Wp; j0 += V) {
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < ng; ++c) gdp[c] = vload(gd0 + c * PS + j0);
+        vec_t<T> dist;
+        vec_t<T> wsum = pair_weight<T, CG, DIST>(gd0, PS, j0, gdp, ng, nrc2, centre_ss, lo, gq, d, &dist);
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < nc; ++c) {
+          inp[c] = SELF ? gdp[c] : vload(in0 + c * PS + j0);
+          acc[c] = wsum * inp[c];
+        }
+        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+          for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
+            const int64_t os = dy * Ws + dx + j0;
+            const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
+                                                        lo, gq, d, &dist);
+            wsum += w;
+            T* q = s0 + os;
+#pragma GCC unroll 4
+            for (int64_t c = 0; c < nc; ++c) {
+              acc[c] += w * (SELF ? gq[c] : vload(in0 + c * PS + os));
+              vstore(q + c * PB, vload(q + c * PB) + w * inp[c]);
+            }
+            vstore(q + nc * PB, vload(q + nc * PB) + w);
+          }
+        }
+        T* o = s0 + j0;
+        for (int64_t c = 0; c < nc; ++c) vstore(o + c * PB, vload(o + c * PB) + acc[c]);
+        vstore(o + nc * PB, vload(o + nc * PB) + wsum);
       }
     }
-    for (; x0 < p.W; x0 += V) {
-      load_centres(p, n, y, x0, count<CG>(p.Cg), gc);
-      vec_t<T> wsum;
-      accumulate<T, CC, CG, DIST, SELF>(p, n, y, x0, gc, acc, &wsum, gv, irow, grow);
-      sink(n, y, x0, acc, wsum);
+  }
+}
+
+// Hands each chunk of image rows r0 .. r1 (over N * H) its sums (the band planes' row plus the
+// halo the band above left there) to sink(n, y, x0, acc, wsum): the forward and pass 1 differ only
+// in what they make of them. A lambda does not inherit its enclosing function's target_clones: the
+// sinks must be inlined (BO_LAMBDA_INLINE), or they run as baseline code with another vector ABI.
+template <typename T, int CC, class Sink>
+BO_ALWAYS_INLINE void centre_rows(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s, Sink&& sink) {
+  constexpr int64_t V = vec_width<T>();
+  const int64_t nc = count<CC>(p.C), PB = p.band_rows() * p.Ws;
+  Accs<T, CC> acc_l;
+  vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / p.H, y = r % p.H, R = y + p.py;
+    const int64_t b = R / p.Bh, i = R - p.band_start(b);
+    const T* own = p.sums + ((n * p.nb + b) * (p.C + 1) * p.band_rows() + i) * p.Ws + p.margin + p.px;
+    // Band b's first py rows also have a part in band b - 1's halo rows.
+    const T* halo = b > 0 && i < p.py ? own - (p.C + 1) * PB + p.Bh * p.Ws : nullptr;
+    for (int64_t x0 = 0; x0 < p.W; x0 += V) {
+      for (int64_t c = 0; c <= nc; ++c) {
+        vec_t<T> v = vload(own + c * PB + x0);
+        if (halo != nullptr) v += vload(halo + c * PB + x0);
+        if (c < nc) {
+          acc[c] = v;
+        } else {
+          sink(n, y, x0, acc, v);
+        }
+      }
     }
   }
 }
@@ -322,8 +344,8 @@ BO_ALWAYS_INLINE void centre_rows(const Args<T>& p, int64_t r0, int64_t r1, Scra
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  centre_rows<T, CC, CG, DIST, SELF>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                        const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+  centre_rows<T, CC>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                       const vec_t<T>& wsum) BO_LAMBDA_INLINE {
     const vec_t<T> inv = T(1) / wsum;
     for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
   });
@@ -352,17 +374,21 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
       for (int64_t R = p.py + p.H; R < p.Hp; ++R) clear(n, R, 0, p.Wx);
     }
   }
-  centre_rows<T, CC, CG, DIST, SELF>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                        const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+  centre_rows<T, CC>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                       const vec_t<T>& wsum) BO_LAMBDA_INLINE {
     const vec_t<T> inv = T(1) / wsum;
     const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
+    // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
+    // padded positions or margins (W = 0 there), so they are cleared, not computed.
+    const int64_t live = std::min<int64_t>(vec_width<T>(), p.W - x0);
     vec_t<T> a{};
     for (int64_t c = 0; c < nc; ++c) {
-      // Lanes past the row read zeros, so their gp and a are zero: pass 2 pairs nothing with them.
-      const vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
+      vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
+      for (int64_t i = live; i < vec_width<T>(); ++i) gpv[i] = T(0);
       a += gpv * (acc[c] * inv);
       vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
     }
+    for (int64_t i = live; i < vec_width<T>(); ++i) a[i] = T(0);
     vstore(p.a + n * p.Hp * p.Wx + at, a);
   });
 }
@@ -379,7 +405,7 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
   const int64_t Ws = p.Ws, Wx = p.Wx;
   const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = p.band_rows() * Ws;  // channel strides
   Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l, qv_l, pv_l;
-  Accs<T, CG> gdp_l, d_l, racc_l;
+  Accs<T, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.v();
   vec_t<T>* gpp = CC > 0 ? gpp_l.v : v;            // gp at p
   vec_t<T>* inp = CC > 0 ? inp_l.v : v + p.C;      // input at p (joint)
@@ -388,30 +414,27 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
   vec_t<T>* qv = CC > 0 ? qv_l.v : v + 4 * p.C;    // q's value (+ range) gradient of the pair
   vec_t<T>* pv = CC > 0 ? pv_l.v : v + 5 * p.C;    // p's
   vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 6 * p.C;  // guidance at p
-  vec_t<T>* d = CG > 0 ? d_l.v : v + 6 * p.C + p.Cg;  // guidance at q minus at p
-  vec_t<T>* racc = CG > 0 ? racc_l.v : v + 6 * p.C + 2 * p.Cg;  // p's range gradient (joint)
+  vec_t<T>* gq = CG > 0 ? gq_l.v : v + 6 * p.C + p.Cg;  // guidance at q
+  vec_t<T>* d = CG > 0 ? d_l.v : v + 6 * p.C + 2 * p.Cg;  // guidance at q minus at p
+  vec_t<T>* racc = CG > 0 ? racc_l.v : v + 6 * p.C + 3 * p.Cg;  // p's range gradient (joint)
   const bool value = p.need_value, range = p.need_range, sigma = p.rows != nullptr;
   const bool pair_terms = range || sigma;
   // The runtime-count instantiation serves self-guided images too (SELF is only a shortcut).
   const bool self = SELF || p.self;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / p.nb, b = t % p.nb;
-    const int64_t R0 = p.band_start(b), R1 = R0 + p.band_len(b);
-    T* vband = p.gin != nullptr ? p.gin + t * p.C * PB : nullptr;
-    T* rband = p.ggd != nullptr ? p.ggd + t * p.Cg * PB : nullptr;
-    if (vband != nullptr) std::fill(vband, vband + p.C * PB, T(0));
-    if (rband != nullptr) std::fill(rband, rband + p.Cg * PB, T(0));
+    const Band<T> vband(p, t, p.gin, p.C), rband(p, t, p.ggd, p.Cg);
+    const int64_t n = vband.n, R0 = vband.R0, R1 = vband.R1;
     const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
     // h = -rc w (e_pq + e_qp) times dD/dG_q: 2 d for l2, 2 acc sign(d) for l1; the 2 goes here.
     const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
     const T* ss = p.ss + n * p.ky * p.kx;
     for (int64_t R = R0; R < R1; ++R) {
-      const T* gd0 = p.gd + (n * p.Cg * p.Hp + R) * Ws + p.margin;
-      const T* in0 = p.in + (n * p.C * p.Hp + R) * Ws + p.margin;
+      const T* gd0 = p.gd_row(n, 0, R);
+      const T* in0 = p.in_row(n, 0, R);
       const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
       const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
-      T* v0 = vband != nullptr ? vband + (R - R0) * Ws + p.margin : nullptr;
-      T* r0 = rband != nullptr ? rband + (R - R0) * Ws + p.margin : nullptr;
+      T* v0 = vband.planes != nullptr ? vband.planes + (R - R0) * Ws + p.margin : nullptr;
+      T* r0 = rband.planes != nullptr ? rband.planes + (R - R0) * Ws + p.margin : nullptr;
       double row_d = 0, row_y = 0, row_x = 0;
       for (int64_t j0 = 0; j0 < p.Wp; j0 += V) {
         for (int64_t c = 0; c < nc; ++c) {
@@ -429,20 +452,15 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
           const T fx = static_cast<T>(dx * dx);
           for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
             const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
-            vec_t<T> gq = vload(gd0 + os);
-            d[0] = gq - gdp[0];
-            vec_t<T> dist = DIST == kL1 ? vabs<T>(d[0]) : d[0] * d[0];
-            vec_t<T> e{};
-            if (SELF && pair_terms) e = gpp[0] * gq;
-#pragma GCC unroll 4
-            for (int64_t c = 1; c < ng; ++c) {
-              gq = vload(gd0 + c * PS + os);
-              d[c] = gq - gdp[c];
-              dist += DIST == kL1 ? vabs<T>(d[c]) : d[c] * d[c];
-              if (SELF && pair_terms) e += gpp[c] * gq;
-            }
+            vec_t<T> dist;
+            const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
+                                                        lo, gq, d, &dist);
             const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-            const vec_t<T> w = vexp2<T>(D * nrc2 - ss[(dy + p.py) * p.kx + dx + p.px], lo);
+            vec_t<T> e{};
+            if (SELF && pair_terms) {
+#pragma GCC unroll 4
+              for (int64_t c = 0; c < ng; ++c) e += gpp[c] * gq[c];
+            }
             if (value || pair_terms) {
 #pragma GCC unroll 4
               for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
@@ -517,11 +535,13 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
 
 // Task functions: one copy per instruction set (BO_TARGET_CLONES); the runtime configuration
 // branches once into fully inlined instantiations.
-enum class Pass { kForward, kPass1, kPass2 };
+enum class Pass { kSums, kForward, kPass1, kPass2 };
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   switch (pass) {
+    case Pass::kSums:
+      return sums_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kForward:
       return forward_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kPass1:
@@ -567,11 +587,12 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
   filter_task_f64(pass, p, r0, r1, s);
 }
 
-// Rows (forward, pass 1) or bands (pass 2) are independent; a grain of a few rows keeps per-task
+// Rows (forward, pass 1) or bands (sums, pass 2) are independent; a grain of a few rows keeps per-task
 // scratch negligible, a band is enough work on its own.
 template <typename T>
 void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
-  at::parallel_for(0, rows, pass == Pass::kPass2 ? 1 : 4, [&](int64_t r0, int64_t r1) {
+  const bool bands = pass == Pass::kSums || pass == Pass::kPass2;
+  at::parallel_for(0, rows, bands ? 1 : 4, [&](int64_t r0, int64_t r1) {
     Scratch<T> s(p.C, p.Cg);
     filter_task(pass, p, r0, r1, s);
   });
@@ -716,6 +737,15 @@ struct Prepared {
     }
     a.ss = ssp;
   }
+
+  // The sums pass into fresh band planes (each band clears its own); returns them, to be kept
+  // while the forward or pass 1 reads them.
+  at::Tensor sum_pairs(const at::TensorOptions& opt) {
+    at::Tensor sums = at::empty({a.N * a.nb, a.C + 1, a.band_rows() * a.Ws}, opt);
+    a.sums = sums.data_ptr<T>();
+    run_rows(Pass::kSums, a, a.N * a.nb);
+    return sums;
+  }
 };
 
 at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
@@ -729,6 +759,7 @@ at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Ten
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_filter_cpu", [&] {
     Prepared<scalar_t> prep(input, guidance, sigma_color, sigma_space, s);
+    const at::Tensor sums = prep.sum_pairs(input.options().dtype(dt));
     prep.a.out = out.data_ptr<scalar_t>();
     run_rows(Pass::kForward, prep.a, s.N * s.H);
   });
@@ -766,7 +797,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     at::Tensor av = at::empty({s.N, a.Hp, a.Wx}, opt);
     a.gp = gp.data_ptr<T>();
     a.a = av.data_ptr<T>();
-    run_rows(Pass::kPass1, a, s.N * s.H);
+    {
+      const at::Tensor sums = prep.sum_pairs(opt);
+      run_rows(Pass::kPass1, a, s.N * s.H);
+    }
 
     // Pass 2 clears its band planes.
     const int64_t band_plane = a.band_rows() * a.Ws;
