@@ -393,142 +393,147 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, 
   });
 }
 
-// Pass 2 over the bands t0 .. t1 (over N * nb): every unordered pair {p, q = p + s}, s in S+,
-// with p in the band's rows (padded rows R0 .. R0 + len - 1, every padded column), once. p's sums
-// stay in registers over S+; q's are added in memory, in the order dx outer, dy inner, so that
-// consecutive updates of q go to different rows (an unaligned update overlapping the previous
-// one in the same row would wait on its store).
-template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+// Pass 2 for band t: every unordered pair {p, q = p + s}, s in S+, with p in the band's rows
+// (padded rows R0 .. R0 + len - 1, every padded column), once. p's sums stay in registers over
+// S+; q's are added in memory, in the order dx outer, dy inner, so that consecutive updates of q
+// go to different rows (an unaligned update overlapping the previous one in the same row would
+// wait on its store). VALUE and RANGE (which gradients) are compile-time so that each of q's and
+// p's terms is one multiply-add; the sigma sums are rare and stay a runtime branch.
+template <typename T, int CC, int CG, int DIST, bool SELF, bool VALUE, bool RANGE>
+BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
   const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = p.band_rows() * Ws;  // channel strides
-  Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l, qv_l, pv_l;
+  Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l;
   Accs<T, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.v();
-  vec_t<T>* gpp = CC > 0 ? gpp_l.v : v;            // gp at p
-  vec_t<T>* inp = CC > 0 ? inp_l.v : v + p.C;      // input at p (joint)
+  vec_t<T>* gpp = CC > 0 ? gpp_l.v : v;              // gp at p
+  vec_t<T>* inp = CC > 0 ? inp_l.v : v + p.C;        // input at p (joint)
   vec_t<T>* vacc = CC > 0 ? vacc_l.v : v + 2 * p.C;  // p's value (+ range when self) gradient
-  vec_t<T>* gpq = CC > 0 ? gpq_l.v : v + 3 * p.C;  // gp at q
-  vec_t<T>* qv = CC > 0 ? qv_l.v : v + 4 * p.C;    // q's value (+ range) gradient of the pair
-  vec_t<T>* pv = CC > 0 ? pv_l.v : v + 5 * p.C;    // p's
-  vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 6 * p.C;  // guidance at p
-  vec_t<T>* gq = CG > 0 ? gq_l.v : v + 6 * p.C + p.Cg;  // guidance at q
-  vec_t<T>* d = CG > 0 ? d_l.v : v + 6 * p.C + 2 * p.Cg;  // guidance at q minus at p
-  vec_t<T>* racc = CG > 0 ? racc_l.v : v + 6 * p.C + 3 * p.Cg;  // p's range gradient (joint)
-  const bool value = p.need_value, range = p.need_range, sigma = p.rows != nullptr;
-  const bool pair_terms = range || sigma;
+  vec_t<T>* gpq = CC > 0 ? gpq_l.v : v + 3 * p.C;    // gp at q
+  vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 4 * p.C;    // guidance at p
+  vec_t<T>* gq = CG > 0 ? gq_l.v : v + 4 * p.C + p.Cg;  // guidance at q
+  vec_t<T>* d = CG > 0 ? d_l.v : v + 4 * p.C + 2 * p.Cg;  // guidance at q minus at p, then q's range term
+  vec_t<T>* racc = CG > 0 ? racc_l.v : v + 4 * p.C + 3 * p.Cg;  // p's range gradient (joint)
+  const bool sigma = p.rows != nullptr, pair_terms = RANGE || sigma;
   // The runtime-count instantiation serves self-guided images too (SELF is only a shortcut).
-  const bool self = SELF || p.self;
-  for (int64_t t = t0; t < t1; ++t) {
-    const Band<T> vband(p, t, p.gin, p.C), rband(p, t, p.ggd, p.Cg);
-    const int64_t n = vband.n, R0 = vband.R0, R1 = vband.R1;
-    const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
-    // h = -rc w (e_pq + e_qp) times dD/dG_q: 2 d for l2, 2 acc sign(d) for l1; the 2 goes here.
-    const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
-    const T* ss = p.ss + n * p.ky * p.kx;
-    for (int64_t R = R0; R < R1; ++R) {
-      const T* gd0 = p.gd_row(n, 0, R);
-      const T* in0 = p.in_row(n, 0, R);
-      const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
-      const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
-      T* v0 = vband.planes != nullptr ? vband.planes + (R - R0) * Ws + p.margin : nullptr;
-      T* r0 = rband.planes != nullptr ? rband.planes + (R - R0) * Ws + p.margin : nullptr;
-      double row_d = 0, row_y = 0, row_x = 0;
-      for (int64_t j0 = 0; j0 < p.Wp; j0 += V) {
-        for (int64_t c = 0; c < nc; ++c) {
-          gpp[c] = vload(gp0 + c * PX + j0);
-          if (!SELF) inp[c] = vload(in0 + c * PS + j0);
-          vacc[c] = value ? gpp[c] : vec_t<T>{};  // the centre tap: w = 1, no range term
-        }
-        for (int64_t c = 0; c < ng; ++c) {
-          gdp[c] = vload(gd0 + c * PS + j0);
-          racc[c] = vec_t<T>{};
-        }
-        const vec_t<T> ap = vload(a0 + j0);
-        vec_t<T> sd{}, sy{}, sx{};
-        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
-          const T fx = static_cast<T>(dx * dx);
-          for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
-            const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
-            vec_t<T> dist;
-            const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
-                                                        lo, gq, d, &dist);
-            const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-            vec_t<T> e{};
-            if (SELF && pair_terms) {
+  const bool self = SELF || (CC == 0 && p.self);
+  const Band<T> vband(p, t, p.gin, p.C), rband(p, t, p.ggd, p.Cg);
+  const int64_t n = vband.n, R0 = vband.R0, R1 = vband.R1;
+  const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
+  // h = -rc w (e_pq + e_qp) times dD/dG_q: 2 d for l2, 2 acc sign(d) for l1; the 2 goes here.
+  const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
+  const T* ss = p.ss + n * p.ky * p.kx;
+  for (int64_t R = R0; R < R1; ++R) {
+    const T* gd0 = p.gd_row(n, 0, R);
+    const T* in0 = p.in_row(n, 0, R);
+    const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
+    const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
+    T* v0 = vband.planes != nullptr ? vband.planes + (R - R0) * Ws + p.margin : nullptr;
+    T* r0 = rband.planes != nullptr ? rband.planes + (R - R0) * Ws + p.margin : nullptr;
+    double row_d = 0, row_y = 0, row_x = 0;
+    for (int64_t j0 = 0; j0 < p.Wp; j0 += V) {
+      for (int64_t c = 0; c < nc; ++c) {
+        gpp[c] = vload(gp0 + c * PX + j0);
+        if (!SELF) inp[c] = vload(in0 + c * PS + j0);
+        vacc[c] = VALUE ? gpp[c] : vec_t<T>{};  // the centre tap: w = 1, no range term
+      }
+      for (int64_t c = 0; c < ng; ++c) {
+        gdp[c] = vload(gd0 + c * PS + j0);
+        racc[c] = vec_t<T>{};
+      }
+      const vec_t<T> ap = vload(a0 + j0);
+      vec_t<T> sd{}, sy{}, sx{};
+      for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+        const T fx = static_cast<T>(dx * dx);
+        for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
+          const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
+          vec_t<T> dist;
+          const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
+                                                      lo, gq, d, &dist);
 #pragma GCC unroll 4
-              for (int64_t c = 0; c < ng; ++c) e += gpp[c] * gq[c];
-            }
-            if (value || pair_terms) {
-#pragma GCC unroll 4
-              for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
-            }
-            // p's terms are summed before they meet vacc: one add a pair on its dependency chain.
+          for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
+          if (pair_terms) {
+            vec_t<T> e = -(ap + vload(a0 + ox));
 #pragma GCC unroll 4
             for (int64_t c = 0; c < nc; ++c) {
-              qv[c] = value ? w * gpp[c] : vec_t<T>{};
-              pv[c] = value ? w * gpq[c] : vec_t<T>{};
+              e += gpp[c] * (SELF ? gq[c] : vload(in0 + c * PS + os));
+              e += gpq[c] * (SELF ? gdp[c] : inp[c]);
             }
-            if (pair_terms) {
-              e -= ap + vload(a0 + ox);
+            const vec_t<T> ew = e * w;
+            if (sigma) {
+              const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
+              sd += ew * D;
+              sx += ew * fx;
+              sy += ew * static_cast<T>(dy * dy);
+            }
+            if (RANGE) {
+              const vec_t<T> h = DIST == kL1 ? n2rc * ew * dist : n2rc * ew;
 #pragma GCC unroll 4
-              for (int64_t c = 0; c < nc; ++c) {
-                if (!SELF) e += gpp[c] * vload(in0 + c * PS + os);
-                e += gpq[c] * (SELF ? gdp[c] : inp[c]);
-              }
-              const vec_t<T> ew = e * w;
-              if (sigma) {
-                sd += ew * D;
-                sx += ew * fx;
-                sy += ew * static_cast<T>(dy * dy);
-              }
-              if (range) {
-                const vec_t<T> h = DIST == kL1 ? n2rc * ew * dist : n2rc * ew;
-#pragma GCC unroll 4
-                for (int64_t c = 0; c < ng; ++c) {
-                  const vec_t<T> tq = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);
-                  if (self) {
-                    qv[c] += tq;
-                    pv[c] -= tq;
-                  } else {
-                    racc[c] -= tq;
-                    T* q = r0 + c * PB + os;
-                    vstore(q, vload(q) + tq);
-                  }
+              for (int64_t c = 0; c < ng; ++c) {
+                d[c] = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);  // q's range term; p's is -d
+                if (!self) {
+                  racc[c] -= d[c];
+                  T* q = r0 + c * PB + os;
+                  vstore(q, vload(q) + d[c]);
                 }
               }
             }
+          }
+          if (VALUE || (RANGE && self)) {
 #pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) vacc[c] += pv[c];
-            if (v0 != nullptr) {
-#pragma GCC unroll 4
-              for (int64_t c = 0; c < nc; ++c) {
-                T* q = v0 + c * PB + os;
-                vstore(q, vload(q) + qv[c]);
+            for (int64_t c = 0; c < nc; ++c) {
+              vec_t<T> qv, pv;
+              if (VALUE && RANGE && self) {
+                qv = w * gpp[c] + d[c];
+                pv = w * gpq[c] - d[c];
+              } else if (VALUE) {
+                qv = w * gpp[c];
+                pv = w * gpq[c];
+              } else {
+                qv = d[c];
+                pv = -d[c];
               }
+              vacc[c] += pv;  // summed before meeting vacc: one add a pair on its chain
+              T* q = v0 + c * PB + os;
+              vstore(q, vload(q) + qv);
             }
           }
         }
-        if (v0 != nullptr) {
-          for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
-        }
-        if (r0 != nullptr && range) {
-          for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
-        }
-        if (sigma) {
-          row_d += vsum<T>(sd);
-          row_y += vsum<T>(sy);
-          row_x += vsum<T>(sx);
-        }
+      }
+      if (v0 != nullptr) {
+        for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
+      }
+      if (RANGE && r0 != nullptr) {
+        for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
       }
       if (sigma) {
-        double* out = p.rows + 3 * (n * p.PH + R);
-        out[0] = row_d;
-        out[1] = row_y;
-        out[2] = row_x;
+        row_d += vsum<T>(sd);
+        row_y += vsum<T>(sy);
+        row_x += vsum<T>(sx);
       }
+    }
+    if (sigma) {
+      double* out = p.rows + 3 * (n * p.PH + R);
+      out[0] = row_d;
+      out[1] = row_y;
+      out[2] = row_x;
+    }
+  }
+}
+
+template <typename T, int CC, int CG, int DIST, bool SELF>
+BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+  for (int64_t t = t0; t < t1; ++t) {
+    if (p.need_value && p.need_range) {
+      pass2_band<T, CC, CG, DIST, SELF, true, true>(p, t, s);
+    } else if (p.need_value) {
+      pass2_band<T, CC, CG, DIST, SELF, true, false>(p, t, s);
+    } else if (p.need_range) {
+      pass2_band<T, CC, CG, DIST, SELF, false, true>(p, t, s);
+    } else {
+      pass2_band<T, CC, CG, DIST, SELF, false, false>(p, t, s);
     }
   }
 }
