@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -592,12 +593,24 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
   filter_task_f64(pass, p, r0, r1, s);
 }
 
-// Rows (forward, pass 1) or bands (sums, pass 2) are independent; a grain of a few rows keeps per-task
-// scratch negligible, a band is enough work on its own.
+// Rows (forward, pass 1) are independent and light: a grain of a few rows keeps per-task scratch
+// negligible. Bands (sums, pass 2) carry the work and are handed out one at a time from a shared
+// counter rather than split in equal ranges up front: on a machine whose cores do not run at the
+// same speed (a sibling hyperthread busy, another tenant) no core then waits on the slowest one's
+// share. Each band's sums do not depend on which thread computes them, so results stay
+// deterministic.
 template <typename T>
 void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
-  const bool bands = pass == Pass::kSums || pass == Pass::kPass2;
-  at::parallel_for(0, rows, bands ? 1 : 4, [&](int64_t r0, int64_t r1) {
+  if (pass == Pass::kSums || pass == Pass::kPass2) {
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), rows);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      Scratch<T> s(p.C, p.Cg);
+      for (int64_t t = next++; t < rows; t = next++) filter_task(pass, p, t, t + 1, s);
+    });
+    return;
+  }
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
     Scratch<T> s(p.C, p.Cg);
     filter_task(pass, p, r0, r1, s);
   });
