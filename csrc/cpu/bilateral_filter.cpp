@@ -78,13 +78,13 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   const V t_in = t;
   t = lo > t ? lo : t;  // NaN passes through as NaN
   // 2^t = 2^n 2^f with n = round(t), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer held in
-  // the low mantissa bits.
+  // the low mantissa bits: the bits of m are those of 1.5 * 2^23 (0x4B400000) plus n.
   const V magic = vsplat<float>(12582912.0f);
   const V m = t + magic;
   const V f = t - (m - magic);
-  I n;
-  __builtin_memcpy(&n, &m, sizeof(n));
-  n -= 0x4B400000;  // the bits of 1.5 * 2^23
+  I n_shifted;  // n << 23: 0x4B400000 << 23 is 0 modulo 2^32, so the bits of m shifted will do
+  __builtin_memcpy(&n_shifted, &m, sizeof(n_shifted));
+  n_shifted <<= 23;
   V p = vsplat<float>(1.3264708791e-3f);
   p = p * f + 9.6715114712e-3f;
   p = p * f + 5.5507337765e-2f;
@@ -93,7 +93,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   p = p * f + 1.0f;
   I bits;
   __builtin_memcpy(&bits, &p, sizeof(bits));
-  bits += n << 23;
+  bits += n_shifted;
   V out;
   __builtin_memcpy(&out, &bits, sizeof(out));
   return t_in < lo ? V{} : out;
