@@ -166,7 +166,6 @@ struct Args {
   const T* rc;          // (N,) 0.5 / sigma_color^2
   const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
-  T* sums;              // (N * nb, C + 1, Bh + py, Ws) band planes: sum w I per channel, then W
   // Backward.
   const T* go;          // (N, C, H, W)
   T* gp;                // (N, C, Hp, Wx) g / W
@@ -227,12 +226,21 @@ BO_ALWAYS_INLINE vec_t<T> pair_weight(const T* gd0, int64_t PS, int64_t os, cons
 template <typename T>
 struct Scratch {
   vec_t<T>* vbuf;
-  explicit Scratch(int64_t C, int64_t Cg) {
+  T* band = nullptr;  // the sums pass's band planes (or nullptr)
+  Scratch(int64_t C, int64_t Cg, int64_t band_elems) {
     const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(6 * (C + Cg) + 4);
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
+    if (band_elems > 0) {
+      const size_t band_bytes = (sizeof(T) * static_cast<size_t>(band_elems) + kVecBytes - 1) / kVecBytes * kVecBytes;
+      band = static_cast<T*>(std::aligned_alloc(kVecBytes, band_bytes));
+      TORCH_CHECK(band != nullptr, "bilateral_filter: out of memory for ", band_bytes, " bytes of scratch");
+    }
   }
-  ~Scratch() { std::free(vbuf); }
+  ~Scratch() {
+    std::free(vbuf);
+    std::free(band);
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   vec_t<T>* v() { return vbuf; }
@@ -260,17 +268,33 @@ struct Band {
   }
 };
 
-// Sums pass (the forward, and pass 1 of the backward): for every chunk of p, W_p = sum_q w_pq
-// and the C sums sum_q w_pq I_q, over every unordered pair once: p's sums in registers over S+
-// (plus the centre tap, weighed like any other so that a non-finite guidance makes NaN as in
-// kornia), q's added in memory, into the band planes p.sums (C sums, then W). Order of S+: dx
-// outer, dy inner, so that consecutive updates of q go to different rows (an unaligned update
-// overlapping the previous one in the same row would wait on its store).
-template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void sums_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+// Rows of the sums pass's band planes: a band of padded rows R0 .. R1 - 1 keeps py rows above
+// and below its own.
+template <typename T>
+int64_t sums_band_rows(const Args<T>& p) {
+  return p.Bh + 2 * p.py;
+}
+
+// Sums pass (the forward, and pass 1 of the backward) of band t: for every chunk of p, W_p =
+// sum_q w_pq and the C sums sum_q w_pq I_q, over every unordered pair once: p's sums in registers
+// over S+ (plus the centre tap, weighed like any other so that a non-finite guidance makes NaN as
+// in kornia), q's added in memory, into the worker's band planes s.band (C sums, then W; local row
+// i is padded row R0 - py + i). Order of S+: dx outer, dy inner, so that consecutive updates of q
+// go to different rows (an unaligned update overlapping the previous one in the same row would
+// wait on its store).
+// The band also sweeps the pairs of the py rows above it that reach into it (the rows of the band
+// above, whose sums go nowhere), so that its own rows' sums are complete without another band:
+// bands share no memory, the planes are per worker (L2-sized, reused band after band, never a
+// fresh image-sized buffer whose page faults would cost as much as the arithmetic), and each band
+// hands its rows' sums to sink(n, y, x0, acc, wsum) as soon as it is done. That costs
+// py (py + 1) kx / 2 pairs a band column, ~7% of a band of 32 rows at k = 9. A lambda does not
+// inherit its enclosing function's target_clones: the sinks must be inlined (BO_LAMBDA_INLINE),
+// or they run as baseline code with another vector ABI.
+template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
+BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PB = p.band_rows() * Ws;
+  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PL = sums_band_rows(p) * Ws;
   Accs<T, CC> inp_l, acc_l;
   Accs<T, CG> gdp_l, gq_l, d_l;
   vec_t<T>* v = s.v();
@@ -279,17 +303,18 @@ BO_ALWAYS_INLINE void sums_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, S
   vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 2 * p.C;    // guidance at p
   vec_t<T>* gq = CG > 0 ? gq_l.v : v + 2 * p.C + p.Cg;  // guidance at q
   vec_t<T>* d = CG > 0 ? d_l.v : v + 2 * p.C + 2 * p.Cg;
-  for (int64_t t = t0; t < t1; ++t) {
-    const Band<T> band(p, t, p.sums, p.C + 1);
-    const int64_t n = band.n;
-    const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
-    const T* ss = p.ss + n * p.ky * p.kx;
-    const T centre_ss = T(0);
-    for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
-    for (int64_t R = band.R0; R < band.R1; ++R) {
+  const int64_t n = t / p.nb, R0 = p.band_start(t % p.nb), R1 = R0 + p.band_len(t % p.nb);
+  const int64_t L0 = R0 - p.py;  // padded row of local row 0
+  std::fill(s.band, s.band + (nc + 1) * PL, T(0));
+  const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
+  const T* ss = p.ss + n * p.ky * p.kx;
+  const T centre_ss = T(0);
+  for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
+    for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
+      const int64_t dy_min = std::max<int64_t>(0, R0 - R);  // rows above: only pairs reaching the band
       const T* gd0 = p.gd_row(n, 0, R);
       const T* in0 = p.in_row(n, 0, R);
-      T* s0 = band.planes + (R - band.R0) * Ws + p.margin;
+      T* s0 = s.band + (R - L0) * Ws + p.margin;
       for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
 #pragma GCC unroll 4
         for (int64_t c = 0; c < ng; ++c) gdp[c] = vload(gd0 + c * PS + j0);
@@ -301,7 +326,7 @@ BO_ALWAYS_INLINE void sums_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, S
           acc[c] = wsum * inp[c];
         }
         for (int64_t dx = -p.px; dx <= p.px; ++dx) {
-          for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
+          for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= p.py; ++dy) {
             const int64_t os = dy * Ws + dx + j0;
             const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
                                                         lo, gq, d, &dist);
@@ -310,100 +335,63 @@ BO_ALWAYS_INLINE void sums_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, S
 #pragma GCC unroll 4
             for (int64_t c = 0; c < nc; ++c) {
               acc[c] += w * (SELF ? gq[c] : vload(in0 + c * PS + os));
-              vstore(q + c * PB, vload(q + c * PB) + w * inp[c]);
+              vstore(q + c * PL, vload(q + c * PL) + w * inp[c]);
             }
-            vstore(q + nc * PB, vload(q + nc * PB) + w);
+            vstore(q + nc * PL, vload(q + nc * PL) + w);
           }
         }
         T* o = s0 + j0;
-        for (int64_t c = 0; c < nc; ++c) vstore(o + c * PB, vload(o + c * PB) + acc[c]);
-        vstore(o + nc * PB, vload(o + nc * PB) + wsum);
+        for (int64_t c = 0; c < nc; ++c) vstore(o + c * PL, vload(o + c * PL) + acc[c]);
+        vstore(o + nc * PL, vload(o + nc * PL) + wsum);
       }
     }
   }
-}
-}
-
-// Hands each chunk of image rows r0 .. r1 (over N * H) its sums (the band planes' row plus the
-// halo the band above left there) to sink(n, y, x0, acc, wsum): the forward and pass 1 differ only
-// in what they make of them. A lambda does not inherit its enclosing function's target_clones: the
-// sinks must be inlined (BO_LAMBDA_INLINE), or they run as baseline code with another vector ABI.
-template <typename T, int CC, class Sink>
-BO_ALWAYS_INLINE void centre_rows(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s, Sink&& sink) {
-  constexpr int64_t V = vec_width<T>();
-  const int64_t nc = count<CC>(p.C), PB = p.band_rows() * p.Ws;
-  Accs<T, CC> acc_l;
-  vec_t<T>* acc = CC > 0 ? acc_l.v : s.v();
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.H, y = r % p.H, R = y + p.py;
-    const int64_t b = R / p.Bh, i = R - p.band_start(b);
-    const T* own = p.sums + ((n * p.nb + b) * (p.C + 1) * p.band_rows() + i) * p.Ws + p.margin + p.px;
-    // Band b's first py rows also have a part in band b - 1's halo rows.
-    const T* halo = b > 0 && i < p.py ? own - (p.C + 1) * PB + p.Bh * p.Ws : nullptr;
+  // The band's image rows.
+  for (int64_t R = std::max(R0, p.py); R < std::min(R1, p.py + p.H); ++R) {
+    const T* own = s.band + (R - L0) * Ws + p.margin + p.px;
     for (int64_t x0 = 0; x0 < p.W; x0 += V) {
-      for (int64_t c = 0; c <= nc; ++c) {
-        vec_t<T> v = vload(own + c * PB + x0);
-        if (halo != nullptr) v += vload(halo + c * PB + x0);
-        if (c < nc) {
-          acc[c] = v;
-        } else {
-          sink(n, y, x0, acc, v);
-        }
-      }
+      for (int64_t c = 0; c < nc; ++c) acc[c] = vload(own + c * PL + x0);
+      sink(n, R - p.py, x0, acc, vload(own + nc * PL + x0));
     }
   }
 }
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  centre_rows<T, CC>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                       const vec_t<T>& wsum) BO_LAMBDA_INLINE {
-    const vec_t<T> inv = T(1) / wsum;
-    for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
-  });
+  for (int64_t t = t0; t < t1; ++t) {
+    sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                  const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+      const vec_t<T> inv = T(1) / wsum;
+      for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
+    });
+  }
 }
 
 // Pass 1: gp = g / W and a = gp . out per centre, written at padded row y + py of the centre
-// planes; each row also clears its columns outside the image, and the first and last rows of an
-// image clear the padded rows above and below it.
+// planes (whose other rows and columns clear_outside zeroes).
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  const auto clear = [&](int64_t n, int64_t R, int64_t x0, int64_t x1) {
-    for (int64_t c = 0; c <= nc; ++c) {
-      T* row = c < nc ? p.gp + ((n * p.C + c) * p.Hp + R) * p.Wx : p.a + (n * p.Hp + R) * p.Wx;
-      std::fill(row + x0, row + x1, T(0));
-    }
-  };
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.H, y = r % p.H;
-    clear(n, y + p.py, 0, p.xoff);
-    clear(n, y + p.py, p.xoff + p.W, p.Wx);
-    if (y == 0) {
-      for (int64_t R = 0; R < p.py; ++R) clear(n, R, 0, p.Wx);
-    }
-    if (y == p.H - 1) {
-      for (int64_t R = p.py + p.H; R < p.Hp; ++R) clear(n, R, 0, p.Wx);
-    }
+  for (int64_t t = t0; t < t1; ++t) {
+    sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                  const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+      const vec_t<T> inv = T(1) / wsum;
+      const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
+      // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
+      // padded positions or margins (W = 0 there), so they are cleared, not computed.
+      const int64_t live = std::min<int64_t>(vec_width<T>(), p.W - x0);
+      vec_t<T> a{};
+      for (int64_t c = 0; c < nc; ++c) {
+        vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
+        for (int64_t i = live; i < vec_width<T>(); ++i) gpv[i] = T(0);
+        a += gpv * (acc[c] * inv);
+        vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
+      }
+      for (int64_t i = live; i < vec_width<T>(); ++i) a[i] = T(0);
+      vstore(p.a + n * p.Hp * p.Wx + at, a);
+    });
   }
-  centre_rows<T, CC>(p, r0, r1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                       const vec_t<T>& wsum) BO_LAMBDA_INLINE {
-    const vec_t<T> inv = T(1) / wsum;
-    const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
-    // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
-    // padded positions or margins (W = 0 there), so they are cleared, not computed.
-    const int64_t live = std::min<int64_t>(vec_width<T>(), p.W - x0);
-    vec_t<T> a{};
-    for (int64_t c = 0; c < nc; ++c) {
-      vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
-      for (int64_t i = live; i < vec_width<T>(); ++i) gpv[i] = T(0);
-      a += gpv * (acc[c] * inv);
-      vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
-    }
-    for (int64_t i = live; i < vec_width<T>(); ++i) a[i] = T(0);
-    vstore(p.a + n * p.Hp * p.Wx + at, a);
-  });
 }
 
 // Pass 2 for band t: every unordered pair {p, q = p + s}, s in S+, with p in the band's rows
@@ -556,13 +544,11 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
 
 // Task functions: one copy per instruction set (BO_TARGET_CLONES); the runtime configuration
 // branches once into fully inlined instantiations.
-enum class Pass { kSums, kForward, kPass1, kPass2 };
+enum class Pass { kForward, kPass1, kPass2 };
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
   switch (pass) {
-    case Pass::kSums:
-      return sums_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kForward:
       return forward_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
     case Pass::kPass1:
@@ -608,26 +594,20 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
   filter_task_f64(pass, p, r0, r1, s);
 }
 
-// Rows (forward, pass 1) are independent and light: a grain of a few rows keeps per-task scratch
-// negligible. Bands (sums, pass 2) carry the work and are handed out one at a time from a shared
-// counter rather than split in equal ranges up front: on a machine whose cores do not run at the
-// same speed (a sibling hyperthread busy, another tenant) no core then waits on the slowest one's
-// share. Each band's sums do not depend on which thread computes them, so results stay
+// Every pass runs over bands (N * nb of them), handed out one at a time from a shared counter
+// rather than split in equal ranges up front: on a machine whose cores do not run at the same
+// speed (a sibling hyperthread busy, another tenant) no core then waits on the slowest one's
+// share. A band's results do not depend on which thread computes them, so they stay
 // deterministic.
 template <typename T>
-void run_rows(Pass pass, const Args<T>& p, int64_t rows) {
-  if (pass == Pass::kSums || pass == Pass::kPass2) {
-    std::atomic<int64_t> next{0};
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), rows);
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      Scratch<T> s(p.C, p.Cg);
-      for (int64_t t = next++; t < rows; t = next++) filter_task(pass, p, t, t + 1, s);
-    });
-    return;
-  }
-  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
-    Scratch<T> s(p.C, p.Cg);
-    filter_task(pass, p, r0, r1, s);
+void run_bands(Pass pass, const Args<T>& p) {
+  const int64_t bands = p.N * p.nb;
+  const int64_t band_elems = pass == Pass::kPass2 ? 0 : (p.C + 1) * sums_band_rows(p) * p.Ws;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch<T> s(p.C, p.Cg, band_elems);
+    for (int64_t t = next++; t < bands; t = next++) filter_task(pass, p, t, t + 1, s);
   });
 }
 
@@ -681,6 +661,27 @@ at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t ma
     }
   });
   return dst;
+}
+
+// Zeroes the centre planes (gp, a) outside the image, which pass 1 does not write: the padded rows
+// above and below, and each row's columns left and right of it.
+template <typename T>
+void clear_outside(const Args<T>& a) {
+  at::parallel_for(0, a.N * a.Hp, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / a.Hp, R = r % a.Hp;
+      const bool inside = R >= a.py && R < a.py + a.H;
+      for (int64_t c = 0; c <= a.C; ++c) {
+        T* row = c < a.C ? a.gp + ((n * a.C + c) * a.Hp + R) * a.Wx : a.a + r * a.Wx;
+        if (inside) {
+          std::fill(row, row + a.xoff, T(0));
+          std::fill(row + a.xoff + a.W, row + a.Wx, T(0));
+        } else {
+          std::fill(row, row + a.Wx, T(0));
+        }
+      }
+    }
+  });
 }
 
 // Pass 2's halos: band b's first py rows get band b - 1's halo (rows Bh .. Bh + py - 1; band
@@ -761,7 +762,7 @@ struct Prepared {
     a.Wx = s.W + 2 * (s.kx - 1) + kVecMax;
     a.PH = s.py + s.H;
     // A fixed height (not derived from the thread count) keeps the sums' order fixed.
-    a.Bh = std::max<int64_t>(16, s.py);
+    a.Bh = std::max<int64_t>(32, s.py);
     a.nb = (a.PH + a.Bh - 1) / a.Bh;
     a.distance = s.distance;
     a.self = s.self;
@@ -786,15 +787,6 @@ struct Prepared {
     }
     a.ss = ssp;
   }
-
-  // The sums pass into fresh band planes (each band clears its own); returns them, to be kept
-  // while the forward or pass 1 reads them.
-  at::Tensor sum_pairs(const at::TensorOptions& opt) {
-    at::Tensor sums = work_buffer({a.N * a.nb, a.C + 1, a.band_rows() * a.Ws}, opt);
-    a.sums = sums.data_ptr<T>();
-    run_rows(Pass::kSums, a, a.N * a.nb);
-    return sums;
-  }
 };
 
 at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
@@ -808,9 +800,8 @@ at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Ten
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_filter_cpu", [&] {
     Prepared<scalar_t> prep(input, guidance, sigma_color, sigma_space, s);
-    const at::Tensor sums = prep.sum_pairs(input.options().dtype(dt));
     prep.a.out = out.data_ptr<scalar_t>();
-    run_rows(Pass::kForward, prep.a, s.N * s.H);
+    run_bands(Pass::kForward, prep.a);
   });
   return out.to(input.scalar_type());
 }
@@ -846,10 +837,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     at::Tensor av = at::empty({s.N, a.Hp, a.Wx}, opt);
     a.gp = gp.data_ptr<T>();
     a.a = av.data_ptr<T>();
-    {
-      const at::Tensor sums = prep.sum_pairs(opt);
-      run_rows(Pass::kPass1, a, s.N * s.H);
-    }
+    clear_outside<T>(a);
+    run_bands(Pass::kPass1, a);
 
     // Pass 2 clears its band planes.
     const int64_t band_plane = a.band_rows() * a.Ws;
@@ -859,7 +848,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.gin = gin.defined() ? gin.data_ptr<T>() : nullptr;
     a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
     a.rows = need_sigma ? rows.data_ptr<double>() : nullptr;
-    run_rows(Pass::kPass2, a, s.N * a.nb);
+    run_bands(Pass::kPass2, a);
 
     if (need_sigma) {
       // Per image, rows summed in row order.
