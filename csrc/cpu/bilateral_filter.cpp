@@ -639,7 +639,7 @@ at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t ma
   const int64_t Cx = src.size(1), Hp = s.H + 2 * s.py, Wp = s.W + 2 * s.px;
   // Not at::zeros: each row writes its own margins, in parallel (first-touching fresh pages in one
   // serial fill costs more than the filter on small images).
-  at::Tensor dst = work_buffer({s.N, Cx, Hp, Ws}, src.options());
+  at::Tensor dst = at::empty({s.N, Cx, Hp, Ws}, src.options());
   std::vector<int64_t> xmap(Wp);
   for (int64_t j = 0; j < Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
   const T* sp = src.data_ptr<T>();
