@@ -40,9 +40,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../bilateral_filter_args.h"
 #include "bilateral_ops/bilateral_filter.h"
@@ -616,22 +613,6 @@ void run_bands(Pass pass, const Args<T>& p) {
 
 constexpr int64_t kVecMax = 8;
 
-// A fresh work buffer, backed by 2 MiB pages where the kernel allows it (Linux, transparent huge
-// pages in "madvise" mode): a chunk of the pair sweeps reads and updates py + 1 rows of ~8 planes,
-// which at 1080p are ~60 different 4 KiB pages, more than the first-level TLB holds. Advised
-// before the first touch, as the sweeps and pad_planes write every page themselves.
-at::Tensor work_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory: errors ignored
-#endif
-  return t;
-}
-
 // (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero.
 template <typename T>
 at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t margin, int64_t Ws) {
@@ -833,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.need_value = mask[0];
     a.need_range = (s.self && mask[0]) || mask[1];
     const bool need_sigma = mask[2] || mask[3];
-    at::Tensor gp = work_buffer({s.N, s.C, a.Hp, a.Wx}, opt);  // pass 1 writes every column
+    at::Tensor gp = at::empty({s.N, s.C, a.Hp, a.Wx}, opt);  // pass 1 writes every column
     at::Tensor av = at::empty({s.N, a.Hp, a.Wx}, opt);
     a.gp = gp.data_ptr<T>();
     a.a = av.data_ptr<T>();
@@ -842,8 +823,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
 
     // Pass 2 clears its band planes.
     const int64_t band_plane = a.band_rows() * a.Ws;
-    at::Tensor gin = mask[0] ? work_buffer({s.N * a.nb, s.C, band_plane}, opt) : at::Tensor();
-    at::Tensor ggd = (!s.self && mask[1]) ? work_buffer({s.N * a.nb, s.Cg, band_plane}, opt) : at::Tensor();
+    at::Tensor gin = mask[0] ? at::empty({s.N * a.nb, s.C, band_plane}, opt) : at::Tensor();
+    at::Tensor ggd = (!s.self && mask[1]) ? at::empty({s.N * a.nb, s.Cg, band_plane}, opt) : at::Tensor();
     at::Tensor rows = need_sigma ? at::empty({s.N * a.PH, 3}, opt.dtype(at::kDouble)) : at::Tensor();
     a.gin = gin.defined() ? gin.data_ptr<T>() : nullptr;
     a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
