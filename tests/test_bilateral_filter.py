@@ -182,6 +182,50 @@ def test_float64_matches_reference_with_gradients(border, distance, cg):
         _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()), name)
 
 
+@pytest.mark.parametrize(
+    "h, ks, border, distance, cg",
+    [
+        (77, (9, 5), "reflect", "l2", None),
+        (90, (15, 3), "circular", "l1", 2),  # bands of 32, 32, 32 and 1 row: the last shorter than py
+        (90, (15, 3), "replicate", "l2", None),
+        (70, (5, 7), "constant", "l1", 1),
+    ],
+)
+def test_rows_in_several_bands_match_reference_with_gradients(h, ks, border, distance, cg):
+    """The CPU kernels sweep pairs of pixels in bands of 32 padded rows: every band boundary (sums
+    reaching across it, gradients added from the band above, a last band shorter than the kernel's
+    half height) against the float64 reference, every gradient included."""
+    x, g, sc, ss = _leaves(2, 3, cg, h, 21, seed=7)
+    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
+
+    def run(fn):
+        out = fn(x, g, sc, ss)
+        go = _rand(*out.shape, dtype=F64, seed=9) - 0.5
+        return out, torch.autograd.grad(out, args, go)
+
+    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
+    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
+    _assert_close(out, ref, 1e-10, "output")
+    for a, b in zip(grads, ref_grads):
+        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
+
+
+@pytest.mark.parametrize("cg", [None, 1, 3], ids=["self", "g1", "g3"])
+def test_float32_rows_in_several_bands_match_kornia(cg):
+    """The float32 kernels specialised for RGB (self, gray and RGB guides) across band boundaries,
+    a last band shorter than py included, against kornia, input and guidance gradients too."""
+    x = _rand(2, 3, 90, 37).requires_grad_()
+    g = None if cg is None else _rand(2, cg, 90, 37, seed=3).requires_grad_()
+    go = _rand(2, 3, 90, 37, seed=4) - 0.5
+    leaves = [x] + ([g] if g is not None else [])
+    ours = bo.bilateral_filter(x, (15, 3), 0.2, (2.0, 1.5), "reflect", "l2", guidance=g)
+    theirs = (KF.bilateral_blur(x, (15, 3), 0.2, (2.0, 1.5), "reflect", "l2") if g is None
+              else KF.joint_bilateral_blur(x, g, (15, 3), 0.2, (2.0, 1.5), "reflect", "l2"))
+    _assert_close(ours, theirs, 1e-5)
+    for a, b in zip(torch.autograd.grad(ours, leaves, go), torch.autograd.grad(theirs, leaves, go)):
+        _assert_close(a, b, 1e-4 * (1 + b.abs().max().item()))
+
+
 @pytest.mark.parametrize("case", ["self", "joint"])
 def test_gradcheck(case):
     x, g, sc, ss = _leaves(2, 2, None if case == "self" else 2, 5, 6)
