@@ -2,25 +2,29 @@
 // csrc/include/bilateral_ops/bilateral_filter.h the per-pixel math).
 //
 // Input and guidance are copied once into padded planes (the border handled by index maps, with
-// zero margins wide enough that every vector load of a tap stays inside its row), so the tap loops
-// are branch-free: each processes a chunk of vec_width pixels of one row, all taps, accumulators in
-// registers. Memory is O(image) in both passes, never O(image * taps).
+// zero margins wide enough that every vector load of a tap stays inside its row), so the loops are
+// branch-free and process chunks of vec_width pixels of one row. Memory is O(image) in both
+// passes, never O(image * taps).
 //
-// Backward, with w_pq the weight of neighbour q of centre p, W_p = sum_q w_pq and g the output
-// gradient:
-//   pass 1, per centre p (a forward): gp_p = g_p / W_p and a_p = gp_p . out_p, into planes that
-//   are zero outside the image;
-//   pass 2, once per unordered pair {p, q = p + s} of padded positions, s in the half window S+
-//   (dy > 0, or dy = 0 and dx > 0): the weight is symmetric (w_pq = w_qp: the spatial exponent is
-//   even in s, the colour distance symmetric), so one exponential serves both directions:
+// The weight is symmetric, w_pq = w_qp (the spatial exponent is even in the offset s = q - p, the
+// colour distance symmetric), so both passes sweep each unordered pair {p, q = p + s} of padded
+// positions once, s in the half window S+ (dy > 0, or dy = 0 and dx > 0), and one exponential
+// serves both directions: p's terms are summed in registers, q's added in memory. A centre
+// outside the image contributes nothing (its terms are zero or discarded), and every pair of a
+// pixel's window lies in the padded domain.
+// Forward (sums_band): W_p = sum_q w_pq and sum_q w_pq I_q per pixel, in bands of Bh rows, each
+// with its own planes (see there), then out = sum / W.
+//
+// Backward, with W_p = sum_q w_pq and g the output gradient:
+//   pass 1, per centre p (the forward's sweep): gp_p = g_p / W_p and a_p = gp_p . out_p, into
+//   planes that are zero outside the image;
+//   pass 2, per unordered pair:
 //     value:  gI_q += w gp_p,  gI_p += w gp_q;
 //     range:  e_pq = gp_p . I_q - a_p (= dL/dw_pq) and e_qp likewise; with h = -rc w (e_pq + e_qp),
 //             gG_q += h dD/dG_q and gG_p += h dD/dG_p = -h dD/dG_q;
 //     sigmas: per-row sums of w (e_pq + e_qp) times D, dy^2 and dx^2.
-//   A centre outside the image has gp = a = 0, so pairs count only the directions whose centre is
-//   a pixel, and every pair of a pixel's window lies in the padded domain. This evaluates half
-//   the exponentials of a gather per centre, and each once rather than in two passes.
-//   Pass 2 runs in bands of rows of p. A band's q reach up to py rows below it: each band
+//   A gather per centre would evaluate each weight twice (once per direction), and once more in
+//   pass 1. Pass 2 runs in bands of rows of p. A band's q reach up to py rows below it: each band
 //   accumulates into its own planes of Bh + py rows (its rows, then that halo), so bands never
 //   write the same memory; the halos are then added into the next band's first rows.
 //   fold: each padded position adds into the pixel it reads, in a fixed order.
@@ -155,7 +159,7 @@ struct Args {
   int64_t margin, Ws;   // padded planes
   int64_t xoff, Wx;     // centre planes
   int64_t PH;           // rows of p in pass 2: padded rows 0 .. py + H - 1
-  int64_t Bh, nb;       // pass 2's band height (>= py) and bands per image
+  int64_t Bh, nb;       // the sweeps' band height (>= py, not derived from the thread count) and bands per image
   int distance;
   bool self;
   const T* in;          // (N, C, Hp, Ws)
@@ -249,7 +253,7 @@ struct Scratch {
 // rows is ~200 KB). A multiple of every vector width.
 constexpr int64_t kTile = 128;
 
-// What every band of a pair sweep starts from: the task's image and band, its rows, and its
+// What every band of pass 2 starts from: the task's image and band, its rows, and its
 // planes of `planes` channels cleared.
 template <typename T>
 struct Band {
@@ -353,16 +357,19 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   }
 }
 
+template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
+BO_ALWAYS_INLINE void sums_bands(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s, Sink&& sink) {
+  for (int64_t t = t0; t < t1; ++t) sums_band<T, CC, CG, DIST, SELF>(p, t, s, sink);
+}
+
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  for (int64_t t = t0; t < t1; ++t) {
-    sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                  const vec_t<T>& wsum) BO_LAMBDA_INLINE {
-      const vec_t<T> inv = T(1) / wsum;
-      for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
-    });
-  }
+  sums_bands<T, CC, CG, DIST, SELF>(p, t0, t1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                      const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+    const vec_t<T> inv = T(1) / wsum;
+    for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
+  });
 }
 
 // Pass 1: gp = g / W and a = gp . out per centre, written at padded row y + py of the centre
@@ -370,25 +377,23 @@ BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t t0, int64_t t1
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  for (int64_t t = t0; t < t1; ++t) {
-    sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                  const vec_t<T>& wsum) BO_LAMBDA_INLINE {
-      const vec_t<T> inv = T(1) / wsum;
-      const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
-      // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
-      // padded positions or margins (W = 0 there), so they are cleared, not computed.
-      const int64_t live = std::min<int64_t>(vec_width<T>(), p.W - x0);
-      vec_t<T> a{};
-      for (int64_t c = 0; c < nc; ++c) {
-        vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
-        for (int64_t i = live; i < vec_width<T>(); ++i) gpv[i] = T(0);
-        a += gpv * (acc[c] * inv);
-        vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
-      }
-      for (int64_t i = live; i < vec_width<T>(); ++i) a[i] = T(0);
-      vstore(p.a + n * p.Hp * p.Wx + at, a);
-    });
-  }
+  sums_bands<T, CC, CG, DIST, SELF>(p, t0, t1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                      const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+    const vec_t<T> inv = T(1) / wsum;
+    const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
+    // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
+    // padded positions or margins (W = 0 there), so they are cleared, not computed.
+    const int64_t live = std::min<int64_t>(vec_width<T>(), p.W - x0);
+    vec_t<T> a{};
+    for (int64_t c = 0; c < nc; ++c) {
+      vec_t<T> gpv = load_tail(p.go + ((n * p.C + c) * p.H + y) * p.W, x0, p.W) * inv;
+      for (int64_t i = live; i < vec_width<T>(); ++i) gpv[i] = T(0);
+      a += gpv * (acc[c] * inv);
+      vstore(p.gp + (n * p.C + c) * p.Hp * p.Wx + at, gpv);
+    }
+    for (int64_t i = live; i < vec_width<T>(); ++i) a[i] = T(0);
+    vstore(p.a + n * p.Hp * p.Wx + at, a);
+  });
 }
 
 // Pass 2 for band t: every unordered pair {p, q = p + s}, s in S+, with p in the band's rows
