@@ -24,10 +24,10 @@
 //             gG_q += h dD/dG_q and gG_p += h dD/dG_p = -h dD/dG_q;
 //     sigmas: per-row sums of w (e_pq + e_qp) times D, dy^2 and dx^2.
 //   A gather per centre would evaluate each weight twice (once per direction), and once more in
-//   pass 1. Pass 2 runs in bands of rows of p. A band's q reach up to py rows below it: each band
-//   accumulates into its own planes of Bh + py rows (its rows, then that halo), so bands never
-//   write the same memory; the halos are then added into the next band's first rows.
-//   fold: each padded position adds into the pixel it reads, in a fixed order.
+//   pass 1. Pass 2 runs in bands of rows of p that, like the sums pass's, also sweep the pairs
+//   reaching into them from above, so each band completes its rows' gradients alone and folds
+//   them (each padded position adds into the pixel it reads) into its image rows; the padded rows
+//   above and below the image, which read into other bands' rows, are folded last, in row order.
 // Every sum has a fixed order (the band height does not depend on the thread count; rows summed
 // in row order per image): results are deterministic whatever the thread count.
 
@@ -159,8 +159,9 @@ struct Args {
   int64_t margin, Ws;   // padded planes
   int64_t xoff, Wx;     // centre planes
   int64_t PH;           // rows of p in pass 2: padded rows 0 .. py + H - 1
-  int64_t Bh, nb;       // the sweeps' band height (>= py, not derived from the thread count) and bands per image
-  int distance;
+  int64_t Bh, nb, nb2;  // band height (>= py, not derived from the thread count); bands per image
+                        // of the sums pass (rows 0 .. PH - 1) and of pass 2 (all Hp rows)
+  int distance, border;
   bool self;
   const T* in;          // (N, C, Hp, Ws)
   const T* gd;          // (N, Cg, Hp, Ws); == in when self
@@ -171,15 +172,17 @@ struct Args {
   const T* go;          // (N, C, H, W)
   T* gp;                // (N, C, Hp, Wx) g / W
   T* a;                 // (N, Hp, Wx) gp . out
-  double* rows;         // (N * PH, 3) per-row sums for the sigma gradients (or nullptr)
-  T* gin;               // (N * nb, C, Bh + py, Ws) value (+ range when self) gradient (or nullptr)
-  T* ggd;               // (N * nb, Cg, Bh + py, Ws) range gradient of the guidance (joint; or nullptr)
+  double* rows;         // (N * Hp, 3) per-row sums for the sigma gradients (or nullptr)
+  T* gin;               // (N, C, H, W) input gradient: value (+ range when self) (or nullptr)
+  T* ggd;               // (N, Cg, H, W) guidance gradient (joint; or nullptr)
+  T* pads_in;           // (N, C, 2 py, Wp) the input gradient's padded rows above and below the image
+  T* pads_gd;           // (N, Cg, 2 py, Wp) the guidance's
+  const int64_t* xmap;  // (Wp,) the image column each padded column reads (-1: none)
   bool need_value, need_range;
 
   const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + ((n * C + c) * Hp + r) * Ws + margin; }
   const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + ((n * Cg + c) * Hp + r) * Ws + margin; }
-  int64_t band_rows() const { return Bh + py; }
-  // Band b's first padded row and its number of own rows.
+  // Band b's first padded row and its number of own rows (sums pass).
   int64_t band_start(int64_t b) const { return b * Bh; }
   int64_t band_len(int64_t b) const { return std::min(Bh, PH - b * Bh); }
 };
@@ -252,22 +255,6 @@ struct Scratch {
 // planes it updates) then stay in L1/L2 however wide the image (a 1080p row of 5 planes x 5
 // rows is ~200 KB). A multiple of every vector width.
 constexpr int64_t kTile = 128;
-
-// What every band of pass 2 starts from: the task's image and band, its rows, and its
-// planes of `planes` channels cleared.
-template <typename T>
-struct Band {
-  int64_t n, R0, R1;
-  T* planes;
-  Band(const Args<T>& p, int64_t t, T* all, int64_t planes_per_band) {
-    n = t / p.nb;
-    R0 = p.band_start(t % p.nb);
-    R1 = R0 + p.band_len(t % p.nb);
-    const int64_t size = planes_per_band * p.band_rows() * p.Ws;
-    planes = all != nullptr ? all + t * size : nullptr;
-    if (planes != nullptr) std::fill(planes, planes + size, T(0));
-  }
-};
 
 // Rows of the sums pass's band planes: a band of padded rows R0 .. R1 - 1 keeps py rows above
 // and below its own.
@@ -396,18 +383,41 @@ BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
   });
 }
 
-// Pass 2 for band t: every unordered pair {p, q = p + s}, s in S+, with p in the band's rows
-// (padded rows R0 .. R0 + len - 1, every padded column), once. p's sums stay in registers over
-// S+; q's are added in memory, in the order dx outer, dy inner, so that consecutive updates of q
-// go to different rows (an unaligned update overlapping the previous one in the same row would
-// wait on its store). VALUE and RANGE (which gradients) are compile-time so that each of q's and
-// p's terms is one multiply-add; the sigma sums are rare and stay a runtime branch.
+// Adds (or, assign, writes) padded row prow's gradient into image row drow: each padded column
+// adds into the pixel it reads (xmap), the interior first, then the left and right borders.
+template <typename T>
+BO_ALWAYS_INLINE void fold_row(const Args<T>& p, const T* prow, T* drow, bool assign) {
+  if (assign) {
+    std::copy(prow + p.px, prow + p.px + p.W, drow);
+  } else {
+    for (int64_t x = 0; x < p.W; ++x) drow[x] += prow[x + p.px];
+  }
+  for (int64_t j = 0; j < p.px; ++j) {
+    if (p.xmap[j] >= 0) drow[p.xmap[j]] += prow[j];
+  }
+  for (int64_t j = p.W + p.px; j < p.Wp; ++j) {
+    if (p.xmap[j] >= 0) drow[p.xmap[j]] += prow[j];
+  }
+}
+
+// Pass 2 for band t (bands of Bh padded rows over all Hp of them): every unordered pair
+// {p, q = p + s}, s in S+, with p in the band's rows (every padded column), once. p's sums stay in
+// registers over S+; q's are added in memory, in the order dx outer, dy inner, so that
+// consecutive updates of q go to different rows (an unaligned update overlapping the previous
+// one in the same row would wait on its store). VALUE and RANGE (which gradients) are
+// compile-time so that each of q's and p's terms is one multiply-add; the sigma sums are rare and
+// stay a runtime branch.
+// As in sums_band, the band also sweeps the pairs that reach into it from the py rows above (only
+// their q's terms kept; their sigma terms are the band above's), so its rows' gradients are
+// complete in the worker's planes: it folds its image rows straight into the image gradients
+// (rows no other band writes) and keeps its padded rows above and below the image in p.pads_*,
+// folded once every band is done (they read into rows of other bands).
 template <typename T, int CC, int CG, int DIST, bool SELF, bool VALUE, bool RANGE>
 BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
-  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = p.band_rows() * Ws;  // channel strides
+  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = sums_band_rows(p) * Ws;  // channel strides
   Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l;
   Accs<T, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.v();
@@ -422,20 +432,28 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const bool sigma = p.rows != nullptr, pair_terms = RANGE || sigma;
   // The runtime-count instantiation serves self-guided images too (SELF is only a shortcut).
   const bool self = SELF || (CC == 0 && p.self);
-  const Band<T> vband(p, t, p.gin, p.C), rband(p, t, p.ggd, p.Cg);
-  const int64_t n = vband.n, R0 = vband.R0, R1 = vband.R1;
+  const int64_t n = t / p.nb2, R0 = (t % p.nb2) * p.Bh, R1 = std::min(R0 + p.Bh, p.Hp);
+  const int64_t L0 = R0 - p.py;  // padded row of the planes' row 0
+  // The planes: value (+ range when self) gradients, then the guidance's range gradients (joint).
+  T* vband = p.gin != nullptr ? s.band : nullptr;
+  T* rband = p.ggd != nullptr ? s.band + p.C * PB : nullptr;
+  if (vband != nullptr) std::fill(vband, vband + p.C * PB, T(0));
+  if (rband != nullptr) std::fill(rband, rband + p.Cg * PB, T(0));
   const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
   // h = -rc w (e_pq + e_qp) times dD/dG_q: 2 d for l2, 2 acc sign(d) for l1; the 2 goes here.
   const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
   const T* ss = p.ss + n * p.ky * p.kx;
   for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
-  for (int64_t R = R0; R < R1; ++R) {
+  for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
+    const int64_t dy_min = std::max<int64_t>(0, R0 - R);    // rows above: only pairs reaching the band
+    const int64_t dy_max = std::min<int64_t>(p.py, p.Hp - 1 - R);  // q inside the padded image
+    const bool row_sigma = sigma && R >= R0;
     const T* gd0 = p.gd_row(n, 0, R);
     const T* in0 = p.in_row(n, 0, R);
     const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
     const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
-    T* v0 = vband.planes != nullptr ? vband.planes + (R - R0) * Ws + p.margin : nullptr;
-    T* r0 = rband.planes != nullptr ? rband.planes + (R - R0) * Ws + p.margin : nullptr;
+    T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
+    T* r0 = rband != nullptr ? rband + (R - L0) * Ws + p.margin : nullptr;
     double row_d = 0, row_y = 0, row_x = 0;
     for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
       for (int64_t c = 0; c < nc; ++c) {
@@ -451,7 +469,7 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
       vec_t<T> sd{}, sy{}, sx{};
       for (int64_t dx = -p.px; dx <= p.px; ++dx) {
         const T fx = static_cast<T>(dx * dx);
-        for (int64_t dy = dx > 0 ? 0 : 1; dy <= p.py; ++dy) {
+        for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= dy_max; ++dy) {
           const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
           vec_t<T> dist;
           const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
@@ -466,7 +484,7 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
               e += gpq[c] * (SELF ? gdp[c] : inp[c]);
             }
             const vec_t<T> ew = e * w;
-            if (sigma) {
+            if (row_sigma) {
               const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
               sd += ew * D;
               sx += ew * fx;
@@ -512,14 +530,14 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
       if (RANGE && r0 != nullptr) {
         for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
       }
-      if (sigma) {
+      if (row_sigma) {
         row_d += vsum<T>(sd);
         row_y += vsum<T>(sy);
         row_x += vsum<T>(sx);
       }
     }
-    if (sigma) {
-      double* out = p.rows + 3 * (n * p.PH + R);
+    if (row_sigma) {
+      double* out = p.rows + 3 * (n * p.Hp + R);
       if (x0t == 0) out[0] = out[1] = out[2] = 0;
       out[0] += row_d;
       out[1] += row_y;
@@ -527,6 +545,25 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
     }
   }
 }
+  // The band's rows: image rows folded into the image gradients, padded rows kept for later.
+  for (int64_t R = R0; R < R1; ++R) {
+    const bool inside = R >= p.py && R < p.py + p.H;
+    const int64_t k = R < p.py ? R : R - p.H;  // the padded row's index in p.pads_*
+    for (int64_t c = 0; c < p.C + p.Cg; ++c) {
+      const bool guidance_plane = c >= p.C;
+      T* plane = guidance_plane ? rband : vband;
+      if (plane == nullptr) continue;
+      const int64_t cc = guidance_plane ? c - p.C : c, planes = guidance_plane ? p.Cg : p.C;
+      const T* prow = plane + cc * PB + (R - L0) * Ws + p.margin;
+      if (inside) {
+        T* img = guidance_plane ? p.ggd : p.gin;
+        fold_row(p, prow, img + ((n * planes + cc) * p.H + R - p.py) * p.W, true);
+      } else {
+        T* pads = guidance_plane ? p.pads_gd : p.pads_in;
+        std::copy(prow, prow + p.Wp, pads + ((n * planes + cc) * 2 * p.py + k) * p.Wp);
+      }
+    }
+  }
 }
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
@@ -603,8 +640,8 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
 // deterministic.
 template <typename T>
 void run_bands(Pass pass, const Args<T>& p) {
-  const int64_t bands = p.N * p.nb;
-  const int64_t band_elems = pass == Pass::kPass2 ? 0 : (p.C + 1) * sums_band_rows(p) * p.Ws;
+  const int64_t bands = p.N * (pass == Pass::kPass2 ? p.nb2 : p.nb);
+  const int64_t band_elems = (p.C + p.Cg + 1) * sums_band_rows(p) * p.Ws;  // either pass's planes
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
@@ -670,53 +707,16 @@ void clear_outside(const Args<T>& a) {
   });
 }
 
-// Pass 2's halos: band b's first py rows get band b - 1's halo (rows Bh .. Bh + py - 1; band
-// b - 1 is a full band). A band shorter than py is the last, and what reaches past its rows lands
-// in its own halo rows, which hold the padded rows below the image.
+// Folds pass 2's padded rows above and below the image (p.pads_*) into the image gradients dst
+// (N, Cx, H, W), in row order, after the bands have written the image rows.
 template <typename T>
-void add_halos(T* bands, const Args<T>& a, int64_t Cx) {
-  const int64_t PB = a.band_rows() * a.Ws;
-  at::parallel_for(0, a.N * a.nb * Cx, 4, [&](int64_t i0, int64_t i1) {
+void fold_pads(const Args<T>& a, const T* pads, T* dst, int64_t Cx) {
+  at::parallel_for(0, a.N * Cx, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = (i / Cx) % a.nb;
-      if (b == 0) continue;
-      T* dst = bands + i * PB;
-      const T* src = bands + (i - Cx) * PB + a.Bh * a.Ws;
-      for (int64_t k = 0; k < a.py * a.Ws; ++k) dst[k] += src[k];
-    }
-  });
-}
-
-// Band-plane gradients (after add_halos) -> image gradients added into dst (N, Cx, H, W): each
-// padded position adds into the pixel it reads; rows in preimage order, columns interior first,
-// then the left and right borders in order.
-template <typename T>
-void fold_add(const T* bands, at::Tensor& dst, const Args<T>& a, const FilterShape& s) {
-  const int64_t Cx = dst.size(1), Wp = a.Wp, PB = a.band_rows() * a.Ws;
-  std::vector<int64_t> xmap(Wp);
-  for (int64_t j = 0; j < Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
-  // Padded row R of plane (n, c): in its own band, or the last band's halo below the image.
-  const auto row_of = [&](int64_t n, int64_t c, int64_t R) {
-    const int64_t b = R < a.PH ? R / a.Bh : a.nb - 1;
-    return bands + ((n * a.nb + b) * Cx + c) * PB + (R - a.band_start(b)) * a.Ws + a.margin;
-  };
-  T* dp = dst.data_ptr<T>();
-  at::parallel_for(0, s.N * Cx * s.H, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t plane = r / s.H, y = r % s.H;
-      T* drow = dp + r * s.W;
-      const Preimages pre = preimages(y, s.H, s.py, s.border);
-      for (int i = 0; i < pre.count; ++i) {
-        for (int64_t yy = pre.lo[i]; yy <= pre.hi[i]; ++yy) {
-          const T* prow = row_of(plane / Cx, plane % Cx, yy + s.py);
-          for (int64_t x = 0; x < s.W; ++x) drow[x] += prow[x + s.px];
-          for (int64_t j = 0; j < s.px; ++j) {
-            if (xmap[j] >= 0) drow[xmap[j]] += prow[j];
-          }
-          for (int64_t j = s.W + s.px; j < Wp; ++j) {
-            if (xmap[j] >= 0) drow[xmap[j]] += prow[j];
-          }
-        }
+      for (int64_t k = 0; k < 2 * a.py; ++k) {
+        const int64_t R = k < a.py ? k : k + a.H;
+        const int64_t y = border_index(R - a.py, a.H, a.border);
+        if (y >= 0) fold_row(a, pads + (i * 2 * a.py + k) * a.Wp, dst + (i * a.H + y) * a.W, false);
       }
     }
   });
@@ -750,6 +750,8 @@ struct Prepared {
     // A fixed height (not derived from the thread count) keeps the sums' order fixed.
     a.Bh = std::max<int64_t>(32, s.py);
     a.nb = (a.PH + a.Bh - 1) / a.Bh;
+    a.nb2 = (a.Hp + a.Bh - 1) / a.Bh;
+    a.border = s.border;
     a.distance = s.distance;
     a.self = s.self;
     in_pad = pad_planes<T>(input, s, a.margin, a.Ws);
@@ -826,13 +828,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     clear_outside<T>(a);
     run_bands(Pass::kPass1, a);
 
-    // Pass 2 clears its band planes.
-    const int64_t band_plane = a.band_rows() * a.Ws;
-    at::Tensor gin = mask[0] ? at::empty({s.N * a.nb, s.C, band_plane}, opt) : at::Tensor();
-    at::Tensor ggd = (!s.self && mask[1]) ? at::empty({s.N * a.nb, s.Cg, band_plane}, opt) : at::Tensor();
-    at::Tensor rows = need_sigma ? at::empty({s.N * a.PH, 3}, opt.dtype(at::kDouble)) : at::Tensor();
-    a.gin = gin.defined() ? gin.data_ptr<T>() : nullptr;
-    a.ggd = ggd.defined() ? ggd.data_ptr<T>() : nullptr;
+    std::vector<int64_t> xmap(a.Wp);
+    for (int64_t j = 0; j < a.Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
+    a.xmap = xmap.data();
+    // Pass 2 writes every row of the image gradients and of the padded rows.
+    at::Tensor gi = mask[0] ? at::empty({s.N, s.C, s.H, s.W}, opt) : at::Tensor();
+    at::Tensor gg = (!s.self && mask[1]) ? at::empty({s.N, s.Cg, s.H, s.W}, opt) : at::Tensor();
+    at::Tensor pads_in = gi.defined() ? at::empty({s.N, s.C, 2 * s.py, a.Wp}, opt) : at::Tensor();
+    at::Tensor pads_gd = gg.defined() ? at::empty({s.N, s.Cg, 2 * s.py, a.Wp}, opt) : at::Tensor();
+    at::Tensor rows = need_sigma ? at::empty({s.N * a.Hp, 3}, opt.dtype(at::kDouble)) : at::Tensor();
+    a.gin = gi.defined() ? gi.data_ptr<T>() : nullptr;
+    a.ggd = gg.defined() ? gg.data_ptr<T>() : nullptr;
+    a.pads_in = pads_in.defined() ? pads_in.data_ptr<T>() : nullptr;
+    a.pads_gd = pads_gd.defined() ? pads_gd.data_ptr<T>() : nullptr;
     a.rows = need_sigma ? rows.data_ptr<double>() : nullptr;
     run_bands(Pass::kPass2, a);
 
@@ -845,10 +853,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
       at::Tensor gss = at::empty({s.N, 2}, sc.options());
       for (int64_t n = 0; n < s.N; ++n) {
         double d = 0, yy = 0, xx = 0;
-        for (int64_t R = 0; R < a.PH; ++R) {
-          d += rp[3 * (n * a.PH + R)];
-          yy += rp[3 * (n * a.PH + R) + 1];
-          xx += rp[3 * (n * a.PH + R) + 2];
+        for (int64_t R = 0; R < a.Hp; ++R) {
+          d += rp[3 * (n * a.Hp + R)];
+          yy += rp[3 * (n * a.Hp + R) + 1];
+          xx += rp[3 * (n * a.Hp + R) + 2];
         }
         const double c = sc.data_ptr<double>()[n];
         const double sy = sp.data_ptr<double>()[2 * n], sx = sp.data_ptr<double>()[2 * n + 1];
@@ -859,16 +867,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
       if (mask[2]) grad_sc = gsc.to(sigma_color.scalar_type());
       if (mask[3]) grad_ss = gss.to(sigma_space.scalar_type());
     }
-    if (gin.defined()) {
-      add_halos<T>(a.gin, a, s.C);
-      at::Tensor gi = at::zeros({s.N, s.C, s.H, s.W}, opt);
-      fold_add<T>(a.gin, gi, a, s);
+    if (gi.defined()) {
+      fold_pads<T>(a, a.pads_in, a.gin, s.C);
       grad_input = gi.to(input.scalar_type());
     }
-    if (ggd.defined()) {
-      add_halos<T>(a.ggd, a, s.Cg);
-      at::Tensor gg = at::zeros({s.N, s.Cg, s.H, s.W}, opt);
-      fold_add<T>(a.ggd, gg, a, s);
+    if (gg.defined()) {
+      fold_pads<T>(a, a.pads_gd, a.ggd, s.Cg);
       grad_guidance = gg.to(guidance->scalar_type());
     }
   });
