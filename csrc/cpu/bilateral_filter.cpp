@@ -150,15 +150,16 @@ BO_ALWAYS_INLINE void store_tail(T* row, int64_t x0, int64_t n, vec_t<T> v) {
 // kMargin + j; the margins (>= the kernel width plus a vector) are zero, so a load at any tap of
 // any chunk, tails included, stays in its row. Centre planes (gp, a): one row per padded row
 // (rows outside the image zero), rows of Wx values, pixel x at x + xoff, zero outside the image,
-// so that pass 2 reads zeros for centres outside the image. Band planes (pass 2's gradients):
-// per image and band, Bh + py rows of Ws values, padded row R0 + i at row i.
+// so that pass 2 reads zeros for centres outside the image. Band planes (per worker, the sums and
+// pass 2's gradients of one band at a time): Bh + 2 py rows of Ws values, padded row R0 - py + i at
+// row i.
 
 template <typename T>
 struct Args {
   int64_t N, C, Cg, H, W, ky, kx, py, px, Hp, Wp;
   int64_t margin, Ws;   // padded planes
   int64_t xoff, Wx;     // centre planes
-  int64_t PH;           // rows of p in pass 2: padded rows 0 .. py + H - 1
+  int64_t PH;           // padded rows 0 .. PH - 1 = py + H - 1 hold the image rows and those above
   int64_t Bh, nb, nb2;  // band height (>= py, not derived from the thread count); bands per image
                         // of the sums pass (rows 0 .. PH - 1) and of pass 2 (all Hp rows)
   int distance, border;
@@ -256,10 +257,10 @@ struct Scratch {
 // rows is ~200 KB). A multiple of every vector width.
 constexpr int64_t kTile = 128;
 
-// Rows of the sums pass's band planes: a band of padded rows R0 .. R1 - 1 keeps py rows above
-// and below its own.
+// Rows of a band's planes (sums pass and pass 2): a band of padded rows R0 .. R1 - 1 keeps py
+// rows above and below its own.
 template <typename T>
-int64_t sums_band_rows(const Args<T>& p) {
+int64_t band_plane_rows(const Args<T>& p) {
   return p.Bh + 2 * p.py;
 }
 
@@ -282,7 +283,7 @@ template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
 BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PL = sums_band_rows(p) * Ws;
+  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PL = band_plane_rows(p) * Ws;
   Accs<T, CC> inp_l, acc_l;
   Accs<T, CG> gdp_l, gq_l, d_l;
   vec_t<T>* v = s.v();
@@ -417,7 +418,7 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
-  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = sums_band_rows(p) * Ws;  // channel strides
+  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = band_plane_rows(p) * Ws;  // channel strides
   Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l;
   Accs<T, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.v();
@@ -641,7 +642,7 @@ void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scrat
 template <typename T>
 void run_bands(Pass pass, const Args<T>& p) {
   const int64_t bands = p.N * (pass == Pass::kPass2 ? p.nb2 : p.nb);
-  const int64_t band_elems = (p.C + p.Cg + 1) * sums_band_rows(p) * p.Ws;  // either pass's planes
+  const int64_t band_elems = (p.C + p.Cg + 1) * band_plane_rows(p) * p.Ws;  // either pass's planes
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
