@@ -257,6 +257,69 @@ struct Scratch {
 // rows is ~200 KB). A multiple of every vector width.
 constexpr int64_t kTile = 128;
 
+// Whether this CPU has the 32 vector registers sum_chunks<..., J = 2> needs.
+inline bool has_avx512() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The sums pass for J neighbouring chunks j0, j0 + V, ... of row gd0 / in0 (planes s0): see
+// sums_band. Two chunks (J = 2, fixed channel counts, AVX-512's 32 registers) put two
+// independent weight chains side by side in program order.
+template <typename T, int CC, int CG, int DIST, bool SELF, int J>
+BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T* s0, int64_t j0, int64_t dy_min,
+                                 int64_t PL, vec_t<T> nrc2, vec_t<T> lo, const T* ss, vec_t<T>* v) {
+  constexpr int64_t V = vec_width<T>();
+  const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
+  const int64_t Ws = p.Ws, PS = p.Hp * Ws;
+  constexpr int KC = CC > 0 ? J * CC : 1, KG = CG > 0 ? J * CG : 1;
+  vec_t<T> inp_l[KC], acc_l[KC], gdp_l[KG], gq_l[KG], d_l[KG], wsum[J];
+  vec_t<T>* inp = CC > 0 ? inp_l : v;              // input at p
+  vec_t<T>* acc = CC > 0 ? acc_l : v + p.C;        // p's sums of w I
+  vec_t<T>* gdp = CG > 0 ? gdp_l : v + 2 * p.C;    // guidance at p
+  vec_t<T>* gq = CG > 0 ? gq_l : v + 2 * p.C + p.Cg;  // guidance at q
+  vec_t<T>* d = CG > 0 ? d_l : v + 2 * p.C + 2 * p.Cg;
+  const T centre_ss = T(0);
+  vec_t<T> dist;
+  for (int j = 0; j < J; ++j) {
+    const int64_t col = j0 + j * V;
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < ng; ++c) gdp[j * ng + c] = vload(gd0 + c * PS + col);
+    wsum[j] = pair_weight<T, CG, DIST>(gd0, PS, col, gdp + j * ng, ng, nrc2, centre_ss, lo, gq, d, &dist);
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < nc; ++c) {
+      inp[j * nc + c] = SELF ? gdp[j * ng + c] : vload(in0 + c * PS + col);
+      acc[j * nc + c] = wsum[j] * inp[j * nc + c];
+    }
+  }
+  for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+    for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= p.py; ++dy) {
+      const T& sst = ss[(dy + p.py) * p.kx + dx + p.px];
+      for (int j = 0; j < J; ++j) {
+        const int64_t os = dy * Ws + dx + j0 + j * V;
+        const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp + j * ng, ng, nrc2, sst, lo, gq, d, &dist);
+        wsum[j] += w;
+        T* q = s0 + os;
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < nc; ++c) {
+          acc[j * nc + c] += w * (SELF ? gq[c] : vload(in0 + c * PS + os));
+          vstore(q + c * PL, vload(q + c * PL) + w * inp[j * nc + c]);
+        }
+        vstore(q + nc * PL, vload(q + nc * PL) + w);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    T* o = s0 + j0 + j * V;
+    for (int64_t c = 0; c < nc; ++c) vstore(o + c * PL, vload(o + c * PL) + acc[j * nc + c]);
+    vstore(o + nc * PL, vload(o + nc * PL) + wsum[j]);
+  }
+}
+
 // Rows of a band's planes (sums pass and pass 2): a band of padded rows R0 .. R1 - 1 keeps py
 // rows above and below its own.
 template <typename T>
@@ -284,55 +347,29 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, PS = p.Hp * Ws, PL = band_plane_rows(p) * Ws;
-  Accs<T, CC> inp_l, acc_l;
-  Accs<T, CG> gdp_l, gq_l, d_l;
+  Accs<T, CC> acc_l;
   vec_t<T>* v = s.v();
-  vec_t<T>* inp = CC > 0 ? inp_l.v : v;              // input at p
-  vec_t<T>* acc = CC > 0 ? acc_l.v : v + p.C;        // p's sums of w I
-  vec_t<T>* gdp = CG > 0 ? gdp_l.v : v + 2 * p.C;    // guidance at p
-  vec_t<T>* gq = CG > 0 ? gq_l.v : v + 2 * p.C + p.Cg;  // guidance at q
-  vec_t<T>* d = CG > 0 ? d_l.v : v + 2 * p.C + 2 * p.Cg;
+  vec_t<T>* acc = CC > 0 ? acc_l.v : v;  // the band's sums handed to the sink
+  [[maybe_unused]] const bool pairs = has_avx512();
   const int64_t n = t / p.nb, R0 = p.band_start(t % p.nb), R1 = R0 + p.band_len(t % p.nb);
   const int64_t L0 = R0 - p.py;  // padded row of local row 0
   std::fill(s.band, s.band + (nc + 1) * PL, T(0));
   const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
   const T* ss = p.ss + n * p.ky * p.kx;
-  const T centre_ss = T(0);
   for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
     for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
       const int64_t dy_min = std::max<int64_t>(0, R0 - R);  // rows above: only pairs reaching the band
       const T* gd0 = p.gd_row(n, 0, R);
       const T* in0 = p.in_row(n, 0, R);
       T* s0 = s.band + (R - L0) * Ws + p.margin;
-      for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
-#pragma GCC unroll 4
-        for (int64_t c = 0; c < ng; ++c) gdp[c] = vload(gd0 + c * PS + j0);
-        vec_t<T> dist;
-        vec_t<T> wsum = pair_weight<T, CG, DIST>(gd0, PS, j0, gdp, ng, nrc2, centre_ss, lo, gq, d, &dist);
-#pragma GCC unroll 4
-        for (int64_t c = 0; c < nc; ++c) {
-          inp[c] = SELF ? gdp[c] : vload(in0 + c * PS + j0);
-          acc[c] = wsum * inp[c];
+      const int64_t x1t = std::min(p.Wp, x0t + kTile);
+      int64_t j0 = x0t;
+      if constexpr (CC > 0 && CG > 0) {
+        for (; pairs && j0 + V < x1t; j0 += 2 * V) {
+          sum_chunks<T, CC, CG, DIST, SELF, 2>(p, gd0, in0, s0, j0, dy_min, PL, nrc2, lo, ss, v);
         }
-        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
-          for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= p.py; ++dy) {
-            const int64_t os = dy * Ws + dx + j0;
-            const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
-                                                        lo, gq, d, &dist);
-            wsum += w;
-            T* q = s0 + os;
-#pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) {
-              acc[c] += w * (SELF ? gq[c] : vload(in0 + c * PS + os));
-              vstore(q + c * PL, vload(q + c * PL) + w * inp[c]);
-            }
-            vstore(q + nc * PL, vload(q + nc * PL) + w);
-          }
-        }
-        T* o = s0 + j0;
-        for (int64_t c = 0; c < nc; ++c) vstore(o + c * PL, vload(o + c * PL) + acc[c]);
-        vstore(o + nc * PL, vload(o + nc * PL) + wsum);
       }
+      for (; j0 < x1t; j0 += V) sum_chunks<T, CC, CG, DIST, SELF, 1>(p, gd0, in0, s0, j0, dy_min, PL, nrc2, lo, ss, v);
     }
   }
   // The band's image rows.
