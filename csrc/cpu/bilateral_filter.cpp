@@ -183,9 +183,6 @@ struct Args {
 
   const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + ((n * C + c) * Hp + r) * Ws + margin; }
   const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + ((n * Cg + c) * Hp + r) * Ws + margin; }
-  // Band b's first padded row and its number of own rows (sums pass).
-  int64_t band_start(int64_t b) const { return b * Bh; }
-  int64_t band_len(int64_t b) const { return std::min(Bh, PH - b * Bh); }
 };
 
 // Channel counts fixed at compile time (0: the runtime count), so the accumulators of common
@@ -225,15 +222,16 @@ BO_ALWAYS_INLINE vec_t<T> pair_weight(const T* gd0, int64_t PS, int64_t os, cons
 }
 
 // Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors of runtime
-// channel counts.
+// channel counts (pass 2 needs the most: 4 per input and 4 per guidance channel) and a band's
+// planes.
 // std::vector does not honour the 32-byte alignment of vec_t under every ABI setting, and the
 // compiler uses aligned moves on these arrays: allocate them explicitly aligned.
 template <typename T>
 struct Scratch {
   vec_t<T>* vbuf;
-  T* band = nullptr;  // the sums pass's band planes (or nullptr)
+  T* band = nullptr;  // a band's planes
   Scratch(int64_t C, int64_t Cg, int64_t band_elems) {
-    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(6 * (C + Cg) + 4);
+    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(4 * (C + Cg));
     vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
     if (band_elems > 0) {
@@ -327,6 +325,15 @@ int64_t band_plane_rows(const Args<T>& p) {
   return p.Bh + 2 * p.py;
 }
 
+// Band t of a sweep with `per_image` bands of Bh padded rows over rows 0 .. end - 1 of each
+// image: its image n and its own rows R0 .. R1 - 1; L0 = R0 - py is its planes' first row.
+struct BandRows {
+  int64_t n, R0, R1, L0;
+  template <typename T>
+  BandRows(const Args<T>& p, int64_t t, int64_t per_image, int64_t end)
+      : n(t / per_image), R0(t % per_image * p.Bh), R1(std::min(R0 + p.Bh, end)), L0(R0 - p.py) {}
+};
+
 // Sums pass (the forward, and pass 1 of the backward) of band t: for every chunk of p, W_p =
 // sum_q w_pq and the C sums sum_q w_pq I_q, over every unordered pair once: p's sums in registers
 // over S+ (plus the centre tap, weighed like any other so that a non-finite guidance makes NaN as
@@ -351,8 +358,8 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   vec_t<T>* v = s.v();
   vec_t<T>* acc = CC > 0 ? acc_l.v : v;  // the band's sums handed to the sink
   [[maybe_unused]] const bool pairs = has_avx512();
-  const int64_t n = t / p.nb, R0 = p.band_start(t % p.nb), R1 = R0 + p.band_len(t % p.nb);
-  const int64_t L0 = R0 - p.py;  // padded row of local row 0
+  const BandRows band(p, t, p.nb, p.PH);
+  const int64_t n = band.n, R0 = band.R0, R1 = band.R1, L0 = band.L0;
   std::fill(s.band, s.band + (nc + 1) * PL, T(0));
   const vec_t<T> nrc2 = vsplat<T>(static_cast<T>(-p.rc[n] * kLog2e)), lo = vopaque<T>(T(kExp2Floor));
   const T* ss = p.ss + n * p.ky * p.kx;
@@ -382,16 +389,11 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   }
 }
 
-template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
-BO_ALWAYS_INLINE void sums_bands(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s, Sink&& sink) {
-  for (int64_t t = t0; t < t1; ++t) sums_band<T, CC, CG, DIST, SELF>(p, t, s, sink);
-}
-
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void forward_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  sums_bands<T, CC, CG, DIST, SELF>(p, t0, t1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                      const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+  sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                const vec_t<T>& wsum) BO_LAMBDA_INLINE {
     const vec_t<T> inv = T(1) / wsum;
     for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
   });
@@ -400,10 +402,10 @@ BO_ALWAYS_INLINE void forward_rows_impl(const Args<T>& p, int64_t t0, int64_t t1
 // Pass 1: gp = g / W and a = gp . out per centre, written at padded row y + py of the centre
 // planes (whose other rows and columns clear_outside zeroes).
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void pass1_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void pass1_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C);
-  sums_bands<T, CC, CG, DIST, SELF>(p, t0, t1, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
-                                                      const vec_t<T>& wsum) BO_LAMBDA_INLINE {
+  sums_band<T, CC, CG, DIST, SELF>(p, t, s, [&](int64_t n, int64_t y, int64_t x0, const vec_t<T>* acc,
+                                                const vec_t<T>& wsum) BO_LAMBDA_INLINE {
     const vec_t<T> inv = T(1) / wsum;
     const int64_t at = (y + p.py) * p.Wx + p.xoff + x0;
     // Lanes past the row must hold zeros (pass 2 pairs nothing with them); their sums are of
@@ -470,8 +472,8 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const bool sigma = p.rows != nullptr, pair_terms = RANGE || sigma;
   // The runtime-count instantiation serves self-guided images too (SELF is only a shortcut).
   const bool self = SELF || (CC == 0 && p.self);
-  const int64_t n = t / p.nb2, R0 = (t % p.nb2) * p.Bh, R1 = std::min(R0 + p.Bh, p.Hp);
-  const int64_t L0 = R0 - p.py;  // padded row of the planes' row 0
+  const BandRows band(p, t, p.nb2, p.Hp);
+  const int64_t n = band.n, R0 = band.R0, R1 = band.R1, L0 = band.L0;
   // The planes: value (+ range when self) gradients, then the guidance's range gradients (joint).
   T* vband = p.gin != nullptr ? s.band : nullptr;
   T* rband = p.ggd != nullptr ? s.band + p.C * PB : nullptr;
@@ -482,140 +484,136 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const vec_t<T> n2rc = vsplat<T>(T(-2) * p.rc[n]);
   const T* ss = p.ss + n * p.ky * p.kx;
   for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
-  for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
-    const int64_t dy_min = std::max<int64_t>(0, R0 - R);    // rows above: only pairs reaching the band
-    const int64_t dy_max = std::min<int64_t>(p.py, p.Hp - 1 - R);  // q inside the padded image
-    const bool row_sigma = sigma && R >= R0;
-    const T* gd0 = p.gd_row(n, 0, R);
-    const T* in0 = p.in_row(n, 0, R);
-    const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
-    const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
-    T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
-    T* r0 = rband != nullptr ? rband + (R - L0) * Ws + p.margin : nullptr;
-    double row_d = 0, row_y = 0, row_x = 0;
-    for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
-      for (int64_t c = 0; c < nc; ++c) {
-        gpp[c] = vload(gp0 + c * PX + j0);
-        if (!SELF) inp[c] = vload(in0 + c * PS + j0);
-        vacc[c] = VALUE ? gpp[c] : vec_t<T>{};  // the centre tap: w = 1, no range term
-      }
-      for (int64_t c = 0; c < ng; ++c) {
-        gdp[c] = vload(gd0 + c * PS + j0);
-        racc[c] = vec_t<T>{};
-      }
-      const vec_t<T> ap = vload(a0 + j0);
-      vec_t<T> sd{}, sy{}, sx{};
-      for (int64_t dx = -p.px; dx <= p.px; ++dx) {
-        const T fx = static_cast<T>(dx * dx);
-        for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= dy_max; ++dy) {
-          const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
-          vec_t<T> dist;
-          const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
-                                                      lo, gq, d, &dist);
-#pragma GCC unroll 4
-          for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
-          if (pair_terms) {
-            vec_t<T> e = -(ap + vload(a0 + ox));
-#pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) {
-              e += gpp[c] * (SELF ? gq[c] : vload(in0 + c * PS + os));
-              e += gpq[c] * (SELF ? gdp[c] : inp[c]);
-            }
-            const vec_t<T> ew = e * w;
-            if (row_sigma) {
-              const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
-              sd += ew * D;
-              sx += ew * fx;
-              sy += ew * static_cast<T>(dy * dy);
-            }
-            if (RANGE) {
-              const vec_t<T> h = DIST == kL1 ? n2rc * ew * dist : n2rc * ew;
-#pragma GCC unroll 4
-              for (int64_t c = 0; c < ng; ++c) {
-                d[c] = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);  // q's range term; p's is -d
-                if (!self) {
-                  racc[c] -= d[c];
-                  T* q = r0 + c * PB + os;
-                  vstore(q, vload(q) + d[c]);
+    for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
+      const int64_t dy_min = std::max<int64_t>(0, R0 - R);    // rows above: only pairs reaching the band
+      const int64_t dy_max = std::min<int64_t>(p.py, p.Hp - 1 - R);  // q inside the padded image
+      const bool row_sigma = sigma && R >= R0;
+      const T* gd0 = p.gd_row(n, 0, R);
+      const T* in0 = p.in_row(n, 0, R);
+      const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
+      const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
+      T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
+      T* r0 = rband != nullptr ? rband + (R - L0) * Ws + p.margin : nullptr;
+      double row_d = 0, row_y = 0, row_x = 0;
+      for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
+        for (int64_t c = 0; c < nc; ++c) {
+          gpp[c] = vload(gp0 + c * PX + j0);
+          if (!SELF) inp[c] = vload(in0 + c * PS + j0);
+          vacc[c] = VALUE ? gpp[c] : vec_t<T>{};  // the centre tap: w = 1, no range term
+        }
+        for (int64_t c = 0; c < ng; ++c) {
+          gdp[c] = vload(gd0 + c * PS + j0);
+          racc[c] = vec_t<T>{};
+        }
+        const vec_t<T> ap = vload(a0 + j0);
+        vec_t<T> sd{}, sy{}, sx{};
+        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+          const T fx = static_cast<T>(dx * dx);
+          for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= dy_max; ++dy) {
+            const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
+            vec_t<T> dist;
+            const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
+                                                        lo, gq, d, &dist);
+  #pragma GCC unroll 4
+            for (int64_t c = 0; c < nc; ++c) gpq[c] = vload(gp0 + c * PX + ox);
+            if (pair_terms) {
+              vec_t<T> e = -(ap + vload(a0 + ox));
+  #pragma GCC unroll 4
+              for (int64_t c = 0; c < nc; ++c) {
+                e += gpp[c] * (SELF ? gq[c] : vload(in0 + c * PS + os));
+                e += gpq[c] * (SELF ? gdp[c] : inp[c]);
+              }
+              const vec_t<T> ew = e * w;
+              if (row_sigma) {
+                const vec_t<T> D = DIST == kL1 ? dist * dist : dist;
+                sd += ew * D;
+                sx += ew * fx;
+                sy += ew * static_cast<T>(dy * dy);
+              }
+              if (RANGE) {
+                const vec_t<T> h = DIST == kL1 ? n2rc * ew * dist : n2rc * ew;
+  #pragma GCC unroll 4
+                for (int64_t c = 0; c < ng; ++c) {
+                  d[c] = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);  // q's range term; p's is -d
+                  if (!self) {
+                    racc[c] -= d[c];
+                    T* q = r0 + c * PB + os;
+                    vstore(q, vload(q) + d[c]);
+                  }
                 }
               }
             }
-          }
-          if (VALUE || (RANGE && self)) {
-#pragma GCC unroll 4
-            for (int64_t c = 0; c < nc; ++c) {
-              vec_t<T> qv, pv;
-              if (VALUE && RANGE && self) {
-                qv = w * gpp[c] + d[c];
-                pv = w * gpq[c] - d[c];
-              } else if (VALUE) {
-                qv = w * gpp[c];
-                pv = w * gpq[c];
-              } else {
-                qv = d[c];
-                pv = -d[c];
+            if (VALUE || (RANGE && self)) {
+  #pragma GCC unroll 4
+              for (int64_t c = 0; c < nc; ++c) {
+                vec_t<T> qv, pv;
+                if (VALUE && RANGE && self) {
+                  qv = w * gpp[c] + d[c];
+                  pv = w * gpq[c] - d[c];
+                } else if (VALUE) {
+                  qv = w * gpp[c];
+                  pv = w * gpq[c];
+                } else {
+                  qv = d[c];
+                  pv = -d[c];
+                }
+                vacc[c] += pv;  // summed before meeting vacc: one add a pair on its chain
+                T* q = v0 + c * PB + os;
+                vstore(q, vload(q) + qv);
               }
-              vacc[c] += pv;  // summed before meeting vacc: one add a pair on its chain
-              T* q = v0 + c * PB + os;
-              vstore(q, vload(q) + qv);
             }
           }
         }
-      }
-      if (v0 != nullptr) {
-        for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
-      }
-      if (RANGE && r0 != nullptr) {
-        for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
+        if (v0 != nullptr) {
+          for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
+        }
+        if (RANGE && r0 != nullptr) {
+          for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
+        }
+        if (row_sigma) {
+          row_d += vsum<T>(sd);
+          row_y += vsum<T>(sy);
+          row_x += vsum<T>(sx);
+        }
       }
       if (row_sigma) {
-        row_d += vsum<T>(sd);
-        row_y += vsum<T>(sy);
-        row_x += vsum<T>(sx);
+        double* out = p.rows + 3 * (n * p.Hp + R);
+        if (x0t == 0) out[0] = out[1] = out[2] = 0;
+        out[0] += row_d;
+        out[1] += row_y;
+        out[2] += row_x;
       }
     }
-    if (row_sigma) {
-      double* out = p.rows + 3 * (n * p.Hp + R);
-      if (x0t == 0) out[0] = out[1] = out[2] = 0;
-      out[0] += row_d;
-      out[1] += row_y;
-      out[2] += row_x;
-    }
   }
-}
   // The band's rows: image rows folded into the image gradients, padded rows kept for later.
-  for (int64_t R = R0; R < R1; ++R) {
-    const bool inside = R >= p.py && R < p.py + p.H;
-    const int64_t k = R < p.py ? R : R - p.H;  // the padded row's index in p.pads_*
-    for (int64_t c = 0; c < p.C + p.Cg; ++c) {
-      const bool guidance_plane = c >= p.C;
-      T* plane = guidance_plane ? rband : vband;
-      if (plane == nullptr) continue;
-      const int64_t cc = guidance_plane ? c - p.C : c, planes = guidance_plane ? p.Cg : p.C;
-      const T* prow = plane + cc * PB + (R - L0) * Ws + p.margin;
-      if (inside) {
-        T* img = guidance_plane ? p.ggd : p.gin;
-        fold_row(p, prow, img + ((n * planes + cc) * p.H + R - p.py) * p.W, true);
-      } else {
-        T* pads = guidance_plane ? p.pads_gd : p.pads_in;
-        std::copy(prow, prow + p.Wp, pads + ((n * planes + cc) * 2 * p.py + k) * p.Wp);
+  const auto keep = [&](const T* planes, int64_t Cx, T* img, T* pads) {
+    if (planes == nullptr) return;
+    for (int64_t R = R0; R < R1; ++R) {
+      for (int64_t c = 0; c < Cx; ++c) {
+        const T* prow = planes + c * PB + (R - L0) * Ws + p.margin;
+        if (R >= p.py && R < p.py + p.H) {
+          fold_row(p, prow, img + ((n * Cx + c) * p.H + R - p.py) * p.W, true);
+        } else {
+          const int64_t k = R < p.py ? R : R - p.H;  // the padded row's index in pads
+          std::copy(prow, prow + p.Wp, pads + ((n * Cx + c) * 2 * p.py + k) * p.Wp);
+        }
       }
     }
-  }
+  };
+  keep(vband, p.C, p.gin, p.pads_in);
+  keep(rband, p.Cg, p.ggd, p.pads_gd);
 }
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
-  for (int64_t t = t0; t < t1; ++t) {
-    if (p.need_value && p.need_range) {
-      pass2_band<T, CC, CG, DIST, SELF, true, true>(p, t, s);
-    } else if (p.need_value) {
-      pass2_band<T, CC, CG, DIST, SELF, true, false>(p, t, s);
-    } else if (p.need_range) {
-      pass2_band<T, CC, CG, DIST, SELF, false, true>(p, t, s);
-    } else {
-      pass2_band<T, CC, CG, DIST, SELF, false, false>(p, t, s);
-    }
+BO_ALWAYS_INLINE void pass2_any(const Args<T>& p, int64_t t, Scratch<T>& s) {
+  if (p.need_value && p.need_range) {
+    pass2_band<T, CC, CG, DIST, SELF, true, true>(p, t, s);
+  } else if (p.need_value) {
+    pass2_band<T, CC, CG, DIST, SELF, true, false>(p, t, s);
+  } else if (p.need_range) {
+    pass2_band<T, CC, CG, DIST, SELF, false, true>(p, t, s);
+  } else {
+    pass2_band<T, CC, CG, DIST, SELF, false, false>(p, t, s);
   }
 }
 
@@ -624,51 +622,49 @@ BO_ALWAYS_INLINE void pass2_rows_impl(const Args<T>& p, int64_t t0, int64_t t1, 
 enum class Pass { kForward, kPass1, kPass2 };
 
 template <typename T, int CC, int CG, int DIST, bool SELF>
-BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
   switch (pass) {
     case Pass::kForward:
-      return forward_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
+      return forward_band<T, CC, CG, DIST, SELF>(p, t, s);
     case Pass::kPass1:
-      return pass1_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
+      return pass1_band<T, CC, CG, DIST, SELF>(p, t, s);
     case Pass::kPass2:
-      return pass2_rows_impl<T, CC, CG, DIST, SELF>(p, r0, r1, s);
+      return pass2_any<T, CC, CG, DIST, SELF>(p, t, s);
   }
 }
 
 template <typename T, int DIST>
-BO_ALWAYS_INLINE void run_channels(Pass pass, const Args<T>& p, int64_t r0, int64_t r1, Scratch<T>& s) {
+BO_ALWAYS_INLINE void run_channels(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
   if constexpr (std::is_same<T, float>::value) {
-    if (p.self && p.C == 3) return run_pass<T, 3, 3, DIST, true>(pass, p, r0, r1, s);
-    if (p.self && p.C == 1) return run_pass<T, 1, 1, DIST, true>(pass, p, r0, r1, s);
-    if (!p.self && p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST, false>(pass, p, r0, r1, s);
-    if (!p.self && p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST, false>(pass, p, r0, r1, s);
+    if (p.self && p.C == 3) return run_pass<T, 3, 3, DIST, true>(pass, p, t, s);
+    if (p.self && p.C == 1) return run_pass<T, 1, 1, DIST, true>(pass, p, t, s);
+    if (!p.self && p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST, false>(pass, p, t, s);
+    if (!p.self && p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST, false>(pass, p, t, s);
   }
-  run_pass<T, 0, 0, DIST, false>(pass, p, r0, r1, s);
+  run_pass<T, 0, 0, DIST, false>(pass, p, t, s);
 }
 
-BO_TARGET_CLONES void filter_task_f32(Pass pass, const Args<float>& p, int64_t r0, int64_t r1,
-                                      Scratch<float>& s) {
+BO_TARGET_CLONES void filter_task_f32(Pass pass, const Args<float>& p, int64_t t, Scratch<float>& s) {
   if (p.distance == kL1) {
-    run_channels<float, kL1>(pass, p, r0, r1, s);
+    run_channels<float, kL1>(pass, p, t, s);
   } else {
-    run_channels<float, kL2>(pass, p, r0, r1, s);
+    run_channels<float, kL2>(pass, p, t, s);
   }
 }
 
-BO_TARGET_CLONES void filter_task_f64(Pass pass, const Args<double>& p, int64_t r0, int64_t r1,
-                                      Scratch<double>& s) {
+BO_TARGET_CLONES void filter_task_f64(Pass pass, const Args<double>& p, int64_t t, Scratch<double>& s) {
   if (p.distance == kL1) {
-    run_channels<double, kL1>(pass, p, r0, r1, s);
+    run_channels<double, kL1>(pass, p, t, s);
   } else {
-    run_channels<double, kL2>(pass, p, r0, r1, s);
+    run_channels<double, kL2>(pass, p, t, s);
   }
 }
 
-void filter_task(Pass pass, const Args<float>& p, int64_t r0, int64_t r1, Scratch<float>& s) {
-  filter_task_f32(pass, p, r0, r1, s);
+void filter_task(Pass pass, const Args<float>& p, int64_t t, Scratch<float>& s) {
+  filter_task_f32(pass, p, t, s);
 }
-void filter_task(Pass pass, const Args<double>& p, int64_t r0, int64_t r1, Scratch<double>& s) {
-  filter_task_f64(pass, p, r0, r1, s);
+void filter_task(Pass pass, const Args<double>& p, int64_t t, Scratch<double>& s) {
+  filter_task_f64(pass, p, t, s);
 }
 
 // Every pass runs over bands (N * nb of them), handed out one at a time from a shared counter
@@ -684,7 +680,7 @@ void run_bands(Pass pass, const Args<T>& p) {
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch<T> s(p.C, p.Cg, band_elems);
-    for (int64_t t = next++; t < bands; t = next++) filter_task(pass, p, t, t + 1, s);
+    for (int64_t t = next++; t < bands; t = next++) filter_task(pass, p, t, s);
   });
 }
 
