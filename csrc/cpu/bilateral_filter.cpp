@@ -689,16 +689,16 @@ void run_bands(Pass pass, const Args<T>& p) {
 
 constexpr int64_t kVecMax = 8;
 
-// (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero.
+// (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero; xmap[j] is the image
+// column padded column j reads (-1: none).
 template <typename T>
-at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t margin, int64_t Ws) {
+at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t margin, int64_t Ws,
+                      const std::vector<int64_t>& xmap) {
   const at::Tensor src = src_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const int64_t Cx = src.size(1), Hp = s.H + 2 * s.py, Wp = s.W + 2 * s.px;
   // Not at::zeros: each row writes its own margins, in parallel (first-touching fresh pages in one
   // serial fill costs more than the filter on small images).
   at::Tensor dst = at::empty({s.N, Cx, Hp, Ws}, src.options());
-  std::vector<int64_t> xmap(Wp);
-  for (int64_t j = 0; j < Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
   const T* sp = src.data_ptr<T>();
   T* dp = dst.data_ptr<T>();
   at::parallel_for(0, s.N * Cx * Hp, 16, [&](int64_t r0, int64_t r1) {
@@ -760,7 +760,8 @@ void fold_pads(const Args<T>& a, const T* pads, T* dst, int64_t Cx) {
 template <typename T>
 struct Prepared {
   at::Tensor in_pad, gd_pad, rc, ss;
-  Args<T> a{};
+  std::vector<int64_t> xmap;  // the padding's column map, for pad_planes and pass 2's fold
+  Args<T> a{};                 // points into the members above: not copyable
 
   Prepared(const at::Tensor& input, const c10::optional<at::Tensor>& guidance, const at::Tensor& sigma_color,
            const at::Tensor& sigma_space, const FilterShape& s) {
@@ -788,8 +789,11 @@ struct Prepared {
     a.border = s.border;
     a.distance = s.distance;
     a.self = s.self;
-    in_pad = pad_planes<T>(input, s, a.margin, a.Ws);
-    gd_pad = s.self ? in_pad : pad_planes<T>(*guidance, s, a.margin, a.Ws);
+    xmap.resize(a.Wp);
+    for (int64_t j = 0; j < a.Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
+    a.xmap = xmap.data();
+    in_pad = pad_planes<T>(input, s, a.margin, a.Ws, xmap);
+    gd_pad = s.self ? in_pad : pad_planes<T>(*guidance, s, a.margin, a.Ws, xmap);
     a.in = in_pad.data_ptr<T>();
     a.gd = gd_pad.data_ptr<T>();
     const at::Tensor sc = sigma_color.to(dt).contiguous();
@@ -809,6 +813,9 @@ struct Prepared {
     }
     a.ss = ssp;
   }
+
+  Prepared(const Prepared&) = delete;
+  Prepared& operator=(const Prepared&) = delete;
 };
 
 at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
@@ -862,9 +869,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     clear_outside<T>(a);
     run_bands(Pass::kPass1, a);
 
-    std::vector<int64_t> xmap(a.Wp);
-    for (int64_t j = 0; j < a.Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
-    a.xmap = xmap.data();
     // Pass 2 writes every row of the image gradients and of the padded rows.
     at::Tensor gi = mask[0] ? at::empty({s.N, s.C, s.H, s.W}, opt) : at::Tensor();
     at::Tensor gg = (!s.self && mask[1]) ? at::empty({s.N, s.Cg, s.H, s.W}, opt) : at::Tensor();
