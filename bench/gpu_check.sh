@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of a lent machine (torch 2.11+cu130, nvcc 13.0, no
-# registry access), in under 9 minutes on an H100:
-#   1. build with CUDA for this GPU only (ptxas resource report checked by tools/ptxas_report.py)
-#   2. the whole test suite, CUDA tests included (tests/test_cuda.py: slice, slice_apply,
-#      grid_splat, grid_blur, bilateral_grid_filter, curve_guide), without -x: one crash must not hide the rest
-#   3. compute-sanitizer memcheck, racecheck, synccheck (and initcheck, reported only) on
-#      bench/sanitize_cuda.py, with the caching allocator off so that out-of-bounds accesses
-#      inside pooled blocks are seen
+# registry access), in under 9 minutes on an H100, most valuable first (a budget cut loses the tail):
+#   1. build with CUDA for this GPU only (ptxas resource report checked by tools/ptxas_report.py);
+#      fused-bilagrid, the radiance-field peer, builds beside it when its source is in .peers/
+#   2. the CUDA tests (test ids containing "cuda": tests/test_cuda.py and every device-parametrised
+#      case), spread over pytest-xdist workers when it is installed, without -x: one crash must not
+#      hide the rest. GPU_CHECK_TESTS=all runs the whole suite (CI runs the CPU tests anyway)
+#   3. compute-sanitizer memcheck on bench/sanitize_cuda.py, with the caching allocator off so that
+#      out-of-bounds accesses inside pooled blocks are seen
 #   4. the GPU benchmarks of bench/ (their CUDA cases: test ids containing "cuda"), curve_guide's
-#      and bilagrid's first, HDRNet's inference last; pytest-benchmark JSON in $OUT/bench-*.json
-# bilateral_filter's CUDA tests (tests/test_cuda.py -k filter) run in step 2 and its kernels are in
-# the sanitizer workload of step 3.
+#      and bilagrid's first; pytest-benchmark JSON in $OUT/bench-*.json
+#   5. compute-sanitizer racecheck, synccheck (and initcheck, reported only), quick workloads
+#   6. HDRNet's inference benchmark (optional: its compiled case spends most of its time compiling)
+# Peers the machine lacks travel with the call: wheels in .whl/ (kornia, for the exact filter's
+# tests and benchmark) are installed to /tmp/site; fused-bilagrid's source in
+# .peers/fused-bilagrid is built in place.
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
 # non-zero if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
@@ -73,23 +77,42 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 nvcc --version 2>&1 | tail -2 | tee -a "$OUT/device.txt"
 echo "compute-sanitizer: $SANITIZER" | tee -a "$OUT/device.txt"
 
+# Carried peers: wheels first (nothing can be fetched there), then fused-bilagrid's build in the
+# background, on a few of the cores, while ours builds.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  tail -n 3 "$OUT/wheels.log"
+fi
+peer_pid=
+if [ -f .peers/fused-bilagrid/setup.py ]; then
+  (cd .peers/fused-bilagrid && MAX_JOBS=6 $PY setup.py build_ext --inplace) > "$OUT/fused-bilagrid-build.log" 2>&1 &
+  peer_pid=$!
+  export PYTHONPATH="$PYTHONPATH:$PWD/.peers/fused-bilagrid"
+fi
+wait_peer() {
+  if [ -n "$peer_pid" ]; then
+    wait "$peer_pid"
+    echo "fused-bilagrid build: rc=$?" | tee -a "$OUT/fused-bilagrid-build.log"
+    peer_pid=
+  fi
+}
+
 # 1. Build in place (bilateral_ops/_C*.so), with ptxas's report in the log.
-run build 1 180 "$OUT/build.log" -- env FORCE_CUDA=1 BILATERAL_OPS_PTXAS_VERBOSE=1 \
+run build 1 200 "$OUT/build.log" -- env FORCE_CUDA=1 BILATERAL_OPS_PTXAS_VERBOSE=1 \
   $PY setup.py build_ext --inplace --force
 run ptxas-report 1 40 "$OUT/ptxas-report.log" -- $PY tools/ptxas_report.py "$OUT/build.log" --lib . --require-all
 run cuda-kernels-registered 1 40 "$OUT/check-cuda-build.log" -- $PY tools/check_cuda_build.py .
 
-# 2. curve_guide's CUDA tests first, on their own (a quick verdict on the newest kernels even if
-# the whole suite runs out of time), then the whole suite; the junit XML gives the counts.
-run curve-guide-tests 1 60 "$OUT/curve-guide-tests.log" -- $PY -m pytest -q tests/test_cuda.py -k curve_guide \
-  -p no:cacheprovider -rfE
-# The radiance-field ops likewise (bilateral_slice_apply_points, grid_tv_loss, align_corners).
-run bilagrid-tests 1 60 "$OUT/bilagrid-tests.log" -- $PY -m pytest -q tests/test_cuda.py \
-  -k "points or tv_loss or align_corners or bilagrid" -p no:cacheprovider -rfE
-
-run tests 1 200 "$OUT/tests.log" -- $PY -m pytest -q tests -p no:cacheprovider -rfE --durations=15 \
-  --junitxml="$OUT/tests.xml"
-$PY - "$OUT/tests.xml" <<'EOF' | tee "$OUT/tests-summary.txt"
+# 2. The tests; the junit XML gives the counts. Each xdist worker keeps to two CPU threads so that
+# the CPU sides of the CUDA-vs-CPU comparisons do not fight over the cores.
+select=(-k cuda)
+[ "${GPU_CHECK_TESTS:-cuda}" = all ] && select=()
+workers=()
+$PY -c "import xdist" 2> /dev/null && workers=(-n "${GPU_CHECK_WORKERS:-8}")
+run tests 1 200 "$OUT/tests.log" -- env OMP_NUM_THREADS=2 $PY -m pytest -q tests "${select[@]}" "${workers[@]}" \
+  -p no:cacheprovider -rfE --durations=15 --junitxml="$OUT/tests.xml"
+$PY - "$OUT/tests.xml" <<'PYEOF' | tee "$OUT/tests-summary.txt"
 import sys, xml.etree.ElementTree as ET
 try:
     root = ET.parse(sys.argv[1]).getroot()
@@ -104,7 +127,7 @@ for s in suites:
     for case in s.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
             print(f"  FAILED {case.get('classname')}::{case.get('name')}")
-EOF
+PYEOF
 
 # 3. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
 # access past a tensor's end is an access outside any allocation.
@@ -116,23 +139,29 @@ sanitize() {
     --print-limit 20 "$@" $PY bench/sanitize_cuda.py ${SANITIZE_ARGS:-}
 }
 sanitize memcheck 1 120
+
+# 4. Benchmarks: curve_guide's on their own first, then the radiance-field grids (against
+# fused-bilagrid when it built), then the others (pytest bench -k cuda).
+bench_step() {
+  local name=$1 cap=$2 json=$3
+  shift 3
+  run "$name" 1 "$cap" "$OUT/$name.log" -- $PY -m pytest -q "$@" --benchmark-only --benchmark-json "$OUT/$json" \
+    --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+}
+bench_step bench-curve-guide 60 bench-curve-guide.json bench/test_bench_curve_guide.py -k cuda
+wait_peer
+bench_step bench-bilagrid 60 bench-bilagrid.json bench/test_bench_bilagrid.py -k cuda
+bench_step bench 120 bench-gpu.json bench -k "cuda and not curve_guide and not bilagrid and not hdrnet"
+
+# 5. The other sanitizers, on the quick workload.
 SANITIZE_ARGS="--quick --dtypes float32,float64" sanitize racecheck 1 90 --racecheck-report all
 SANITIZE_ARGS="--quick --dtypes float32" sanitize synccheck 1 60
 SANITIZE_ARGS="--quick --dtypes float32" sanitize initcheck 0 45
 
-# 4. Benchmarks: curve_guide's on their own first, then the others (pytest bench -k cuda).
-run bench-curve-guide 1 60 "$OUT/bench-curve-guide.log" -- $PY -m pytest -q bench/test_bench_curve_guide.py \
-  -k cuda --benchmark-only --benchmark-json "$OUT/bench-curve-guide.json" \
-  --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
-run bench-bilagrid 1 60 "$OUT/bench-bilagrid.log" -- $PY -m pytest -q bench/test_bench_bilagrid.py \
-  -k cuda --benchmark-only --benchmark-json "$OUT/bench-bilagrid.json" \
-  --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
-run bench 1 120 "$OUT/bench.log" -- $PY -m pytest -q bench -k "cuda and not curve_guide and not bilagrid and not hdrnet" --benchmark-only \
-  --benchmark-json "$OUT/bench-gpu.json" --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
-# HDRNet inference last (its compiled case spends most of its time compiling); optional, so that
-# a slow compile never fails the kernels' verdict.
+# 6. HDRNet inference last; optional, so that a slow compile never fails the kernels' verdict.
 run bench-hdrnet 0 100 "$OUT/bench-hdrnet.log" -- $PY -m pytest -q bench/test_bench_hdrnet.py -k cuda \
   --benchmark-only --benchmark-json "$OUT/bench-hdrnet.json" --benchmark-columns=min,median,rounds -p no:cacheprovider
+wait_peer
 
 echo
 echo "== summary ($OUT)"
