@@ -83,6 +83,18 @@ def gen() -> torch.Generator:
 
 
 @pytest.fixture
+def bitwise():
+    """Deterministic mode for a test that compares two runs bitwise: on CUDA the default grid
+    gradients (and grid_splat) add with atomics, in no fixed order; the deterministic paths gather
+    in a fixed order. The CPU kernels are deterministic either way."""
+    old = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+@pytest.fixture
 def restore_num_threads():
     n = torch.get_num_threads()
     yield n

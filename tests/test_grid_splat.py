@@ -119,7 +119,7 @@ def test_opcheck(dtype, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_noncontiguous_and_4d_guide(device, gen):
+def test_noncontiguous_and_4d_guide(device, gen, bitwise):
     inp, guide, size = make_case(2, 3, 6, 5, 7, 19, 23, F64, "uniform", gen, device)
     want = bo.grid_splat(inp, guide, size)
     torch.testing.assert_close(bo.grid_splat(noncontiguous(inp), noncontiguous(guide), size), want, rtol=0, atol=0)

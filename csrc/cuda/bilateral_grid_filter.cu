@@ -32,8 +32,9 @@ at::Tensor call_grid_splat(const at::Tensor& input, const at::Tensor& guide,
 at::Tensor call_bilateral_slice(const at::Tensor& grid, const at::Tensor& guide) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bilateral_ops::bilateral_slice", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(grid, guide);
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>();
+  // The filter's grid is sampled at cell centres (align_corners=False), as on the CPU.
+  return op.call(grid, guide, false);
 }
 
 at::Tensor filter_splat(const at::Tensor& input, const at::Tensor& guide,
