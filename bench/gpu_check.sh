@@ -10,6 +10,7 @@
 #      out-of-bounds accesses inside pooled blocks are seen
 #   4. the GPU benchmarks of bench/ (their CUDA cases: test ids containing "cuda"), curve_guide's
 #      and bilagrid's first; pytest-benchmark JSON in $OUT/bench-*.json
+#   then bench/profile_cuda.py: each case's wall time against its kernels' time (optional)
 #   5. compute-sanitizer racecheck, synccheck (and initcheck, reported only), quick workloads
 #   6. HDRNet's inference benchmark (optional: its compiled case spends most of its time compiling)
 # Peers the machine lacks travel with the call: wheels in .whl/ (kornia, for the exact filter's
@@ -152,6 +153,9 @@ bench_step bench-curve-guide 60 bench-curve-guide.json bench/test_bench_curve_gu
 wait_peer
 bench_step bench-bilagrid 60 bench-bilagrid.json bench/test_bench_bilagrid.py -k cuda
 bench_step bench 120 bench-gpu.json bench -k "cuda and not curve_guide and not bilagrid and not hdrnet"
+
+# Where the time goes: per case, the wall time of a call against its kernels' (optional).
+run profile 0 90 "$OUT/profile.log" -- $PY bench/profile_cuda.py
 
 # 5. The other sanitizers, on the quick workload.
 SANITIZE_ARGS="--quick --dtypes float32,float64" sanitize racecheck 1 90 --racecheck-report all

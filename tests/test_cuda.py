@@ -802,6 +802,8 @@ CURVE_SHAPES = [
     (1, 3, 21, 17, 400),
     (3, 4, 1, 1, 16),
     (1, 3, 256, 384, 16),
+    (2, 2, 8, 12, 3),  # four-pixel groups with vector loads, batch 2, K not a multiple of 4
+    (3, 1, 4, 4, 5),
 ]
 CURVE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 CURVE_NAMES = ("input", "ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
@@ -893,6 +895,18 @@ def test_curve_guide_noncontiguous_and_empty():
     assert ops.curve_guide(*empty).shape == (2, 0, 5)
     grads = ops._curve_guide_backward(torch.zeros(2, 0, 5, dtype=torch.float64, device="cuda"), *empty, [True] * 7)
     assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, empty))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_curve_guide_unaligned_input_equals_aligned(dtype):
+    # A contiguous view that starts one element into its storage cannot take the vector loads of
+    # the four-pixel groups: the element-wise path must give the same bits.
+    _, dev = _curve_case(2, 3, 16, 24, 16, dtype)
+    x = dev[0]
+    shifted = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    assert torch.equal(ops.curve_guide(shifted, *dev[1:]), ops.curve_guide(*dev))
 
 
 def test_curve_guide_runs_on_the_current_stream():

@@ -88,6 +88,24 @@ __device__ __forceinline__ int warp_max(int v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Division of an unsigned n < 2^31 by a divisor fixed at launch, as a multiply-high, an add and a
+// shift (Granlund and Montgomery's round-up method): index maps evaluated per element then cost a
+// few instructions instead of a division's long sequence (a 64-bit one is some seventy).
+
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+
+  FastDiv() = default;
+  __host__ explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((uint64_t{1} << s) < d) ++s;
+    // floor(2^(32 + s) / d) - 2^32 + 1, below 2^32 because 2^s < 2 d.
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+  }
+  // n / d for n < 2^31 (so that the sum below does not wrap).
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Warp-aggregated scatter. Lanes of a warp often add into the same destination (neighbouring
 // pixels share grid cells); reducing them first turns up to 32 serialised atomics on one address
 // into one per distinct destination.

@@ -24,7 +24,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../curve_guide_table.h"
@@ -142,6 +144,89 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
     PixelChannels<scalar_t, kRegC> px;
     px.load(a.input + n * a.l.C * a.HW + s, a.HW, a.l.C, true);
     a.output[p] = static_cast<scalar_t>(curve_clamp01(pre_clamp(tb, a.l, px)));
+  }
+}
+
+// kN consecutive elements, for one vector load or store.
+template <typename T, int kN>
+struct alignas(sizeof(T) * kN) Pack {
+  T v[kN];
+};
+
+// The forward for C = kC <= kCurveRegChannels: each thread takes kCurveGroup consecutive pixels,
+// so every parameter read from the table serves all of them (at one pixel per thread the loop is
+// bound by those reads, not by memory). kVec: the image planes hold whole groups (HW a multiple of
+// the group, aligned input) and each channel of a group is one vector load; else the pixels are
+// read one by one and may straddle two images. The sums run in pre_clamp's order.
+template <typename scalar_t, int kC, bool kVec>
+__global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
+    curve_forward_group_kernel(const CurveKernelArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kG = launch::kCurveGroup;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const CurveLayout l = a.l;
+  const acc_t* tb = block_table(a.table, l.size(), a.table_shared, reinterpret_cast<acc_t*>(smem_raw));
+  const int K = static_cast<int>(l.K);
+  const int64_t groups = (a.pixels + kG - 1) / kG;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < groups; q += stride) {
+    const int64_t p0 = q * kG;
+    acc_t x[kC][kG];
+    if constexpr (kVec) {
+      const int64_t n = p0 / a.HW, s = p0 - n * a.HW;
+      const scalar_t* px = a.input + n * kC * a.HW + s;
+#pragma unroll
+      for (int i = 0; i < kC; ++i) {
+        const Pack<scalar_t, kG> v = *reinterpret_cast<const Pack<scalar_t, kG>*>(px + i * a.HW);
+#pragma unroll
+        for (int j = 0; j < kG; ++j) x[i][j] = static_cast<acc_t>(v.v[j]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        const int64_t p = p0 + j;
+        const bool valid = p < a.pixels;
+        const int64_t n = valid ? p / a.HW : 0, s = valid ? p - n * a.HW : 0;
+#pragma unroll
+        for (int i = 0; i < kC; ++i) x[i][j] = valid ? ldg(a.input + (n * kC + i) * a.HW + s) : acc_t(0);
+      }
+    }
+    acc_t g[kG];
+#pragma unroll
+    for (int j = 0; j < kG; ++j) g[j] = tb[l.mix_bias()];
+#pragma unroll
+    for (int k = 0; k < kC; ++k) {
+      acc_t c[kG], f[kG];
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        c[j] = tb[l.ccm_bias() + k];
+#pragma unroll
+        for (int i = 0; i < kC; ++i) c[j] += tb[l.ccm() + k * kC + i] * x[i][j];
+        f[j] = 0;
+      }
+      const acc_t* sh = tb + l.shifts() + k * K;
+      const acc_t* sl = tb + l.slopes() + k * K;
+#pragma unroll 4
+      for (int t = 0; t < K; ++t) {
+        const acc_t shift = sh[t], slope = sl[t];
+#pragma unroll
+        for (int j = 0; j < kG; ++j) curve_value(c[j], shift, slope, f[j]);
+      }
+      const acc_t m = tb[l.mix() + k];
+#pragma unroll
+      for (int j = 0; j < kG; ++j) g[j] += m * f[j];
+    }
+    if constexpr (kVec) {
+      Pack<scalar_t, kG> v;
+#pragma unroll
+      for (int j = 0; j < kG; ++j) v.v[j] = static_cast<scalar_t>(curve_clamp01(g[j]));
+      *reinterpret_cast<Pack<scalar_t, kG>*>(a.output + p0) = v;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        if (p0 + j < a.pixels) a.output[p0 + j] = static_cast<scalar_t>(curve_clamp01(g[j]));
+      }
+    }
   }
 }
 
@@ -294,8 +379,26 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
     a.table = table.data_ptr<acc_t>();
     a.table_shared = plan.table_shared;
     if (plan.registers) {
-      BO_LAUNCH((curve_forward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
-                      stream, a);
+      // Whole groups per plane, and vector-aligned planes (a view may start anywhere).
+      constexpr int64_t kG = launch::kCurveGroup;
+      const bool vec = a.HW % kG == 0 &&
+                       reinterpret_cast<uintptr_t>(a.input) % (kG * sizeof(scalar_t)) == 0 &&
+                       reinterpret_cast<uintptr_t>(a.output) % (kG * sizeof(scalar_t)) == 0;
+      const auto go = [&](auto channels) {
+        constexpr int kC = decltype(channels)::value;
+        if (vec) {
+          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, true>), plan.main, stream, a);
+        } else {
+          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, false>), plan.main, stream, a);
+        }
+      };
+      static_assert(launch::kCurveRegChannels == 4, "one case per channel count below");
+      switch (sh.C) {
+        case 1: go(std::integral_constant<int, 1>{}); break;
+        case 2: go(std::integral_constant<int, 2>{}); break;
+        case 3: go(std::integral_constant<int, 3>{}); break;
+        default: go(std::integral_constant<int, 4>{}); break;
+      }
     } else {
       BO_LAUNCH((curve_forward_kernel<scalar_t, 0>), plan.main, stream, a);
     }

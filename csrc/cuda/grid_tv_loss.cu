@@ -2,6 +2,8 @@
 // csrc/include/bilateral_ops/grid_tv_loss.h the per-element math shared with the CPU,
 // launch_config.h the launch plans).
 //
+// Element positions come from multiply-high divisions when every flat index is below 2^31 (64-bit
+// divisions per element made both kernels bound by index arithmetic, not memory).
 // Forward: a number of blocks fixed by the sizes alone sums the loss terms of its elements (a
 // grid-stride loop per thread, in double, then the block's warps in order) into one partial per
 // block; tv_reduce_kernel adds the partials in order and writes the 0-d result. Bitwise
@@ -34,6 +36,42 @@ struct TvWeights {
   double z, y, x;
 };
 
+// Position of flat element e of (grids, C, D, Gh, Gw): grid b, offset r in it, and (z, y, x).
+struct TvAt {
+  int64_t b, r, z, y, x;
+};
+
+// The divisors of that map. kSmall (every flat index below 2^31): multiply-high divisions, else
+// 64-bit ones.
+struct TvDivs {
+  FastDiv numel, cells, plane, gw;
+};
+
+template <bool kSmall>
+__device__ __forceinline__ TvAt tv_at(int64_t e, const TvGeometry& g, const TvDivs& v) {
+  const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
+  if constexpr (kSmall) {
+    const uint32_t n = static_cast<uint32_t>(e);
+    const uint32_t b = v.numel.div(n), r = n - b * static_cast<uint32_t>(numel);
+    const uint32_t k = r - v.cells.div(r) * static_cast<uint32_t>(cells);
+    const uint32_t z = v.plane.div(k), rem = k - z * static_cast<uint32_t>(plane);
+    const uint32_t y = v.gw.div(rem);
+    return {b, r, z, y, rem - y * static_cast<uint32_t>(g.Gw)};
+  } else {
+    const int64_t b = e / numel, r = e % numel, k = r % cells;
+    return {b, r, k / plane, (k / g.Gw) % g.Gh, k % g.Gw};
+  }
+}
+
+// kSmall when every flat index of `total` elements fits the multiply-high divisions.
+TvDivs tv_divs(const TvGeometry& g, int64_t total, bool* small) {
+  const int64_t cells = g.D * g.Gh * g.Gw;
+  *small = total < (int64_t{1} << 31);
+  if (!*small || total == 0) return TvDivs{};  // no element: no divisor may be zero
+  return TvDivs{FastDiv(static_cast<uint32_t>(g.C * cells)), FastDiv(static_cast<uint32_t>(cells)),
+                FastDiv(static_cast<uint32_t>(g.Gh * g.Gw)), FastDiv(static_cast<uint32_t>(g.Gw))};
+}
+
 // Sum of v over the block, in warp order; valid on thread 0. s_warp: one double per warp
 // (the dynamic shared buffer).
 __device__ __forceinline__ double block_sum(double v, double* s_warp) {
@@ -48,10 +86,10 @@ __device__ __forceinline__ double block_sum(double v, double* s_warp) {
   return total;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kSmall>
 __global__ void __launch_bounds__(launch::kTvThreads)
-    tv_loss_kernel(const TvGeometry g, const scalar_t* grids, const int64_t* idx, const TvWeights w,
-                   double* partial) {
+    tv_loss_kernel(const TvGeometry g, const TvDivs dv, const scalar_t* grids, const int64_t* idx,
+                   const TvWeights w, double* partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* s_warp = reinterpret_cast<double*>(smem_raw);
   const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
@@ -59,19 +97,17 @@ __global__ void __launch_bounds__(launch::kTvThreads)
   double sum = 0.0;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = e / numel, r = e % numel;
-    const int64_t m = idx != nullptr ? idx[b] : b;
+    const TvAt at = tv_at<kSmall>(e, g, dv);
+    const int64_t m = idx != nullptr ? idx[at.b] : at.b;
     if (m < 0 || m >= g.M) {
       sum += NAN;
       continue;
     }
-    const int64_t k = r % cells;
-    const int64_t z = k / plane, y = (k / g.Gw) % g.Gh, x = k % g.Gw;
-    const scalar_t* q = grids + m * numel + r;
+    const scalar_t* q = grids + m * numel + at.r;
     const double v = static_cast<double>(ldg(q));
-    if (x + 1 < g.Gw) sum += w.x * tv_axis_term<double>(v, ldg(q + 1), x, g.Gw);
-    if (y + 1 < g.Gh) sum += w.y * tv_axis_term<double>(v, ldg(q + g.Gw), y, g.Gh);
-    if (z + 1 < g.D) sum += w.z * tv_axis_term<double>(v, ldg(q + plane), z, g.D);
+    if (at.x + 1 < g.Gw) sum += w.x * tv_axis_term<double>(v, ldg(q + 1), at.x, g.Gw);
+    if (at.y + 1 < g.Gh) sum += w.y * tv_axis_term<double>(v, ldg(q + g.Gw), at.y, g.Gh);
+    if (at.z + 1 < g.D) sum += w.z * tv_axis_term<double>(v, ldg(q + plane), at.z, g.D);
   }
   const double s = block_sum(sum, s_warp);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
@@ -99,9 +135,9 @@ __global__ void __launch_bounds__(launch::kTvThreads)
 }
 
 // count null: every grid once (no idx).
-template <typename scalar_t>
+template <typename scalar_t, bool kSmall>
 __global__ void __launch_bounds__(launch::kTvThreads)
-    tv_backward_kernel(const TvGeometry g, const scalar_t* grids, const int* count,
+    tv_backward_kernel(const TvGeometry g, const TvDivs dv, const scalar_t* grids, const int* count,
                        const scalar_t* grad_output, const TvWeights w, scalar_t* grad) {
   using acc_t = acc_type<scalar_t>;
   const int64_t cells = g.D * g.Gh * g.Gw, numel = g.C * cells, plane = g.Gh * g.Gw;
@@ -110,14 +146,13 @@ __global__ void __launch_bounds__(launch::kTvThreads)
   const acc_t wz = static_cast<acc_t>(w.z), wy = static_cast<acc_t>(w.y), wx = static_cast<acc_t>(w.x);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = e / numel;
-    const int n = count != nullptr ? count[m] : 1;
+    const TvAt at = tv_at<kSmall>(e, g, dv);
+    const int n = count != nullptr ? count[at.b] : 1;
     if (n == 0) {
       grad[e] = static_cast<scalar_t>(0);
       continue;
     }
-    const int64_t k = (e % numel) % cells;
-    const int64_t z = k / plane, y = (k / g.Gw) % g.Gh, x = k % g.Gw;
+    const int64_t z = at.z, y = at.y, x = at.x;
     const scalar_t* q = grids + e;
     const acc_t v = ldg(q);
     acc_t d = tv_axis_grad<acc_t>(v, x > 0 ? ldg(q - 1) : v, x + 1 < g.Gw ? ldg(q + 1) : v, x,
@@ -153,15 +188,19 @@ at::Tensor grid_tv_loss(const at::Tensor& grids_in, const c10::optional<at::Tens
   at::Tensor out = at::empty({}, grids.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const TvWeights w = weights(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_cuda",
-                                  [&] {
-                                    BO_LAUNCH(tv_loss_kernel<scalar_t>, plan.loss, stream, g,
-                                              grids.data_ptr<scalar_t>(), ip, w,
-                                              partial.data_ptr<double>());
-                                    BO_LAUNCH(tv_reduce_kernel<scalar_t>, plan.reduce, stream,
-                                              partial.data_ptr<double>(), plan.partials, g.B == 0,
-                                              out.data_ptr<scalar_t>());
-                                  });
+  bool small = false;
+  const TvDivs dv = tv_divs(g, g.B * g.grid_numel(), &small);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_cuda", [&] {
+    if (small) {
+      BO_LAUNCH((tv_loss_kernel<scalar_t, true>), plan.loss, stream, g, dv, grids.data_ptr<scalar_t>(), ip, w,
+                partial.data_ptr<double>());
+    } else {
+      BO_LAUNCH((tv_loss_kernel<scalar_t, false>), plan.loss, stream, g, dv, grids.data_ptr<scalar_t>(), ip, w,
+                partial.data_ptr<double>());
+    }
+    BO_LAUNCH(tv_reduce_kernel<scalar_t>, plan.reduce, stream, partial.data_ptr<double>(), plan.partials,
+              g.B == 0, out.data_ptr<scalar_t>());
+  });
   return out;
 }
 
@@ -187,11 +226,18 @@ at::Tensor grid_tv_loss_backward(const at::Tensor& grad_output_in, const at::Ten
     BO_LAUNCH(tv_count_kernel, plan.count, stream, ip, g.B, g.M, count.data_ptr<int>());
   }
   const TvWeights w = weights(g);
+  bool small = false;
+  const TvDivs dv = tv_divs(g, g.M * g.grid_numel(), &small);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grids.scalar_type(), "grid_tv_loss_backward_cuda", [&] {
-        BO_LAUNCH(tv_backward_kernel<scalar_t>, plan.backward, stream, g,
-                  grids.data_ptr<scalar_t>(), ip != nullptr ? count.data_ptr<int>() : nullptr,
-                  go.data_ptr<scalar_t>(), w, grad.data_ptr<scalar_t>());
+        const int* cp = ip != nullptr ? count.data_ptr<int>() : nullptr;
+        if (small) {
+          BO_LAUNCH((tv_backward_kernel<scalar_t, true>), plan.backward, stream, g, dv,
+                    grids.data_ptr<scalar_t>(), cp, go.data_ptr<scalar_t>(), w, grad.data_ptr<scalar_t>());
+        } else {
+          BO_LAUNCH((tv_backward_kernel<scalar_t, false>), plan.backward, stream, g, dv,
+                    grids.data_ptr<scalar_t>(), cp, go.data_ptr<scalar_t>(), w, grad.data_ptr<scalar_t>());
+        }
       });
   return grad;
 }

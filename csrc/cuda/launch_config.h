@@ -369,6 +369,7 @@ constexpr int kCurveThreads = 256;
 constexpr int kCurveWarps = kCurveThreads / 32;
 constexpr int kCurveMinBlocks = 2;               // <= 128 registers
 constexpr int kCurveRegChannels = 4;             // C <= this: a pixel's channels in registers
+constexpr int kCurveGroup = 4;  // forward with registers: consecutive pixels per thread
 constexpr int64_t kCurveTableSmem = 16 * 1024;   // largest table copied to shared memory
 constexpr int64_t kCurveForwardMaxBlocks = 4096;
 constexpr int64_t kCurveBackwardMaxBlocks = 1024;  // partial rows: fixed by the sizes alone
@@ -385,7 +386,8 @@ struct CurvePlan {
   bool rows_shared = false;    // backward: per-warp rows in shared memory (else in `partial`)
   bool registers = false;      // C <= kCurveRegChannels
   int64_t partial_rows = 0;    // backward with parameters: rows the reduce kernel adds up
-  Launch main, reduce;         // main: curve_forward_kernel or curve_backward_kernel
+  Launch main, reduce;         // main: curve_forward_group_kernel (registers),
+                               // curve_forward_kernel or curve_backward_kernel
 };
 
 inline int64_t curve_table_bytes(int64_t P, int64_t acc_size) { return P * acc_size; }
@@ -400,8 +402,13 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
   p.table_shared = curve_table_bytes(P, acc_size) <= kCurveTableSmem;
   const int64_t table_smem = p.table_shared ? curve_table_bytes(P, acc_size) : 0;
   if (!r.backward) {
-    p.main = make_launch("curve_forward_kernel",
-                         std::min(blocks_for(pixels, kCurveThreads), kCurveForwardMaxBlocks),
+    // With registers each thread takes kCurveGroup pixels: one read of each parameter from
+    // shared memory serves them all (the loop is bound by those reads and the arithmetic, not
+    // by memory, at one pixel per thread).
+    const bool group = p.registers;
+    const int64_t items = group ? ceil_div(pixels, kCurveGroup) : pixels;
+    p.main = make_launch(group ? "curve_forward_group_kernel" : "curve_forward_kernel",
+                         std::min(blocks_for(items, kCurveThreads), kCurveForwardMaxBlocks),
                          kCurveThreads, kCurveMinBlocks, table_smem);
     return p;
   }
@@ -604,6 +611,7 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"gather_finish_kernel", kForwardThreads, 0, kStaticSmem, 0},
       {"grid_blur_kernel", kBlurThreads, kBlurMinBlocks, kStaticSmem, 0},
       {"curve_forward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem, kCurveTableSmem},
+      {"curve_forward_group_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem, kCurveTableSmem},
       {"curve_backward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem,
        kSmemNoOptIn - kStaticSmem},
       {"curve_reduce_kernel", kCurveThreads, 0, kStaticSmem, 0},
