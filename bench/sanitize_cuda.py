@@ -109,11 +109,21 @@ def run_curve(shape, dtype, seed=0) -> None:
 
 
 # bilateral_filter: (N, C, Cg, H, W, ky, kx, border, distance); Cg None: the input guides itself.
+# C in {1, 3} with no guidance or a guidance of 1 or 3 channels run the fast kernels (compile-time
+# channel counts and distance), the rest the generic ones.
 FILTER_SHAPES = [
-    (2, 3, None, 37, 53, 5, 5, "reflect", "l1"),  # staged tile
-    (1, 3, 2, 20, 30, 41, 41, "replicate", "l2"),  # too wide to stage: global reads
-    (1, 5, 6, 9, 40, 3, 7, "circular", "l1"),  # two register groups of channels
-    (1, 1, None, 1, 1, 3, 3, "constant", "l2"),  # 1x1 image
+    (2, 3, None, 37, 53, 5, 5, "reflect", "l1"),  # fast, RGB self-guided
+    (1, 3, None, 13, 70, 9, 9, "circular", "l2"),  # fast, RGB self-guided, l2, tile tails
+    (2, 1, None, 21, 40, 3, 5, "replicate", "l1"),  # fast, grey
+    (1, 1, None, 1, 1, 3, 3, "constant", "l2"),  # fast, 1x1 image
+    (1, 1, None, 1, 1, 3, 3, "circular", "l1"),  # fast, 1x1 image wrapping around
+    (2, 3, 1, 19, 35, 5, 3, "reflect", "l2"),  # fast, joint RGB by grey
+    (1, 1, 3, 17, 33, 3, 3, "circular", "l1"),  # fast, joint grey by RGB
+    (1, 3, 3, 9, 45, 7, 7, "replicate", "l1"),  # fast, joint RGB by RGB
+    (1, 3, None, 30, 40, 21, 21, "reflect", "l1"),  # fast forward / pass 1, generic pass 2 for float64
+    (2, 2, None, 37, 53, 5, 5, "reflect", "l1"),  # generic, staged tile
+    (1, 3, 2, 20, 30, 41, 41, "replicate", "l2"),  # generic, too wide to stage: global reads
+    (1, 5, 6, 9, 40, 3, 7, "circular", "l1"),  # generic, two register groups of channels
 ]
 FILTER_MASKS = [[True, False, True, True], [True, False, False, False], [False, False, True, True]]
 

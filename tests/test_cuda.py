@@ -955,7 +955,20 @@ FILTER_BORDERS = ["reflect", "replicate", "constant", "circular"]
 def all_filter_shapes() -> list[tuple]:
     """Every (N, C, Cg, H, W, ky, kx) this file launches bilateral_filter for: checked on the CPU by
     tests/test_launch_config.py."""
-    return FILTER_SHAPES + [(2, 3, None, 33, 47, 5, 5), (1, 2, 1, 9, 11, 3, 5), (1, 3, None, 64, 64, 7, 7)]
+    fast = [shape for C, Cg in FILTER_FAST_CHANNELS for shape in _filter_fast_shapes(C, Cg)]
+    return FILTER_SHAPES + [(2, 3, None, 33, 47, 5, 5), (1, 2, 1, 9, 11, 3, 5), (1, 3, None, 64, 64, 7, 7)] + fast
+
+
+# The channel counts (C, Cg) of the fast CUDA kernels (compile-time channels and distance): RGB and
+# grey, self-guided or with a grey or RGB guidance.
+FILTER_FAST_CHANNELS = [(3, None), (1, None), (1, 1), (1, 3), (3, 1), (3, 3)]
+
+
+def _filter_fast_shapes(C, Cg):
+    # Tile tails in both directions and a batch of two (37 x 53, 13 x 70 on kernels of unequal
+    # sides), a 1x1 image (every tap a border read), and k = 21: still staged by forward and pass 1,
+    # the generic pass 2 for float64 only.
+    return [(2, C, Cg, 37, 53, 9, 9), (2, C, Cg, 13, 70, 5, 3), (1, C, Cg, 1, 1, 3, 3), (1, C, Cg, 30, 40, 21, 21)]
 
 
 def _filter_case(shape, dtype, seed=0):
@@ -998,6 +1011,23 @@ def _filter_check(shape, dtype, border, distance, *, noncontig=False):
 def test_filter_matches_cpu(shape, dtype):
     for border, distance in zip(FILTER_BORDERS, ["l1", "l2", "l2", "l1"]):
         _filter_check(shape, dtype, border, distance)
+
+
+@pytest.mark.parametrize("channels", FILTER_FAST_CHANNELS)
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_filter_fast_paths_match_cpu(channels, distance, dtype):
+    for shape in _filter_fast_shapes(*channels):
+        for border in FILTER_BORDERS:
+            _filter_check(shape, dtype, border, distance)
+
+
+@pytest.mark.parametrize("channels", FILTER_FAST_CHANNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_filter_fast_paths_half_precision(channels, dtype):
+    C, Cg = channels
+    _filter_check((2, C, Cg, 37, 53, 9, 9), dtype, "reflect", "l1")
+    _filter_check((1, C, Cg, 13, 70, 5, 3), dtype, "circular", "l2")
 
 
 @pytest.mark.parametrize("border", FILTER_BORDERS)

@@ -569,6 +569,10 @@ FILTER_SOURCES = {
 }
 
 
+_FILTER_TILE_KERNELS = ("filter_forward_kernel", "filter_pass1_kernel", "filter_forward_fast_kernel",
+                        "filter_pass1_fast_kernel")
+
+
 @pytest.mark.parametrize("source", list(FILTER_SOURCES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_every_filter_plan_fits_every_architecture(source, dtype):
@@ -576,18 +580,33 @@ def test_every_filter_plan_fits_every_architecture(source, dtype):
     for shape in FILTER_SOURCES[source]():
         for where, p in all_filter_plans(shape, dtype):
             check_plan(p, where)
-            if p["kernel"] in ("filter_forward_kernel", "filter_pass1_kernel"):
-                N, C, Cg, H, W, ky, kx = shape
+            N, C, Cg, H, W, ky, kx = shape
+            acc = DTYPES[dtype][1]
+            fast_channels = C in (1, 3) and (Cg is None or Cg in (1, 3))
+            table = -(-(ky + kx) * acc // 8) * 8  # the fast kernels' spatial table
+            if p["kernel"] in _FILTER_TILE_KERNELS:
                 # The kernel decodes (image, tile row, tile column) from blockIdx.x alone.
                 assert p["grid"][0] == N * p["tiles_x"] * p["tiles_y"], where
                 assert p["tiles_x"] * 32 >= W and p["tiles_y"] * 8 >= H, where
                 assert p["block"] == (32, 8, 1), where
-                reduce = 3 * 256 * 8 if p["kernel"] == "filter_pass1_kernel" else 0
+                reduce = 3 * 256 * 8 if "pass1" in p["kernel"] else 0
                 staged = C if Cg is None else C + Cg
-                window = -(-staged * (8 + ky - 1) * (32 + kx - 1) * DTYPES[dtype][1] // 8) * 8  # reduction aligned
+                window = -(-staged * (8 + ky - 1) * (32 + kx - 1) * acc // 8) * 8  # reduction aligned
                 assert p["tile_bytes"] == window, where
-                assert p["dynamic_smem"] == (window if p["tiled"] else 0) + reduce, where
                 assert p["tiled"] == (window + reduce <= SMEM_NO_OPT_IN), where
+                fast = fast_channels and window + table + reduce <= SMEM_NO_OPT_IN
+                assert p["kernel"].endswith("_fast_kernel") == fast, where
+                want = window + table + reduce if fast else (window if p["tiled"] else 0) + reduce
+                assert p["dynamic_smem"] == want, where
+            if p["kernel"].startswith("filter_pass2"):
+                Hp, Wp = H + ky - 1, W + kx - 1
+                window = -(-(C + (C if Cg is None else Cg) + 1) * (8 + ky - 1) * (32 + kx - 1) * acc // 8) * 8
+                fast = fast_channels and window + table <= SMEM_NO_OPT_IN
+                assert p["kernel"].endswith("_fast_kernel") == fast, where
+                if fast:  # a 32 x 8 tile of padded positions per block, decoded from blockIdx.x
+                    assert p["grid"][0] == N * -(-Hp // 8) * -(-Wp // 32), where
+                    assert p["block"] == (32, 8, 1), where
+                    assert p["dynamic_smem"] == window + table, where
             count += 1
     assert count > 0
 
@@ -607,9 +626,30 @@ def test_filter_plans_skip_work():
     assert _C.filter_plans("forward", 1, 3, 3, 0, 5, 3, 3) == []
     assert _C.filter_plans("backward", 1, 0, 0, 5, 5, 3, 3) == []
     names = [p["kernel"] for p in _C.filter_plans("backward", 1, 3, 3, 64, 64, 5, 5, mask=[False, False, True, False])]
-    assert names == ["filter_pass1_kernel", "filter_finish_kernel"]
+    assert names == ["filter_pass1_fast_kernel", "filter_finish_kernel"]
     names = [p["kernel"] for p in _C.filter_plans("backward", 1, 3, 1, 64, 64, 5, 5, self=False, mask=[True, True, False, False])]
-    assert names == ["filter_pass1_kernel", "filter_pass2_kernel", "filter_fold_kernel", "filter_fold_kernel"]
+    assert names == ["filter_pass1_fast_kernel", "filter_pass2_fast_kernel", "filter_fold_kernel", "filter_fold_kernel"]
+    names = [p["kernel"] for p in _C.filter_plans("backward", 1, 2, 2, 64, 64, 5, 5, mask=[True, False, True, False])]
+    assert names == ["filter_pass1_kernel", "filter_pass2_kernel", "filter_fold_kernel", "filter_finish_kernel"]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_filter_fast_paths_take_the_common_channel_counts(dtype):
+    """Grey and RGB, self-guided or with a grey or RGB guidance, run the fast kernels at the
+    benchmarks' sizes (k = 9 and k = 15, 1080p); other channel counts and wide windows the generic
+    ones."""
+    acc = DTYPES[dtype][1]
+    for C, Cg, self_guided in [(1, 1, True), (3, 3, True), (1, 1, False), (1, 3, False), (3, 1, False), (3, 3, False)]:
+        for k in (9, 15):
+            (fwd,) = _C.filter_plans("forward", 1, C, Cg, 1080, 1920, k, k, acc_size=acc, self=self_guided)
+            assert fwd["kernel"] == "filter_forward_fast_kernel", (C, Cg, k)
+            names = [p["kernel"] for p in _C.filter_plans("backward", 2, C, Cg, 1080, 1920, k, k, acc_size=acc,
+                                                          self=self_guided, mask=[True, False, False, False])]
+            if acc == 4 or k == 9:  # float64's windows at k = 15 may be too large for the fast backward
+                assert names[:2] == ["filter_pass1_fast_kernel", "filter_pass2_fast_kernel"], (C, Cg, k, names)
+    for C, Cg, self_guided, k in [(2, 2, True, 9), (3, 2, False, 9), (4, 1, False, 3), (3, 3, True, 61)]:
+        (fwd,) = _C.filter_plans("forward", 1, C, Cg, 256, 256, k, k, acc_size=acc, self=self_guided)
+        assert fwd["kernel"] == "filter_forward_kernel", (C, Cg, k)
     with pytest.raises(ValueError):
         _C.filter_plans("forward", 1, 3, 3, 8, 8, 4, 3)
 

@@ -10,6 +10,13 @@
 // centres whose window covers it; the fold adds each padded position into the pixel it reads, in
 // a fixed order. The sigma gradients are per-block sums (a fixed tree in shared memory), summed
 // per image by a second kernel in block order: deterministic, no atomics.
+//
+// Fast paths (launch_config.h says which shapes): the same three passes with the channel counts
+// and the distance compiled in, always staged, the centre's guide and the sums in registers,
+// 32-bit indices within the window, and a per-block table of spatial exponents. For float the
+// exponentials are exp2f with log2(e) folded into the colour scale and the table (as on the
+// CPU). Pass 2 runs a tile of padded positions per block and stages the guide, gp and a of the
+// centres whose windows cover it, so that each tap reads shared memory only.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +30,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../bilateral_filter_args.h"
 #include "bilateral_ops/bilateral_filter.h"
@@ -40,6 +48,7 @@ constexpr int kTH = launch::kFilterTileH;
 
 struct Dims {
   int64_t N, C, Cg, H, W, Hp, Wp, tiles_x, tiles_y;
+  int64_t qtiles_x, qtiles_y;  // tiles of the padded image (the fast pass 2)
   int ky, kx, py, px, border, distance;
   bool self, tiled;
 };
@@ -101,7 +110,10 @@ __device__ Window<scalar_t> stage(const Dims& d, const Inputs<scalar_t>& p, acc_
       const scalar_t* plane = c < d.Cg || d.self ? p.gd + (n * d.Cg + c) * d.H * d.W
                                                  : p.in + (n * d.C + (c - d.Cg)) * d.H * d.W;
       for (int i = tid; i < area; i += launch::kFilterThreads) {
-        sh[c * area + i] = fetch(plane, oy + i / sw, ox + i % sw, d);
+        const int64_t yy = oy + i / sw, xx = ox + i % sw;
+        // Past the padded image (tile tails) only inactive pixels read: a circular border would
+        // map such a row or column outside the image.
+        sh[c * area + i] = yy < d.H + d.py && xx < d.W + d.px ? fetch(plane, yy, xx, d) : acc_type<scalar_t>(0);
       }
     }
     __syncthreads();
@@ -176,6 +188,21 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
       if (c0 + j < d.C) out[((w.n * d.C + c0 + j) * d.H + w.y) * d.W + w.x] = static_cast<scalar_t>(acc[j] / wsum);
     }
   }
+}
+
+// The block's sums of the threads' three sigma terms (a fixed tree in shared memory) into
+// partials[blockIdx.x]. Every thread of the block must call it.
+__device__ void block_partials(double* red, const double (&sums)[3], double* partials) {
+  const int tid = threadIdx.y * kTW + threadIdx.x;
+  for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] = sums[k];
+  __syncthreads();
+  for (int stride = launch::kFilterThreads / 2; stride > 0; stride >>= 1) {
+    if (tid < stride) {
+      for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] += red[k * launch::kFilterThreads + tid + stride];
+    }
+    __syncthreads();
+  }
+  if (tid < 3) partials[blockIdx.x * 3 + tid] = red[tid * launch::kFilterThreads];
 }
 
 // Backward pass 1 (see csrc/cpu/bilateral_filter.cpp): gp = g / W and a = gp . out per pixel; the
@@ -263,17 +290,7 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
       }
     }
   }
-  if (o.partials == nullptr) return;  // uniform across the block
-  const int tid = threadIdx.y * kTW + threadIdx.x;
-  for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] = sums[k];
-  __syncthreads();
-  for (int stride = launch::kFilterThreads / 2; stride > 0; stride >>= 1) {
-    if (tid < stride) {
-      for (int k = 0; k < 3; ++k) red[k * launch::kFilterThreads + tid] += red[k * launch::kFilterThreads + tid + stride];
-    }
-    __syncthreads();
-  }
-  if (tid < 3) o.partials[blockIdx.x * 3 + tid] = red[tid * launch::kFilterThreads];
+  if (o.partials != nullptr) block_partials(red, sums, o.partials);  // uniform across the block
 }
 
 // Pass 2: per padded position q (1-D grid-stride over N * Hp * Wp).
@@ -407,6 +424,351 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fast paths: C and CG (the guide's channels; == C when SELF) and the distance DIST compiled in.
+
+// exp in the base the fast kernels' exponents are scaled to: 2 for float (one hardware ex2 with
+// log2(e) folded into the scales once, as on the CPU), e for double (its contract is 1e-10).
+template <typename acc_t>
+struct FastExp;
+template <>
+struct FastExp<float> {
+  static constexpr float kScale = 1.44269504088896340736f;
+  static __device__ __forceinline__ float eval(float x) { return exp2f(x); }
+};
+template <>
+struct FastExp<double> {
+  static constexpr double kScale = 1.0;
+  static __device__ __forceinline__ double eval(double x) { return exp(x); }
+};
+
+// Values of the window, in acc_t units, rounded up to 8 bytes: the plan's filter_tile_bytes (and
+// filter_pass2_tile_bytes), after which the spatial table starts.
+template <typename acc_t>
+__device__ __forceinline__ int aligned_values(int values) {
+  constexpr int per8 = 8 / static_cast<int>(sizeof(acc_t));
+  return (values + per8 - 1) / per8 * per8;
+}
+
+// The spatial exponents of image n in FastExp's base: tab[ty] = -(ty - py)^2 ay and
+// tab[ky + tx] = -(tx - px)^2 ax, so a tap's is tab[ty] + tab[ky + tx].
+template <typename acc_t>
+__device__ __forceinline__ void stage_spatial(const Dims& d, const Sigmas<acc_t>& s, acc_t* tab) {
+  for (int i = threadIdx.y * kTW + threadIdx.x; i < d.ky + d.kx; i += launch::kFilterThreads) {
+    const bool row = i < d.ky;
+    const acc_t f = acc_t(row ? i - d.py : i - d.ky - d.px);
+    tab[i] = -(f * f * (row ? s.ay : s.ax)) * FastExp<acc_t>::kScale;
+  }
+}
+
+// NC planes (stride `plane` from `base`, image n's first) of the window whose top-left is at
+// (oy, ox) in image coordinates, through the border maps. Rows and columns past the padded image
+// (tile tails) are zeros: only inactive pixels read them, and a circular border would map them
+// outside the image.
+template <int NC, typename scalar_t>
+__device__ __forceinline__ void stage_planes(const scalar_t* base, int64_t plane, const Dims& d, int oy,
+                                             int ox, int sw, int shh, acc_type<scalar_t>* sh) {
+  using acc_t = acc_type<scalar_t>;
+  const int area = sw * shh;
+  for (int r = threadIdx.y; r < shh; r += kTH) {
+    const int64_t yy = oy + r;
+    const int64_t iy = yy < d.H + d.py ? border_index(yy, d.H, d.border) : -1;
+    for (int c = threadIdx.x; c < sw; c += kTW) {
+      const int64_t xx = ox + c;
+      const int64_t ix = xx < d.W + d.px ? border_index(xx, d.W, d.border) : -1;
+      const bool in = iy >= 0 && ix >= 0;
+      const scalar_t* at = base + (in ? iy * d.W + ix : 0);
+#pragma unroll
+      for (int ch = 0; ch < NC; ++ch) sh[ch * area + r * sw + c] = in ? ldg(at + ch * plane) : acc_t(0);
+    }
+  }
+}
+
+// A thread's view of the fast forward / pass 1 window: its centre's guide in registers, and the
+// guide and value planes from the window's row and column of tap (0, 0).
+template <typename acc_t, int CG, int DIST>
+struct FastWindow {
+  const acc_t* g;    // guide planes
+  const acc_t* v;    // value planes (== g when the input guides itself)
+  const acc_t* tab;  // stage_spatial's table
+  int sw, area;
+  acc_t gc[CG];
+  acc_t nrc;  // -rc in FastExp's base
+
+  // The weight of the tap at window offset o (row * sw + column from tap (0, 0)) with spatial
+  // exponent sp; its guide and accumulated distance (l1 slope) come back in gt and dist.
+  __device__ __forceinline__ acc_t weight(int o, acc_t sp, acc_t (&gt)[CG], acc_t& dist) const {
+    dist = 0;
+#pragma unroll
+    for (int c = 0; c < CG; ++c) {
+      gt[c] = g[c * area + o];
+      dist += distance_term(gt[c] - gc[c], DIST);
+    }
+    return FastExp<acc_t>::eval(distance_finish(dist, DIST) * nrc + sp);
+  }
+};
+
+struct Pixel {
+  int64_t n;
+  int y, x;
+  bool active;
+};
+
+// Stages tile blockIdx.x's window and spatial table, and returns the thread's pixel. Every thread
+// of the block must call it (it synchronises).
+template <int C, int CG, bool SELF, typename scalar_t>
+__device__ Pixel stage_fast(const Dims& d, const Inputs<scalar_t>& p, acc_type<scalar_t>* sh) {
+  const int64_t per_image = d.tiles_x * d.tiles_y, t = blockIdx.x;
+  const int64_t n = t / per_image;
+  const int by = static_cast<int>((t % per_image) / d.tiles_x), bx = static_cast<int>(t % d.tiles_x);
+  const int sw = kTW + d.kx - 1, shh = kTH + d.ky - 1, area = sw * shh;
+  const int oy = by * kTH - d.py, ox = bx * kTW - d.px;
+  const int64_t plane = d.H * d.W;
+  stage_planes<CG>(p.gd + n * CG * plane, plane, d, oy, ox, sw, shh, sh);
+  if (!SELF) stage_planes<C>(p.in + n * C * plane, plane, d, oy, ox, sw, shh, sh + CG * area);
+  stage_spatial(d, sigmas(p, n), sh + aligned_values<acc_type<scalar_t>>((SELF ? C : C + CG) * area));
+  __syncthreads();
+  const int y = by * kTH + threadIdx.y, x = bx * kTW + threadIdx.x;
+  return Pixel{n, y, x, y < d.H && x < d.W};
+}
+
+template <int C, int CG, bool SELF, int DIST, typename scalar_t>
+__device__ __forceinline__ FastWindow<acc_type<scalar_t>, CG, DIST> fast_window(
+    const Dims& d, const Inputs<scalar_t>& p, const acc_type<scalar_t>* sh, const Pixel& px) {
+  using acc_t = acc_type<scalar_t>;
+  FastWindow<acc_t, CG, DIST> w;
+  w.sw = kTW + d.kx - 1;
+  w.area = w.sw * (kTH + d.ky - 1);
+  w.g = sh + threadIdx.y * w.sw + threadIdx.x;
+  w.v = SELF ? w.g : w.g + CG * w.area;
+  w.tab = sh + aligned_values<acc_t>((SELF ? C : C + CG) * w.area);
+#pragma unroll
+  for (int c = 0; c < CG; ++c) w.gc[c] = w.g[c * w.area + d.py * w.sw + d.px];
+  w.nrc = -sigmas(p, px.n).rc * FastExp<acc_t>::kScale;
+  return w;
+}
+
+// The window's weight sum and weighted sums of the C channels: the forward's result and pass 1's
+// start.
+template <int C, bool SELF, typename acc_t, int CG, int DIST>
+__device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
+                                           acc_t (&acc)[C]) {
+  acc_t wsum = 0;
+#pragma unroll
+  for (int c = 0; c < C; ++c) acc[c] = 0;
+  for (int ty = 0; ty < d.ky; ++ty) {
+    const acc_t row_sp = w.tab[ty];
+    for (int tx = 0; tx < d.kx; ++tx) {
+      const int o = ty * w.sw + tx;
+      acc_t gt[CG], dist;
+      const acc_t wt = w.weight(o, row_sp + w.tab[d.ky + tx], gt, dist);
+      wsum += wt;
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[c] += wt * (SELF ? gt[c] : w.v[c * w.area + o]);
+    }
+  }
+  return wsum;
+}
+
+template <typename scalar_t, int C, int CG, bool SELF, int DIST>
+__global__ void __launch_bounds__(launch::kFilterThreads,
+                                  launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
+    filter_forward_fast_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ double smem_d[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_d);
+  const Pixel px = stage_fast<C, CG, SELF>(d, p, sh);
+  if (!px.active) return;
+  const auto w = fast_window<C, CG, SELF, DIST>(d, p, sh, px);
+  acc_t acc[C];
+  const acc_t wsum = fast_sums<C, SELF>(w, d, acc);
+  const int64_t plane = d.H * d.W, at = px.n * C * plane + int64_t(px.y) * d.W + px.x;
+#pragma unroll
+  for (int c = 0; c < C; ++c) out[at + c * plane] = static_cast<scalar_t>(acc[c] / wsum);
+}
+
+// Pass 1 as filter_pass1_kernel's, on the fast window.
+template <typename scalar_t, int C, int CG, bool SELF, int DIST>
+__global__ void __launch_bounds__(launch::kFilterThreads,
+                                  launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
+    filter_pass1_fast_kernel(Dims d, Inputs<scalar_t> p, Pass1Out<scalar_t> o) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ double smem_d[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_d);
+  const Pixel px = stage_fast<C, CG, SELF>(d, p, sh);
+  const int area = (kTW + d.kx - 1) * (kTH + d.ky - 1);
+  // The reduction buffer follows the window and the table (both 8-byte aligned).
+  double* red = reinterpret_cast<double*>(
+      sh + aligned_values<acc_t>((SELF ? C : C + CG) * area) + aligned_values<acc_t>(d.ky + d.kx));
+  double sums[3] = {0, 0, 0};
+  if (px.active) {
+    const auto w = fast_window<C, CG, SELF, DIST>(d, p, sh, px);
+    const acc_t rc = sigmas(p, px.n).rc;
+    acc_t acc[C];
+    const acc_t wsum = fast_sums<C, SELF>(w, d, acc);
+    const int64_t plane = d.H * d.W, pix = int64_t(px.y) * d.W + px.x, at = px.n * C * plane + pix;
+    acc_t gp[C], a = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      gp[c] = ldg(o.go + at + c * plane) / wsum;
+      o.gp[at + c * plane] = gp[c];
+      a += gp[c] * (acc[c] / wsum);
+    }
+    o.a[px.n * plane + pix] = a;
+    if (o.gcen != nullptr || o.partials != nullptr) {
+      acc_t cen[CG] = {};
+      for (int ty = 0; ty < d.ky; ++ty) {
+        const acc_t row_sp = w.tab[ty];
+        acc_t ew_row = 0;
+        for (int tx = 0; tx < d.kx; ++tx) {
+          const int o_t = ty * w.sw + tx;
+          acc_t gt[CG], dist;
+          const acc_t wt = w.weight(o_t, row_sp + w.tab[d.ky + tx], gt, dist);
+          acc_t e = -a;
+#pragma unroll
+          for (int c = 0; c < C; ++c) e += gp[c] * (SELF ? gt[c] : w.v[c * w.area + o_t]);
+          const acc_t ew = e * wt;
+          if (o.partials != nullptr) {
+            ew_row += ew;
+            sums[0] += static_cast<double>(ew * distance_finish(dist, DIST));
+            sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
+          }
+          if (o.gcen != nullptr) {
+            const acc_t h = -rc * ew;
+#pragma unroll
+            for (int c = 0; c < CG; ++c) cen[c] -= h * distance_slope(gt[c] - w.gc[c], dist, DIST);
+          }
+        }
+        if (o.partials != nullptr) sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
+      }
+      if (o.gcen != nullptr) {
+#pragma unroll
+        for (int c = 0; c < CG; ++c) o.gcen[(px.n * CG + c) * plane + pix] = cen[c];
+      }
+    }
+  }
+  if (o.partials != nullptr) block_partials(red, sums, o.partials);  // uniform across the block
+}
+
+// Pass 2 as filter_pass2_kernel's for a 32 x 8 tile of padded positions q per block. The centres
+// p = q - t (t the tap) of the tile span the window of rows qy0 - ky + 1 .. qy0 + 7 and columns
+// qx0 - kx + 1 .. qx0 + 31 (image coordinates; zeros outside the image, never read); it holds
+// their guide, gp and a. A thread's taps are those whose centre lies in the image.
+template <typename scalar_t, int C, int CG, bool SELF, int DIST>
+__global__ void __launch_bounds__(launch::kFilterThreads,
+                                  launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
+    filter_pass2_fast_kernel(Dims d, Inputs<scalar_t> p, Pass2Args<scalar_t> o) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ double smem_d[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_d);
+  const int64_t per_image = d.qtiles_x * d.qtiles_y, t = blockIdx.x;
+  const int64_t n = t / per_image;
+  const int by = static_cast<int>((t % per_image) / d.qtiles_x), bx = static_cast<int>(t % d.qtiles_x);
+  const int sw = kTW + d.kx - 1, shh = kTH + d.ky - 1, area = sw * shh;
+  const int oy = by * kTH - (d.ky - 1), ox = bx * kTW - (d.kx - 1);
+  const int64_t plane = d.H * d.W;
+  for (int r = threadIdx.y; r < shh; r += kTH) {
+    const int y = oy + r;
+    for (int c = threadIdx.x; c < sw; c += kTW) {
+      const int x = ox + c;
+      const bool in = y >= 0 && y < d.H && x >= 0 && x < d.W;
+      const int64_t at = in ? int64_t(y) * d.W + x : 0;
+      const int i = r * sw + c;
+#pragma unroll
+      for (int ch = 0; ch < CG; ++ch) sh[ch * area + i] = in ? ldg(p.gd + (n * CG + ch) * plane + at) : acc_t(0);
+#pragma unroll
+      for (int ch = 0; ch < C; ++ch) sh[(CG + ch) * area + i] = in ? o.gp[(n * C + ch) * plane + at] : acc_t(0);
+      sh[(CG + C) * area + i] = in ? o.a[n * plane + at] : acc_t(0);
+    }
+  }
+  const acc_t* tab = sh + aligned_values<acc_t>((CG + C + 1) * area);
+  const Sigmas<acc_t> s = sigmas(p, n);
+  stage_spatial(d, s, sh + aligned_values<acc_t>((CG + C + 1) * area));
+  __syncthreads();
+  const int qy = by * kTH + threadIdx.y, qx = bx * kTW + threadIdx.x;
+  if (qy >= d.Hp || qx >= d.Wp) return;
+  const int64_t iy = border_index(int64_t(qy) - d.py, d.H, d.border);
+  const int64_t ix = border_index(int64_t(qx) - d.px, d.W, d.border);
+  acc_t val[C] = {}, rng[CG] = {};
+  if (iy >= 0 && ix >= 0) {  // a constant border reads zeros: its gradient is unused
+    const int64_t at = iy * d.W + ix;
+    acc_t gq[CG], iq[C];
+#pragma unroll
+    for (int c = 0; c < CG; ++c) gq[c] = ldg(p.gd + (n * CG + c) * plane + at);
+#pragma unroll
+    for (int c = 0; c < C; ++c) iq[c] = SELF ? gq[c] : ldg(p.in + (n * C + c) * plane + at);
+    const acc_t nrc = -s.rc * FastExp<acc_t>::kScale;
+    // Taps whose centre row qy - ty and column qx - tx lie in the image.
+    const int ty_lo = max(0, qy - static_cast<int>(d.H) + 1), ty_hi = min(d.ky - 1, qy);
+    const int tx_lo = max(0, qx - static_cast<int>(d.W) + 1), tx_hi = min(d.kx - 1, qx);
+    for (int ty = ty_lo; ty <= ty_hi; ++ty) {
+      const acc_t row_sp = tab[ty];
+      // The window entry of tap (ty, 0)'s centre; tap tx's is tx entries left of it.
+      const acc_t* row = sh + (threadIdx.y + d.ky - 1 - ty) * sw + threadIdx.x + d.kx - 1;
+      for (int tx = tx_lo; tx <= tx_hi; ++tx) {
+        const acc_t* cp = row - tx;
+        acc_t delta[CG], dist = 0;
+#pragma unroll
+        for (int c = 0; c < CG; ++c) {
+          delta[c] = gq[c] - cp[c * area];
+          dist += distance_term(delta[c], DIST);
+        }
+        const acc_t wt = FastExp<acc_t>::eval(distance_finish(dist, DIST) * nrc + (row_sp + tab[d.ky + tx]));
+        if (o.need_value) {
+#pragma unroll
+          for (int c = 0; c < C; ++c) val[c] += wt * cp[(CG + c) * area];
+        }
+        if (o.need_range) {
+          acc_t e = -cp[(CG + C) * area];
+#pragma unroll
+          for (int c = 0; c < C; ++c) e += cp[(CG + c) * area] * iq[c];
+          const acc_t h = -s.rc * e * wt;
+#pragma unroll
+          for (int c = 0; c < CG; ++c) rng[c] += h * distance_slope(delta[c], dist, DIST);
+        }
+      }
+    }
+  }
+  const int64_t q = int64_t(qy) * d.Wp + qx, pplane = d.Hp * d.Wp;
+  if (o.gin != nullptr) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) o.gin[(n * C + c) * pplane + q] = val[c] + (SELF ? rng[c] : acc_t(0));
+  }
+  if (o.ggd != nullptr) {
+#pragma unroll
+    for (int c = 0; c < CG; ++c) o.ggd[(n * CG + c) * pplane + q] = rng[c];
+  }
+}
+
+// Calls f(C, CG, SELF, DIST), each a std::integral_constant, for the fast paths' configuration of
+// shape s (launch::filter_fast_channels holds).
+template <typename F>
+void dispatch_fast(const FilterShape& s, F&& f) {
+  using One = std::integral_constant<int, 1>;
+  using Three = std::integral_constant<int, 3>;
+  const auto by_distance = [&](auto c, auto cg, auto self) {
+    if (s.distance == kL1) {
+      f(c, cg, self, std::integral_constant<int, kL1>());
+    } else {
+      f(c, cg, self, std::integral_constant<int, kL2>());
+    }
+  };
+  const auto by_guide = [&](auto c) {
+    if (s.self) {
+      by_distance(c, c, std::true_type());
+    } else if (s.Cg == 1) {
+      by_distance(c, One(), std::false_type());
+    } else {
+      by_distance(c, Three(), std::false_type());
+    }
+  };
+  if (s.C == 1) {
+    by_guide(One());
+  } else {
+    by_guide(Three());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 
 launch::FilterPlan plan_for(const FilterShape& s, const at::Tensor& input, bool backward,
@@ -422,8 +784,8 @@ launch::FilterPlan plan_for(const FilterShape& s, const at::Tensor& input, bool 
 
 Dims dims_for(const FilterShape& s, const launch::FilterPlan& plan) {
   return Dims{s.N, s.C, s.Cg, s.H, s.W, s.H + s.ky - 1, s.W + s.kx - 1, plan.tiles_x, plan.tiles_y,
-              static_cast<int>(s.ky), static_cast<int>(s.kx), static_cast<int>(s.py),
-              static_cast<int>(s.px), s.border, s.distance, s.self, plan.tiled};
+              plan.pass2_tiles_x, plan.pass2_tiles_y, static_cast<int>(s.ky), static_cast<int>(s.kx),
+              static_cast<int>(s.py), static_cast<int>(s.px), s.border, s.distance, s.self, plan.tiled};
 }
 
 at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
@@ -444,7 +806,15 @@ at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bilateral_filter_cuda", [&] {
     const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                              ss.data_ptr<scalar_t>()};
-    BO_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+    if (plan.fast) {
+      dispatch_fast(s, [&](auto c, auto cg, auto self, auto dist) {
+        const auto kernel = filter_forward_fast_kernel<scalar_t, decltype(c)::value, decltype(cg)::value,
+                                                       decltype(self)::value, decltype(dist)::value>;
+        BO_LAUNCH(kernel, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+      });
+    } else {
+      BO_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+    }
   });
   return out;
 }
@@ -496,7 +866,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     const Pass1Out<scalar_t> o1{go.data_ptr<scalar_t>(), gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(),
                                 need_range ? gcen.data_ptr<acc_t>() : nullptr,
                                 need_sigma ? partials.data_ptr<double>() : nullptr};
-    BO_LAUNCH(filter_pass1_kernel<scalar_t>, plan.pass1, stream, d, p, o1);
+    if (plan.fast) {
+      dispatch_fast(s, [&](auto c, auto cg, auto self, auto dist) {
+        const auto kernel = filter_pass1_fast_kernel<scalar_t, decltype(c)::value, decltype(cg)::value,
+                                                     decltype(self)::value, decltype(dist)::value>;
+        BO_LAUNCH(kernel, plan.pass1, stream, d, p, o1);
+      });
+    } else {
+      BO_LAUNCH(filter_pass1_kernel<scalar_t>, plan.pass1, stream, d, p, o1);
+    }
     if (need_sigma) {
       BO_LAUNCH(filter_finish_kernel<scalar_t>, plan.finish, stream, d, p, partials.data_ptr<double>(),
                        mask[2] ? grad_sc.data_ptr<scalar_t>() : nullptr,
@@ -505,7 +883,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     if (!(mask[0] || mask[1])) return;
     const Pass2Args<scalar_t> o2{gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(), mask[0] ? gin.data_ptr<acc_t>() : nullptr,
                                  ggd.defined() ? ggd.data_ptr<acc_t>() : nullptr, mask[0], need_range};
-    BO_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
+    if (plan.fast_pass2) {
+      dispatch_fast(s, [&](auto c, auto cg, auto self, auto dist) {
+        const auto kernel = filter_pass2_fast_kernel<scalar_t, decltype(c)::value, decltype(cg)::value,
+                                                     decltype(self)::value, decltype(dist)::value>;
+        BO_LAUNCH(kernel, plan.pass2, stream, d, p, o2);
+      });
+    } else {
+      BO_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
+    }
     if (mask[0]) {
       BO_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_input, stream, d, s.C, gin.data_ptr<acc_t>(),
                        s.self ? gcen.data_ptr<acc_t>() : static_cast<const acc_t*>(nullptr),

@@ -436,6 +436,13 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
 // channels) it reads global memory through the border maps. Pass 1 also reserves a reduction
 // buffer for the per-block sigma sums. Pass 2 gathers per padded position (a 1-D grid), the fold
 // per image pixel, the finish kernel per image.
+//
+// Fast paths: for C in {1, 3} with the input its own guidance or a guidance of 1 or 3 channels,
+// forward, pass 1 and pass 2 have kernels with the channel counts and the distance compiled in
+// (the *_fast_kernel names). They always stage: their window, then a table of the ky row and kx
+// column spatial exponents (then pass 1's reduction buffer). Pass 2's runs a 32 x 8 tile of
+// padded positions per block and stages the window of the centres that read them: their guide,
+// gp and a (C + Cg + 1 planes). A shape whose staging does not fit runs the generic kernels.
 
 constexpr int kFilterTileW = 32;
 constexpr int kFilterTileH = 8;
@@ -445,6 +452,9 @@ constexpr int kFilterMinBlocks = 2;  // <= 128 registers
 // registers its float instance spills, so it takes a whole register file per block.
 constexpr int kFilterPass2MinBlocks = 1;
 constexpr int64_t kFilterReduceBytes = 3 * kFilterThreads * 8;  // three double sums per thread
+// The fast kernels keep a few channels in registers: <= 64 registers for float math; their
+// float64 pass 1 and pass 2 spill at 64, so 2 blocks (128 registers) for double.
+constexpr int filter_fast_min_blocks(int64_t acc_size) { return acc_size == 8 ? 2 : 4; }
 
 struct FilterSizes {
   int64_t N, C, Cg, H, W, ky, kx;
@@ -453,10 +463,28 @@ struct FilterSizes {
 
 struct FilterPlan {
   bool valid = true;   // false: more tiles or positions than one grid can address
-  bool tiled = false;  // forward / pass 1 stage their window in shared memory
+  bool tiled = false;  // the generic forward / pass 1 would stage their window in shared memory
+  bool fast = false;        // forward / pass 1 run the fast kernels
+  bool fast_pass2 = false;  // pass 2 runs its fast kernel
   int64_t tiles_x = 0, tiles_y = 0, staged_channels = 0, tile_bytes = 0;
+  int64_t pass2_tiles_x = 0, pass2_tiles_y = 0;  // tiles of the padded image (fast pass 2)
   Launch forward, pass1, pass2, fold_input, fold_guidance, finish;
 };
+
+// The channel counts the fast kernels are compiled for.
+inline bool filter_fast_channels(const FilterSizes& s) {
+  return (s.C == 1 || s.C == 3) && (s.self ? s.Cg == s.C : s.Cg == 1 || s.Cg == 3);
+}
+
+// The fast kernels' table of spatial exponents (ky rows, then kx columns), rounded up to 8 bytes.
+inline int64_t filter_table_bytes(const FilterSizes& s, int64_t acc_size) {
+  return ceil_div((s.ky + s.kx) * acc_size, 8) * 8;
+}
+
+// The fast pass 2's window of centres: guide, gp and a, C + Cg + 1 planes.
+inline int64_t filter_pass2_tile_bytes(const FilterSizes& s, int64_t acc_size) {
+  return ceil_div((s.C + s.Cg + 1) * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
+}
 
 // Shared memory of the staged window of one tile, acc_size bytes per value, rounded up to 8 bytes:
 // pass 1's reduction buffer of doubles follows it.
@@ -465,8 +493,9 @@ inline int64_t filter_tile_bytes(const FilterSizes& s, int64_t acc_size) {
   return ceil_div(channels * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
 }
 
-inline Launch filter_tile_launch(const char* kernel, int64_t tiles, int64_t smem) {
-  Launch l = make_launch(kernel, tiles, kFilterThreads, kFilterMinBlocks, smem);
+inline Launch filter_tile_launch(const char* kernel, int64_t tiles, int64_t smem,
+                                 int min_blocks = kFilterMinBlocks) {
+  Launch l = make_launch(kernel, tiles, kFilterThreads, min_blocks, smem);
   l.block.x = kFilterTileW;
   l.block.y = kFilterTileH;
   return l;
@@ -490,18 +519,31 @@ inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backw
   p.tile_bytes = filter_tile_bytes(s, acc_size);
   const bool need_sigma = backward && (mask[2] || mask[3]);
   const int64_t reduce = backward ? kFilterReduceBytes : 0;
-  p.tiled = p.tile_bytes + reduce <= kSmemNoOptIn - kStaticSmem;
-  const int64_t smem = (p.tiled ? p.tile_bytes : 0) + reduce;
+  const int64_t budget = kSmemNoOptIn - kStaticSmem, table = filter_table_bytes(s, acc_size);
+  p.tiled = p.tile_bytes + reduce <= budget;
+  p.fast = filter_fast_channels(s) && p.tile_bytes + table + reduce <= budget;
+  const int64_t smem = p.fast ? p.tile_bytes + table + reduce : (p.tiled ? p.tile_bytes : 0) + reduce;
   if (!backward) {
-    p.forward = filter_tile_launch("filter_forward_kernel", tiles, smem);
+    p.forward = p.fast ? filter_tile_launch("filter_forward_fast_kernel", tiles, smem,
+                                            filter_fast_min_blocks(acc_size))
+                       : filter_tile_launch("filter_forward_kernel", tiles, smem);
     return p;
   }
   const bool need_pixels = mask[0] || mask[1];
   if (!need_pixels && !need_sigma) return p;
-  p.pass1 = filter_tile_launch("filter_pass1_kernel", tiles, smem);
+  p.pass1 = p.fast ? filter_tile_launch("filter_pass1_fast_kernel", tiles, smem,
+                                          filter_fast_min_blocks(acc_size))
+                   : filter_tile_launch("filter_pass1_kernel", tiles, smem);
   if (need_pixels) {
-    p.pass2 = make_launch("filter_pass2_kernel", blocks_for(s.N * Hp * Wp, kFilterThreads),
-                          kFilterThreads, kFilterPass2MinBlocks);
+    p.pass2_tiles_x = ceil_div(Wp, kFilterTileW);
+    p.pass2_tiles_y = ceil_div(Hp, kFilterTileH);
+    const int64_t pass2_tiles = s.N * p.pass2_tiles_x * p.pass2_tiles_y;
+    const int64_t pass2_smem = filter_pass2_tile_bytes(s, acc_size) + table;
+    p.fast_pass2 = filter_fast_channels(s) && pass2_tiles <= kMaxGridX && pass2_smem <= budget;
+    p.pass2 = p.fast_pass2 ? filter_tile_launch("filter_pass2_fast_kernel", pass2_tiles, pass2_smem,
+                                                filter_fast_min_blocks(acc_size))
+                           : make_launch("filter_pass2_kernel", blocks_for(s.N * Hp * Wp, kFilterThreads),
+                                         kFilterThreads, kFilterPass2MinBlocks);
   }
   if (mask[0]) {
     p.fold_input = make_launch("filter_fold_kernel", blocks_for(s.N * s.C * s.H * s.W, kFilterThreads),
@@ -618,6 +660,12 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"filter_forward_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
       {"filter_pass1_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
       {"filter_pass2_kernel", kFilterThreads, kFilterPass2MinBlocks, kStaticSmem, 0},
+      {"filter_forward_fast_kernel", kFilterThreads, filter_fast_min_blocks(acc_size), kStaticSmem,
+       kSmemNoOptIn},
+      {"filter_pass1_fast_kernel", kFilterThreads, filter_fast_min_blocks(acc_size), kStaticSmem,
+       kSmemNoOptIn},
+      {"filter_pass2_fast_kernel", kFilterThreads, filter_fast_min_blocks(acc_size), kStaticSmem,
+       kSmemNoOptIn},
       {"filter_fold_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, 0},
       {"filter_finish_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kFilterReduceBytes},
       {"points_forward_kernel", kPointsThreads, 0, kStaticSmem, 0},
