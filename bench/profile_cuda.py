@@ -107,6 +107,12 @@ def profile_case(name: str, fn, top: int) -> None:
     print(f"== {name}: wall {wall:.3f} ms/call, kernels {total:.3f} ms/call")
     for e in kernels[:top]:
         print(f"   {e.device_time_total / calls / 1e3:8.4f} ms  x{e.count // calls:<3d} {e.key[:110]}")
+    if wall > 1.5 * total + 0.02:
+        # Mostly host time: the operators that spent it.
+        ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        for e in ops[:top]:
+            print(f"   host {e.self_cpu_time_total / calls / 1e3:8.4f} ms  x{e.count // calls:<3d} {e.key[:100]}")
 
 
 def main() -> None:

@@ -147,10 +147,14 @@ def test_fused_ends_gradcheck_and_gradgradcheck(device, gen):
     def splat(x, g):
         return OPS._bilateral_grid_filter_splat(x, g, [4, 3, 3])
 
-    assert torch.autograd.gradcheck(splat, (inp, guide), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(splat, (inp, guide), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), eps=1e-6, atol=1e-5)
+    # CUDA's default grid gradients add with atomics: a rerun of the backward may differ in the
+    # last bits (the deterministic paths are checked bitwise elsewhere).
+    nondet = 1e-12 if device == "cuda" else 0.0
+    kw = dict(eps=1e-6, atol=1e-5, nondet_tol=nondet)
+    assert torch.autograd.gradcheck(splat, (inp, guide), **kw)
+    assert torch.autograd.gradgradcheck(splat, (inp, guide), **kw)
+    assert torch.autograd.gradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), **kw)
+    assert torch.autograd.gradgradcheck(OPS._bilateral_grid_filter_slice, (grid, guide), **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -803,8 +803,9 @@ def _check_curve_plan(p, shape, where):
     assert bool(p["table_shared"]) == (P * acc <= 16 * KIB), where
     if p["kernel"] in ("curve_forward_kernel", "curve_forward_group_kernel"):
         assert p["dynamic_smem"] == (P * acc if p["table_shared"] else 0), where
-        # Four pixels per thread exactly when a pixel's channels fit in registers.
-        assert (p["kernel"] == "curve_forward_group_kernel") == (C <= 4), where
+        # Four pixels per thread exactly when a pixel's channels fit in registers and the table
+        # in shared memory.
+        assert (p["kernel"] == "curve_forward_group_kernel") == (C <= 4 and p["table_shared"]), where
     elif p["kernel"] == "curve_backward_kernel":
         # The kernel carves the table and then eight warp rows out of the dynamic buffer.
         rows = 8 * P * acc if p["rows_shared"] else 0

@@ -153,20 +153,27 @@ struct alignas(sizeof(T) * kN) Pack {
   T v[kN];
 };
 
-// The forward for C = kC <= kCurveRegChannels: each thread takes kCurveGroup consecutive pixels,
-// so every parameter read from the table serves all of them (at one pixel per thread the loop is
-// bound by those reads, not by memory). kVec: the image planes hold whole groups (HW a multiple of
-// the group, aligned input) and each channel of a group is one vector load; else the pixels are
-// read one by one and may straddle two images. The sums run in pre_clamp's order.
-template <typename scalar_t, int kC, bool kVec>
+// The forward for C = kC <= kCurveRegChannels with the table in shared memory: each thread takes
+// kCurveGroup consecutive pixels, so every parameter read serves all of them (at one pixel per
+// thread the loop is bound by those reads, not by memory). kK > 0 compiles the number of curve
+// points in (HDRNet's 16: the loop unrolls into loads at fixed offsets), 0 reads it at run time.
+// kVec: the image planes hold whole groups (HW a multiple of the group, aligned pointers) and each
+// channel of a group is one vector load; else the pixels are read one by one and may straddle two
+// images. The sums run in pre_clamp's order.
+template <typename scalar_t, int kC, int kK, bool kVec>
 __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
     curve_forward_group_kernel(const CurveKernelArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kG = launch::kCurveGroup;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* tb = reinterpret_cast<acc_t*>(smem_raw);
   const CurveLayout l = a.l;
-  const acc_t* tb = block_table(a.table, l.size(), a.table_shared, reinterpret_cast<acc_t*>(smem_raw));
-  const int K = static_cast<int>(l.K);
+  for (int64_t q = threadIdx.x; q < l.size(); q += blockDim.x) tb[q] = a.table[q];
+  __syncthreads();
+  const int K = kK > 0 ? kK : static_cast<int>(l.K);
+  // Table offsets from the compile-time sizes: constants when kK > 0.
+  constexpr int kCcm = 0, kBias = kC * kC, kShifts = kC * kC + kC;
+  const int slopes = kShifts + kC * K, mix = kShifts + 2 * kC * K, mix_bias = mix + kC;
   const int64_t groups = (a.pixels + kG - 1) / kG;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < groups; q += stride) {
@@ -193,26 +200,26 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
     }
     acc_t g[kG];
 #pragma unroll
-    for (int j = 0; j < kG; ++j) g[j] = tb[l.mix_bias()];
+    for (int j = 0; j < kG; ++j) g[j] = tb[mix_bias];
 #pragma unroll
     for (int k = 0; k < kC; ++k) {
       acc_t c[kG], f[kG];
 #pragma unroll
       for (int j = 0; j < kG; ++j) {
-        c[j] = tb[l.ccm_bias() + k];
+        c[j] = tb[kBias + k];
 #pragma unroll
-        for (int i = 0; i < kC; ++i) c[j] += tb[l.ccm() + k * kC + i] * x[i][j];
+        for (int i = 0; i < kC; ++i) c[j] += tb[kCcm + k * kC + i] * x[i][j];
         f[j] = 0;
       }
-      const acc_t* sh = tb + l.shifts() + k * K;
-      const acc_t* sl = tb + l.slopes() + k * K;
+      const acc_t* sh = tb + kShifts + k * K;
+      const acc_t* sl = tb + slopes + k * K;
 #pragma unroll 4
       for (int t = 0; t < K; ++t) {
         const acc_t shift = sh[t], slope = sl[t];
 #pragma unroll
         for (int j = 0; j < kG; ++j) curve_value(c[j], shift, slope, f[j]);
       }
-      const acc_t m = tb[l.mix() + k];
+      const acc_t m = tb[mix + k];
 #pragma unroll
       for (int j = 0; j < kG; ++j) g[j] += m * f[j];
     }
@@ -378,18 +385,25 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
     a.output = out.data_ptr<scalar_t>();
     a.table = table.data_ptr<acc_t>();
     a.table_shared = plan.table_shared;
-    if (plan.registers) {
+    if (plan.group) {
       // Whole groups per plane, and vector-aligned planes (a view may start anywhere).
       constexpr int64_t kG = launch::kCurveGroup;
       const bool vec = a.HW % kG == 0 &&
                        reinterpret_cast<uintptr_t>(a.input) % (kG * sizeof(scalar_t)) == 0 &&
                        reinterpret_cast<uintptr_t>(a.output) % (kG * sizeof(scalar_t)) == 0;
+      // HDRNet's 16 curve points compiled in; any other count read at run time.
       const auto go = [&](auto channels) {
         constexpr int kC = decltype(channels)::value;
-        if (vec) {
-          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, true>), plan.main, stream, a);
+        if (sh.K == 16) {
+          if (vec) {
+            BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, 16, true>), plan.main, stream, a);
+          } else {
+            BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, 16, false>), plan.main, stream, a);
+          }
+        } else if (vec) {
+          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, 0, true>), plan.main, stream, a);
         } else {
-          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, false>), plan.main, stream, a);
+          BO_LAUNCH((curve_forward_group_kernel<scalar_t, kC, 0, false>), plan.main, stream, a);
         }
       };
       static_assert(launch::kCurveRegChannels == 4, "one case per channel count below");

@@ -385,6 +385,7 @@ struct CurvePlan {
   bool table_shared = false;   // table in shared memory (else read from global)
   bool rows_shared = false;    // backward: per-warp rows in shared memory (else in `partial`)
   bool registers = false;      // C <= kCurveRegChannels
+  bool group = false;          // forward: curve_forward_group_kernel (registers, shared table)
   int64_t partial_rows = 0;    // backward with parameters: rows the reduce kernel adds up
   Launch main, reduce;         // main: curve_forward_group_kernel (registers),
                                // curve_forward_kernel or curve_backward_kernel
@@ -402,12 +403,12 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
   p.table_shared = curve_table_bytes(P, acc_size) <= kCurveTableSmem;
   const int64_t table_smem = p.table_shared ? curve_table_bytes(P, acc_size) : 0;
   if (!r.backward) {
-    // With registers each thread takes kCurveGroup pixels: one read of each parameter from
-    // shared memory serves them all (the loop is bound by those reads and the arithmetic, not
-    // by memory, at one pixel per thread).
-    const bool group = p.registers;
-    const int64_t items = group ? ceil_div(pixels, kCurveGroup) : pixels;
-    p.main = make_launch(group ? "curve_forward_group_kernel" : "curve_forward_kernel",
+    // With registers and a shared table each thread takes kCurveGroup pixels: one read of each
+    // parameter serves them all (the loop is bound by those reads and the arithmetic, not by
+    // memory, at one pixel per thread).
+    p.group = p.registers && p.table_shared;
+    const int64_t items = p.group ? ceil_div(pixels, kCurveGroup) : pixels;
+    p.main = make_launch(p.group ? "curve_forward_group_kernel" : "curve_forward_kernel",
                          std::min(blocks_for(items, kCurveThreads), kCurveForwardMaxBlocks),
                          kCurveThreads, kCurveMinBlocks, table_smem);
     return p;
