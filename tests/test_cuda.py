@@ -1225,6 +1225,61 @@ def test_tv_loss_against_cpu(case, dtype):
     assert torch.equal(ops.grid_tv_loss(x.cuda(), None if i is None else i.cuda()), got)  # reproducible
 
 
+# (M, C, D, Gh, Gw, idx): rows of a multiple of 4 elements take the kernels' runs of 4 (Gw = 4 is
+# one run per row, Gw = 12 three), other widths one element per thread; axes of size one, several
+# grids, idx absent, repeated, or skipping grids.
+TV_PATH_CASES = [
+    (3, 12, 8, 16, 16, None), (3, 12, 8, 16, 16, [2, 0, 2, 2]), (2, 5, 3, 7, 5, None), (2, 5, 3, 7, 5, [1, 1]),
+    (4, 2, 1, 1, 8, None), (4, 2, 1, 1, 8, [3, 0, 3]), (2, 3, 2, 3, 4, None), (2, 3, 2, 3, 4, [1, 1, 0, 1]),
+    (3, 2, 3, 5, 12, [2, 2]), (2, 1, 4, 1, 4, None), (2, 2, 1, 6, 4, [0]),
+]
+
+
+def _tv_check(x, i, dtype, go=1.7):
+    """The CUDA loss and gradient of x (any layout) against the CPU op in float64; returns both."""
+    tol = TOL[dtype]
+    ic = None if i is None else i.cuda()
+    got = ops.grid_tv_loss(x, ic)
+    want = ops.grid_tv_loss(_c64(x), i)
+    assert abs(got.double().item() - want.item()) <= tol * (1 + abs(want.item()))
+    g = ops._grid_tv_loss_backward(torch.tensor(go).to(dtype).cuda(), x, ic)
+    w = ops._grid_tv_loss_backward(_c64(torch.tensor(go).to(dtype)), _c64(x), i)
+    assert (_c64(g) - w).abs().max().item() <= tol * (1 + w.abs().max().item())
+    assert torch.equal(ops.grid_tv_loss(x, ic), got)  # reproducible
+    return got, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TV_PATH_CASES)
+def test_tv_loss_vector_and_scalar_paths(case, dtype):
+    m, c, d, gh, gw, idx = case
+    x = torch.randn(m, c, d, gh, gw, generator=torch.Generator().manual_seed(11)).to(dtype)
+    i = None if idx is None else torch.tensor(idx, dtype=torch.int64)
+    got, g = _tv_check(x.cuda(), i, dtype)
+    # The same values one element off the vector alignment: the runs take scalar loads, with the
+    # same sums (the partials depend on the sizes alone), so the same bits.
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    xs = buf[1:].view(x.shape)
+    xs.copy_(x.cuda())
+    assert xs.data_ptr() % 16 != 0
+    got_s, g_s = _tv_check(xs, i, dtype)
+    assert torch.equal(got_s, got) and torch.equal(g_s, g)
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 8, 16, 16), (2, 5, 3, 7, 5)])
+def test_tv_loss_bad_index_gives_nan_not_a_crash(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    idx = torch.tensor([1, shape[0], 0, -1, 1])
+    assert torch.isnan(ops.grid_tv_loss(x.cuda(), idx.cuda()))
+    # The backward counts the valid entries only (the gradient of the loss over them, rescaled by
+    # the weights' B: the weights see all 5 entries).
+    g = ops._grid_tv_loss_backward(torch.tensor(1.0).cuda(), x.cuda(), idx.cuda())
+    good = idx[(idx >= 0) & (idx < shape[0])]
+    w = ops._grid_tv_loss_backward(torch.tensor(1.0, dtype=torch.float64), _c64(x), good)
+    assert torch.allclose(_c64(g) * 5, w * 3, rtol=1e-4, atol=1e-6)
+    torch.cuda.synchronize()
+
+
 def test_bilagrid_compat_on_cuda():
     from bilateral_ops.compat.bilagrid import BilateralGrid, slice
 

@@ -608,11 +608,14 @@ struct TvPlan {
 };
 
 // numel: the elements of one grid (C D Gh Gw); B the grids of the loss (idx's length or M).
-inline TvPlan tv_plan(int64_t M, int64_t B, int64_t numel, bool has_idx, bool backward) {
+// vec: elements per thread item, 4 for the kernels' runs of 4 along x (Gw % 4 == 0 and every flat
+// index below 2^31: a choice from the sizes alone), else 1.
+inline TvPlan tv_plan(int64_t M, int64_t B, int64_t numel, bool has_idx, bool backward,
+                      int64_t vec = 1) {
   TvPlan p;
   if (!backward) {
     // Launched even for an empty loss: the reduce writes the result (0, or NaN for B = 0).
-    const int64_t blocks = std::min(blocks_for(B * numel, kTvThreads), kTvMaxBlocks);
+    const int64_t blocks = std::min(blocks_for(ceil_div(B * numel, vec), kTvThreads), kTvMaxBlocks);
     p.partials = blocks;
     p.loss = make_launch("tv_loss_kernel", blocks, kTvThreads, 0, kTvReduceBytes);
     p.reduce = make_launch("tv_reduce_kernel", 1, kTvThreads, 0, kTvReduceBytes);
@@ -624,7 +627,7 @@ inline TvPlan tv_plan(int64_t M, int64_t B, int64_t numel, bool has_idx, bool ba
                           kTvThreads, 0);
   }
   p.backward = make_launch("tv_backward_kernel",
-                           std::min(blocks_for(M * numel, kTvThreads), kPointsMaxBlocks),
+                           std::min(blocks_for(ceil_div(M * numel, vec), kTvThreads), kPointsMaxBlocks),
                            kTvThreads, 0);
   return p;
 }
