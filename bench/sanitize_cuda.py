@@ -226,7 +226,12 @@ def run_grid_ops(splat_shape, blur_case, filter_case, dtype, deterministic: bool
 # of a warp (the backward's warp-uniform loop), one sample, a depth of 1, odd sizes, and an index
 # out of range (NaN, never an out-of-bounds read). grid_tv_loss: (M, C, D, Gh, Gw, idx or None).
 POINTS_SHAPES = [(1000, 4, 3, 3, 8, 16, 16, True), (1, 1, 3, 3, 8, 16, 16, True), (77, 3, 1, 12, 1, 5, 7, False),
-                 (4099, 2, 2, 1, 3, 4, 5, True)]
+                 (4099, 2, 2, 1, 3, 4, 5, True),
+                 # the fast path (packed grids): privatised grid gradient in 4 slices of 3 channels,
+                 # in slices of 5, 5 and 2, in a full 48 KiB slab; and its per-sample kernel alone
+                 # (4 grids: a backward with the grid gradient falls back to points_backward_kernel)
+                 (5000, 1, 3, 3, 8, 16, 16, True), (2000, 1, 3, 3, 4, 16, 17, True), (6200, 3, 3, 3, 8, 16, 16, True),
+                 (8200, 4, 3, 3, 8, 16, 16, True)]
 TV_CASES = [(7, 12, 8, 16, 16, None), (5, 3, 1, 1, 4, [4, 0, 4]), (3, 2, 3, 5, 7, [1, 7])]
 
 

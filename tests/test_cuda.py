@@ -1194,6 +1194,85 @@ def test_points_grid_gradient_is_bitwise_reproducible(dtype):
         assert torch.equal(a, b)
 
 
+# The fast path (C = 12: 3 inputs and an offset, at least as many samples as cells; see
+# launch_config.h's points_plan): the privatised grid gradient with 3 channels a slice (4 slices),
+# slices of 5, 5 and 2 channels, one channel a slice over 3 grids (a full 48 KiB slab); and 4
+# grids, too many for the slab: with the grid gradient the backward falls back to
+# points_backward_kernel, without it (and in the forward) the fast kernels stay.
+FAST_POINTS_CASES = [(150000, 1, 3, 3, 8, 16, 16, True), (40000, 1, 3, 3, 4, 16, 17, True),
+                     (100000, 3, 3, 3, 8, 16, 16, True), (40000, 4, 3, 3, 8, 16, 16, True)]
+POINTS_MASKS = [list(m) for m in itertools.product([False, True], repeat=3) if any(m)]
+
+
+def _check_points_backward(got, want, coords, shape, tol, rows=None):
+    d, gh, gw = shape
+    s = _c64(coords) * torch.tensor([gw - 1, gh - 1, d - 1], dtype=torch.float64)
+    away = ((s - s.round()).abs() > 1e-2)[:, [i for i, n in enumerate((gw, gh, d)) if n > 1]].all(1)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a is None or b is None or a.numel() == 0 or b.numel() == 0:
+            continue
+        a = _c64(a)
+        if rows is not None and i > 0:
+            a = a[rows]
+        if i == 1:
+            a, b = a[away], b[away]
+        assert (a - b).abs().max().item() <= 10 * tol * (1 + b.abs().max().item()), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("case", FAST_POINTS_CASES)
+def test_points_fast_path_against_cpu(case, dtype):
+    grid, coords, inp, idx, go, off = _points_inputs(case, dtype)
+    m = case[1]
+    idx[5] = m + 3  # out of range: NaN for that sample, nothing in the grid gradient
+    idx[-1] = -1
+    ok = (idx >= 0) & (idx < m)
+    tol = TOL[dtype]
+    out = ops.bilateral_slice_apply_points(grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off).cpu()
+    assert torch.isnan(out[~ok]).all()
+    want = ops.bilateral_slice_apply_points(_c64(grid), _c64(coords[ok]), _c64(inp[ok]), idx[ok], off)
+    assert (_c64(out[ok]) - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    for mask in POINTS_MASKS:
+        got = ops._bilateral_slice_apply_points_backward(go.cuda(), grid.cuda(), coords.cuda(), inp.cuda(), idx.cuda(), off, mask)
+        got = [t.cpu() if w else None for t, w in zip(got, mask)]
+        wants = ops._bilateral_slice_apply_points_backward(_c64(go[ok]), _c64(grid), _c64(coords[ok]), _c64(inp[ok]), idx[ok], off, mask)
+        wants = [t if w else None for t, w in zip(wants, mask)]
+        for i in (1, 2):
+            if mask[i]:
+                assert torch.isnan(got[i][~ok]).all(), (mask, i)
+        if mask[0]:
+            assert torch.isfinite(got[0]).all(), mask
+        _check_points_backward(got, wants, coords[ok], grid.shape[2:], tol, rows=ok)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_points_fast_path_pixel_grid(dtype):
+    """bilagrid's uniform case: samples on a pixel grid, so that the lanes of a warp share cells
+    (whole-warp and partial peer groups of the aggregated shared-memory sums); half the rows at one
+    guide value. Against the CPU, and the grid gradient bitwise equal over two runs."""
+    h, w = 270, 360
+    g = torch.Generator().manual_seed(5)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    z = torch.rand(h, w, generator=g) * 1.4 - 0.2
+    z[::2] = 0.5
+    coords = torch.stack([xs, ys, z], -1).reshape(-1, 3).to(dtype)
+    p = coords.shape[0]
+    grid = torch.randn(1, 12, 8, 16, 16, generator=g).to(dtype)
+    inp = torch.rand(p, 3, generator=g).to(dtype)
+    go = torch.randn(p, 3, generator=g).to(dtype)
+    idx = torch.zeros(p, dtype=torch.int64)
+    tol = TOL[dtype]
+    args = [t.cuda() for t in (go, grid, coords, inp, idx)]
+    out = ops.bilateral_slice_apply_points(*args[1:], True).cpu()
+    want = ops.bilateral_slice_apply_points(_c64(grid), _c64(coords), _c64(inp), idx, True)
+    assert (_c64(out) - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    got = [t.cpu() for t in ops._bilateral_slice_apply_points_backward(*args, True, [True, True, True])]
+    wants = ops._bilateral_slice_apply_points_backward(_c64(go), _c64(grid), _c64(coords), _c64(inp), idx, True, [True, True, True])
+    _check_points_backward(got, wants, coords, grid.shape[2:], tol)
+    again = ops._bilateral_slice_apply_points_backward(*args, True, [True, False, False])[0].cpu()
+    assert torch.equal(got[0], again)
+
+
 def test_points_bad_index_gives_nan_not_a_crash():
     grid, coords, inp, idx, go, off = _points_inputs((100, 3, 3, 3, 2, 3, 4, True), torch.float32)
     idx[5] = 99

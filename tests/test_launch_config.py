@@ -918,6 +918,8 @@ def test_ptxas_report_flags_spills_and_static_smem(tmp_path):
 POINTS_SHAPES = [
     (1, 1, 12, 8, 16, 16), (3000, 5, 12, 8, 16, 16), (1440 * 1080, 1, 12, 8, 16, 16), (16384, 600, 12, 8, 16, 16),
     (150000, 2, 12, 8, 16, 16), (700, 6, 10, 3, 5, 4), (2**31, 3, 12, 1, 1, 1), (10**10, 1, 4, 2, 2, 2),
+    # the fast path's privatised backward: 6 channels a slice, 5 (slices 5, 5, 2), 1 (a full slab)
+    (70000, 2, 12, 4, 8, 8), (40000, 1, 12, 4, 16, 17), (100000, 3, 12, 8, 16, 16),
 ]
 # (M, B, numel, has_idx)
 TV_SHAPES = [(1, 1, 12 * 8 * 16 * 16, False), (600, 600, 12 * 8 * 16 * 16, False), (9, 4, 12 * 120, True),
@@ -953,10 +955,53 @@ def test_points_plans_launch_what_is_needed():
     assert names("backward", [True, False, False]) == ["points_backward_kernel", "points_grid_finish_kernel"]
     assert names("backward", [False, False, False]) == []
     assert _C.points_plans("forward", 0, 2, 12, 8, 16, 16) == []
-    (fwd,) = _C.points_plans("forward", 10**10, 1, 12, 8, 16, 16)
+    pack, fwd = _C.points_plans("forward", 10**10, 1, 12, 8, 16, 16)  # the fast path packs first
+    assert (pack["kernel"], fwd["kernel"]) == ("points_pack_kernel", "points_forward_fast_kernel")
     assert fwd["grid"][0] == 65536  # grid-stride beyond the cap
     # Warp-uniform loops: whole warps per block.
     assert all(p["block"][0] % 32 == 0 for _, p in all_points_plans())
+
+
+# A plan's main launches, without the fast path's helpers (points_pack_kernel, and
+# points_sample_grad_fast_kernel next to the grid gradient).
+def _points_core(pass_, shape, mask=None):
+    helpers = ("points_pack_kernel",) + (("points_sample_grad_fast_kernel",) if mask and mask[0] else ())
+    return [p for p in _C.points_plans(pass_, *shape, mask=mask) if p["kernel"] not in helpers]
+
+
+def test_points_fast_path_plans():
+    uniform = (1440 * 1080, 1, 12, 8, 16, 16)
+    assert [p["kernel"] for p in _points_core("forward", uniform)] == ["points_forward_fast_kernel"]
+    assert [p["kernel"] for p in _points_core("backward", uniform, [False, True, True])] == [
+        "points_sample_grad_fast_kernel"]
+    for mask in ([True, True, True], [True, False, False], [True, True, False]):
+        bwd, fin = _points_core("backward", uniform, mask)
+        assert (bwd["kernel"], fin["kernel"]) == ("points_backward_fast_kernel", "points_grid_finish_kernel")
+        # 2048 cells: 3 channels of 8-byte sums in 48 KiB, so 4 slices; 1024 blocks in all.
+        assert bwd["grid"] == (256, 4, 1) and bwd["dynamic_smem"] == 2048 * 3 * 8 == 48 * 1024
+        assert bwd["block"] == (256, 1, 1) and bwd["launch_bounds"] == (256, 4)
+    cases = {  # shape: (slices, dynamic shared memory)
+        (70000, 2, 12, 4, 8, 8): (2, 512 * 6 * 8),
+        (40000, 1, 12, 4, 16, 17): (3, 1088 * 5 * 8),  # slices of 5, 5 and 2 channels
+        (100000, 3, 12, 8, 16, 16): (12, 3 * 2048 * 8),
+        (2**31, 3, 12, 1, 1, 1): (2, 3 * 6 * 8),
+    }
+    for shape, (slices, smem) in cases.items():
+        bwd = _points_core("backward", shape, [True, True, True])[0]
+        assert bwd["kernel"] == "points_backward_fast_kernel", shape
+        assert bwd["grid"][1] == slices and bwd["dynamic_smem"] == smem, shape
+        assert bwd["grid"][0] == min(-(-shape[0] // 256), 1024 // slices), shape
+    # Plain kernels: grids too large for one channel in shared memory, fewer samples than cells
+    # (BilaRF's rays), another channel count.
+    for shape in [(100000, 4, 12, 8, 16, 16), (16384, 100, 12, 8, 16, 16), (3000, 5, 12, 8, 16, 16),
+                  (10**6, 1, 10, 8, 16, 16)]:
+        assert [p["kernel"] for p in _C.points_plans("backward", *shape, mask=[True, True, True])] == [
+            "points_backward_kernel", "points_grid_finish_kernel"], shape
+    for shape in [(16384, 100, 12, 8, 16, 16), (10**6, 1, 10, 8, 16, 16)]:
+        assert [p["kernel"] for p in _C.points_plans("forward", *shape)] == ["points_forward_kernel"], shape
+    # Without the grid gradient only the packing matters: M = 4 grids still take the fast path.
+    assert [p["kernel"] for p in _points_core("backward", (100000, 4, 12, 8, 16, 16), [False, True, False])] == [
+        "points_sample_grad_fast_kernel"]
 
 
 def test_tv_plans():

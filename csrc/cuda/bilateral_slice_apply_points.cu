@@ -13,6 +13,17 @@
 //
 // A grid_idx out of [0, M) cannot be reported without a synchronisation: such a sample gets NaN
 // outputs and coordinate / input gradients and adds nothing to the grid gradient.
+//
+// The fast path (launch_config.h's points_plan says when): the bilagrid layout (3 input channels
+// and an offset, C = 12) compiled in, on a copy of the grids packed cell-major by
+// points_pack_kernel, (M, cells, 12) in the accumulator type, so that a corner's 12 coefficients
+// are three float4 (six double2) loads, with 32-bit offsets. Its backward sums the grid gradient
+// of a block's samples in shared memory first: blockIdx.y picks a slice of `slice` channels, the
+// block's slab holds their 64-bit fixed-point sums for every cell of the M grids, and the block
+// adds its non-zero sums to the global buffer at the end (integer sums: the same bits whatever
+// the order, and the same as points_backward_kernel's). The coordinate and input gradients come
+// from points_sample_grad_fast_kernel. Every per-sample value is computed by the same operations
+// in the same order as the plain kernels.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,6 +37,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "../checks.h"
 #include "bilateral_ops/slice_points.h"
@@ -52,6 +64,7 @@ struct PointsArgs {
   scalar_t* grad_input;         // (P, Ci) when need_input
   unsigned long long* grad_grid_fixed;  // (M, C, cells) when need_grid
   const double* scale;          // fixed-point units per unit of gradient (device scalar)
+  const acc_type<scalar_t>* packed;  // (M, cells, kPointsPackedChannels), fast path only
   bool need_grid, need_coords, need_input;
 };
 
@@ -166,19 +179,27 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
     }
 
     if (a.need_grid) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        const acc_t v = valid ? point_splat_value<acc_t>(l, gof, xf, c) : acc_t(0);
-        const int64_t slab = (m * g.C + c) * cells;
+      // A cell's channels share their lanes: the peer groups of corner k (same grid, same cell)
+      // are those of every channel, so they are matched once per corner.
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          // Lanes without a sample key on a value no cell has, so they form their own group.
-          const unsigned long long dest =
-              valid ? static_cast<unsigned long long>(slab + pc.offset[k]) : ~0ull;
-          const long long q =
-              valid ? llrint(static_cast<double>(pc.weight[k] * v) * scale) : 0ll;
-          const unsigned peers = __match_any_sync(kFullMask, dest);
-          const unsigned long long s = peer_sum(static_cast<unsigned long long>(q), peers, lane);
-          if (valid && is_peer_leader(peers, lane)) atomicAdd(a.grad_grid_fixed + dest, s);
+      for (int k = 0; k < 8; ++k) {
+        // Lanes without a sample key on a value no cell has, so they form their own group.
+        const unsigned long long key =
+            valid ? static_cast<unsigned long long>(m * cells + pc.offset[k]) : ~0ull;
+        const unsigned peers = __match_any_sync(kFullMask, key);
+        const bool leader = valid && is_peer_leader(peers, lane);
+        unsigned long long* dest = a.grad_grid_fixed + (valid ? m : 0) * g.C * cells + pc.offset[k];
+        for (int64_t o = 0; o < l.Co; ++o) {
+          const acc_t gv = valid ? gof(o) : acc_t(0);
+          for (int64_t i = 0; i < l.stride; ++i) {
+            // point_splat_value of channel o * stride + i, without its divisions.
+            const acc_t v = i < l.Ci ? gv * static_cast<acc_t>(xf(i)) : gv;
+            const long long q =
+                valid ? llrint(static_cast<double>(pc.weight[k] * v) * scale) : 0ll;
+            const unsigned long long s =
+                peer_sum(static_cast<unsigned long long>(q), peers, lane);
+            if (leader && s != 0ull) atomicAdd(dest + (o * l.stride + i) * cells, s);
+          }
         }
       }
     }
@@ -195,6 +216,377 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
     const double v = s > 0.0 ? static_cast<double>(static_cast<long long>(fixed[i])) / s : NAN;
     out[i] = static_cast<scalar_t>(v);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path: the bilagrid layout compiled in, on grids packed cell-major.
+
+constexpr int kFastCi = static_cast<int>(launch::kPointsFastCi);              // 3
+constexpr int kFastStride = kFastCi + 1;                                      // with the offset
+constexpr int kFastC = static_cast<int>(launch::kPointsFastC);                // 12
+constexpr int kFastCo = kFastC / kFastStride;                                 // 3
+constexpr int kPackedC = static_cast<int>(launch::kPointsPackedChannels);     // 12
+constexpr int kMaxSlice = static_cast<int>(launch::kPointsMaxSliceChannels);  // 6
+static_assert(kFastCo * kFastStride == kFastC, "the fast layout is Co x (Ci + 1)");
+static_assert(kPackedC >= kFastC && kPackedC % 4 == 0, "packed channels: whole float4");
+
+// packed[(m * cells + cell) * kPackedC + c] = grid[m, c, cell] (0 in the padding), in the
+// accumulator type. The plan only packs fewer than 2^31 elements.
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kPointsThreads)
+    points_pack_kernel(const scalar_t* grid, int C, int cells, int total,
+                       acc_type<scalar_t>* packed) {
+  using acc_t = acc_type<scalar_t>;
+  // Unsigned: idx + the stride (< 2^24 + 2^31) cannot wrap.
+  for (unsigned idx = blockIdx.x * blockDim.x + threadIdx.x; idx < static_cast<unsigned>(total);
+       idx += gridDim.x * blockDim.x) {
+    const int c = static_cast<int>(idx % kPackedC);
+    const int r = static_cast<int>(idx / kPackedC);
+    const int cell = r % cells;
+    const int m = r / cells;
+    packed[idx] = c < C ? ldg(grid + (static_cast<int64_t>(m) * C + c) * cells + cell) : acc_t(0);
+  }
+}
+
+// The kPackedC coefficients of one packed cell, by 16-byte loads through the read-only cache
+// (the cell starts 16-aligned). Volatile asm: the compiler may not merge the loads of two passes
+// over the same corners (the backward reads them twice rather than keep 96 values live).
+__device__ __forceinline__ void load_cell(const float* p, float (&v)[kPackedC]) {
+#pragma unroll
+  for (int j = 0; j < kPackedC / 4; ++j) {
+    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v[4 * j]), "=f"(v[4 * j + 1]), "=f"(v[4 * j + 2]), "=f"(v[4 * j + 3])
+                 : "l"(p + 4 * j));
+  }
+}
+__device__ __forceinline__ void load_cell(const double* p, double (&v)[kPackedC]) {
+#pragma unroll
+  for (int j = 0; j < kPackedC / 2; ++j) {
+    asm volatile("ld.global.nc.v2.f64 {%0, %1}, [%2];"
+                 : "=d"(v[2 * j]), "=d"(v[2 * j + 1])
+                 : "l"(p + 2 * j));
+  }
+}
+
+// point_corners kept as its factors, with 32-bit cell offsets: the weight of corner
+// k = a * 4 + b * 2 + e and the derivatives of that weight are formed on use by the very products
+// point_corners forms (z factor times y factor, times x factor), so every value is the same.
+template <typename T>
+struct FastTaps {
+  int off[8];       // cell offsets in a (D, Gh, Gw) slab
+  T zw[2], yw[2], xw[2];
+  T sz, sy, sx;     // d w1 / d u per axis (d w0 / d u is its negative)
+
+  __device__ __forceinline__ T weight(int k) const { return zw[k >> 2] * yw[(k >> 1) & 1] * xw[k & 1]; }
+  __device__ __forceinline__ T dx(int k) const {
+    return zw[k >> 2] * yw[(k >> 1) & 1] * ((k & 1) ? sx : -sx);
+  }
+  __device__ __forceinline__ T dy(int k) const {
+    return zw[k >> 2] * (((k >> 1) & 1) ? sy : -sy) * xw[k & 1];
+  }
+  __device__ __forceinline__ T dz(int k) const {
+    return ((k >> 2) ? sz : -sz) * yw[(k >> 1) & 1] * xw[k & 1];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ FastTaps<T> fast_taps(T x, T y, T z, int D, int Gh, int Gw) {
+  const AxisTaps<T> tx = axis_taps(unit_to_grid_aligned(x, int64_t{Gw}), int64_t{Gw});
+  const AxisTaps<T> ty = axis_taps(unit_to_grid_aligned(y, int64_t{Gh}), int64_t{Gh});
+  const AxisTaps<T> tz = axis_taps(unit_to_grid_aligned(z, int64_t{D}), int64_t{D});
+  FastTaps<T> t;
+  const int zi[2] = {static_cast<int>(tz.i0), static_cast<int>(tz.i1)};
+  const int yi[2] = {static_cast<int>(ty.i0), static_cast<int>(ty.i1)};
+  const int xi[2] = {static_cast<int>(tx.i0), static_cast<int>(tx.i1)};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) t.off[k] = (zi[k >> 2] * Gh + yi[(k >> 1) & 1]) * Gw + xi[k & 1];
+  t.zw[0] = tz.w0;
+  t.zw[1] = tz.w1;
+  t.yw[0] = ty.w0;
+  t.yw[1] = ty.w1;
+  t.xw[0] = tx.w0;
+  t.xw[1] = tx.w1;
+  t.sx = tx.slope * static_cast<T>(Gw - 1);
+  t.sy = ty.slope * static_cast<T>(Gh - 1);
+  t.sz = tz.slope * static_cast<T>(D - 1);
+  return t;
+}
+
+struct FastDims {
+  int D, Gh, Gw, cells;
+};
+
+inline FastDims fast_dims(const PointsGeometry& g) {
+  return FastDims{static_cast<int>(g.D), static_cast<int>(g.Gh), static_cast<int>(g.Gw),
+                  static_cast<int>(g.cells())};
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ FastTaps<acc_type<scalar_t>> fast_sample_taps(const FastDims& d,
+                                                                          const scalar_t* coords,
+                                                                          int64_t p) {
+  const scalar_t* c = coords + p * 3;
+  return fast_taps(ldg(c), ldg(c + 1), ldg(c + 2), d.D, d.Gh, d.Gw);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kPointsThreads)
+    points_forward_fast_kernel(const PointsGeometry g, const FastDims d, const PointsArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < g.P;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = a.idx[p];
+    scalar_t* out = a.output + p * kFastCo;
+    if (m < 0 || m >= g.M) {
+#pragma unroll
+      for (int o = 0; o < kFastCo; ++o) out[o] = static_cast<scalar_t>(NAN);
+      continue;
+    }
+    const FastTaps<acc_t> t = fast_sample_taps(d, a.coords, p);
+    const acc_t* grid = a.packed + static_cast<int>(m) * d.cells * kPackedC;
+    // A[c] = sum over the corners of weight * grid value (sample_channel's order).
+    acc_t A[kPackedC];
+#pragma unroll
+    for (int c = 0; c < kPackedC; ++c) A[c] = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      acc_t G[kPackedC];
+      load_cell(grid + t.off[k] * kPackedC, G);
+      const acc_t w = t.weight(k);
+#pragma unroll
+      for (int c = 0; c < kFastC; ++c) A[c] += w * G[c];
+    }
+    acc_t x[kFastCi];
+#pragma unroll
+    for (int i = 0; i < kFastCi; ++i) x[i] = ldg(a.input + p * kFastCi + i);
+#pragma unroll
+    for (int o = 0; o < kFastCo; ++o) {
+      acc_t acc = A[o * kFastStride + kFastCi];
+#pragma unroll
+      for (int i = 0; i < kFastCi; ++i) acc += A[o * kFastStride + i] * x[i];
+      out[o] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+// peer_sum of n <= N values at once (one tree, shared by the values): valid on the group's
+// leader. Every lane of the warp must call it, with the same n.
+template <int N>
+__device__ __forceinline__ void peer_sum_n(unsigned long long (&x)[N], int n, unsigned peers,
+                                           int lane) {
+  if (peers == kFullMask) {  // then every lane has the full mask
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      if (t < n) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) x[t] += __shfl_xor_sync(kFullMask, x[t], off);
+      }
+    }
+    return;
+  }
+  int rel_pos = __popc(peers & ((1u << lane) - 1u));
+  peers &= (0xfffffffeu << lane);  // peers above this lane
+  while (__any_sync(kFullMask, peers != 0u)) {
+    const int next = __ffs(peers);  // next remaining peer above, 1-based; 0 if none
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      if (t < n) {
+        const unsigned long long v = __shfl_sync(kFullMask, x[t], (next - 1) & 31);
+        if (next != 0) x[t] += v;
+      }
+    }
+    peers &= ~__ballot_sync(kFullMask, rel_pos & 1);
+    rel_pos >>= 1;
+  }
+}
+
+// The coordinate and input gradients of the fast path, one thread per sample.
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kPointsThreads)
+    points_sample_grad_fast_kernel(const PointsGeometry g, const FastDims d,
+                                   const PointsArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < g.P;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = a.idx[p];
+    const bool valid = m >= 0 && m < g.M;
+    const FastTaps<acc_t> t = fast_sample_taps(d, a.coords, p);
+    acc_t go[kFastCo], x[kFastCi];
+#pragma unroll
+    for (int o = 0; o < kFastCo; ++o) go[o] = ldg(a.grad_output + p * kFastCo + o);
+#pragma unroll
+    for (int i = 0; i < kFastCi; ++i) x[i] = ldg(a.input + p * kFastCi + i);
+    {
+      if (!valid) {
+        const scalar_t nan = static_cast<scalar_t>(NAN);
+        if (a.need_coords) {
+#pragma unroll
+          for (int k = 0; k < 3; ++k) a.grad_coords[p * 3 + k] = nan;
+        }
+        if (a.need_input) {
+#pragma unroll
+          for (int i = 0; i < kFastCi; ++i) a.grad_input[p * kFastCi + i] = nan;
+        }
+      } else {
+        // V[c] = point_splat_value; e_k = sum_c V[c] grid[corner k, c], folded into the
+        // coordinate gradient as soon as it is complete (the same sums in the same order);
+        // A[c] = sum_k weight_k grid[corner k, c]. Two passes over the corners (the second
+        // reads them from L1), so that V and A are not live at once.
+        const acc_t* grid = a.packed + static_cast<int>(m) * d.cells * kPackedC;
+        acc_t gx = acc_t(0), gy = acc_t(0), gz = acc_t(0);
+        if (a.need_coords) {
+          acc_t V[kFastC];
+#pragma unroll
+          for (int c = 0; c < kFastC; ++c) {
+            const int o = c / kFastStride, i = c % kFastStride;
+            V[c] = i < kFastCi ? go[o] * x[i] : go[o];
+          }
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            acc_t G[kPackedC];
+            load_cell(grid + t.off[k] * kPackedC, G);
+            acc_t e = acc_t(0);
+#pragma unroll
+            for (int c = 0; c < kFastC; ++c) e += V[c] * G[c];
+            gx += t.dx(k) * e;
+            gy += t.dy(k) * e;
+            gz += t.dz(k) * e;
+          }
+        }
+        acc_t A[kFastC];
+#pragma unroll
+        for (int c = 0; c < kFastC; ++c) A[c] = acc_t(0);
+        if (a.need_input) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            acc_t G[kPackedC];
+            load_cell(grid + t.off[k] * kPackedC, G);
+            const acc_t w = t.weight(k);
+#pragma unroll
+            for (int c = 0; c < kFastC; ++c) A[c] += w * G[c];
+          }
+        }
+        if (a.need_coords) {
+          a.grad_coords[p * 3 + 0] = static_cast<scalar_t>(gx);
+          a.grad_coords[p * 3 + 1] = static_cast<scalar_t>(gy);
+          a.grad_coords[p * 3 + 2] = static_cast<scalar_t>(gz);
+        }
+        if (a.need_input) {
+#pragma unroll
+          for (int i = 0; i < kFastCi; ++i) {
+            acc_t s = acc_t(0);
+#pragma unroll
+            for (int o = 0; o < kFastCo; ++o) s += go[o] * A[o * kFastStride + i];
+            a.grad_input[p * kFastCi + i] = static_cast<scalar_t>(s);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The grid gradient of the fast path, privatised per block. blockIdx.y: the slice
+// [c0, c0 + slice) of the channels (slice: the plan's slice_channels; the last slice may have
+// fewer). The block zeroes its slab, adds the 64-bit fixed-point contributions of its samples
+// (those of points_backward_kernel, warp-aggregated the same way) with shared-memory atomics,
+// then adds each non-zero sum to the global buffer. The loop over samples is warp-uniform (lanes
+// past P ride along with nothing to add).
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kPointsThreads, launch::kPointsFastBackwardMinBlocks)
+    points_backward_fast_kernel(const PointsGeometry g, const FastDims d,
+                                const PointsArgs<scalar_t> a, const int slice) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned long long slab[];  // (M, cells, slice)
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int c0 = static_cast<int>(blockIdx.y) * slice;
+  const int n = min(slice, kFastC - c0);  // channels of this slice, >= 1
+  const int M = static_cast<int>(g.M);
+  {
+    const int len = M * d.cells * slice;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) slab[i] = 0ull;
+    __syncthreads();
+  }
+  const double scale = *a.scale;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < g.P;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = base + threadIdx.x;
+    const bool live = p < g.P;
+    const int64_t m = live ? a.idx[p] : 0;
+    const bool valid = live && m >= 0 && m < g.M;
+    const FastTaps<acc_t> t = live ? fast_sample_taps(d, a.coords, p)
+                                   : fast_taps(acc_t(0), acc_t(0), acc_t(0), 1, 1, 1);
+    acc_t go[kFastCo], x[kFastCi];
+#pragma unroll
+    for (int o = 0; o < kFastCo; ++o) go[o] = live ? ldg(a.grad_output + p * kFastCo + o) : acc_t(0);
+#pragma unroll
+    for (int i = 0; i < kFastCi; ++i) x[i] = live ? ldg(a.input + p * kFastCi + i) : acc_t(0);
+
+    {
+      // The splat values of the slice's channels c0 + s (s < n; the others are never used).
+      acc_t v[kMaxSlice];
+#pragma unroll
+      for (int s = 0; s < kMaxSlice; ++s) {
+        const int c = c0 + s;
+        const int o = c / kFastStride, i = c % kFastStride;
+        const acc_t gv = o == 0 ? go[0] : o == 1 ? go[1] : go[2];
+        const acc_t xv = i == 0 ? x[0] : i == 1 ? x[1] : x[2];
+        v[s] = i < kFastCi ? gv * xv : gv;
+      }
+      const int cell0 = static_cast<int>(valid ? m : 0) * d.cells;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        // Lanes without a sample key on a value no cell has (M cells < 2^31 - 1).
+        const unsigned key = valid ? static_cast<unsigned>(cell0 + t.off[k]) : 0xffffffffu;
+        const unsigned peers = __match_any_sync(kFullMask, key);
+        const acc_t w = t.weight(k);
+        unsigned long long q[kMaxSlice];
+#pragma unroll
+        for (int s = 0; s < kMaxSlice; ++s) {
+          q[s] = valid && s < n ? static_cast<unsigned long long>(
+                                      llrint(static_cast<double>(w * v[s]) * scale))
+                                : 0ull;
+        }
+        peer_sum_n(q, n, peers, lane);
+        if (valid && is_peer_leader(peers, lane)) {
+          unsigned long long* dst = slab + (cell0 + t.off[k]) * slice;
+#pragma unroll
+          for (int s = 0; s < kMaxSlice; ++s) {
+            if (s < n && q[s] != 0ull) atomicAdd(dst + s, q[s]);
+          }
+        }
+      }
+    }
+  }
+  {
+    __syncthreads();
+    // The slice's real channels, in the global buffer's order: (m, c0 + s, cell).
+    const int total = M * n * d.cells;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int cell = i % d.cells;
+      const int r = i / d.cells;
+      const int s = r % n;
+      const int mm = r / n;
+      const unsigned long long sum = slab[(mm * d.cells + cell) * slice + s];
+      if (sum != 0ull) {
+        atomicAdd(a.grad_grid_fixed + (static_cast<int64_t>(mm) * kFastC + c0 + s) * d.cells + cell,
+                  sum);
+      }
+    }
+  }
+}
+
+// The fast path's packed copy of the grids (plan.pack), in the accumulator type.
+template <typename scalar_t>
+at::Tensor pack_grid(const at::Tensor& grid, const PointsGeometry& g, const launch::PointsPlan& plan,
+                     cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = g.M * g.cells() * kPackedC;  // < 2^31 on the fast path
+  const at::Tensor packed = at::empty(
+      {total}, grid.options().dtype(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat));
+  BO_LAUNCH(points_pack_kernel<scalar_t>, plan.pack, stream, grid.data_ptr<scalar_t>(),
+            static_cast<int>(g.C), static_cast<int>(g.cells()), static_cast<int>(total),
+            packed.data_ptr<acc_t>());
+  return packed;
 }
 
 void check_int_sizes(const PointsGeometry& g) {
@@ -217,7 +609,8 @@ at::Tensor bilateral_slice_apply_points(const at::Tensor& grid_in, const at::Ten
   const at::Tensor input = input_in.contiguous();
   const at::Tensor idx = grid_idx_in.contiguous();
   at::Tensor out = at::empty({g.P, l.Co}, input.options());
-  const launch::PointsPlan plan = launch::points_plan(g.P, g.M, g.C, g.cells(), nullptr);
+  const launch::PointsPlan plan =
+      launch::points_plan(g.P, g.M, g.C, g.cells(), nullptr, l.Ci, l.has_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(),
                                   "bilateral_slice_apply_points_cuda", [&] {
@@ -227,8 +620,15 @@ at::Tensor bilateral_slice_apply_points(const at::Tensor& grid_in, const at::Ten
                                     a.input = input.data_ptr<scalar_t>();
                                     a.idx = idx.data_ptr<int64_t>();
                                     a.output = out.data_ptr<scalar_t>();
-                                    BO_LAUNCH(points_forward_kernel<scalar_t>, plan.forward,
-                                              stream, g, l, a);
+                                    if (plan.fast) {
+                                      const at::Tensor packed = pack_grid<scalar_t>(grid, g, plan, stream);
+                                      a.packed = packed.data_ptr<acc_type<scalar_t>>();
+                                      BO_LAUNCH(points_forward_fast_kernel<scalar_t>, plan.forward,
+                                                stream, g, fast_dims(g), a);
+                                    } else {
+                                      BO_LAUNCH(points_forward_kernel<scalar_t>, plan.forward,
+                                                stream, g, l, a);
+                                    }
                                   });
   return out;
 }
@@ -265,7 +665,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
     scale = at::where(at::isfinite(bound), kFixedPointRange / bound.clamp_min(1e-250),
                       at::zeros_like(bound));
   }
-  const launch::PointsPlan plan = launch::points_plan(g.P, g.M, g.C, g.cells(), mask.data());
+  const launch::PointsPlan plan =
+      launch::points_plan(g.P, g.M, g.C, g.cells(), mask.data(), l.Ci, l.has_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grid.scalar_type(), "bilateral_slice_apply_points_backward_cuda",
@@ -284,7 +685,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
         a.need_grid = mask[0];
         a.need_coords = mask[1];
         a.need_input = mask[2];
-        BO_LAUNCH(points_backward_kernel<scalar_t>, plan.backward, stream, g, l, a);
+        at::Tensor packed;
+        if (plan.pack.present) {
+          packed = pack_grid<scalar_t>(grid, g, plan, stream);
+          a.packed = packed.data_ptr<acc_type<scalar_t>>();
+        }
+        if (plan.fast && mask[0]) {
+          if (plan.samples.present) {
+            BO_LAUNCH(points_sample_grad_fast_kernel<scalar_t>, plan.samples, stream, g,
+                      fast_dims(g), a);
+          }
+          BO_LAUNCH(points_backward_fast_kernel<scalar_t>, plan.backward, stream, g, fast_dims(g),
+                    a, static_cast<int>(plan.slice_channels));
+        } else if (plan.fast) {  // no grid gradient: the per-sample kernel is plan.backward
+          BO_LAUNCH(points_sample_grad_fast_kernel<scalar_t>, plan.backward, stream, g,
+                    fast_dims(g), a);
+        } else {
+          BO_LAUNCH(points_backward_kernel<scalar_t>, plan.backward, stream, g, l, a);
+        }
         if (mask[0]) {
           BO_LAUNCH(points_grid_finish_kernel<scalar_t>, plan.finish, stream, a.grad_grid_fixed,
                     a.scale, fixed.numel(), grad_grid.data_ptr<scalar_t>());

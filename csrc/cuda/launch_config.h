@@ -575,26 +575,106 @@ inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backw
 
 constexpr int kPointsThreads = 256;
 constexpr int64_t kPointsMaxBlocks = 65536;
+// The fast path (points_pack_kernel, points_forward_fast_kernel, points_backward_fast_kernel):
+// the bilagrid layout (3 input channels, an offset: C = 12) compiled in, on a copy of the grids
+// packed cell-major, (M, cells, kPointsPackedChannels) in the accumulator type, so that a corner's
+// coefficients are three 16-byte loads. Taken when that copy has fewer than 2^31 elements (32-bit
+// offsets) and there are at least as many samples as grid cells (else packing costs more than it
+// saves: BilaRF's 16384 rays over 100 grids keep the plain kernels).
+constexpr int64_t kPointsFastCi = 3;
+constexpr int64_t kPointsFastC = 12;
+constexpr int64_t kPointsPackedChannels = 12;  // kPointsFastC rounded up to a multiple of 4
+// Its backward privatises the grid gradient per block: a block sums the 64-bit fixed-point
+// contributions of its samples to a slice of `slice_channels` channels of every cell of the M
+// grids in shared memory (M cells slice_channels 8 bytes within the no-opt-in budget, at most
+// kPointsMaxSliceChannels), blockIdx.y picks the slice, and each block adds its non-zero sums to
+// the global buffer at the end. Shapes whose grids do not fit even one channel keep
+// points_backward_kernel's global atomics. kPointsSharedBlocks blocks in all (over x and y):
+// enough for a few waves on any GPU, few enough that the final flushes stay cheap.
+constexpr int64_t kPointsMaxSliceChannels = 6;
+constexpr int64_t kPointsSharedBlocks = 1024;
+constexpr int64_t kPointsSlabEntryBytes = 8;  // one unsigned 64-bit fixed-point sum
+// A full slab (48 KiB) leaves room for 4 blocks of an SM of 228 KiB (sm_90): 64 registers (the
+// plans do not depend on the dtype, so neither does this bound; float64 may spill a little).
+constexpr int kPointsFastBackwardMinBlocks = 4;
 constexpr int kTvThreads = 256;
 constexpr int64_t kTvMaxBlocks = 1024;  // partials of the loss: fixed by the sizes alone
 constexpr int64_t kTvReduceBytes = (kTvThreads / 32) * 8;  // one double per warp
 
+// Launch order: pack, forward, samples, backward, finish. On the fast path, backward is
+// points_backward_fast_kernel (the grid gradient) with samples points_sample_grad_fast_kernel
+// (the coordinate / input gradients, when asked for); without the grid gradient, backward is
+// points_sample_grad_fast_kernel itself.
 struct PointsPlan {
-  Launch forward, backward, finish;
+  Launch pack, forward, samples, backward, finish;
+  bool fast = false;           // the fast path (packed grids, C = 12 compiled in)
+  int64_t slice_channels = 0;  // channels a block of the fast backward privatises (0: none)
 };
 
-// mask: the backward's output_mask (grid, coords, input); null for the forward.
-inline PointsPlan points_plan(int64_t P, int64_t M, int64_t C, int64_t cells, const bool* mask) {
+// Whether the fast kernels handle the layout (C channels, Ci input channels, an offset or not).
+inline bool points_fast_layout(int64_t C, int64_t Ci, bool has_offset) {
+  return C == kPointsFastC && Ci == kPointsFastCi && has_offset;
+}
+
+// Channels of the grid gradient a block of the fast backward can sum in shared memory: the most,
+// up to kPointsMaxSliceChannels and C, whose slab (M cells channels of 8 bytes) fits the
+// no-opt-in budget; 0 when not even one channel fits.
+inline int64_t points_slice_channels(int64_t M, int64_t C, int64_t cells) {
+  const int64_t budget = kSmemNoOptIn - kStaticSmem;
+  if (M <= 0 || cells <= 0 || M > budget || cells > budget) return 0;
+  const int64_t per_channel = M * cells * kPointsSlabEntryBytes;
+  if (per_channel > budget) return 0;
+  return std::min({C, kPointsMaxSliceChannels, budget / per_channel});
+}
+
+// mask: the backward's output_mask (grid, coords, input); null for the forward. Ci / has_offset:
+// the layout of the C channels (Python's _C.points_plans passes neither: the bilagrid layout,
+// 3 input channels and an offset, which with C = 12 takes the fast path).
+inline PointsPlan points_plan(int64_t P, int64_t M, int64_t C, int64_t cells, const bool* mask,
+                              int64_t Ci = kPointsFastCi, bool has_offset = true) {
   PointsPlan p;
   if (P <= 0) return p;
   const int64_t blocks = std::min(blocks_for(P, kPointsThreads), kPointsMaxBlocks);
+  const bool need_grid = mask != nullptr && mask[0];
+  const bool any = mask == nullptr || mask[0] || mask[1] || mask[2];
+  if (!any) return p;
+  const int64_t packed = M * cells * kPointsPackedChannels;  // M C cells < 2^62 (checked)
+  const bool fast_shape = points_fast_layout(C, Ci, has_offset) && M <= (int64_t{1} << 31) &&
+                          cells <= (int64_t{1} << 31) && packed < (int64_t{1} << 31) &&
+                          P >= M * cells;
+  const int64_t slice = fast_shape && need_grid ? points_slice_channels(M, C, cells) : 0;
+  // The backward computing the grid gradient needs its slab; the other passes only the packing.
+  p.fast = fast_shape && (!need_grid || slice > 0);
+  // The packed copy serves the forward and the coordinate / input gradients.
+  if (p.fast && (mask == nullptr || mask[1] || mask[2])) {
+    p.pack = make_launch("points_pack_kernel",
+                         std::min(blocks_for(packed, kPointsThreads), kPointsMaxBlocks),
+                         kPointsThreads, 0);
+  }
   if (mask == nullptr) {
-    p.forward = make_launch("points_forward_kernel", blocks, kPointsThreads, 0);
+    p.forward = p.fast ? make_launch("points_forward_fast_kernel", blocks, kPointsThreads, 0)
+                       : make_launch("points_forward_kernel", blocks, kPointsThreads, 0);
     return p;
   }
-  if (!(mask[0] || mask[1] || mask[2])) return p;
-  p.backward = make_launch("points_backward_kernel", blocks, kPointsThreads, 0);
-  if (mask[0]) {
+  if (p.fast) {
+    const Launch samples = make_launch("points_sample_grad_fast_kernel", blocks, kPointsThreads, 0);
+    if (need_grid) {
+      if (mask[1] || mask[2]) p.samples = samples;
+      p.slice_channels = slice;
+      const int64_t slices = ceil_div(C, slice);
+      const int64_t x = std::min(blocks_for(P, kPointsThreads),
+                                 std::max<int64_t>(1, kPointsSharedBlocks / slices));
+      p.backward = make_launch("points_backward_fast_kernel", x, kPointsThreads,
+                               kPointsFastBackwardMinBlocks,
+                               M * cells * slice * kPointsSlabEntryBytes);
+      p.backward.grid.y = slices;
+    } else {
+      p.backward = samples;
+    }
+  } else {
+    p.backward = make_launch("points_backward_kernel", blocks, kPointsThreads, 0);
+  }
+  if (need_grid) {
     p.finish = make_launch("points_grid_finish_kernel",
                            std::min(blocks_for(M * C * cells, kPointsThreads), kPointsMaxBlocks),
                            kPointsThreads, 0);
@@ -674,6 +754,11 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"filter_finish_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kFilterReduceBytes},
       {"points_forward_kernel", kPointsThreads, 0, kStaticSmem, 0},
       {"points_backward_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_pack_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_forward_fast_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_sample_grad_fast_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_backward_fast_kernel", kPointsThreads, kPointsFastBackwardMinBlocks, kStaticSmem,
+       kSmemNoOptIn - kStaticSmem},
       {"points_grid_finish_kernel", kPointsThreads, 0, kStaticSmem, 0},
       {"tv_loss_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
       {"tv_reduce_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
