@@ -910,6 +910,17 @@ def test_ptxas_report_flags_spills_and_static_smem(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_ptxas_report_names_kernels_with_enum_arguments():
+    # An enumerator template argument demangles with parentheses: the name and the arguments must
+    # still be told apart (the first GPU run's report listed such kernels as unknown).
+    rep = _load("_bo_ptxas_report", os.path.join(ROOT, "tools", "ptxas_report.py"))
+    sig = ("void bilateral_ops::cuda::(anonymous namespace)::tv_loss_kernel<float, (bilateral_ops::cuda::TvPath)2>"
+           "(bilateral_ops::TvGeometry, float const*)")
+    assert rep.describe(sig) == ("tv_loss_kernel", "float, (bilateral_ops::cuda::TvPath)2")
+    assert rep.describe("void ns::k<c10::Half, 3, true>(int)") == ("k", "c10::Half, 3, true")
+    assert rep.describe("void ns::plain_kernel(int, float*)") == ("plain_kernel", "")
+
+
 # ----------------------------------------------------------------------------------------------
 # bilateral_slice_apply_points and grid_tv_loss: grid-stride kernels over samples / elements.
 

@@ -35,7 +35,7 @@ ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm
 PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
 USED = re.compile(r"Used (?P<regs>\d+) registers")
 SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
-SIGNATURE = re.compile(r"(?:void\s+)?(?P<qual>[\w:]+)(?:<(?P<args>[^()]*)>)?\(")
+SIGNATURE = re.compile(r"(?:void\s+)?(?P<qual>[\w:]+)[<(]")
 
 
 def parse(log: str) -> list[dict]:
@@ -76,12 +76,22 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def describe(demangled: str) -> tuple[str, str]:
-    """(kernel name, template arguments) of a demangled kernel signature."""
+    """(kernel name, template arguments) of a demangled kernel signature. The arguments are found
+    by matching angle brackets, since they may hold parentheses themselves (an enumerator
+    argument demangles as ``(ns::Enum)1``)."""
     s = demangled.replace("(anonymous namespace)::", "")
     m = SIGNATURE.match(s)
     if not m:
         return s, ""
-    return m.group("qual").split("::")[-1], (m.group("args") or "").strip()
+    name = m.group("qual").split("::")[-1]
+    if s[m.end("qual") : m.end("qual") + 1] != "<":
+        return name, ""
+    depth, start = 0, m.end("qual") + 1
+    for i in range(start - 1, len(s)):
+        depth += {"<": 1, ">": -1}.get(s[i], 0)
+        if depth == 0:
+            return name, s[start:i].strip()
+    return name, ""
 
 
 def acc_size(args: str) -> int:
