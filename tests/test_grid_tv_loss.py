@@ -68,6 +68,22 @@ def test_second_derivatives(gen):
     assert torch.autograd.gradgradcheck(lambda t: bo.grid_tv_loss(t), (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_autograd_equals_the_registered_one(device, gen):
+    # bo.grid_tv_loss differentiates eagerly below torch.library's autograd layer: the same op and
+    # backward op, so the same bits as differentiating torch.ops' op, to the second order.
+    x = torch.randn(4, 3, 3, 5, 6, generator=gen, dtype=F64).to(device).requires_grad_()
+    idx = torch.tensor([2, 0, 2]).to(device)
+    go = torch.tensor(1.3, dtype=F64, device=device)
+    for i in (None, idx):
+        (a,) = torch.autograd.grad(bo.grid_tv_loss(x, i), x, go, create_graph=True)
+        (b,) = torch.autograd.grad(OPS.grid_tv_loss(x, i), x, go, create_graph=True)
+        assert torch.equal(a, b)
+        c = torch.randn(x.shape, generator=gen, dtype=F64).to(device)
+        assert torch.equal(torch.autograd.grad((a * c).sum(), x)[0], torch.autograd.grad((b * c).sum(), x)[0])
+    assert bo.grid_tv_loss(x).grad_fn is not None
+
+
 def test_deterministic(gen, restore_num_threads):
     x = torch.randn(64, 12, 8, 16, 16, generator=gen)
     values = []
