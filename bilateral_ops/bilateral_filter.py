@@ -41,7 +41,12 @@ def _sigma_space(sigma_space, input: torch.Tensor) -> torch.Tensor:
         v.check_sigma_values("sigma_space", t)
         return t.reshape(-1, 2).expand(n, 2)
     sy, sx = v.sigma_space_pair(sigma_space)
-    return torch.tensor([sy, sx], dtype=input.dtype, device=input.device).expand(n, 2)
+    # Filled on the device: torch.tensor from Python floats is a pageable host-to-device copy,
+    # which may wait for the stream (on an H200 the 1080p call's host time exceeded its kernels').
+    t = torch.full((n, 2), sy, dtype=input.dtype, device=input.device)
+    if sx != sy:
+        t[:, 1].fill_(sx)
+    return t
 
 
 def bilateral_filter(
