@@ -369,22 +369,39 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2Mi
 }
 
 // Fold: pixel (n, c, y, x) = centre term + the padded gradients of every position that reads it,
-// rows and columns in preimage order.
-template <typename scalar_t>
+// rows and columns in preimage order. The loops over the three intervals are unrolled, so that
+// the preimages stay in registers (indexed at run time they went to the stack), and kSmall
+// (every flat index below 2^31) finds the pixel with multiply-high divisions: the kernel was
+// bound by its index arithmetic, not by the two planes it moves.
+struct FoldDivs {
+  FastDiv plane, row;  // H W, W
+};
+
+template <typename scalar_t, bool kSmall>
 __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
-    filter_fold_kernel(Dims d, int64_t channels, const acc_type<scalar_t>* padded,
+    filter_fold_kernel(Dims d, int64_t channels, FoldDivs v, const acc_type<scalar_t>* padded,
                        const acc_type<scalar_t>* centre, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t total = d.N * channels * d.H * d.W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t plane_i = i / (d.H * d.W), y = (i / d.W) % d.H, x = i % d.W;
+    int64_t plane_i, y, x;
+    if constexpr (kSmall) {
+      const uint32_t n = static_cast<uint32_t>(i), pl = v.plane.div(n), rem = n - pl * v.plane.d;
+      const uint32_t r = v.row.div(rem);
+      plane_i = pl, y = r, x = rem - r * v.row.d;
+    } else {
+      plane_i = i / (d.H * d.W), y = (i / d.W) % d.H, x = i % d.W;
+    }
     acc_t sum = centre != nullptr ? centre[i] : acc_t(0);
     const Preimages py = preimages(y, d.H, d.py, d.border), px = preimages(x, d.W, d.px, d.border);
     const acc_t* base = padded + plane_i * d.Hp * d.Wp;
-    for (int a = 0; a < py.count; ++a) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
       for (int64_t yy = py.lo[a]; yy <= py.hi[a]; ++yy) {
-        for (int b = 0; b < px.count; ++b) {
-          for (int64_t xx = px.lo[b]; xx <= px.hi[b]; ++xx) sum += base[(yy + d.py) * d.Wp + xx + d.px];
+        const acc_t* row = base + (yy + d.py) * d.Wp + d.px;
+#pragma unroll
+        for (int b = 0; b < 3; ++b) {
+          for (int64_t xx = px.lo[b]; xx <= px.hi[b]; ++xx) sum += row[xx];
         }
       }
     }
@@ -892,14 +909,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     } else {
       BO_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
     }
+    // The fold of `channels` padded planes into out (plus the centre terms, when given).
+    const auto fold = [&](const launch::Launch& l, int64_t channels, const acc_t* padded, const acc_t* centre,
+                          scalar_t* out) {
+      if (s.N * channels * s.H * s.W < (int64_t{1} << 31)) {
+        const FoldDivs v{FastDiv(static_cast<uint32_t>(s.H * s.W)), FastDiv(static_cast<uint32_t>(s.W))};
+        BO_LAUNCH((filter_fold_kernel<scalar_t, true>), l, stream, d, channels, v, padded, centre, out);
+      } else {
+        BO_LAUNCH((filter_fold_kernel<scalar_t, false>), l, stream, d, channels, FoldDivs{}, padded, centre, out);
+      }
+    };
     if (mask[0]) {
-      BO_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_input, stream, d, s.C, gin.data_ptr<acc_t>(),
-                       s.self ? gcen.data_ptr<acc_t>() : static_cast<const acc_t*>(nullptr),
-                       grad_input.data_ptr<scalar_t>());
+      fold(plan.fold_input, s.C, gin.data_ptr<acc_t>(), s.self ? gcen.data_ptr<acc_t>() : nullptr,
+           grad_input.data_ptr<scalar_t>());
     }
     if (mask[1] && !s.self) {
-      BO_LAUNCH(filter_fold_kernel<scalar_t>, plan.fold_guidance, stream, d, s.Cg, ggd.data_ptr<acc_t>(),
-                       gcen.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
+      fold(plan.fold_guidance, s.Cg, ggd.data_ptr<acc_t>(), gcen.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
     }
   });
   return {grad_input, grad_guidance, grad_sc, grad_ss};

@@ -36,42 +36,32 @@ BO_HOST_DEVICE int64_t border_index(int64_t i, int64_t n, int border) {
   }
 }
 
-// The padded coordinates that read image index x, as up to three intervals [lo, hi] (in padded
-// coordinates, -pad .. n - 1 + pad), in increasing order: the fold sums them in this fixed order,
-// so gradients are deterministic.
+// The padded coordinates that read image index x, as three intervals [lo, hi] (in padded
+// coordinates, -pad .. n - 1 + pad) in increasing order: the reflection or wrap from below, x
+// itself (replicate: the run of the edge), the reflection or wrap from above; an empty one has
+// lo > hi. The fold sums them in this fixed order, so gradients are deterministic. Three slots at
+// fixed places rather than a count: unrolled loops over them index registers, not the stack.
 struct Preimages {
-  int count;
   int64_t lo[3], hi[3];
 };
 
-BO_HOST_DEVICE void push_interval(Preimages& p, int64_t lo, int64_t hi) {
-  p.lo[p.count] = lo;
-  p.hi[p.count] = hi;
-  ++p.count;
-}
-
 BO_HOST_DEVICE Preimages preimages(int64_t x, int64_t n, int64_t pad, int border) {
-  Preimages p;
-  p.count = 0;
+  Preimages p = {{1, x, 1}, {0, x, 0}};
   switch (border) {
     case kReflect:
-      if (x >= 1 && x <= pad) push_interval(p, -x, -x);
-      push_interval(p, x, x);
-      if (x <= n - 2 && 2 * (n - 1) - x <= n - 1 + pad) push_interval(p, 2 * (n - 1) - x, 2 * (n - 1) - x);
+      if (x >= 1 && x <= pad) p.lo[0] = p.hi[0] = -x;
+      if (x <= n - 2 && 2 * (n - 1) - x <= n - 1 + pad) p.lo[2] = p.hi[2] = 2 * (n - 1) - x;
       break;
-    case kReplicate: {
-      const int64_t lo = x == 0 ? -pad : x;
-      const int64_t hi = x == n - 1 ? n - 1 + pad : x;
-      push_interval(p, lo, hi);
+    case kReplicate:
+      p.lo[1] = x == 0 ? -pad : x;
+      p.hi[1] = x == n - 1 ? n - 1 + pad : x;
       break;
-    }
     case kCircular:
-      if (x - n >= -pad) push_interval(p, x - n, x - n);
-      push_interval(p, x, x);
-      if (x + n <= n - 1 + pad) push_interval(p, x + n, x + n);
+      if (x - n >= -pad) p.lo[0] = p.hi[0] = x - n;
+      if (x + n <= n - 1 + pad) p.lo[2] = p.hi[2] = x + n;
       break;
     default:
-      push_interval(p, x, x);
+      break;
   }
   return p;
 }
