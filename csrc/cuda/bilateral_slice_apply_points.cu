@@ -329,6 +329,23 @@ __device__ __forceinline__ FastTaps<acc_type<scalar_t>> fast_sample_taps(const F
   return fast_taps(ldg(c), ldg(c + 1), ldg(c + 2), d.D, d.Gh, d.Gw);
 }
 
+// A[c] = sum over the corners of weight * packed grid value: the sample's coefficients, in
+// sample_channel's order.
+template <typename acc_t>
+__device__ __forceinline__ void fast_coefficients(const acc_t* grid, const FastTaps<acc_t>& t,
+                                                  acc_t (&A)[kPackedC]) {
+#pragma unroll
+  for (int c = 0; c < kPackedC; ++c) A[c] = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    acc_t G[kPackedC];
+    load_cell(grid + t.off[k] * kPackedC, G);
+    const acc_t w = t.weight(k);
+#pragma unroll
+    for (int c = 0; c < kFastC; ++c) A[c] += w * G[c];
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kPointsThreads)
     points_forward_fast_kernel(const PointsGeometry g, const FastDims d, const PointsArgs<scalar_t> a) {
@@ -343,19 +360,8 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
       continue;
     }
     const FastTaps<acc_t> t = fast_sample_taps(d, a.coords, p);
-    const acc_t* grid = a.packed + static_cast<int>(m) * d.cells * kPackedC;
-    // A[c] = sum over the corners of weight * grid value (sample_channel's order).
     acc_t A[kPackedC];
-#pragma unroll
-    for (int c = 0; c < kPackedC; ++c) A[c] = acc_t(0);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      acc_t G[kPackedC];
-      load_cell(grid + t.off[k] * kPackedC, G);
-      const acc_t w = t.weight(k);
-#pragma unroll
-      for (int c = 0; c < kFastC; ++c) A[c] += w * G[c];
-    }
+    fast_coefficients(a.packed + static_cast<int>(m) * d.cells * kPackedC, t, A);
     acc_t x[kFastCi];
 #pragma unroll
     for (int i = 0; i < kFastCi; ++i) x[i] = ldg(a.input + p * kFastCi + i);
@@ -453,19 +459,8 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
             gz += t.dz(k) * e;
           }
         }
-        acc_t A[kFastC];
-#pragma unroll
-        for (int c = 0; c < kFastC; ++c) A[c] = acc_t(0);
-        if (a.need_input) {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            acc_t G[kPackedC];
-            load_cell(grid + t.off[k] * kPackedC, G);
-            const acc_t w = t.weight(k);
-#pragma unroll
-            for (int c = 0; c < kFastC; ++c) A[c] += w * G[c];
-          }
-        }
+        acc_t A[kPackedC];
+        if (a.need_input) fast_coefficients(grid, t, A);
         if (a.need_coords) {
           a.grad_coords[p * 3 + 0] = static_cast<scalar_t>(gx);
           a.grad_coords[p * 3 + 1] = static_cast<scalar_t>(gy);
