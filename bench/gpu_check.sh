@@ -13,9 +13,9 @@
 #   then bench/profile_cuda.py: each case's wall time against its kernels' time (optional)
 #   5. compute-sanitizer racecheck, synccheck (and initcheck, reported only), quick workloads
 #   6. HDRNet's inference benchmark (optional: its compiled case spends most of its time compiling)
-# Peers the machine lacks travel with the call: wheels in .whl/ (kornia, for the exact filter's
-# tests and benchmark) are installed to /tmp/site; fused-bilagrid's source in
-# .peers/fused-bilagrid is built in place.
+# Peers the machine lacks travel with the call (bench/gpu_prepare.sh puts them there): wheels in
+# .whl/ (kornia, for the exact filter's tests and benchmark) are installed to /tmp/site;
+# fused-bilagrid's source in .peers/fused-bilagrid is built in place.
 # Every step runs whatever happened before; a summary table ends the run; the exit status is
 # non-zero if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
