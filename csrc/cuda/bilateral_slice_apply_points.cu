@@ -480,6 +480,15 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
   }
 }
 
+// Blocks a multiprocessor holds at once: sm_90's shared memory fits one full slab more than
+// launch_config.h's bound, which holds on every architecture (64 registers spill on sm_80), the
+// way c10's launch bounds depend on __CUDA_ARCH__.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define BO_POINTS_FAST_BACKWARD_MIN_BLOCKS (launch::kPointsFastBackwardMinBlocks)
+#else
+#define BO_POINTS_FAST_BACKWARD_MIN_BLOCKS (launch::kPointsFastBackwardMinBlocks + 1)
+#endif
+
 // The grid gradient of the fast path, privatised per block. blockIdx.y: the slice
 // [c0, c0 + slice) of the channels (slice: the plan's slice_channels; the last slice may have
 // fewer). The block zeroes its slab, adds the 64-bit fixed-point contributions of its samples
@@ -487,7 +496,7 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
 // then adds each non-zero sum to the global buffer. The loop over samples is warp-uniform (lanes
 // past P ride along with nothing to add).
 template <typename scalar_t>
-__global__ void __launch_bounds__(launch::kPointsThreads, launch::kPointsFastBackwardMinBlocks)
+__global__ void __launch_bounds__(launch::kPointsThreads, BO_POINTS_FAST_BACKWARD_MIN_BLOCKS)
     points_backward_fast_kernel(const PointsGeometry g, const FastDims d,
                                 const PointsArgs<scalar_t> a, const int slice) {
   using acc_t = acc_type<scalar_t>;

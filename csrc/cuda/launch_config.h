@@ -594,9 +594,11 @@ constexpr int64_t kPointsPackedChannels = 12;  // kPointsFastC rounded up to a m
 constexpr int64_t kPointsMaxSliceChannels = 6;
 constexpr int64_t kPointsSharedBlocks = 1024;
 constexpr int64_t kPointsSlabEntryBytes = 8;  // one unsigned 64-bit fixed-point sum
-// A full slab (48 KiB) leaves room for 4 blocks of an SM of 228 KiB (sm_90): 64 registers (the
-// plans do not depend on the dtype, so neither does this bound; float64 may spill a little).
-constexpr int kPointsFastBackwardMinBlocks = 4;
+// A full slab (48 KiB) leaves room for 3 blocks of an SM on sm_80 (164 KiB; 2 on sm_86 / 89),
+// 4 on sm_90 (228 KiB): the kernel's bounds ask for this many, 85 registers (the plans do not
+// depend on the dtype, so neither does this bound; float64 may spill a little), and one more on
+// sm_90 (64 registers; bilateral_slice_apply_points.cu).
+constexpr int kPointsFastBackwardMinBlocks = 3;
 constexpr int kTvThreads = 256;
 constexpr int64_t kTvMaxBlocks = 1024;  // partials of the loss: fixed by the sizes alone
 constexpr int64_t kTvReduceBytes = (kTvThreads / 32) * 8;  // one double per warp
