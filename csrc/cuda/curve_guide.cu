@@ -1,8 +1,9 @@
 // CUDA kernels of curve_guide and _curve_guide_backward (csrc/ops.cpp has the schemas,
 // bilateral_ops/curve_guide.h the per-pixel formula shared with the CPU, launch_config.h the
-// launch plans). One thread per pixel in a grid-stride loop; the parameters are read as one
-// table in the accumulation type (float for float16 / bfloat16 / float32, double for float64),
-// from shared memory when it fits.
+// launch plans). Grid-stride loops: the forward takes four pixels a thread when a pixel's channels
+// fit in registers and the table in shared memory (curve_forward_group_kernel), one otherwise;
+// the backward one. The parameters are read as one table in the accumulation type (float for
+// float16 / bfloat16 / float32, double for float64), from shared memory when it fits.
 //
 // Parameter gradients: every warp sums each contribution over its 32 pixels with shuffles and
 // adds it to its own row (lane 0, no contention); the block then adds its warps' rows in warp
