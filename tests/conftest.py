@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import bilateral_ops  # noqa: E402
 import bilateral_ops._library as lib  # noqa: E402
+from helpers import deterministic  # noqa: E402
 
 
 def _compiled_library_problem() -> str | None:
@@ -87,11 +88,8 @@ def bitwise():
     """Deterministic mode for a test that compares two runs bitwise: on CUDA the default grid
     gradients (and grid_splat) add with atomics, in no fixed order; the deterministic paths gather
     in a fixed order. The CPU kernels are deterministic either way."""
-    old = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(old, warn_only=old_warn)
+    with deterministic(True):
+        yield
 
 
 @pytest.fixture
