@@ -131,7 +131,10 @@ __device__ __forceinline__ acc_type<scalar_t> pre_clamp(const acc_type<scalar_t>
   return g;
 }
 
-template <typename scalar_t, int kRegC>
+// The forward of the shapes curve_forward_group_kernel does not take (more channels than
+// registers hold, or a table too large for shared memory): one pixel a thread, its channels
+// re-read.
+template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
     curve_forward_kernel(const CurveKernelArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < a.pixels;
        p += stride) {
     const int64_t n = p / a.HW, s = p - n * a.HW;
-    PixelChannels<scalar_t, kRegC> px;
+    PixelChannels<scalar_t, 0> px;
     px.load(a.input + n * a.l.C * a.HW + s, a.HW, a.l.C, true);
     a.output[p] = static_cast<scalar_t>(curve_clamp01(pre_clamp(tb, a.l, px)));
   }
@@ -167,10 +170,9 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
   using acc_t = acc_type<scalar_t>;
   constexpr int kG = launch::kCurveGroup;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* tb = reinterpret_cast<acc_t*>(smem_raw);
   const CurveLayout l = a.l;
-  for (int64_t q = threadIdx.x; q < l.size(); q += blockDim.x) tb[q] = a.table[q];
-  __syncthreads();
+  // The plan takes this kernel only with the table in shared memory.
+  const acc_t* tb = block_table(a.table, l.size(), true, reinterpret_cast<acc_t*>(smem_raw));
   const int K = kK > 0 ? kK : static_cast<int>(l.K);
   // Table offsets from the compile-time sizes: constants when kK > 0.
   constexpr int kCcm = 0, kBias = kC * kC, kShifts = kC * kC + kC;
@@ -415,7 +417,7 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
         default: go(std::integral_constant<int, 4>{}); break;
       }
     } else {
-      BO_LAUNCH((curve_forward_kernel<scalar_t, 0>), plan.main, stream, a);
+      BO_LAUNCH(curve_forward_kernel<scalar_t>, plan.main, stream, a);
     }
   });
   return out;
