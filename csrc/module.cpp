@@ -14,7 +14,7 @@
 //       floats, default (1, 1, 1)).
 //   curve_plans(pass_, N, C, H, W, K, elem_size=4, acc_size=4, mask=None) -> [dict]
 //       the same for curve_guide (mask: its backward's 7 flags), with table_size, table_shared,
-//       rows_shared, registers and partial_rows
+//       rows_shared, registers, group and partial_rows
 //   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None) -> [dict]
 //       the launches of one bilateral_filter / _bilateral_filter_backward call
 //   points_plans(pass_, P, M, C, D, Gh, Gw, mask=None) -> [dict]
@@ -25,6 +25,9 @@
 //   limits() -> dict                  the architectural limits the plans are built against (and
 //                                     grid_blur's largest tap count passed by value)
 //   max_cells(tile, n, G) -> int      cells a tile of pixels can touch along one axis
+//   curve_sorted(shifts, slopes, c, double=True) -> dict
+//       one channel's curve at the points c through its sorted knots (bilateral_ops/curve_guide.h,
+//       the CUDA kernels' path) in double or float: {"sorted", "pq", "f", "fp"}
 // Plain CPython API: no pybind11, nothing to link beyond what torch's extension build provides.
 
 #include <Python.h>
@@ -32,6 +35,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bilateral_ops/curve_guide.h"
 #include "cuda/launch_config.h"
 
 namespace {
@@ -324,9 +328,10 @@ PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
                       {"table_shared", p.table_shared},
                       {"rows_shared", p.rows_shared},
                       {"registers", p.registers},
+                      {"group", p.group},
                       {"partial_rows", p.partial_rows}};
-  bool ok = append(out, launch_dict(p.main, ex, 5));
-  if (ok && p.reduce.present) ok = append(out, launch_dict(p.reduce, ex, 5));
+  bool ok = append(out, launch_dict(p.main, ex, 6));
+  if (ok && p.reduce.present) ok = append(out, launch_dict(p.reduce, ex, 6));
   if (!ok) {
     Py_DECREF(out);
     return nullptr;
@@ -535,6 +540,87 @@ PyObject* max_cells(PyObject*, PyObject* args) {
   return int_value(launch::max_cells(tile, n, G));
 }
 
+// A sequence of floats as a vector (false, with the Python error set, on failure).
+bool float_list(PyObject* seq, const char* name, std::vector<double>* out) {
+  PyObject* fast = PySequence_Fast(seq, name);
+  if (fast == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  out->resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    (*out)[static_cast<size_t>(i)] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+    if (PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return false;
+    }
+  }
+  Py_DECREF(fast);
+  return true;
+}
+
+template <typename T>
+PyObject* float_tuple(const std::vector<T>& v) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(v.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t i = 0; i < v.size(); ++i) {
+    PyObject* x = PyFloat_FromDouble(static_cast<double>(v[i]));
+    if (x == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), x);
+  }
+  return t;
+}
+
+// The sorted-knot evaluation exactly as the CUDA kernels run it: every knot placed at its rank,
+// the prefix sums, then the search per point.
+template <typename T>
+PyObject* curve_sorted_as(const std::vector<double>& sh, const std::vector<double>& sl,
+                          const std::vector<double>& cs) {
+  const int K = static_cast<int>(sh.size());
+  std::vector<T> shifts(sh.begin(), sh.end()), sorted(K), pq(2 * (K + 1)), f, fp;
+  for (int j = 0; j < K; ++j) {
+    bilateral_ops::curve_place_knot(shifts[j], static_cast<T>(sl[j]),
+                                    bilateral_ops::curve_knot_rank(shifts.data(), K, j),
+                                    sorted.data(), pq.data());
+  }
+  bilateral_ops::curve_prefix(pq.data(), K);
+  for (double c : cs) {
+    T d;
+    f.push_back(bilateral_ops::curve_sorted_point(static_cast<T>(c), sorted.data(), pq.data(), K, d));
+    fp.push_back(d);
+  }
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  if (!(put(d, "sorted", float_tuple(sorted)) && put(d, "pq", float_tuple(pq)) &&
+        put(d, "f", float_tuple(f)) && put(d, "fp", float_tuple(fp)))) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+PyObject* curve_sorted(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"shifts", "slopes", "c", "double", nullptr};
+  PyObject *sh_obj, *sl_obj, *c_obj;
+  int as_double = 1;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|p", const_cast<char**>(keywords), &sh_obj,
+                                   &sl_obj, &c_obj, &as_double)) {
+    return nullptr;
+  }
+  std::vector<double> sh, sl, cs;
+  if (!float_list(sh_obj, "shifts must be a sequence of floats", &sh) ||
+      !float_list(sl_obj, "slopes must be a sequence of floats", &sl) ||
+      !float_list(c_obj, "c must be a sequence of floats", &cs)) {
+    return nullptr;
+  }
+  if (sh.empty() || sh.size() != sl.size()) {
+    PyErr_SetString(PyExc_ValueError, "shifts and slopes need the same length K >= 1");
+    return nullptr;
+  }
+  return as_double ? curve_sorted_as<double>(sh, sl, cs) : curve_sorted_as<float>(sh, sl, cs);
+}
+
 PyMethodDef methods[] = {
     {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
@@ -549,6 +635,8 @@ PyMethodDef methods[] = {
     {"kernel_info", kernel_info, METH_VARARGS,
      "__launch_bounds__ and largest dynamic shared memory request of every CUDA kernel."},
     {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},
+    {"curve_sorted", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_sorted)),
+     METH_VARARGS | METH_KEYWORDS, "One curve through its sorted knots, as the CUDA kernels evaluate it."},
     {"max_cells", max_cells, METH_VARARGS,
      "Cells a tile of `tile` pixels touches along an n-pixel axis of G cells (upper bound)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -373,3 +373,35 @@ def test_fallback_without_a_kernel(monkeypatch, gen):
     with pytest.warns(RuntimeWarning, match="curve_guide"):
         out = bo.curve_guide(*args)
     torch.testing.assert_close(out, reference.curve_guide(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 16, 17, 33, 400])
+def test_sorted_knots_evaluate_the_curve(K, gen):
+    """The CUDA kernels evaluate each curve through its sorted knots (curve_guide.h); the module
+    runs those same functions on the host. Against the direct sum of the definition: ties among
+    the shifts, points exactly on a knot (relu(0) = relu'(0) = 0), below the first and above the
+    last knot, and a NaN."""
+    from bilateral_ops import _C
+
+    # Shifts on a coarse lattice so that some coincide; unsorted, as the parameters are.
+    shifts = (torch.randint(0, max(2, K // 2), (K,), generator=gen).to(F64) / max(1, K // 2) - 0.1).tolist()
+    slopes = torch.randn(K, generator=gen, dtype=F64).tolist()
+    points = torch.rand(64, generator=gen, dtype=F64) * 1.6 - 0.3
+    cs = points.tolist() + shifts + [min(shifts) - 1.0, max(shifts) + 1.0]
+    c = torch.tensor(cs, dtype=F64).unsqueeze(1)
+    sh, sl = torch.tensor(shifts, dtype=F64), torch.tensor(slopes, dtype=F64)
+    want_f = (sl * torch.relu(c - sh)).sum(1)
+    want_fp = (sl * (c > sh)).sum(1)
+    scale = 1 + (sl.abs() * (c - sh).abs()).sum(1)
+    got = _C.curve_sorted(shifts, slopes, cs)
+    assert list(got["sorted"]) == sorted(shifts)
+    assert got["pq"][2 * K] == pytest.approx(sum(slopes), abs=1e-12)
+    assert ((torch.tensor(got["f"], dtype=F64) - want_f).abs() <= 1e-13 * scale).all()
+    assert ((torch.tensor(got["fp"], dtype=F64) - want_fp).abs() <= 1e-13 * (1 + sl.abs().sum())).all()
+    # In float the CUDA path's rounding: a few ulps of the terms' magnitude.
+    got32 = _C.curve_sorted(shifts, slopes, cs, double=False)
+    assert ((torch.tensor(got32["f"], dtype=F64) - want_f).abs() <= 1e-5 * scale).all()
+    nan = _C.curve_sorted(shifts, slopes, [float("nan")])
+    assert torch.isnan(torch.tensor(nan["f"])).all() and nan["fp"] == (0.0,)
+    with pytest.raises(ValueError):
+        _C.curve_sorted([0.0, 1.0], [1.0], [0.5])

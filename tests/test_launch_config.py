@@ -797,22 +797,33 @@ def _check_curve_plan(p, shape, where):
     _, C, _, _, K = shape
     P = C * C + 2 * C + 2 * C * K + 1
     acc = p["acc_size"]
+    sorted_bytes = C * (3 * K + 2) * acc  # each channel's sorted knots and prefix-sum pairs
+    table = P * acc if p["table_shared"] else 0
     assert p["table_size"] == P, where
-    assert p["block"] == (256, 1, 1), where
     assert bool(p["registers"]) == (C <= 4), where
     assert bool(p["table_shared"]) == (P * acc <= 16 * KIB), where
     if p["kernel"] in ("curve_forward_kernel", "curve_forward_group_kernel"):
-        assert p["dynamic_smem"] == (P * acc if p["table_shared"] else 0), where
+        assert p["block"] == (256, 1, 1), where
         # Four pixels per thread exactly when a pixel's channels fit in registers and the table
-        # in shared memory.
-        assert (p["kernel"] == "curve_forward_group_kernel") == (C <= 4 and p["table_shared"]), where
+        # in shared memory; then the sorted curves follow the table.
+        assert (p["kernel"] == "curve_forward_group_kernel") == (C <= 4 and p["table_shared"]) == bool(p["group"]), where
+        assert p["dynamic_smem"] == table + (sorted_bytes if p["group"] else 0), where
+        assert p["launch_bounds"] == (256, (3 if acc == 4 else 2) if p["group"] else 2), where
+    elif p["kernel"] == "curve_backward_group_kernel":
+        # HDRNet's shapes in float math: the table, the sorted curves, then four warp rows.
+        assert acc == 4 and C in (1, 3) and K <= 16 and p["table_shared"] and p["group"], where
+        assert p["block"] == (128, 1, 1) and bool(p["rows_shared"]) == bool(p["partial_rows"]), where
+        assert p["dynamic_smem"] == table + sorted_bytes + (4 * P * acc if p["rows_shared"] else 0), where
     elif p["kernel"] == "curve_backward_kernel":
+        assert not p["group"] and p["block"] == (256, 1, 1), where
+        assert not (acc == 4 and C in (1, 3) and K <= 16 and p["table_shared"]), where
         # The kernel carves the table and then eight warp rows out of the dynamic buffer.
         rows = 8 * P * acc if p["rows_shared"] else 0
-        assert p["dynamic_smem"] == (P * acc if p["table_shared"] else 0) + rows, where
+        assert p["dynamic_smem"] == table + rows, where
     else:
-        assert p["kernel"] == "curve_reduce_kernel" and p["dynamic_smem"] == 0, where
-        assert p["grid"][0] * 256 >= P, where
+        # A block per table entry, a double per thread for its tree.
+        assert p["kernel"] == "curve_reduce_kernel" and p["dynamic_smem"] == 256 * 8, where
+        assert p["grid"][0] == P and p["block"] == (256, 1, 1), where
     if p["partial_rows"]:
         # One row per block with shared rows, one per warp otherwise; bounded memory.
         assert p["partial_rows"] * P <= max(2**24, 8 * P), where
@@ -826,7 +837,7 @@ def test_every_curve_plan_fits_every_architecture(source, dtype):
     count = 0
     for shape in shapes:
         plans_ = list(all_curve_plans(shape, dtype))
-        mains = [p for _, p in plans_ if p["kernel"] == "curve_backward_kernel"]
+        mains = [p for _, p in plans_ if p["kernel"] in ("curve_backward_kernel", "curve_backward_group_kernel")]
         for where, p in plans_:
             check_plan(p, where)
             _check_curve_plan(p, shape, where)
@@ -839,15 +850,28 @@ def test_every_curve_plan_fits_every_architecture(source, dtype):
 
 def test_curve_plan_modes():
     hdrnet = curve_plans("backward", (4, 3, 384, 384, 16), "float32")
-    assert [p["kernel"] for p in hdrnet] == ["curve_backward_kernel", "curve_reduce_kernel"]
+    assert [p["kernel"] for p in hdrnet] == ["curve_backward_group_kernel", "curve_reduce_kernel"]
     main = hdrnet[0]
-    assert main["registers"] and main["table_shared"] and main["rows_shared"]
-    assert main["grid"][0] == 1024 and main["partial_rows"] == 1024
+    assert main["registers"] and main["table_shared"] and main["rows_shared"] and main["group"]
+    # At least 8 pixels a thread of 128: 4 * 384 * 384 / 1024 blocks.
+    assert main["grid"][0] == 576 and main["partial_rows"] == 576
+    assert curve_plans("backward", (1, 3, 2160, 3840, 16), "float32")[0]["grid"][0] == 1024
+    # float64, other channel counts, more than 16 points or no parameter gradient: the per-warp
+    # kernel.
+    for shape, dtype in [((4, 3, 384, 384, 16), "float64"), ((4, 2, 384, 384, 16), "float32"),
+                         ((4, 3, 384, 384, 17), "float32")]:
+        plan = curve_plans("backward", shape, dtype)
+        assert [p["kernel"] for p in plan] == ["curve_backward_kernel", "curve_reduce_kernel"], shape
+    assert curve_plans("backward", (4, 1, 384, 384, 1), "float16")[0]["kernel"] == "curve_backward_group_kernel"
+    fwd = curve_plans("forward", (1, 3, 2160, 3840, 16), "float32")[0]
+    assert fwd["kernel"] == "curve_forward_group_kernel" and fwd["grid"][0] == 2048
+    assert fwd["dynamic_smem"] == (112 + 3 * 50) * 4
     # A table beyond 16 KiB is read from global memory; rows that do not fit go to `partial`.
     big = curve_plans("backward", (1, 8, 19, 23, 256), "float32")[0]
     assert not big["table_shared"] and not big["rows_shared"] and not big["registers"]
     assert big["partial_rows"] == 8 * big["grid"][0]
     rows_only = curve_plans("backward", (1, 3, 21, 17, 400), "float32")[0]
+    assert rows_only["kernel"] == "curve_backward_kernel"
     assert rows_only["table_shared"] and not rows_only["rows_shared"]
     assert rows_only["dynamic_smem"] == 2416 * 4  # the table alone
     assert curve_plans("backward", (1, 3, 21, 17, 400), "float64")[0]["dynamic_smem"] == 0  # > 16 KiB
@@ -858,7 +882,11 @@ def test_curve_plan_modes():
 def test_curve_masks_skip_work():
     assert curve_plans("backward", (1, 3, 8, 8, 16), "float32", mask=[False] * 7) == []
     assert curve_plans("forward", (1, 3, 0, 8, 16), "float32") == []
+    # The input gradient alone: the kernel the other masks take, so that it has the same bits.
     only_input = curve_plans("backward", (1, 3, 8, 8, 16), "float32", mask=[True] + [False] * 6)
+    assert [p["kernel"] for p in only_input] == ["curve_backward_group_kernel"]
+    assert only_input[0]["partial_rows"] == 0 and not only_input[0]["rows_shared"]
+    only_input = curve_plans("backward", (1, 3, 8, 8, 16), "float64", mask=[True] + [False] * 6)
     assert [p["kernel"] for p in only_input] == ["curve_backward_kernel"]
     assert only_input[0]["partial_rows"] == 0 and not only_input[0]["rows_shared"]
     with pytest.raises(ValueError):

@@ -3,12 +3,16 @@
 // launch plans). Grid-stride loops: the forward takes four pixels a thread when a pixel's channels
 // fit in registers and the table in shared memory (curve_forward_group_kernel), one otherwise;
 // the backward one. The parameters are read as one table in the accumulation type (float for
-// float16 / bfloat16 / float32, double for float64), from shared memory when it fits.
+// float16 / bfloat16 / float32, double for float64), from shared memory when it fits. The group
+// kernels evaluate each channel's curve through its sorted knots (curve_guide.h), which a block
+// builds once in shared memory.
 //
-// Parameter gradients: every warp sums each contribution over its 32 pixels with shuffles and
-// adds it to its own row (lane 0, no contention); the block then adds its warps' rows in warp
-// order, and curve_reduce_kernel adds the blocks' rows in block order. The number of blocks and
-// the assignment of pixels to warps depend on the sizes only, and there are no atomics, so the
+// Parameter gradients: curve_backward_group_kernel (HDRNet's shapes in float math) sums them in
+// registers per thread over all its pixels and reduces them over the block once. Otherwise every
+// warp sums each contribution over its 32 pixels with shuffles and adds it to its own row (lane 0,
+// no contention), and the block adds its warps' rows in warp order. Either way
+// curve_reduce_kernel adds the blocks' rows in a fixed order. The number of blocks and the
+// assignment of pixels to threads depend on the sizes only, and there are no atomics, so the
 // gradients are bitwise reproducible (torch's deterministic mode needs nothing more).
 //
 // With C <= kCurveRegChannels a pixel's channels and its input gradient live in registers; with
@@ -53,7 +57,26 @@ struct CurveKernelArgs {
   const acc_t* table;           // (P,) in global memory
   acc_t* partial;               // backward with need_params: zeroed (partial_rows, P)
   bool table_shared, rows_shared, need_input, need_params;
+  bool small;   // pixels < 2^31: the image of a pixel from hw's multiply-high
+  FastDiv hw;   // HW, when small
 };
+
+// The image of pixel p: a multiply-high instead of a 64-bit division (some seventy instructions,
+// a large share of a pixel's work here) whenever the pixel indices fit in 31 bits.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t image_of(const CurveKernelArgs<scalar_t>& a, int64_t p) {
+  return a.small ? static_cast<int64_t>(a.hw.div(static_cast<uint32_t>(p))) : p / a.HW;
+}
+
+// The fields every launcher fills the same way.
+template <typename scalar_t>
+void set_sizes(CurveKernelArgs<scalar_t>& a, const CurveShape& sh) {
+  a.l = sh.layout();
+  a.HW = sh.H * sh.W;
+  a.pixels = sh.pixels();
+  a.small = a.pixels < (int64_t{1} << 31);
+  if (a.small) a.hw = FastDiv(static_cast<uint32_t>(a.HW));
+}
 
 // The parameter table every thread reads: copied to the front of the dynamic shared buffer when
 // the plan says so. Every thread of the block must call it (it synchronises).
@@ -64,6 +87,46 @@ __device__ __forceinline__ const acc_t* block_table(const acc_t* table, int64_t 
   for (int64_t q = threadIdx.x; q < P; q += blockDim.x) smem[q] = table[q];
   __syncthreads();
   return smem;
+}
+
+// Every channel's curve through its sorted knots (curve_guide.h), built by the block from the
+// shared table into `sorted` (C K values) and `pq` (C 2 (K + 1)). Returns, the same on every
+// thread, whether the block may use them: every shift and slope finite (so that the ranks are a
+// permutation) and every sum finite. Every thread of the block must call it (it synchronises).
+template <typename acc_t>
+__device__ bool block_sorted_curves(const acc_t* tb, const CurveLayout& l, acc_t* sorted,
+                                    acc_t* pq) {
+  const int C = static_cast<int>(l.C), K = static_cast<int>(l.K);
+  const acc_t* shifts = tb + l.shifts();
+  const acc_t* slopes = tb + l.slopes();
+  int finite = 1;
+  for (int t = threadIdx.x; t < C * K; t += blockDim.x) {
+    finite &= isfinite(shifts[t]) && isfinite(slopes[t]);
+  }
+  if (!__syncthreads_and(finite)) return false;
+  for (int t = threadIdx.x; t < C * K; t += blockDim.x) {
+    const int k = t / K, j = t - k * K;
+    curve_place_knot(shifts[t], slopes[t], curve_knot_rank(shifts + k * K, K, j), sorted + k * K,
+                     pq + 2 * k * (K + 1));
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < C; k += blockDim.x) {
+    acc_t* q = pq + 2 * k * (K + 1);
+    curve_prefix(q, K);
+    finite &= isfinite(q[2 * K]) && isfinite(q[2 * K + 1]);
+  }
+  return __syncthreads_and(finite);
+}
+
+// A channel's curve at c as the sum over its knots, with its slope: the values the sorted path
+// does not take.
+template <typename acc_t>
+__device__ __forceinline__ acc_t curve_sum(acc_t c, const acc_t* sh, const acc_t* sl, int K,
+                                           acc_t& fp) {
+  acc_t f = 0;
+  fp = 0;
+  for (int t = 0; t < K; ++t) curve_point(c, sh[t], sl[t], f, fp);
+  return f;
 }
 
 // A pixel's channels: in registers (kRegC > 0, C <= kRegC) or re-read from global memory.
@@ -144,7 +207,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < a.pixels;
        p += stride) {
-    const int64_t n = p / a.HW, s = p - n * a.HW;
+    const int64_t n = image_of(a, p), s = p - n * a.HW;
     PixelChannels<scalar_t, 0> px;
     px.load(a.input + n * a.l.C * a.HW + s, a.HW, a.l.C, true);
     a.output[p] = static_cast<scalar_t>(curve_clamp01(pre_clamp(tb, a.l, px)));
@@ -163,9 +226,13 @@ struct alignas(sizeof(T) * kN) Pack {
 // points in (HDRNet's 16: the loop unrolls into loads at fixed offsets), 0 reads it at run time.
 // kVec: the image planes hold whole groups (HW a multiple of the group, aligned pointers) and each
 // channel of a group is one vector load; else the pixels are read one by one and may straddle two
-// images. The sums run in pre_clamp's order.
+// images. Each channel's curve comes from the block's sorted knots (a binary search and one
+// multiply-add a pixel instead of K points; the kernel was bound by that arithmetic); a block with
+// a non-finite parameter, and a pixel with a non-finite channel value, take the sums in
+// pre_clamp's order.
 template <typename scalar_t, int kC, int kK, bool kVec>
-__global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks)
+__global__ void __launch_bounds__(launch::kCurveThreads,
+                                  launch::curve_forward_group_min_blocks(sizeof(acc_type<scalar_t>)))
     curve_forward_group_kernel(const CurveKernelArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kG = launch::kCurveGroup;
@@ -174,6 +241,9 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
   // The plan takes this kernel only with the table in shared memory.
   const acc_t* tb = block_table(a.table, l.size(), true, reinterpret_cast<acc_t*>(smem_raw));
   const int K = kK > 0 ? kK : static_cast<int>(l.K);
+  acc_t* sorted = reinterpret_cast<acc_t*>(smem_raw) + l.size();
+  acc_t* pq = sorted + kC * K;
+  const bool use_sorted = block_sorted_curves(tb, l, sorted, pq);
   // Table offsets from the compile-time sizes: constants when kK > 0.
   constexpr int kCcm = 0, kBias = kC * kC, kShifts = kC * kC + kC;
   const int slopes = kShifts + kC * K, mix = kShifts + 2 * kC * K, mix_bias = mix + kC;
@@ -183,7 +253,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
     const int64_t p0 = q * kG;
     acc_t x[kC][kG];
     if constexpr (kVec) {
-      const int64_t n = p0 / a.HW, s = p0 - n * a.HW;
+      const int64_t n = image_of(a, p0), s = p0 - n * a.HW;
       const scalar_t* px = a.input + n * kC * a.HW + s;
 #pragma unroll
       for (int i = 0; i < kC; ++i) {
@@ -196,7 +266,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
       for (int j = 0; j < kG; ++j) {
         const int64_t p = p0 + j;
         const bool valid = p < a.pixels;
-        const int64_t n = valid ? p / a.HW : 0, s = valid ? p - n * a.HW : 0;
+        const int64_t n = valid ? image_of(a, p) : 0, s = valid ? p - n * a.HW : 0;
 #pragma unroll
         for (int i = 0; i < kC; ++i) x[i][j] = valid ? ldg(a.input + (n * kC + i) * a.HW + s) : acc_t(0);
       }
@@ -216,11 +286,21 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
       }
       const acc_t* sh = tb + kShifts + k * K;
       const acc_t* sl = tb + slopes + k * K;
-#pragma unroll 4
-      for (int t = 0; t < K; ++t) {
-        const acc_t shift = sh[t], slope = sl[t];
+      if (use_sorted) {
+        const acc_t* sk = sorted + k * K;
+        const acc_t* pk = pq + 2 * k * (K + 1);
 #pragma unroll
-        for (int j = 0; j < kG; ++j) curve_value(c[j], shift, slope, f[j]);
+        for (int j = 0; j < kG; ++j) {
+          acc_t fp;
+          f[j] = isfinite(c[j]) ? curve_sorted_point(c[j], sk, pk, K, fp) : curve_sum(c[j], sh, sl, K, fp);
+        }
+      } else {
+#pragma unroll 4
+        for (int t = 0; t < K; ++t) {
+          const acc_t shift = sh[t], slope = sl[t];
+#pragma unroll
+          for (int j = 0; j < kG; ++j) curve_value(c[j], shift, slope, f[j]);
+        }
       }
       const acc_t m = tb[mix + k];
 #pragma unroll
@@ -278,7 +358,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
        base += step) {
     const int64_t p = base + lane;
     const bool valid = p < a.pixels;
-    const int64_t n = valid ? p / a.HW : 0, s = valid ? p - n * a.HW : 0;
+    const int64_t n = valid ? image_of(a, p) : 0, s = valid ? p - n * a.HW : 0;
     PixelChannels<scalar_t, kRegC> px;
     px.load(a.input + n * C * a.HW + s, a.HW, C, valid);
     // Lanes past the end carry a zero gradient: they add nothing, and read nothing.
@@ -351,15 +431,166 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
   }
 }
 
-// out[q] = sum of the rows' q-th entries, in row order, in double.
+// The backward of HDRNet's shapes (float math, C = kC in {1, 3}, K <= kCurveGroupMaxK, the table
+// in shared memory; whatever the mask, for the same bits): each thread sums every parameter's gradient in
+// registers over all of its pixels, and the block reduces them once at the end (curve_backward_
+// kernel reduces each of them over its warp at every pixel, ~10 shuffles and adds per parameter
+// and pixel, which dominated). A pixel's curves for the guide and its slope come from the sorted
+// knots, as in the forward; the shift and slope gradients walk the knots in table order, with
+// compile-time indices so that the sums stay in registers. The same pixels go to the same thread
+// and the block's sums are added in a fixed order: bitwise reproducible, no atomics.
+template <typename scalar_t, int kC>
+__global__ void __launch_bounds__(launch::kCurveGroupThreads, launch::kCurveGroupMinBlocks)
+    curve_backward_group_kernel(const CurveKernelArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kK = static_cast<int>(launch::kCurveGroupMaxK);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const CurveLayout l = a.l;
+  // Table offsets in 32 bits, constants where they depend on kC alone (curve_guide.h's layout).
+  const int P = static_cast<int>(l.size()), K = static_cast<int>(l.K);
+  constexpr int kCcm = 0, kBias = kC * kC, kShifts = kC * kC + kC;
+  const int slopes = kShifts + kC * K, mix = kShifts + 2 * kC * K, mix_bias = mix + kC;
+  const acc_t* tb = block_table(a.table, static_cast<int64_t>(P), true, smem);
+  acc_t* sorted = smem + P;
+  acc_t* pq = sorted + kC * K;
+  acc_t* rows = pq + 2 * kC * (K + 1);
+  const bool use_sorted = block_sorted_curves(tb, l, sorted, pq);
+
+  acc_t d_ccm[kC * kC], d_bias[kC], d_mix[kC], d_shift[kC][kK], d_slope[kC][kK], d_mix_bias = 0;
+#pragma unroll
+  for (int k = 0; k < kC; ++k) {
+    d_bias[k] = 0;
+    d_mix[k] = 0;
+#pragma unroll
+    for (int i = 0; i < kC; ++i) d_ccm[k * kC + i] = 0;
+#pragma unroll
+    for (int j = 0; j < kK; ++j) d_shift[k][j] = d_slope[k][j] = 0;
+  }
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < a.pixels;
+       p += stride) {
+    const int64_t n = image_of(a, p), s = p - n * a.HW;
+    const scalar_t* px = a.input + n * kC * a.HW + s;
+    acc_t x[kC];
+#pragma unroll
+    for (int i = 0; i < kC; ++i) x[i] = ldg(px + i * a.HW);
+    const acc_t go = ldg(a.grad_output + p);
+    // The guide before the clamp, summed as pre_clamp does; each channel's c, f and f' kept.
+    acc_t c[kC], f[kC], fp[kC];
+    acc_t g = tb[mix_bias];
+#pragma unroll
+    for (int k = 0; k < kC; ++k) {
+      c[k] = tb[kBias + k];
+#pragma unroll
+      for (int i = 0; i < kC; ++i) c[k] += tb[kCcm + k * kC + i] * x[i];
+      if (use_sorted && isfinite(c[k])) {
+        f[k] = curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k]);
+      } else {
+        f[k] = curve_sum(c[k], tb + kShifts + k * K, tb + slopes + k * K, K, fp[k]);
+      }
+      g += tb[mix + k] * f[k];
+    }
+    const acc_t gp = curve_clamp_pass(g, go);
+    d_mix_bias += gp;
+    acc_t dx[kC];
+#pragma unroll
+    for (int i = 0; i < kC; ++i) dx[i] = 0;
+#pragma unroll
+    for (int k = 0; k < kC; ++k) {
+      const acc_t df = gp * tb[mix + k];
+      const acc_t dc = df * fp[k];
+      d_mix[k] += gp * f[k];
+      d_bias[k] += dc;
+#pragma unroll
+      for (int i = 0; i < kC; ++i) {
+        d_ccm[k * kC + i] += dc * x[i];
+        dx[i] += tb[kCcm + k * kC + i] * dc;
+      }
+      if (a.need_params) {
+        const acc_t* sh = tb + kShifts + k * K;
+#pragma unroll
+        for (int j = 0; j < kK; ++j) {
+          if (j < K) curve_point_grads(c[k], sh[j], df, d_shift[k][j], d_slope[k][j]);
+        }
+      }
+    }
+    if (a.need_input) {
+      scalar_t* gi = a.grad_input + n * kC * a.HW + s;
+#pragma unroll
+      for (int i = 0; i < kC; ++i) gi[i * a.HW] = static_cast<scalar_t>(dx[i]);
+    }
+  }
+
+  if (!a.need_params) return;  // the same for the whole block
+  // Each sum over the warp into the warp's row, then the rows in warp order into the block's
+  // row of `partial`. Every lane reaches the shuffles: K is the same for all.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  acc_t* row = rows + warp * P;
+  const auto put = [&](int q, acc_t v) {
+    v = warp_sum(v);
+    if (lane == 0) row[q] = v;
+  };
+  put(mix_bias, d_mix_bias);
+#pragma unroll
+  for (int k = 0; k < kC; ++k) {
+    put(kBias + k, d_bias[k]);
+    put(mix + k, d_mix[k]);
+#pragma unroll
+    for (int i = 0; i < kC; ++i) put(kCcm + k * kC + i, d_ccm[k * kC + i]);
+#pragma unroll
+    for (int j = 0; j < kK; ++j) {
+      if (j < K) {
+        put(kShifts + k * K + j, d_shift[k][j]);
+        put(slopes + k * K + j, d_slope[k][j]);
+      }
+    }
+  }
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  acc_t* out = a.partial + static_cast<int64_t>(blockIdx.x) * P;
+  for (int q = threadIdx.x; q < P; q += blockDim.x) {
+    acc_t sum = 0;
+    for (int w = 0; w < warps; ++w) sum += rows[w * P + q];
+    out[q] = sum;
+  }
+}
+
+// out[q] = the sum of the rows' q-th entries, in double: a block per entry, each thread summing
+// the rows t, t + blockDim.x, ... in order, then a tree over the threads (a fixed order, and a
+// short chain of dependent loads per thread whatever the number of rows).
 template <typename acc_t>
 __global__ void __launch_bounds__(launch::kCurveThreads)
     curve_reduce_kernel(const acc_t* partial, int64_t rows, int64_t P, acc_t* out) {
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (q >= P) return;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* buf = reinterpret_cast<double*>(smem_raw);
+  const int64_t q = blockIdx.x;
   double sum = 0;
-  for (int64_t r = 0; r < rows; ++r) sum += static_cast<double>(partial[r * P + q]);
-  out[q] = static_cast<acc_t>(sum);
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) sum += static_cast<double>(partial[r * P + q]);
+  buf[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = blockDim.x >> 1; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half) buf[threadIdx.x] += buf[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[q] = static_cast<acc_t>(buf[0]);
+}
+
+// curve_backward_group_kernel for the plan's channel count; the plan takes it in float math only.
+template <typename scalar_t>
+void launch_backward_group(const launch::Launch& plan, cudaStream_t stream,
+                           const CurveKernelArgs<scalar_t>& a) {
+  if constexpr (std::is_same_v<acc_type<scalar_t>, float>) {
+    if (a.l.C == 1) {
+      BO_LAUNCH((curve_backward_group_kernel<scalar_t, 1>), plan, stream, a);
+    } else {
+      TORCH_CHECK(a.l.C == 3, "curve_guide: no backward group kernel for ", a.l.C, " channels");
+      BO_LAUNCH((curve_backward_group_kernel<scalar_t, 3>), plan, stream, a);
+    }
+  } else {
+    TORCH_CHECK(false, "curve_guide: the backward group kernel takes float math only");
+  }
 }
 
 at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
@@ -381,9 +612,7 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
                                   "curve_guide_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     CurveKernelArgs<scalar_t> a{};
-    a.l = sh.layout();
-    a.HW = sh.H * sh.W;
-    a.pixels = sh.pixels();
+    set_sizes(a, sh);
     a.input = input.data_ptr<scalar_t>();
     a.output = out.data_ptr<scalar_t>();
     a.table = table.data_ptr<acc_t>();
@@ -475,9 +704,7 @@ Grads curve_guide_backward(const at::Tensor& grad_output_in, const at::Tensor& i
                                   "curve_guide_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     CurveKernelArgs<scalar_t> a{};
-    a.l = l;
-    a.HW = sh.H * sh.W;
-    a.pixels = sh.pixels();
+    set_sizes(a, sh);
     a.input = input.data_ptr<scalar_t>();
     a.grad_output = go.data_ptr<scalar_t>();
     a.table = table.data_ptr<acc_t>();
@@ -488,7 +715,9 @@ Grads curve_guide_backward(const at::Tensor& grad_output_in, const at::Tensor& i
     a.grad_input = (mask[0] && plan.registers) ? grad_input.data_ptr<scalar_t>() : nullptr;
     a.dc = dc.defined() ? dc.data_ptr<acc_t>() : nullptr;
     a.partial = need_params ? partial.data_ptr<acc_t>() : nullptr;
-    if (plan.registers) {
+    if (plan.group) {
+      launch_backward_group(plan.main, stream, a);
+    } else if (plan.registers) {
       BO_LAUNCH((curve_backward_kernel<scalar_t, launch::kCurveRegChannels>), plan.main,
                       stream, a);
     } else {

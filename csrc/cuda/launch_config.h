@@ -364,16 +364,39 @@ inline BlurPlan blur_plan(int64_t N, int64_t C, int64_t D, int64_t Gh, int64_t G
 // (shuffles) into one row per warp, in shared memory when the rows fit, then per block, and a
 // second kernel adds the blocks' rows in a fixed order. No atomics anywhere: the result does not
 // depend on scheduling, so the same path serves torch's deterministic mode.
+//
+// The group kernels (the forward's four pixels a thread, and the backward of HDRNet's shapes
+// below) also build each channel's curve through its sorted knots in shared memory
+// (curve_guide.h): C (3K + 2) values after the table.
 
 constexpr int kCurveThreads = 256;
 constexpr int kCurveWarps = kCurveThreads / 32;
 constexpr int kCurveMinBlocks = 2;               // <= 128 registers
 constexpr int kCurveRegChannels = 4;             // C <= this: a pixel's channels in registers
 constexpr int kCurveGroup = 4;  // forward with registers: consecutive pixels per thread
+// The forward group kernel in float math: <= 80 registers, 24 warps an SM to keep the loads in
+// flight (the sorted curves leave it bound by memory); float64 spills at 80, so 128 registers.
+constexpr int curve_forward_group_min_blocks(int64_t acc_size) { return acc_size == 8 ? 2 : 3; }
 constexpr int64_t kCurveTableSmem = 16 * 1024;   // largest table copied to shared memory
-constexpr int64_t kCurveForwardMaxBlocks = 4096;
+// The sorted curves take at most 1.5 times the table (C (3K + 2) <= 1.5 (2CK + C^2 + 2C + 1)).
+constexpr int64_t kCurveGroupSmem = kCurveTableSmem * 5 / 2;
+// Forward blocks: enough to fill a GPU a few times over, few enough that each loops over several
+// groups (a block builds the sorted curves once).
+constexpr int64_t kCurveForwardMaxBlocks = 2048;
 constexpr int64_t kCurveBackwardMaxBlocks = 1024;  // partial rows: fixed by the sizes alone
 constexpr int64_t kCurveMaxPartial = int64_t{1} << 24;  // elements of the partial rows
+// The backward with every parameter gradient summed in registers across the thread's pixels
+// (curve_backward_group_kernel): float math, C in {1, 3}, K <= kCurveGroupMaxK, the table in
+// shared memory; also when only the input gradient is wanted (the same bits as with the others). C = 3, K = 16 keeps 112 sums: at most 168 registers a thread, 12 warps an SM.
+// Each thread takes at least kCurveGroupPixels pixels, so that the block's set-up (the sorted
+// curves) and its final reduction (a shuffle sum per parameter) stay small beside the pixels.
+constexpr int kCurveGroupThreads = 128;
+constexpr int kCurveGroupWarps = kCurveGroupThreads / 32;
+constexpr int kCurveGroupMinBlocks = 3;
+constexpr int64_t kCurveGroupMaxK = 16;
+constexpr int64_t kCurveGroupPixels = 8;
+// curve_reduce_kernel: a block per table entry, its threads' double sums added as a tree.
+constexpr int64_t kCurveReduceSmem = kCurveThreads * 8;
 
 struct CurveRequest {
   bool backward = false;
@@ -385,13 +408,17 @@ struct CurvePlan {
   bool table_shared = false;   // table in shared memory (else read from global)
   bool rows_shared = false;    // backward: per-warp rows in shared memory (else in `partial`)
   bool registers = false;      // C <= kCurveRegChannels
-  bool group = false;          // forward: curve_forward_group_kernel (registers, shared table)
+  bool group = false;          // a group kernel (sorted curves after the table in shared memory)
   int64_t partial_rows = 0;    // backward with parameters: rows the reduce kernel adds up
-  Launch main, reduce;         // main: curve_forward_group_kernel (registers),
-                               // curve_forward_kernel or curve_backward_kernel
+  Launch main, reduce;         // main: curve_forward_group_kernel, curve_forward_kernel,
+                               // curve_backward_group_kernel or curve_backward_kernel
 };
 
 inline int64_t curve_table_bytes(int64_t P, int64_t acc_size) { return P * acc_size; }
+// Every channel's sorted knots (K) and prefix-sum pairs (2 (K + 1)).
+inline int64_t curve_sorted_bytes(int64_t C, int64_t K, int64_t acc_size) {
+  return C * (3 * K + 2) * acc_size;
+}
 
 inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
                             int64_t acc_size, const CurveRequest& r) {
@@ -402,6 +429,7 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
   p.registers = C <= kCurveRegChannels;
   p.table_shared = curve_table_bytes(P, acc_size) <= kCurveTableSmem;
   const int64_t table_smem = p.table_shared ? curve_table_bytes(P, acc_size) : 0;
+  const int64_t sorted_smem = curve_sorted_bytes(C, K, acc_size);
   if (!r.backward) {
     // With registers and a shared table each thread takes kCurveGroup pixels: one read of each
     // parameter serves them all (the loop is bound by those reads and the arithmetic, not by
@@ -410,20 +438,35 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
     const int64_t items = p.group ? ceil_div(pixels, kCurveGroup) : pixels;
     p.main = make_launch(p.group ? "curve_forward_group_kernel" : "curve_forward_kernel",
                          std::min(blocks_for(items, kCurveThreads), kCurveForwardMaxBlocks),
-                         kCurveThreads, kCurveMinBlocks, table_smem);
+                         kCurveThreads,
+                         p.group ? curve_forward_group_min_blocks(acc_size) : kCurveMinBlocks,
+                         table_smem + (p.group ? sorted_smem : 0));
     return p;
   }
   const bool params = r.need_params;
-  const int64_t rows_smem = params ? kCurveWarps * P * acc_size : 0;
-  p.rows_shared = params && table_smem + rows_smem <= kSmemNoOptIn - kStaticSmem;
-  const int64_t rows_per_block = p.rows_shared ? 1 : kCurveWarps;
-  int64_t blocks = std::min(blocks_for(pixels, kCurveThreads), kCurveBackwardMaxBlocks);
-  if (params) blocks = std::max<int64_t>(1, std::min(blocks, kCurveMaxPartial / (rows_per_block * P)));
-  p.main = make_launch("curve_backward_kernel", blocks, kCurveThreads, kCurveMinBlocks,
-                       table_smem + (p.rows_shared ? rows_smem : 0));
+  // Whatever the mask, so that every gradient has the same bits whichever others are wanted.
+  p.group = acc_size == 4 && p.table_shared && (C == 1 || C == 3) && K <= kCurveGroupMaxK;
+  if (p.group) {
+    // One row per block: the warps' rows sit in shared memory after the sorted curves.
+    p.rows_shared = params;
+    const int64_t blocks = std::min(
+        blocks_for(pixels, kCurveGroupThreads * kCurveGroupPixels), kCurveBackwardMaxBlocks);
+    p.main = make_launch("curve_backward_group_kernel", blocks, kCurveGroupThreads,
+                         kCurveGroupMinBlocks,
+                         table_smem + sorted_smem + (params ? kCurveGroupWarps * P * acc_size : 0));
+    if (params) p.partial_rows = blocks;
+  } else {
+    const int64_t rows_smem = params ? kCurveWarps * P * acc_size : 0;
+    p.rows_shared = params && table_smem + rows_smem <= kSmemNoOptIn - kStaticSmem;
+    const int64_t rows_per_block = p.rows_shared ? 1 : kCurveWarps;
+    int64_t blocks = std::min(blocks_for(pixels, kCurveThreads), kCurveBackwardMaxBlocks);
+    if (params) blocks = std::max<int64_t>(1, std::min(blocks, kCurveMaxPartial / (rows_per_block * P)));
+    p.main = make_launch("curve_backward_kernel", blocks, kCurveThreads, kCurveMinBlocks,
+                         table_smem + (p.rows_shared ? rows_smem : 0));
+    if (params) p.partial_rows = blocks * rows_per_block;
+  }
   if (params) {
-    p.partial_rows = blocks * rows_per_block;
-    p.reduce = make_launch("curve_reduce_kernel", blocks_for(P, kCurveThreads), kCurveThreads, 0);
+    p.reduce = make_launch("curve_reduce_kernel", P, kCurveThreads, 0, kCurveReduceSmem);
   }
   return p;
 }
@@ -739,10 +782,13 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"gather_finish_kernel", kForwardThreads, 0, kStaticSmem, 0},
       {"grid_blur_kernel", kBlurThreads, kBlurMinBlocks, kStaticSmem, 0},
       {"curve_forward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem, kCurveTableSmem},
-      {"curve_forward_group_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem, kCurveTableSmem},
+      {"curve_forward_group_kernel", kCurveThreads, curve_forward_group_min_blocks(acc_size), kStaticSmem,
+       kCurveGroupSmem},
       {"curve_backward_kernel", kCurveThreads, kCurveMinBlocks, kStaticSmem,
        kSmemNoOptIn - kStaticSmem},
-      {"curve_reduce_kernel", kCurveThreads, 0, kStaticSmem, 0},
+      {"curve_backward_group_kernel", kCurveGroupThreads, kCurveGroupMinBlocks, kStaticSmem,
+       kCurveTableSmem},
+      {"curve_reduce_kernel", kCurveThreads, 0, kStaticSmem, kCurveReduceSmem},
       {"filter_forward_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
       {"filter_pass1_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kSmemNoOptIn},
       {"filter_pass2_kernel", kFilterThreads, kFilterPass2MinBlocks, kStaticSmem, 0},
