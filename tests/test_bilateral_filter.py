@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import F64, OPS, deterministic, no_kernel_runs, noncontiguous
+from helpers import DEVICES, F64, OPS, deterministic, no_kernel_runs, noncontiguous
 
 import bilateral_ops as bo
 from bilateral_ops import reference
@@ -251,6 +251,29 @@ def test_masked_gradients_are_not_computed():
                 assert got.shape == (0,)
     with pytest.raises(RuntimeError, match="guidance"):
         OPS._bilateral_filter_backward(go, x, None, [3, 3], sc, ss, "reflect", "l1", [True, True, False, False])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cg", [None, 2], ids=["self", "joint"])
+def test_eager_autograd_equals_the_registered_one(cg, device):
+    # bo.bilateral_filter differentiates eagerly below torch.library's autograd layer: the same op
+    # and backward op with the same masks, so the same bits as differentiating torch.ops' op.
+    x, g, sc, ss = (t if t is None else t.to(device) for t in _leaves(2, 3, cg, 9, 12))
+    go = _rand(2, 3, 9, 12, dtype=F64, seed=9).to(device)
+    for wanted in itertools.product([False, True], repeat=4):
+        if not any(wanted) or (cg is None and wanted[1]):
+            continue
+        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, g, sc, ss), wanted)]
+        eager = bo.bilateral_filter(leaves[0], (5, 3), leaves[2], leaves[3], "reflect", "l2", guidance=leaves[1])
+        registered = OPS.bilateral_filter(leaves[0], leaves[1], [5, 3], leaves[2], leaves[3], "reflect", "l2")
+        assert type(eager.grad_fn).__name__ != type(registered.grad_fn).__name__  # two different paths
+        assert torch.equal(eager, registered)
+        inputs = [t for t, w in zip(leaves, wanted) if w]
+        a = torch.autograd.grad(eager, inputs, go)
+        b = torch.autograd.grad(registered, inputs, go)
+        assert all(torch.equal(u, w) for u, w in zip(a, b)), wanted
+    with torch.no_grad():
+        assert bo.bilateral_filter(x.requires_grad_(), 3, sc, ss).grad_fn is None
 
 
 def test_second_derivatives_raise():
