@@ -422,8 +422,8 @@ PyObject* points_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   bool ok = true;
-  // In launch order: pack, forward, samples, backward, finish.
-  for (const launch::Launch* l : {&p.pack, &p.forward, &p.samples, &p.backward, &p.finish}) {
+  // In launch order: pack, absmax, forward, samples, backward, finish.
+  for (const launch::Launch* l : {&p.pack, &p.absmax, &p.forward, &p.samples, &p.backward, &p.finish}) {
     if (ok && l->present) ok = append(out, launch_dict(*l));
   }
   if (!ok) {

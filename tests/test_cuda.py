@@ -1229,6 +1229,32 @@ def test_points_grid_gradient_is_bitwise_reproducible(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", [(150000, 1, 3, 3, 8, 16, 16, True), (3000, 5, 3, 3, 8, 16, 16, True)],
+                         ids=["fast", "plain"])
+def test_points_grid_gradient_fixed_point_bound(case):
+    # The fixed-point scale comes from max |grad_output| and max |input| on the device
+    # (points_absmax_kernel): huge and tiny gradients keep their relative accuracy, and a
+    # non-finite grad_output or input, which admits no finite scale, makes the grid gradient NaN.
+    grid, coords, inp, idx, go, off = _points_inputs(case, torch.float32)
+    args = [t.cuda() for t in (grid, coords, inp, idx)]
+    want = ops._bilateral_slice_apply_points_backward(_c64(go), _c64(grid), _c64(coords), _c64(inp), idx, off,
+                                                      [True, False, False])[0]
+    for factor in (1e-30, 1.0, 1e30):
+        got = ops._bilateral_slice_apply_points_backward((go * factor).cuda(), *args, off, [True, False, False])[0]
+        assert torch.isfinite(got).all(), factor
+        assert (_c64(got) / factor - want).abs().max().item() <= 1e-4 * (1 + want.abs().max().item()), factor
+    for bad in (float("inf"), float("nan")):
+        g2 = go.clone()
+        g2[7, 1] = bad
+        got = ops._bilateral_slice_apply_points_backward(g2.cuda(), *args, off, [True, True, True])
+        assert torch.isnan(got[0]).all(), bad
+        x2 = inp.clone()
+        x2[3, 0] = bad
+        got = ops._bilateral_slice_apply_points_backward(go.cuda(), args[0], args[1], x2.cuda(), args[3], off,
+                                                         [True, False, False])[0]
+        assert torch.isnan(got).all(), bad
+
+
 # The fast path (C = 12: 3 inputs and an offset, at least as many samples as cells; see
 # launch_config.h's points_plan): the privatised grid gradient with 3 channels a slice (4 slices),
 # slices of 5, 5 and 2 channels, one channel a slice over 3 grids (a full 48 KiB slab); and 4

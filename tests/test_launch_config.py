@@ -991,7 +991,8 @@ def test_points_plans_launch_what_is_needed():
     names = lambda pass_, mask=None: [p["kernel"] for p in _C.points_plans(pass_, 100, 2, 12, 8, 16, 16, mask=mask)]  # noqa: E731
     assert names("forward") == ["points_forward_kernel"]
     assert names("backward", [False, True, True]) == ["points_backward_kernel"]
-    assert names("backward", [True, False, False]) == ["points_backward_kernel", "points_grid_finish_kernel"]
+    assert names("backward", [True, False, False]) == [
+        "points_absmax_kernel", "points_backward_kernel", "points_grid_finish_kernel"]
     assert names("backward", [False, False, False]) == []
     assert _C.points_plans("forward", 0, 2, 12, 8, 16, 16) == []
     pack, fwd = _C.points_plans("forward", 10**10, 1, 12, 8, 16, 16)  # the fast path packs first
@@ -1001,10 +1002,10 @@ def test_points_plans_launch_what_is_needed():
     assert all(p["block"][0] % 32 == 0 for _, p in all_points_plans())
 
 
-# A plan's main launches, without the fast path's helpers (points_pack_kernel, and
+# A plan's main launches, without the helpers (points_pack_kernel, and points_absmax_kernel and
 # points_sample_grad_fast_kernel next to the grid gradient).
 def _points_core(pass_, shape, mask=None):
-    helpers = ("points_pack_kernel",) + (("points_sample_grad_fast_kernel",) if mask and mask[0] else ())
+    helpers = ("points_pack_kernel",) + (("points_absmax_kernel", "points_sample_grad_fast_kernel") if mask and mask[0] else ())
     return [p for p in _C.points_plans(pass_, *shape, mask=mask) if p["kernel"] not in helpers]
 
 
@@ -1035,7 +1036,7 @@ def test_points_fast_path_plans():
     for shape in [(100000, 4, 12, 8, 16, 16), (16384, 100, 12, 8, 16, 16), (3000, 5, 12, 8, 16, 16),
                   (10**6, 1, 10, 8, 16, 16)]:
         assert [p["kernel"] for p in _C.points_plans("backward", *shape, mask=[True, True, True])] == [
-            "points_backward_kernel", "points_grid_finish_kernel"], shape
+            "points_absmax_kernel", "points_backward_kernel", "points_grid_finish_kernel"], shape
     for shape in [(16384, 100, 12, 8, 16, 16), (10**6, 1, 10, 8, 16, 16)]:
         assert [p["kernel"] for p in _C.points_plans("forward", *shape)] == ["points_forward_kernel"], shape
     # Without the grid gradient only the packing matters: M = 4 grids still take the fast path.

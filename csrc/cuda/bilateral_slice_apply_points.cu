@@ -52,6 +52,40 @@ namespace {
 // 2^62: the fixed-point scale maps the bound of the whole sum to it, so no sum can overflow.
 constexpr double kFixedPointRange = 4611686018427387904.0;
 
+// The fixed-point scale, units per unit of gradient: the bound of the whole sum, P max|g|
+// max(1, max|x|), maps to kFixedPointRange; 0 (the gradient becomes NaN) when the bound is not
+// finite. absmax holds the two maxima as double bits (points_absmax_kernel); every kernel that
+// needs the scale computes it from them the same way.
+__device__ __forceinline__ double fixed_point_scale(const unsigned long long* absmax, int64_t P) {
+  const double in = __longlong_as_double(static_cast<long long>(absmax[1]));
+  const double bound = __longlong_as_double(static_cast<long long>(absmax[0])) *
+                       static_cast<double>(P) * (in < 1.0 ? 1.0 : in);  // a NaN stays NaN
+  return isfinite(bound) ? kFixedPointRange / (bound < 1e-250 ? 1e-250 : bound) : 0.0;
+}
+
+// absmax[0] = max |grad_output|, absmax[1] = max |input| (zeroed before), as the bits of doubles:
+// non-negative doubles order as their bits, so an integer atomicMax per warp finds the maximum
+// whatever the order (a NaN, whose bits are above every number's, wins, as in torch.amax).
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kPointsThreads)
+    points_absmax_kernel(const scalar_t* go, int64_t n_go, const scalar_t* input, int64_t n_in,
+                         unsigned long long* absmax) {
+  const auto bits = [](const scalar_t* p) {
+    return static_cast<unsigned long long>(__double_as_longlong(fabs(static_cast<double>(ldg(p)))));
+  };
+  unsigned long long m[2] = {0ull, 0ull};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = first; i < n_go; i += stride) m[0] = max(m[0], bits(go + i));
+  for (int64_t i = first; i < n_in; i += stride) m[1] = max(m[1], bits(input + i));
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m[k] = max(m[k], __shfl_xor_sync(kFullMask, m[k], off));
+    if ((threadIdx.x & 31) == 0) atomicMax(absmax + k, m[k]);
+  }
+}
+
 template <typename scalar_t>
 struct PointsArgs {
   const scalar_t* grid;         // (M, C, D, Gh, Gw)
@@ -63,7 +97,7 @@ struct PointsArgs {
   scalar_t* grad_coords;        // (P, 3) when need_coords
   scalar_t* grad_input;         // (P, Ci) when need_input
   unsigned long long* grad_grid_fixed;  // (M, C, cells) when need_grid
-  const double* scale;          // fixed-point units per unit of gradient (device scalar)
+  const unsigned long long* absmax;  // max |grad_output|, max |input| as double bits (device)
   const acc_type<scalar_t>* packed;  // (M, cells, kPointsPackedChannels), fast path only
   bool need_grid, need_coords, need_input;
 };
@@ -118,7 +152,7 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
   using acc_t = acc_type<scalar_t>;
   const int64_t cells = g.D * g.Gh * g.Gw;
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const double scale = a.need_grid ? *a.scale : 0.0;
+  const double scale = a.need_grid ? fixed_point_scale(a.absmax, g.P) : 0.0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < g.P;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = base + threadIdx.x;
@@ -208,9 +242,9 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kPointsThreads)
-    points_grid_finish_kernel(const unsigned long long* fixed, const double* scale, int64_t n,
-                              scalar_t* out) {
-  const double s = *scale;
+    points_grid_finish_kernel(const unsigned long long* fixed, const unsigned long long* absmax,
+                              int64_t P, int64_t n, scalar_t* out) {
+  const double s = fixed_point_scale(absmax, P);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double v = s > 0.0 ? static_cast<double>(static_cast<long long>(fixed[i])) / s : NAN;
@@ -510,7 +544,7 @@ __global__ void __launch_bounds__(launch::kPointsThreads, BO_POINTS_FAST_BACKWAR
     for (int i = threadIdx.x; i < len; i += blockDim.x) slab[i] = 0ull;
     __syncthreads();
   }
-  const double scale = *a.scale;
+  const double scale = fixed_point_scale(a.absmax, g.P);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < g.P;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = base + threadIdx.x;
@@ -660,15 +694,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
   at::Tensor grad_grid = mask[0] ? at::empty(grid.sizes(), grid.options()) : masked_out(grid);
   at::Tensor grad_coords = mask[1] ? at::empty({g.P, 3}, coords.options()) : masked_out(coords);
   at::Tensor grad_input = mask[2] ? at::empty({g.P, l.Ci}, input.options()) : masked_out(input);
-  at::Tensor fixed, scale;
-  if (mask[0]) {
-    fixed = at::zeros({g.M * g.C * g.cells()}, grid.options().dtype(at::kLong));
-    // The bound of the whole sum, on the device: P max|g| max(1, max|x|).
-    const at::Tensor bound = go.abs().amax().to(at::kDouble) * static_cast<double>(g.P) *
-                             input.abs().amax().to(at::kDouble).clamp_min(1.0);
-    scale = at::where(at::isfinite(bound), kFixedPointRange / bound.clamp_min(1e-250),
-                      at::zeros_like(bound));
-  }
+  // The fixed-point sums of the grid gradient, then the two maxima of fixed_point_scale: one
+  // zeroed buffer (the maxima were some fourteen small ATen ops, more host time than kernels).
+  const int64_t fixed_len = g.M * g.C * g.cells();
+  at::Tensor fixed;
+  if (mask[0]) fixed = at::zeros({fixed_len + 2}, grid.options().dtype(at::kLong));
   const launch::PointsPlan plan =
       launch::points_plan(g.P, g.M, g.C, g.cells(), mask.data(), l.Ci, l.has_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -685,7 +715,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
         a.grad_input = mask[2] ? grad_input.data_ptr<scalar_t>() : nullptr;
         a.grad_grid_fixed =
             mask[0] ? reinterpret_cast<unsigned long long*>(fixed.data_ptr<int64_t>()) : nullptr;
-        a.scale = mask[0] ? scale.data_ptr<double>() : nullptr;
+        unsigned long long* absmax = mask[0] ? a.grad_grid_fixed + fixed_len : nullptr;
+        a.absmax = absmax;
         a.need_grid = mask[0];
         a.need_coords = mask[1];
         a.need_input = mask[2];
@@ -693,6 +724,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
         if (plan.pack.present) {
           packed = pack_grid<scalar_t>(grid, g, plan, stream);
           a.packed = packed.data_ptr<acc_type<scalar_t>>();
+        }
+        if (mask[0]) {
+          BO_LAUNCH(points_absmax_kernel<scalar_t>, plan.absmax, stream, a.grad_output,
+                    g.P * l.Co, a.input, g.P * l.Ci, absmax);
         }
         if (plan.fast && mask[0]) {
           if (plan.samples.present) {
@@ -709,7 +744,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
         }
         if (mask[0]) {
           BO_LAUNCH(points_grid_finish_kernel<scalar_t>, plan.finish, stream, a.grad_grid_fixed,
-                    a.scale, fixed.numel(), grad_grid.data_ptr<scalar_t>());
+                    a.absmax, g.P, fixed_len, grad_grid.data_ptr<scalar_t>());
         }
       });
   return {grad_grid, grad_coords, grad_input};

@@ -651,7 +651,7 @@ constexpr int64_t kTvReduceBytes = (kTvThreads / 32) * 8;  // one double per war
 // (the coordinate / input gradients, when asked for); without the grid gradient, backward is
 // points_sample_grad_fast_kernel itself.
 struct PointsPlan {
-  Launch pack, forward, samples, backward, finish;
+  Launch pack, absmax, forward, samples, backward, finish;
   bool fast = false;           // the fast path (packed grids, C = 12 compiled in)
   int64_t slice_channels = 0;  // channels a block of the fast backward privatises (0: none)
 };
@@ -700,6 +700,10 @@ inline PointsPlan points_plan(int64_t P, int64_t M, int64_t C, int64_t cells, co
     p.forward = p.fast ? make_launch("points_forward_fast_kernel", blocks, kPointsThreads, 0)
                        : make_launch("points_forward_kernel", blocks, kPointsThreads, 0);
     return p;
+  }
+  if (need_grid) {
+    // The bound of the fixed-point sums (max |grad_output| and max |input|), on the device.
+    p.absmax = make_launch("points_absmax_kernel", blocks, kPointsThreads, 0);
   }
   if (p.fast) {
     const Launch samples = make_launch("points_sample_grad_fast_kernel", blocks, kPointsThreads, 0);
@@ -808,6 +812,7 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"points_backward_fast_kernel", kPointsThreads, kPointsFastBackwardMinBlocks, kStaticSmem,
        kSmemNoOptIn - kStaticSmem},
       {"points_grid_finish_kernel", kPointsThreads, 0, kStaticSmem, 0},
+      {"points_absmax_kernel", kPointsThreads, 0, kStaticSmem, 0},
       {"tv_loss_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
       {"tv_reduce_kernel", kTvThreads, 0, kStaticSmem, kTvReduceBytes},
       {"tv_count_kernel", kTvThreads, 0, kStaticSmem, 0},
