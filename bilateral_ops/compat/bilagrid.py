@@ -67,9 +67,10 @@ def total_variation_loss(x: torch.Tensor) -> torch.Tensor:
     mean squared difference of neighbours along d (a size-1 dimension contributes 0), fused for
     3- to 5-D tensors (the others take the pure-torch formula)."""
     if isinstance(x, torch.Tensor) and x.is_floating_point() and 3 <= x.dim() <= 5:
+        if x.dim() == 5:  # the grids as they are: a view would add an autograd node (host time)
+            return grid_tv_loss(x)
         # Leading size-1 spatial dimensions contribute 0: the loss is unchanged.
-        grids = x.reshape(x.shape[:2] + (1,) * (5 - x.dim()) + x.shape[2:])
-        return grid_tv_loss(grids)
+        return grid_tv_loss(x.reshape(x.shape[:2] + (1,) * (5 - x.dim()) + x.shape[2:]))
     return reference.grid_tv_loss(x)
 
 
