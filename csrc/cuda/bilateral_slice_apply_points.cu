@@ -526,9 +526,9 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
 // The grid gradient of the fast path, privatised per block. blockIdx.y: the slice
 // [c0, c0 + slice) of the channels (slice: the plan's slice_channels; the last slice may have
 // fewer). The block zeroes its slab, adds the 64-bit fixed-point contributions of its samples
-// (those of points_backward_kernel, warp-aggregated the same way) with shared-memory atomics,
-// then adds each non-zero sum to the global buffer. The loop over samples is warp-uniform (lanes
-// past P ride along with nothing to add).
+// (those of points_backward_kernel, warp-aggregated the same way) with shared-memory atomics
+// (two 32-bit ones each: shared_atomic_add_u64), then adds each non-zero sum to the global
+// buffer. The loop over samples is warp-uniform (lanes past P ride along with nothing to add).
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kPointsThreads, BO_POINTS_FAST_BACKWARD_MIN_BLOCKS)
     points_backward_fast_kernel(const PointsGeometry g, const FastDims d,
@@ -589,7 +589,7 @@ __global__ void __launch_bounds__(launch::kPointsThreads, BO_POINTS_FAST_BACKWAR
           unsigned long long* dst = slab + (cell0 + t.off[k]) * slice;
 #pragma unroll
           for (int s = 0; s < kMaxSlice; ++s) {
-            if (s < n && q[s] != 0ull) atomicAdd(dst + s, q[s]);
+            if (s < n && q[s] != 0ull) shared_atomic_add_u64(dst + s, q[s]);
           }
         }
       }

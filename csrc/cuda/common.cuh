@@ -106,6 +106,21 @@ struct FastDiv {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Adds v to the 64-bit integer *p in shared memory with two native 32-bit atomics, the low word's
+// wrap carried into the high word. The sum modulo 2^64 is exact in any order (each add sees the
+// low word it wrapped), so it is as deterministic as a 64-bit atomicAdd, which sm_80 to sm_90
+// compile for shared memory into a compare-and-swap loop (ATOMS.CAST.SPIN.64) that contending
+// warps retry.
+
+__device__ __forceinline__ void shared_atomic_add_u64(unsigned long long* p, unsigned long long v) {
+  unsigned* w = reinterpret_cast<unsigned*>(p);  // little-endian: w[0] the low word
+  const unsigned lo = static_cast<unsigned>(v), hi = static_cast<unsigned>(v >> 32);
+  const unsigned old = atomicAdd(w, lo);
+  const unsigned up = hi + (old + lo < old ? 1u : 0u);
+  if (up != 0u) atomicAdd(w + 1, up);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Warp-aggregated scatter. Lanes of a warp often add into the same destination (neighbouring
 // pixels share grid cells); reducing them first turns up to 32 serialised atomics on one address
 // into one per distinct destination.
