@@ -287,12 +287,22 @@ __global__ void __launch_bounds__(launch::kCurveThreads,
       const acc_t* sh = tb + kShifts + k * K;
       const acc_t* sl = tb + slopes + k * K;
       if (use_sorted) {
+        // Every pixel's search first, with no branch between them, so that the four chains of
+        // dependent shared loads overlap; then the rare pixels with a non-finite value.
         const acc_t* sk = sorted + k * K;
         const acc_t* pk = pq + 2 * k * (K + 1);
+        bool finite = true;
 #pragma unroll
         for (int j = 0; j < kG; ++j) {
-          acc_t fp;
-          f[j] = isfinite(c[j]) ? curve_sorted_point(c[j], sk, pk, K, fp) : curve_sum(c[j], sh, sl, K, fp);
+          f[j] = curve_sorted_value(c[j], sk, pk, K);
+          finite = finite && isfinite(c[j]);
+        }
+        if (!finite) {
+#pragma unroll
+          for (int j = 0; j < kG; ++j) {
+            acc_t fp;
+            if (!isfinite(c[j])) f[j] = curve_sum(c[j], sh, sl, K, fp);
+          }
         }
       } else {
 #pragma unroll 4
@@ -479,19 +489,30 @@ __global__ void __launch_bounds__(launch::kCurveGroupThreads, launch::kCurveGrou
     const acc_t go = ldg(a.grad_output + p);
     // The guide before the clamp, summed as pre_clamp does; each channel's c, f and f' kept.
     acc_t c[kC], f[kC], fp[kC];
-    acc_t g = tb[mix_bias];
+    bool sorted_ok = use_sorted;
 #pragma unroll
     for (int k = 0; k < kC; ++k) {
       c[k] = tb[kBias + k];
 #pragma unroll
       for (int i = 0; i < kC; ++i) c[k] += tb[kCcm + k * kC + i] * x[i];
-      if (use_sorted && isfinite(c[k])) {
-        f[k] = curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k]);
-      } else {
-        f[k] = curve_sum(c[k], tb + kShifts + k * K, tb + slopes + k * K, K, fp[k]);
-      }
-      g += tb[mix + k] * f[k];
+      sorted_ok = sorted_ok && isfinite(c[k]);
     }
+    if (sorted_ok) {  // the channels' searches with no branch between them: their loads overlap
+#pragma unroll
+      for (int k = 0; k < kC; ++k) {
+        f[k] = curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kC; ++k) {
+        f[k] = use_sorted && isfinite(c[k])
+                   ? curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k])
+                   : curve_sum(c[k], tb + kShifts + k * K, tb + slopes + k * K, K, fp[k]);
+      }
+    }
+    acc_t g = tb[mix_bias];
+#pragma unroll
+    for (int k = 0; k < kC; ++k) g += tb[mix + k] * f[k];
     const acc_t gp = curve_clamp_pass(g, go);
     d_mix_bias += gp;
     acc_t dx[kC];
