@@ -586,6 +586,50 @@ __device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w,
   return wsum;
 }
 
+// fast_sums, plus what pass 1's centre term of the guidance gradient needs, in the same sweep of
+// the window (instead of a second sweep that recomputes every weight). That term is
+//   cen_g = rc sum_t e_t w_t slope_g(t),  e_t = sum_c gp_c v_c(t) - a,  a = sum_c gp_c out_c,
+// and gp, a need the whole window first; but cen_g = rc (sum_c gp_c s1[g][c] - a s2[g]) with
+// s1[g][c] = sum_t w_t slope_g(t) v_c(t) and s2[g] = sum_t w_t slope_g(t). Its rounding error is
+// of the second sweep's order: there each e_t is itself the difference of two such sums' terms.
+template <int C, bool SELF, typename acc_t, int CG, int DIST>
+__device__ __forceinline__ acc_t fast_sums_centre(const FastWindow<acc_t, CG, DIST>& w,
+                                                  const Dims& d, acc_t (&acc)[C],
+                                                  acc_t (&s1)[CG][C], acc_t (&s2)[CG]) {
+  acc_t wsum = 0;
+#pragma unroll
+  for (int c = 0; c < C; ++c) acc[c] = 0;
+#pragma unroll
+  for (int g = 0; g < CG; ++g) {
+    s2[g] = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) s1[g][c] = 0;
+  }
+  for (int ty = 0; ty < d.ky; ++ty) {
+    const acc_t row_sp = w.tab[ty];
+    for (int tx = 0; tx < d.kx; ++tx) {
+      const int o = ty * w.sw + tx;
+      acc_t gt[CG], dist;
+      const acc_t wt = w.weight(o, row_sp + w.tab[d.ky + tx], gt, dist);
+      wsum += wt;
+      acc_t vt[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        vt[c] = SELF ? gt[c] : w.v[c * w.area + o];
+        acc[c] += wt * vt[c];
+      }
+#pragma unroll
+      for (int g = 0; g < CG; ++g) {
+        const acc_t sl = wt * distance_slope(gt[g] - w.gc[g], dist, DIST);
+        s2[g] += sl;
+#pragma unroll
+        for (int c = 0; c < C; ++c) s1[g][c] += sl * vt[c];
+      }
+    }
+  }
+  return wsum;
+}
+
 template <typename scalar_t, int C, int CG, bool SELF, int DIST>
 __global__ void __launch_bounds__(launch::kFilterThreads,
                                   launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
@@ -620,9 +664,12 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
   if (px.active) {
     const auto w = fast_window<C, CG, SELF, DIST>(d, p, sh, px);
     const acc_t rc = sigmas(p, px.n).rc;
-    acc_t acc[C];
-    const acc_t wsum = fast_sums<C, SELF>(w, d, acc);
     const int64_t plane = d.H * d.W, pix = int64_t(px.y) * d.W + px.x, at = px.n * C * plane + pix;
+    // The window's sums, and with the guidance gradient its centre term's sums in the same sweep
+    // (fast_sums_centre; acc and wsum come out bitwise the same either way).
+    acc_t acc[C], s1[CG][C], s2[CG];
+    const acc_t wsum = o.gcen != nullptr ? fast_sums_centre<C, SELF>(w, d, acc, s1, s2)
+                                         : fast_sums<C, SELF>(w, d, acc);
     acc_t gp[C], a = 0;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -631,8 +678,17 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
       a += gp[c] * (acc[c] / wsum);
     }
     o.a[px.n * plane + pix] = a;
-    if (o.gcen != nullptr || o.partials != nullptr) {
-      acc_t cen[CG] = {};
+    if (o.gcen != nullptr) {
+#pragma unroll
+      for (int g = 0; g < CG; ++g) {
+        acc_t t = -a * s2[g];
+#pragma unroll
+        for (int c = 0; c < C; ++c) t += gp[c] * s1[g][c];
+        o.gcen[(px.n * CG + g) * plane + pix] = rc * t;
+      }
+    }
+    if (o.partials != nullptr) {
+      // The sigma sums need e w per tap: a second sweep.
       for (int ty = 0; ty < d.ky; ++ty) {
         const acc_t row_sp = w.tab[ty];
         acc_t ew_row = 0;
@@ -644,22 +700,11 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
 #pragma unroll
           for (int c = 0; c < C; ++c) e += gp[c] * (SELF ? gt[c] : w.v[c * w.area + o_t]);
           const acc_t ew = e * wt;
-          if (o.partials != nullptr) {
-            ew_row += ew;
-            sums[0] += static_cast<double>(ew * distance_finish(dist, DIST));
-            sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
-          }
-          if (o.gcen != nullptr) {
-            const acc_t h = -rc * ew;
-#pragma unroll
-            for (int c = 0; c < CG; ++c) cen[c] -= h * distance_slope(gt[c] - w.gc[c], dist, DIST);
-          }
+          ew_row += ew;
+          sums[0] += static_cast<double>(ew * distance_finish(dist, DIST));
+          sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
         }
-        if (o.partials != nullptr) sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
-      }
-      if (o.gcen != nullptr) {
-#pragma unroll
-        for (int c = 0; c < CG; ++c) o.gcen[(px.n * CG + c) * plane + pix] = cen[c];
+        sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
       }
     }
   }
