@@ -810,10 +810,12 @@ def _check_curve_plan(p, shape, where):
         assert p["dynamic_smem"] == table + (sorted_bytes if p["group"] else 0), where
         assert p["launch_bounds"] == (256, (3 if acc == 4 else 2) if p["group"] else 2), where
     elif p["kernel"] == "curve_backward_group_kernel":
-        # HDRNet's shapes in float math: the table, the sorted curves, then four warp rows.
+        # HDRNet's shapes in float math: the table, the sorted curves, the padded shifts, then
+        # four warp rows.
         assert acc == 4 and C in (1, 3) and K <= 16 and p["table_shared"] and p["group"], where
         assert p["block"] == (128, 1, 1) and bool(p["rows_shared"]) == bool(p["partial_rows"]), where
-        assert p["dynamic_smem"] == table + sorted_bytes + (4 * P * acc if p["rows_shared"] else 0), where
+        padded = C * 16 * acc  # each channel's shifts padded to 16
+        assert p["dynamic_smem"] == table + sorted_bytes + padded + (4 * P * acc if p["rows_shared"] else 0), where
     elif p["kernel"] == "curve_backward_kernel":
         assert not p["group"] and p["block"] == (256, 1, 1), where
         assert not (acc == 4 and C in (1, 3) and K <= 16 and p["table_shared"]), where

@@ -464,8 +464,15 @@ __global__ void __launch_bounds__(launch::kCurveGroupThreads, launch::kCurveGrou
   const acc_t* tb = block_table(a.table, static_cast<int64_t>(P), true, smem);
   acc_t* sorted = smem + P;
   acc_t* pq = sorted + kC * K;
-  acc_t* rows = pq + 2 * kC * (K + 1);
-  const bool use_sorted = block_sorted_curves(tb, l, sorted, pq);
+  // Each channel's shifts in table order, padded to kK with +inf (no term): the gradient loop
+  // reads them with no bound check.
+  acc_t* padded = pq + 2 * kC * (K + 1);
+  acc_t* rows = padded + kC * kK;
+  for (int t = threadIdx.x; t < kC * kK; t += blockDim.x) {
+    const int k = t / kK, j = t - k * kK;
+    padded[t] = j < K ? tb[kShifts + k * K + j] : acc_t(INFINITY);
+  }
+  const bool use_sorted = block_sorted_curves(tb, l, sorted, pq);  // synchronises
 
   acc_t d_ccm[kC * kC], d_bias[kC], d_mix[kC], d_shift[kC][kK], d_slope[kC][kK], d_mix_bias = 0;
 #pragma unroll
@@ -530,10 +537,24 @@ __global__ void __launch_bounds__(launch::kCurveGroupThreads, launch::kCurveGrou
         dx[i] += tb[kCcm + k * kC + i] * dc;
       }
       if (a.need_params) {
-        const acc_t* sh = tb + kShifts + k * K;
+        if (sorted_ok && isfinite(df)) {
+          // c, the shifts and df finite: a knot below c adds df and (c - s) df, the others add
+          // nothing (curve_point_grads adds zeros there), under one predicate: 5 instructions
+          // a knot instead of 7 (relu's NaN-preserving select, a second compare).
 #pragma unroll
-        for (int j = 0; j < kK; ++j) {
-          if (j < K) curve_point_grads(c[k], sh[j], df, d_shift[k][j], d_slope[k][j]);
+          for (int j = 0; j < kK; ++j) {
+            const acc_t am = c[k] - padded[k * kK + j];
+            if (am > acc_t(0)) {
+              d_shift[k][j] += df;
+              d_slope[k][j] += df * am;
+            }
+          }
+        } else {
+          const acc_t* sh = tb + kShifts + k * K;
+#pragma unroll
+          for (int j = 0; j < kK; ++j) {
+            if (j < K) curve_point_grads(c[k], sh[j], df, d_shift[k][j], d_slope[k][j]);
+          }
         }
       }
     }

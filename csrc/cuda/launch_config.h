@@ -451,9 +451,11 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
     p.rows_shared = params;
     const int64_t blocks = std::min(
         blocks_for(pixels, kCurveGroupThreads * kCurveGroupPixels), kCurveBackwardMaxBlocks);
+    // The table, the sorted curves, each channel's shifts padded to kCurveGroupMaxK, the rows.
     p.main = make_launch("curve_backward_group_kernel", blocks, kCurveGroupThreads,
                          kCurveGroupMinBlocks,
-                         table_smem + sorted_smem + (params ? kCurveGroupWarps * P * acc_size : 0));
+                         table_smem + sorted_smem + C * kCurveGroupMaxK * acc_size +
+                             (params ? kCurveGroupWarps * P * acc_size : 0));
     if (params) p.partial_rows = blocks;
   } else {
     const int64_t rows_smem = params ? kCurveWarps * P * acc_size : 0;
