@@ -76,9 +76,11 @@ def grid_shapes() -> dict:
     return {"splat": [s[:7] for s in SPLAT_SHAPES], "blur": list(BLUR_CASES), "filter": list(FILTER_CASES)}
 
 
-# curve_guide (N, C, H, W, K): registers with shared table and rows; many channels; a global
-# table with global rows; a shared table with global rows; a 1x1 image.
-CURVE_SHAPES = [(2, 3, 37, 53, 16), (1, 6, 9, 40, 3), (1, 8, 7, 11, 256), (1, 3, 5, 9, 400), (1, 1, 1, 1, 1)]
+# curve_guide (N, C, H, W, K): the group kernels with HDRNet's 16 points and with one channel of
+# 5 (padded shifts, a run-time K); many channels; a global table with global rows; a shared
+# table with global rows; a 1x1 image.
+CURVE_SHAPES = [(2, 3, 37, 53, 16), (3, 1, 5, 7, 5), (1, 6, 9, 40, 3), (1, 8, 7, 11, 256), (1, 3, 5, 9, 400),
+                (1, 1, 1, 1, 1)]
 CURVE_MASKS = [[True] * 7, [True] + [False] * 6, [False] + [True] * 6]
 
 
@@ -280,7 +282,7 @@ def main() -> None:
                              dtype, det)
         print(f"  {dtype}: {len(shapes)} slice shapes and {len(grid_cases)} grid cases x 2 grid-gradient paths done",
               flush=True)
-        for shape in CURVE_SHAPES[:3] if opts.quick else CURVE_SHAPES:
+        for shape in CURVE_SHAPES[:4] if opts.quick else CURVE_SHAPES:
             run_curve(shape, dtype)
         print(f"  {dtype}: curve_guide done", flush=True)
         for shape in FILTER_SHAPES:
