@@ -564,46 +564,29 @@ __device__ __forceinline__ FastWindow<acc_type<scalar_t>, CG, DIST> fast_window(
   return w;
 }
 
-// The window's weight sum and weighted sums of the C channels: the forward's result and pass 1's
-// start.
-template <int C, bool SELF, typename acc_t, int CG, int DIST>
-__device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
-                                           acc_t (&acc)[C]) {
-  acc_t wsum = 0;
-#pragma unroll
-  for (int c = 0; c < C; ++c) acc[c] = 0;
-  for (int ty = 0; ty < d.ky; ++ty) {
-    const acc_t row_sp = w.tab[ty];
-    for (int tx = 0; tx < d.kx; ++tx) {
-      const int o = ty * w.sw + tx;
-      acc_t gt[CG], dist;
-      const acc_t wt = w.weight(o, row_sp + w.tab[d.ky + tx], gt, dist);
-      wsum += wt;
-#pragma unroll
-      for (int c = 0; c < C; ++c) acc[c] += wt * (SELF ? gt[c] : w.v[c * w.area + o]);
-    }
-  }
-  return wsum;
-}
-
-// fast_sums, plus what pass 1's centre term of the guidance gradient needs, in the same sweep of
-// the window (instead of a second sweep that recomputes every weight). That term is
+// One sweep of the window: its weight sum (returned) and the weighted sums acc of the C channels,
+// the forward's result and pass 1's start. With kCentre, also what pass 1's centre term of the
+// guidance gradient needs, in the same sweep (instead of a second one recomputing every weight).
+// That term is
 //   cen_g = rc sum_t e_t w_t slope_g(t),  e_t = sum_c gp_c v_c(t) - a,  a = sum_c gp_c out_c,
 // and gp, a need the whole window first; but cen_g = rc (sum_c gp_c s1[g][c] - a s2[g]) with
 // s1[g][c] = sum_t w_t slope_g(t) v_c(t) and s2[g] = sum_t w_t slope_g(t). Its rounding error is
 // of the second sweep's order: there each e_t is itself the difference of two such sums' terms.
-template <int C, bool SELF, typename acc_t, int CG, int DIST>
-__device__ __forceinline__ acc_t fast_sums_centre(const FastWindow<acc_t, CG, DIST>& w,
-                                                  const Dims& d, acc_t (&acc)[C],
-                                                  acc_t (&s1)[CG][C], acc_t (&s2)[CG]) {
+// acc and the weight sum have the same bits with or without kCentre.
+template <int C, bool SELF, bool kCentre, typename acc_t, int CG, int DIST>
+__device__ __forceinline__ acc_t fast_sweep(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
+                                            acc_t (&acc)[C], acc_t (&s1)[CG][C],
+                                            acc_t (&s2)[CG]) {
   acc_t wsum = 0;
 #pragma unroll
   for (int c = 0; c < C; ++c) acc[c] = 0;
+  if constexpr (kCentre) {
 #pragma unroll
-  for (int g = 0; g < CG; ++g) {
-    s2[g] = 0;
+    for (int g = 0; g < CG; ++g) {
+      s2[g] = 0;
 #pragma unroll
-    for (int c = 0; c < C; ++c) s1[g][c] = 0;
+      for (int c = 0; c < C; ++c) s1[g][c] = 0;
+    }
   }
   for (int ty = 0; ty < d.ky; ++ty) {
     const acc_t row_sp = w.tab[ty];
@@ -618,16 +601,25 @@ __device__ __forceinline__ acc_t fast_sums_centre(const FastWindow<acc_t, CG, DI
         vt[c] = SELF ? gt[c] : w.v[c * w.area + o];
         acc[c] += wt * vt[c];
       }
+      if constexpr (kCentre) {
 #pragma unroll
-      for (int g = 0; g < CG; ++g) {
-        const acc_t sl = wt * distance_slope(gt[g] - w.gc[g], dist, DIST);
-        s2[g] += sl;
+        for (int g = 0; g < CG; ++g) {
+          const acc_t sl = wt * distance_slope(gt[g] - w.gc[g], dist, DIST);
+          s2[g] += sl;
 #pragma unroll
-        for (int c = 0; c < C; ++c) s1[g][c] += sl * vt[c];
+          for (int c = 0; c < C; ++c) s1[g][c] += sl * vt[c];
+        }
       }
     }
   }
   return wsum;
+}
+
+template <int C, bool SELF, typename acc_t, int CG, int DIST>
+__device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
+                                           acc_t (&acc)[C]) {
+  acc_t unused1[CG][C], unused2[CG];
+  return fast_sweep<C, SELF, false>(w, d, acc, unused1, unused2);
 }
 
 template <typename scalar_t, int C, int CG, bool SELF, int DIST>
@@ -666,10 +658,10 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
     const acc_t rc = sigmas(p, px.n).rc;
     const int64_t plane = d.H * d.W, pix = int64_t(px.y) * d.W + px.x, at = px.n * C * plane + pix;
     // The window's sums, and with the guidance gradient its centre term's sums in the same sweep
-    // (fast_sums_centre; acc and wsum come out bitwise the same either way).
+    // (fast_sweep; acc and wsum come out bitwise the same either way).
     acc_t acc[C], s1[CG][C], s2[CG];
-    const acc_t wsum = o.gcen != nullptr ? fast_sums_centre<C, SELF>(w, d, acc, s1, s2)
-                                         : fast_sums<C, SELF>(w, d, acc);
+    const acc_t wsum = o.gcen != nullptr ? fast_sweep<C, SELF, true>(w, d, acc, s1, s2)
+                                         : fast_sweep<C, SELF, false>(w, d, acc, s1, s2);
     acc_t gp[C], a = 0;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
