@@ -86,12 +86,15 @@ BO_HOST_DEVICE T distance_finish(T acc, int distance) {
 }
 
 // dD / d(delta_c) for channel difference d given the accumulated `acc`: 2 acc sign(d) for l1
-// (sign(0) = 0, as torch's abs), 2 d for l2.
+// (sign(0) = 0, as torch's abs), 2 d for l2. For l1, (2 acc) times sign(d) exactly: acc >= 0 (or
+// NaN), so the product by +-1 is a copysign; where |d| > 0 fails (d = 0 or NaN) it is 2 acc * 0
+// (0, or NaN for an infinite acc). A compare, a sign copy and a select, where the sign as a
+// number took five instructions on the GPU.
 template <typename T>
 BO_HOST_DEVICE T distance_slope(T d, T acc, int distance) {
   if (distance == kL2) return T(2) * d;
-  const T s = d > T(0) ? T(1) : (d < T(0) ? T(-1) : T(0));
-  return T(2) * acc * s;
+  const T two_acc = T(2) * acc;
+  return bo_abs(d) > T(0) ? bo_copysign(two_acc, d) : two_acc * T(0);
 }
 
 }  // namespace bilateral_ops

@@ -30,5 +30,7 @@ BO_HOST_DEVICE float bo_floor(float a) { return floorf(a); }
 BO_HOST_DEVICE double bo_floor(double a) { return floor(a); }
 BO_HOST_DEVICE float bo_abs(float a) { return fabsf(a); }
 BO_HOST_DEVICE double bo_abs(double a) { return fabs(a); }
+BO_HOST_DEVICE float bo_copysign(float a, float b) { return copysignf(a, b); }
+BO_HOST_DEVICE double bo_copysign(double a, double b) { return copysign(a, b); }
 
 }  // namespace bilateral_ops
