@@ -144,6 +144,23 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
   }
 }
 
+// A lane's sample in the warp-uniform loops of the grid gradient (every lane runs every round,
+// for the warp's aggregated atomics): p = base + lane, live while p < P, valid when its grid
+// index is in range too (a sample with an index out of range adds nothing).
+struct Slot {
+  int64_t p, m;
+  bool live, valid;
+};
+
+__device__ __forceinline__ Slot slot(const PointsGeometry& g, const int64_t* idx, int64_t base) {
+  Slot s;
+  s.p = base + threadIdx.x;
+  s.live = s.p < g.P;
+  s.m = s.live ? idx[s.p] : 0;
+  s.valid = s.live && s.m >= 0 && s.m < g.M;
+  return s;
+}
+
 // The loop over samples is warp-uniform (lanes past P ride along with nothing to add): the
 // aggregated atomics need every lane of the warp.
 template <typename scalar_t>
@@ -155,10 +172,9 @@ __global__ void __launch_bounds__(launch::kPointsThreads)
   const double scale = a.need_grid ? fixed_point_scale(a.absmax, g.P) : 0.0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < g.P;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = base + threadIdx.x;
-    const bool live = p < g.P;
-    const int64_t m = live ? a.idx[p] : 0;
-    const bool valid = live && m >= 0 && m < g.M;
+    const Slot sl = slot(g, a.idx, base);
+    const int64_t p = sl.p, m = sl.m;
+    const bool live = sl.live, valid = sl.valid;
     const PointCorners<acc_t> pc =
         valid ? sample_corners<acc_t>(g, a.coords, p) : point_corners<acc_t>(0, 0, 0, 1, 1, 1);
     const scalar_t* go = a.grad_output + (live ? p : 0) * l.Co;
@@ -547,10 +563,9 @@ __global__ void __launch_bounds__(launch::kPointsThreads, BO_POINTS_FAST_BACKWAR
   const double scale = fixed_point_scale(a.absmax, g.P);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < g.P;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = base + threadIdx.x;
-    const bool live = p < g.P;
-    const int64_t m = live ? a.idx[p] : 0;
-    const bool valid = live && m >= 0 && m < g.M;
+    const Slot sl = slot(g, a.idx, base);
+    const int64_t p = sl.p, m = sl.m;
+    const bool live = sl.live, valid = sl.valid;
     const FastTaps<acc_t> t = live ? fast_sample_taps(d, a.coords, p)
                                    : fast_taps(acc_t(0), acc_t(0), acc_t(0), 1, 1, 1);
     acc_t go[kFastCo], x[kFastCi];
