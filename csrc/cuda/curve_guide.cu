@@ -504,17 +504,20 @@ __global__ void __launch_bounds__(launch::kCurveGroupThreads, launch::kCurveGrou
       for (int i = 0; i < kC; ++i) c[k] += tb[kCcm + k * kC + i] * x[i];
       sorted_ok = sorted_ok && isfinite(c[k]);
     }
-    if (sorted_ok) {  // the channels' searches with no branch between them: their loads overlap
+    // As in the forward: the channels' searches with no branch between them (their loads
+    // overlap), then the sums where the sorted knots do not serve.
+    if (use_sorted) {
 #pragma unroll
       for (int k = 0; k < kC; ++k) {
         f[k] = curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k]);
       }
-    } else {
+    }
+    if (!sorted_ok) {
 #pragma unroll
       for (int k = 0; k < kC; ++k) {
-        f[k] = use_sorted && isfinite(c[k])
-                   ? curve_sorted_point(c[k], sorted + k * K, pq + 2 * k * (K + 1), K, fp[k])
-                   : curve_sum(c[k], tb + kShifts + k * K, tb + slopes + k * K, K, fp[k]);
+        if (!(use_sorted && isfinite(c[k]))) {
+          f[k] = curve_sum(c[k], tb + kShifts + k * K, tb + slopes + k * K, K, fp[k]);
+        }
       }
     }
     acc_t g = tb[mix_bias];
