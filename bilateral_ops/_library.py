@@ -90,6 +90,42 @@ def autocast(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(tensors)
 
 
+def eager_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public function should differentiate through ``eager_function``'s class: in an
+    eager call (not traced by torch.compile) that records a graph for some tensor argument."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
+
+
+def eager_function(op, setup_context, backward) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` running ``op`` with its registered autograd formula
+    (``setup_context``, ``backward``, as given to ``torch.library.register_autograd``) below the
+    autograd dispatch, instead of through torch.library's Python autograd layer, whose host time
+    exceeds small calls' kernels. Traced code and ``torch.ops`` callers keep the registered
+    formula, which this runs unchanged; a backward recording a graph (``create_graph=True``) runs
+    it through autograd, so that the backward ops' own formulas apply."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            setup_context(ctx, args, None)
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            if torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch._C._AutoDispatchBelowAutograd():
+                return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"Eager_{getattr(op, '__name__', 'op')}"
+    return Eager
+
+
 def live(grad: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
     """A cotangent of an output of a backward op, or None where that output was masked off (it
     is then an empty placeholder) or unused."""

@@ -104,11 +104,7 @@ def bilateral_filter(
     v.check_filter(input, guidance, ks, sc, ss, border_type, color_distance_type)
     if lib.has_kernel("bilateral_filter", input.device):
         args = (input, guidance, list(ks), sc, ss, border_type, color_distance_type)
-        if (
-            torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and any(t is not None and t.requires_grad for t in (input, guidance, sc, ss))
-        ):
+        if lib.eager_autograd(input, guidance, sc, ss):
             return _EagerFilter.apply(*args)
         return _ops.bilateral_filter(*args)
     lib.fallback("bilateral_filter", input.device)
@@ -193,30 +189,6 @@ class JointBilateralBlur(_BilateralBlur):
         )
 
 
-class _EagerFilter(torch.autograd.Function):
-    """Eager autograd of bilateral_filter: the op and its backward op called below the autograd
-    dispatch, instead of through torch.library's Python autograd layer (a third of a forward +
-    backward's host time on a small image: 150 -> 104 us on the 2-core CPU; on a GPU the 1080p
-    call's host time showed beside its kernels). Traced code (torch.compile) and torch.ops callers
-    keep the registered formulas below, which this mirrors; a backward with create_graph=True
-    calls the backward op through autograd, whose formula raises as documented."""
-
-    @staticmethod
-    def forward(ctx, input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
-        _filter_setup(ctx, (input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type), None)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops.bilateral_filter(
-                input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type
-            )
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            return _filter_backward(ctx, grad_output)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _filter_backward(ctx, grad_output)
-
-
 # ----------------------------------------------------------------------------------------------
 # Fake kernels: the eager path's shape rules, then outputs of the right shape (contiguous, as the
 # kernels return).
@@ -285,6 +257,7 @@ def _backward_backward(ctx, *grads):
     )
 
 
+
 def _register() -> None:
     torch.library.register_fake("bilateral_ops::bilateral_filter")(_filter_fake)
     torch.library.register_fake("bilateral_ops::_bilateral_filter_backward")(_backward_fake)
@@ -296,3 +269,6 @@ def _register() -> None:
 
 if lib.LOAD_ERROR is None:
     _register()
+    # Eager autograd (lib.eager_function): on a small image the Python autograd layer was a third of
+    # a forward + backward's host time (150 -> 104 us on the 2-core CPU).
+    _EagerFilter = lib.eager_function(_ops.bilateral_filter, _filter_setup, _filter_backward)

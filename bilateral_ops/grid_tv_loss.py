@@ -49,34 +49,11 @@ def grid_tv_loss(grids: torch.Tensor, idx: torch.Tensor | None = None) -> torch.
     if idx is not None:
         v.check_index_values("idx", idx, grids.shape[0], "the number of grids")
     if lib.has_kernel("grid_tv_loss", grids.device):
-        if grids.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if lib.eager_autograd(grids):
             return _EagerLoss.apply(grids, idx)
         return _ops.grid_tv_loss(grids, idx)
     lib.fallback("grid_tv_loss", grids.device)
     return reference.grid_tv_loss(grids, idx)
-
-
-class _EagerLoss(torch.autograd.Function):
-    """Eager autograd of grid_tv_loss: the op and its backward op called below the autograd
-    dispatch, instead of through torch.library's Python autograd layer, which costs more host time
-    than the CUDA kernels of 600 grids take (about a third of a forward + backward's host time; a
-    loss is one small call per training step). Traced code (torch.compile) and torch.ops callers
-    keep the registered formulas below. A backward with create_graph=True calls the backward op
-    through autograd: its own formula gives the second derivatives."""
-
-    @staticmethod
-    def forward(ctx, grids, idx):
-        ctx.save_for_backward(grids, idx)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops.grid_tv_loss(grids, idx)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grids, idx = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _ops._grid_tv_loss_backward(grad_output, grids, idx), None
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops._grid_tv_loss_backward(grad_output, grids, idx), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +107,7 @@ def _backward_backward(ctx, ct):
     return d_go, d_grids, None
 
 
+
 def _register() -> None:
     torch.library.register_fake("bilateral_ops::grid_tv_loss")(_loss_fake)
     torch.library.register_fake("bilateral_ops::_grid_tv_loss_backward")(_backward_fake)
@@ -141,3 +119,6 @@ def _register() -> None:
 
 if lib.LOAD_ERROR is None:
     _register()
+    # Eager autograd (lib.eager_function): a loss is one small call per training step, and
+    # torch.library's Python autograd layer took more host time than the CUDA kernels of 600 grids.
+    _EagerLoss = lib.eager_function(_ops.grid_tv_loss, _loss_setup, _loss_backward)
