@@ -28,6 +28,9 @@
 //   curve_sorted(shifts, slopes, c, double=True) -> dict
 //       one channel's curve at the points c through its sorted knots (bilateral_ops/curve_guide.h,
 //       the CUDA kernels' path) in double or float: {"sorted", "pq", "f", "fp"}
+//   cpu_isa() -> str                  the x86-64 level whose copy of the CPU kernels compiled per
+//                                     instruction set runs ("x86-64-v4", "x86-64-v3", "x86-64";
+//                                     csrc/cpu/simd.h, BILATERAL_OPS_CPU_ISA)
 // Plain CPython API: no pybind11, nothing to link beyond what torch's extension build provides.
 
 #include <Python.h>
@@ -36,6 +39,7 @@
 #include <vector>
 
 #include "bilateral_ops/curve_guide.h"
+#include "cpu/simd.h"
 #include "cuda/launch_config.h"
 
 namespace {
@@ -584,7 +588,7 @@ PyObject* curve_sorted_as(const std::vector<double>& sh, const std::vector<doubl
                                     bilateral_ops::curve_knot_rank(shifts.data(), K, j),
                                     sorted.data(), pq.data());
   }
-  bilateral_ops::curve_prefix(pq.data(), K);
+  bilateral_ops::curve_prefix(pq.data(), sorted.data(), K);
   for (double c : cs) {
     T d;
     f.push_back(bilateral_ops::curve_sorted_point(static_cast<T>(c), sorted.data(), pq.data(), K, d));
@@ -621,6 +625,17 @@ PyObject* curve_sorted(PyObject*, PyObject* args, PyObject* kwargs) {
   return as_double ? curve_sorted_as<double>(sh, sl, cs) : curve_sorted_as<float>(sh, sl, cs);
 }
 
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  switch (bilateral_ops::cpu::cpu_isa()) {
+    case bilateral_ops::cpu::Isa::kV4:
+      return PyUnicode_FromString("x86-64-v4");
+    case bilateral_ops::cpu::Isa::kV3:
+      return PyUnicode_FromString("x86-64-v3");
+    default:
+      return PyUnicode_FromString("x86-64");
+  }
+}
+
 PyMethodDef methods[] = {
     {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
@@ -637,6 +652,8 @@ PyMethodDef methods[] = {
     {"limits", limits, METH_NOARGS, "Architectural limits the launch plans are checked against."},
     {"curve_sorted", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_sorted)),
      METH_VARARGS | METH_KEYWORDS, "One curve through its sorted knots, as the CUDA kernels evaluate it."},
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The x86-64 level of the CPU kernel copies that run (csrc/cpu/simd.h)."},
     {"max_cells", max_cells, METH_VARARGS,
      "Cells a tile of `tile` pixels touches along an n-pixel axis of G cells (upper bound)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -4,6 +4,11 @@ layouts and sizes, dtypes, and errors raised before any kernel runs."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import (
@@ -405,3 +410,120 @@ def test_sorted_knots_evaluate_the_curve(K, gen):
     assert torch.isnan(torch.tensor(nan["f"])).all() and nan["fp"] == (0.0,)
     with pytest.raises(ValueError):
         _C.curve_sorted([0.0, 1.0], [1.0], [0.5])
+
+
+def test_sorted_knots_keep_their_precision_far_from_zero(gen):
+    """The sorted form takes the shifts from the smallest one, (c - s_0) P_n - Q_n: in float,
+    shifts and points near 1e4 keep the rounding of c - s (c P_n - sum m s would lose ~1e-3)."""
+    from bilateral_ops import _C
+
+    K = 16
+    # Values exact in float: the float result differs from the double one by its own rounding.
+    shifts = (1e4 + torch.randint(0, 64, (K,), generator=gen).to(F64) / 32).tolist()
+    slopes = (torch.randint(-64, 64, (K,), generator=gen).to(F64) / 64).tolist()
+    cs = (1e4 + torch.randint(-16, 96, (200,), generator=gen).to(F64) / 32).tolist()
+    want = torch.tensor(_C.curve_sorted(shifts, slopes, cs)["f"], dtype=F64)
+    got = torch.tensor(_C.curve_sorted(shifts, slopes, cs, double=False)["f"], dtype=F64)
+    assert (got - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU backward's two forms of the curve and its copies per instruction set
+# (csrc/cpu/curve_guide_kernels.h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["input nan", "input inf", "grad nan", "shift inf", "slope nan"])
+def test_backward_non_finite_values_follow_the_reference(case, dtype, gen):
+    """The CPU backward evaluates each curve as (c - r) P - Q and its slope gradients as
+    B - (s - r) A where the values are finite, and as sums over the knots where they are not:
+    NaNs and infinities where torch's autograd of the reference has them, the finite values alike."""
+    args = make_curve_case(2, 3, 8, 40, 16, dtype=dtype, gen=gen)
+    go = torch.randn(2, 8, 40, generator=gen, dtype=F64).to(dtype)
+    if case == "input nan":
+        args[0][0, 1, 2, 3] = float("nan")
+    elif case == "input inf":
+        args[0][1, 0, 4, 5] = float("inf")
+        args[0][1, 2, 1, 30] = -float("inf")
+    elif case == "grad nan":
+        go[0, 3, 3] = float("nan")
+    elif case == "shift inf":
+        args[3][1, 4] = float("inf")
+    else:
+        args[4][2, 7] = float("nan")
+    got = OPS._curve_guide_backward(go, *args, [True] * 7)
+    _, want, _ = run_with_grads(reference.curve_guide, [t.to(F64) for t in args], grad_output=go.to(F64))
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, g, w in zip(NAMES, got, want):
+        if case == "grad nan" and name in ("input", "ccm", "ccm_bias"):
+            # These flow through f'(c) df, which is NaN at the NaN pixel even where f' = 0 (c
+            # below every knot), where the reference's relu backward selects 0 per knot.
+            continue
+        g = g.to(F64)
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), name
+        finite = torch.isfinite(w)
+        if finite.any():
+            assert_close_scaled(g[finite], w[finite], rel, name)
+
+
+def test_backward_keeps_its_precision_far_from_zero(gen):
+    """Channel values and shifts near 1000, every value exact in float: the float gradients keep
+    the rounding of c - shift (the CPU backward takes the shifts from each channel's smallest)."""
+    n, h, w, K = 2, 24, 40, 16
+    x = 1000 + torch.randint(0, 64, (n, 3, h, w), generator=gen).to(F64) / 64
+    ccm = torch.eye(3, dtype=F64)
+    ccm_bias = torch.zeros(3, dtype=F64)
+    shifts = 1000 + torch.randint(0, 64, (3, K), generator=gen).to(F64) / 64
+    slopes = torch.randint(-16, 32, (3, K), generator=gen).to(F64) / 64
+    mix = torch.full((3,), 0.25, dtype=F64)
+    mix_bias = torch.tensor([0.25], dtype=F64)
+    args = [x, ccm, ccm_bias, shifts, slopes, mix, mix_bias]
+    go = torch.randint(-8, 8, (n, h, w), generator=gen).to(F64) / 8
+    _, want, _ = run_with_grads(reference.curve_guide, args, grad_output=go)
+    got = OPS._curve_guide_backward(go.float(), *[t.float() for t in args], [True] * 7)
+    for name, g, wt in zip(NAMES, got, want):
+        assert wt.abs().max() > 0, name
+        assert_close_scaled(g, wt, 2e-6, name)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+import bilateral_ops
+from bilateral_ops import _C
+args, go = torch.load(sys.argv[1])
+ops = torch.ops.bilateral_ops
+torch.save((_C.cpu_isa(), ops.curve_guide(*args), ops._curve_guide_backward(go, *args, [True] * 7)), sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_instruction_set_copy_agrees(dtype, gen, tmp_path):
+    """The CPU curve kernels are compiled once per x86-64 level (csrc/cpu/simd.h) and a process
+    runs the best its CPU has; BILATERAL_OPS_CPU_ISA caps it, so each copy this machine can run
+    is run here, in its own process, against this one's."""
+    from bilateral_ops import _C
+
+    # Several reduction chunks, a partial last block, a non-finite pixel (the sums' fallback).
+    args = make_curve_case(2, 3, 37, 121, 16, dtype=dtype, gen=gen)
+    args[0][1, 2, 5, 7] = float("inf")
+    go = torch.randn(2, 37, 121, generator=gen, dtype=F64).to(dtype)
+    want_out = OPS.curve_guide(*args)
+    want = OPS._curve_guide_backward(go, *args, [True] * 7)
+    torch.save((args, go), tmp_path / "case.pt")
+    levels = ["x86-64-v4", "x86-64-v3", "x86-64"]
+    ran = set()
+    for level in levels[levels.index(_C.cpu_isa()) :]:
+        env = dict(os.environ, BILATERAL_OPS_CPU_ISA=level)
+        out_file = tmp_path / f"{level}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "case.pt"), str(out_file)], env=env, check=True)
+        isa, out, grads = torch.load(out_file)
+        ran.add(isa)
+        rel = 1e-5 if dtype == torch.float32 else 1e-12
+        assert torch.equal(torch.isnan(out), torch.isnan(want_out)), level
+        assert_close_scaled(out.nan_to_num(), want_out.nan_to_num(), rel, f"{level} output")
+        for name, g, w in zip(NAMES, grads, want):
+            assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{level} {name}"
+            assert_close_scaled(g.nan_to_num(), w.nan_to_num(), rel, f"{level} {name}")
+    assert ran == set(levels[levels.index(_C.cpu_isa()) :]) or not ran

@@ -6,6 +6,8 @@
 // in registers across an inner loop).
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 // Helpers passing vectors by value must be inlined into each target_clones copy: an out-of-line
@@ -33,8 +35,65 @@
 #define BO_TARGET_CLONES
 #endif
 
+// Kernels whose vector comparisons feed selects or masked sums are compiled once per instruction
+// set instead: their file includes a kernel header three times, each under a `#pragma GCC
+// target` and in a namespace of its own, and BO_ISA_CALL picks one at run time. GCC gives a
+// vector comparison its type (a vector of integers, or an AVX-512 mask) when it parses the
+// template, with the options in force there, so every target_clones copy, the AVX-512 one
+// included, compiles `m ? a + b : a` to a compare into a vector and a blend; parsed under the
+// AVX-512 pragma it is a compare into a mask register and one masked add.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
+#define BO_ISA_COPIES 1
+#else
+#define BO_ISA_COPIES 0
+#endif
+
 namespace bilateral_ops {
 namespace cpu {
+
+// The instruction set of the kernel copies to run (BO_ISA_COPIES): x86-64-v4 (AVX-512), v3
+// (AVX2 and FMA) or the baseline, the levels target_clones chooses between. The environment
+// variable BILATERAL_OPS_CPU_ISA=x86-64-v3 or x86-64 caps it (read once), so that the tests can
+// run every copy on one machine; a level the CPU lacks is never chosen.
+enum class Isa { kDefault, kV3, kV4 };
+
+inline Isa cpu_isa() {
+#if BO_ISA_COPIES
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    Isa best = Isa::kDefault;
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      best = Isa::kV4;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+      best = Isa::kV3;
+    }
+    const char* cap = std::getenv("BILATERAL_OPS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "x86-64") == 0) return Isa::kDefault;
+    if (cap != nullptr && std::strcmp(cap, "x86-64-v3") == 0 && best == Isa::kV4) return Isa::kV3;
+    return best;
+  }();
+  return isa;
+#else
+  return Isa::kDefault;
+#endif
+}
+
+// Calls FN (a name in each copy's namespace: isa_v4, isa_v3, isa_default) of this CPU's copy.
+#if BO_ISA_COPIES
+#define BO_ISA_CALL(FN, ...)                                               \
+  do {                                                                     \
+    switch (::bilateral_ops::cpu::cpu_isa()) {                             \
+      case ::bilateral_ops::cpu::Isa::kV4:                                 \
+        return isa_v4::FN(__VA_ARGS__);                                    \
+      case ::bilateral_ops::cpu::Isa::kV3:                                 \
+        return isa_v3::FN(__VA_ARGS__);                                    \
+      default:                                                             \
+        return isa_default::FN(__VA_ARGS__);                               \
+    }                                                                      \
+  } while (0)
+#else
+#define BO_ISA_CALL(FN, ...) return isa_default::FN(__VA_ARGS__)
+#endif
 
 constexpr int kVecBytes = 32;
 

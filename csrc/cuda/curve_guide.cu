@@ -112,7 +112,7 @@ __device__ bool block_sorted_curves(const acc_t* tb, const CurveLayout& l, acc_t
   __syncthreads();
   for (int k = threadIdx.x; k < C; k += blockDim.x) {
     acc_t* q = pq + 2 * k * (K + 1);
-    curve_prefix(q, K);
+    curve_prefix(q, sorted + k * K, K);
     finite &= isfinite(q[2 * K]) && isfinite(q[2 * K + 1]);
   }
   return __syncthreads_and(finite);

@@ -89,12 +89,13 @@ BO_HOST_DEVICE void curve_point_grads(V c, V shift, V df, V& d_shift, V& d_slope
 // The curve through its sorted knots (the CUDA kernels' path; bilateral_ops._C.curve_sorted runs
 // these same functions on the host for the tests). With a channel's shifts in ascending order
 // s_0 <= ... <= s_{K-1} and the slopes m_i permuted alike,
-//   f(c) = sum_{i<n} m_i (c - s_i) = c P_n - Q_n,   f'(c) = P_n,
-// where n = #{i : s_i < c}, P_n = sum_{i<n} m_i and Q_n = sum_{i<n} m_i s_i. A knot equal to c
-// adds nothing to either, as relu(0) = relu'(0) = 0 in the sum. A pixel then costs a binary
-// search and one multiply-add instead of K points; the two agree to rounding for finite values.
-// They differ for c = +-inf (the sum gives NaN or 0 where c P_n - Q_n gives inf or NaN), and
-// ranks need comparable shifts, so callers use the sum unless c and the whole table are finite.
+//   f(c) = sum_{i<n} m_i (c - s_i) = (c - s_0) P_n - Q_n,   f'(c) = P_n,
+// where n = #{i : s_i < c}, P_n = sum_{i<n} m_i and Q_n = sum_{i<n} m_i (s_i - s_0). A knot
+// equal to c adds nothing to either, as relu(0) = relu'(0) = 0 in the sum. A pixel then costs a
+// binary search and one multiply-add instead of K points; the two agree to rounding for finite
+// values. They differ for c = +-inf (the sum gives NaN or 0 where the product gives inf or
+// NaN), and ranks need comparable shifts, so callers use the sum unless c and the whole table
+// are finite.
 
 // The rank of knot j among a channel's K shifts, ties broken by index: for finite shifts the
 // ranks are a permutation of 0..K-1.
@@ -106,23 +107,25 @@ BO_HOST_DEVICE int curve_knot_rank(const T* shifts, int K, int j) {
   return r;
 }
 
-// Puts a knot of rank r in place: sorted (K) receives its shift, pq (2 (K + 1)) its terms of
-// P and Q at n = r + 1, which curve_prefix then turns into the sums.
+// Puts a knot of rank r in place: sorted (K) receives its shift, pq (2 (K + 1)) its slope as
+// the term of P at n = r + 1, which curve_prefix then turns into the sums.
 template <typename T>
 BO_HOST_DEVICE void curve_place_knot(T shift, T slope, int r, T* sorted, T* pq) {
   sorted[r] = shift;
   pq[2 * r + 2] = slope;
-  pq[2 * r + 3] = slope * shift;
 }
 
-// pq[2n] = P_n and pq[2n + 1] = Q_n for n = 0..K, summed in knot order.
+// pq[2n] = P_n and pq[2n + 1] = Q_n for n = 0..K, summed in knot order, with the shifts taken
+// from the smallest, sorted[0]: Q_n = sum_{i<n} m_i (s_i - s_0), and the curve (c - s_0) P_n -
+// Q_n. The same function of c; its rounding is that of c - s rather than of c and s apart, which
+// for shifts far from 0 (say near 1000 in float) would otherwise dominate.
 template <typename T>
-BO_HOST_DEVICE void curve_prefix(T* pq, int K) {
+BO_HOST_DEVICE void curve_prefix(T* pq, const T* sorted, int K) {
   pq[0] = T(0);
   pq[1] = T(0);
   for (int n = 1; n <= K; ++n) {
+    pq[2 * n + 1] = pq[2 * n] * (sorted[n - 1] - sorted[0]) + pq[2 * n - 1];
     pq[2 * n] += pq[2 * n - 2];
-    pq[2 * n + 1] += pq[2 * n - 1];
   }
 }
 
@@ -144,7 +147,7 @@ template <typename T>
 BO_HOST_DEVICE T curve_sorted_point(T c, const T* sorted, const T* pq, int K, T& fp) {
   const int n = curve_segment(c, sorted, K);
   fp = pq[2 * n];
-  return c * pq[2 * n] - pq[2 * n + 1];
+  return (c - sorted[0]) * pq[2 * n] - pq[2 * n + 1];
 }
 
 template <typename T>

@@ -1,0 +1,353 @@
+// The vector code of curve_guide's CPU kernels (csrc/cpu/curve_guide.cpp), one copy per
+// instruction set: curve_guide.cpp includes this file once for each, under its
+// `#pragma GCC target`, in a namespace of its own (BO_ISA_NS), after the shared types CurveArgs,
+// Span, kVecs and kChunk. No include guard, on purpose. See BO_ISA_COPIES in simd.h for why
+// these kernels are not target_clones.
+
+namespace BO_ISA_NS {
+
+template <typename T>
+constexpr int64_t block_pixels() {
+  return kVecs * vec_width<T>();
+}
+
+// len (<= block) values from src into kVecs vectors, zero-padded: padded pixels then have a zero
+// grad_output and add nothing to any gradient.
+template <typename T>
+inline void load_block(const T* src, int64_t len, vec_t<T>* dst) {
+  constexpr int64_t Wd = vec_width<T>();
+  if (len == block_pixels<T>()) {
+    for (int64_t v = 0; v < kVecs; ++v) dst[v] = vload(src + v * Wd);
+    return;
+  }
+  T tmp[block_pixels<T>()] = {};
+  std::memcpy(tmp, src, static_cast<size_t>(len) * sizeof(T));
+  for (int64_t v = 0; v < kVecs; ++v) dst[v] = vload(tmp + v * Wd);
+}
+
+template <typename T>
+inline void store_block(const vec_t<T>* src, int64_t len, T* dst) {
+  constexpr int64_t Wd = vec_width<T>();
+  if (len == block_pixels<T>()) {
+    for (int64_t v = 0; v < kVecs; ++v) vstore(dst + v * Wd, src[v]);
+    return;
+  }
+  T tmp[block_pixels<T>()];
+  for (int64_t v = 0; v < kVecs; ++v) vstore(tmp + v * Wd, src[v]);
+  std::memcpy(dst, tmp, static_cast<size_t>(len) * sizeof(T));
+}
+
+// Zeroed vectors, 32-byte aligned. Not std::vector<vec_t<T>>: GCC drops the vector type's
+// alignment in template arguments, so the allocator would hand out 16-byte aligned memory.
+template <typename T>
+class VecBuf {
+ public:
+  explicit VecBuf(int64_t n) : n_(n) {
+    if (n_ > 0) {
+      p_ = static_cast<vec_t<T>*>(::operator new(n_ * kVecBytes, std::align_val_t(kVecBytes)));
+      fill();
+    }
+  }
+  ~VecBuf() {
+    if (p_ != nullptr) ::operator delete(p_, std::align_val_t(kVecBytes));
+  }
+  VecBuf(const VecBuf&) = delete;
+  VecBuf& operator=(const VecBuf&) = delete;
+  vec_t<T>& operator[](int64_t i) { return p_[i]; }
+  const vec_t<T>& operator[](int64_t i) const { return p_[i]; }
+  void fill() {
+    for (int64_t i = 0; i < n_; ++i) p_[i] = vec_t<T>{};
+  }
+
+ private:
+  vec_t<T>* p_ = nullptr;
+  int64_t n_;
+};
+
+// Per-task block buffers: x, and (backward) every channel's c, f and f' and the input gradient;
+// the parameter table with every value broadcast to a vector once (GCC broadcasts a scalar with
+// an add of zero first, two instructions, which the curve loops would pay per point), and a
+// zero vector for curve_relu that the compiler cannot fold (vopaque: its max is one instruction).
+// The backward also keeps, for the curve as (c - r) P - Q (below), each channel's smallest
+// shift r and each knot's slope * (shift - r), and for the parameter gradients of the blocks
+// that take that form, the per-knot sums A and B.
+template <typename T>
+struct Scratch {
+  VecBuf<T> x, c, f, fp, dx, acc, tab, ref, slope_shift, knot_sums;
+  vec_t<T> zero;
+  bool table_finite = true;
+  Scratch(const CurveLayout& l, bool backward, const T* table, const T* ref_value)
+      : x(l.C * kVecs),
+        c(backward ? l.C * kVecs : 0),
+        f(backward ? l.C * kVecs : 0),
+        fp(backward ? l.C * kVecs : 0),
+        dx(backward ? l.C * kVecs : 0),
+        acc(backward ? l.size() : 0),
+        tab(l.size()),
+        ref(backward ? l.C : 0),
+        slope_shift(backward ? l.C * l.K : 0),
+        knot_sums(backward ? 2 * l.C * l.K : 0),
+        zero(vopaque<T>(T(0))) {
+    for (int64_t q = 0; q < l.size(); ++q) {
+      tab[q] = vbroadcast<T>(table[q]);
+      table_finite = table_finite && std::isfinite(table[q]);
+    }
+    if (backward) {
+      for (int64_t k = 0; k < l.C; ++k) {
+        ref[k] = vbroadcast<T>(ref_value[k]);
+        for (int64_t j = 0; j < l.K; ++j) {
+          const T d = table[l.shifts() + k * l.K + j] - ref_value[k];
+          const T prod = table[l.slopes() + k * l.K + j] * d;
+          slope_shift[k * l.K + j] = vbroadcast<T>(prod);
+        }
+      }
+    }
+  }
+};
+
+// Whether every lane of the kVecs vectors v is finite (v * 0 is +-0 exactly then, NaN if not).
+template <typename T>
+BO_ALWAYS_INLINE bool all_finite(const vec_t<T>* v, vec_t<T> zero) {
+  vec_t<T> z = zero;
+  for (int64_t i = 0; i < kVecs; ++i) z += v[i] * zero;
+  return vsum<T>(z) == T(0);
+}
+
+// The pre-clamp guide g of one block (x already loaded); with kKeep, each channel's c, f and f'
+// are kept for the backward pass.
+//
+// The backward (kKeep) takes a channel's curve as f = (c - r) P - Q, f' = P, with P the sum of
+// the slopes and Q the sum of slope * (shift - r) over the knots below c, r the channel's
+// smallest shift (curve_guide.h's sorted form, without the sort; r keeps the rounding that of
+// c - shift rather than of c and shift apart): a compare and two masked adds per knot instead of
+// curve_point's five operations. Where c or the table is not finite, or a sum overflows, the two
+// forms differ in their NaNs and infinities, and that block of the channel takes the sum over
+// the knots as the forward does.
+template <typename T, bool kKeep>
+BO_ALWAYS_INLINE void block_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>* g) {
+  using V = vec_t<T>;
+  const CurveLayout& l = a.l;
+  const int64_t C = l.C, K = l.K;
+  const VecBuf<T>& tb = s.tab;
+  for (int64_t v = 0; v < kVecs; ++v) g[v] = tb[l.mix_bias()];
+  for (int64_t k = 0; k < C; ++k) {
+    V ck[kVecs], fk[kVecs] = {}, fpk[kVecs] = {};
+    for (int64_t v = 0; v < kVecs; ++v) ck[v] = tb[l.ccm_bias() + k];
+    for (int64_t i = 0; i < C; ++i) {
+      const V m = tb[l.ccm() + k * C + i];
+      for (int64_t v = 0; v < kVecs; ++v) ck[v] += m * s.x[i * kVecs + v];
+    }
+    const V zero = s.zero;
+    bool summed = false;
+    if constexpr (kKeep) {
+      if (s.table_finite) {
+        V P[kVecs] = {}, Q[kVecs] = {}, check[kVecs];
+        for (int64_t j = 0; j < K; ++j) {
+          const V t = tb[l.shifts() + k * K + j], m = tb[l.slopes() + k * K + j];
+          const V ms = s.slope_shift[k * K + j];
+          for (int64_t v = 0; v < kVecs; ++v) {
+            const auto below = ck[v] > t;
+            P[v] = below ? P[v] + m : P[v];
+            Q[v] = below ? Q[v] + ms : Q[v];
+          }
+        }
+        for (int64_t v = 0; v < kVecs; ++v) {
+          const V d = ck[v] - s.ref[k];
+          fk[v] = d * P[v] - Q[v];
+          fpk[v] = P[v];
+          check[v] = (d + fk[v]) + (P[v] + Q[v]);
+        }
+        summed = all_finite<T>(check, zero);
+      }
+    }
+    if (!summed) {
+      for (int64_t v = 0; v < kVecs; ++v) fk[v] = fpk[v] = V{};
+      for (int64_t j = 0; j < K; ++j) {
+        const V t = tb[l.shifts() + k * K + j], m = tb[l.slopes() + k * K + j];
+        for (int64_t v = 0; v < kVecs; ++v) {
+          if constexpr (kKeep) {
+            curve_point(ck[v], t, m, fk[v], fpk[v], zero);
+          } else {
+            curve_value(ck[v], t, m, fk[v], zero);
+          }
+        }
+      }
+    }
+    const V mk = tb[l.mix() + k];
+    for (int64_t v = 0; v < kVecs; ++v) {
+      g[v] += mk * fk[v];
+      if constexpr (kKeep) {
+        s.c[k * kVecs + v] = ck[v];
+        s.f[k * kVecs + v] = fk[v];
+        s.fp[k * kVecs + v] = fpk[v];
+      }
+    }
+  }
+}
+
+template <typename T>
+BO_ALWAYS_INLINE void load_pixels(const CurveArgs<T>& a, Scratch<T>& s, const T* in, int64_t len) {
+  for (int64_t i = 0; i < a.l.C; ++i) load_block(in + i * a.HW, len, &s.x[i * kVecs]);
+}
+
+template <typename T>
+BO_ALWAYS_INLINE void forward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t c1) {
+  using V = vec_t<T>;
+  Scratch<T> s(a.l, false, a.table, nullptr);
+  constexpr int64_t B = block_pixels<T>();
+  for (int64_t chunk = c0; chunk < c1; ++chunk) {
+    const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
+    const T* in = a.input + sp.n * a.l.C * a.HW;
+    T* out = a.output + sp.n * a.HW;
+    for (int64_t p = sp.s0; p < sp.s1; p += B) {
+      const int64_t len = std::min(B, sp.s1 - p);
+      load_pixels(a, s, in + p, len);
+      V g[kVecs];
+      block_guide<T, false>(a, s, g);
+      for (int64_t v = 0; v < kVecs; ++v) g[v] = curve_clamp01(g[v]);
+      store_block(g, len, out + p);
+    }
+  }
+}
+
+// Adds the lanes' sum of terms[0..kVecs) to acc, in a fixed order.
+template <typename T>
+BO_ALWAYS_INLINE void accumulate(vec_t<T>& acc, const vec_t<T>* terms) {
+  acc += (terms[0] + terms[1]) + (terms[2] + terms[3]);
+}
+
+// The shift and slope gradient rows of channel k's knots for one block. A knot's slope gradient
+// is sum df relu(c - s) = B - (s - r) A, where A = sum df and B = sum df (c - r) over the pixels
+// with c > s (r as in block_guide): a compare and two masked adds per knot, A and B kept per
+// knot in s.knot_sums and combined once per chunk, in double. A block whose df (c - r) is not
+// finite (c or grad_output not finite) adds df relu(c - s) as it comes, which keeps the NaNs of
+// 0 * inf that B - (s - r) A would drop.
+template <typename T>
+BO_ALWAYS_INLINE void knot_grads(const CurveArgs<T>& a, Scratch<T>& s, int64_t k,
+                                 const vec_t<T>* ck, const vec_t<T>* df) {
+  using V = vec_t<T>;
+  const CurveLayout& l = a.l;
+  const int64_t K = l.K;
+  const VecBuf<T>& tb = s.tab;
+  V dfc[kVecs];
+  for (int64_t v = 0; v < kVecs; ++v) dfc[v] = df[v] * (ck[v] - s.ref[k]);
+  if (s.table_finite && all_finite<T>(dfc, s.zero)) {
+    V* sums = &s.knot_sums[2 * k * K];
+    for (int64_t j = 0; j < K; ++j) {
+      const V tj = tb[l.shifts() + k * K + j];
+      V A = sums[2 * j], B = sums[2 * j + 1];
+      for (int64_t v = 0; v < kVecs; ++v) {
+        const auto above = ck[v] > tj;
+        A = above ? A + df[v] : A;
+        B = above ? B + dfc[v] : B;
+      }
+      sums[2 * j] = A;
+      sums[2 * j + 1] = B;
+    }
+    return;
+  }
+  V* acc_shift = &s.acc[l.shifts() + k * K];
+  V* acc_slope = &s.acc[l.slopes() + k * K];
+  for (int64_t j = 0; j < K; ++j) {
+    const V tj = tb[l.shifts() + k * K + j];
+    V d_shift[kVecs] = {}, d_slope[kVecs] = {};
+    for (int64_t v = 0; v < kVecs; ++v) {
+      curve_point_grads(ck[v], tj, df[v], d_shift[v], d_slope[v], s.zero);
+    }
+    accumulate<T>(acc_shift[j], d_shift);
+    accumulate<T>(acc_slope[j], d_slope);
+  }
+}
+
+template <typename T, bool kParams, bool kInput>
+BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t c1,
+                                      double* partial) {
+  static_assert(kVecs == 4, "accumulate() sums exactly kVecs terms");
+  using V = vec_t<T>;
+  const CurveLayout& l = a.l;
+  const int64_t C = l.C, K = l.K, P = l.size();
+  Scratch<T> s(l, true, a.table, a.ref);
+  const VecBuf<T>& tb = s.tab;
+  constexpr int64_t B = block_pixels<T>();
+  for (int64_t chunk = c0; chunk < c1; ++chunk) {
+    const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
+    const T* in = a.input + sp.n * C * a.HW;
+    const T* go = a.grad_output + sp.n * a.HW;
+    T* gin = kInput ? a.grad_input + sp.n * C * a.HW : nullptr;
+    if constexpr (kParams) {
+      s.acc.fill();
+      s.knot_sums.fill();
+    }
+    for (int64_t p = sp.s0; p < sp.s1; p += B) {
+      const int64_t len = std::min(B, sp.s1 - p);
+      load_pixels(a, s, in + p, len);
+      V g[kVecs], gp[kVecs];
+      block_guide<T, true>(a, s, g);
+      load_block(go + p, len, gp);
+      for (int64_t v = 0; v < kVecs; ++v) gp[v] = curve_clamp_pass(g[v], gp[v]);
+      if constexpr (kParams) accumulate<T>(s.acc[l.mix_bias()], gp);
+      if constexpr (kInput) s.dx.fill();
+      for (int64_t k = 0; k < C; ++k) {
+        const V mk = tb[l.mix() + k];
+        const V* ck = &s.c[k * kVecs];
+        V df[kVecs], dc[kVecs], t[kVecs];
+        for (int64_t v = 0; v < kVecs; ++v) {
+          df[v] = gp[v] * mk;
+          dc[v] = df[v] * s.fp[k * kVecs + v];
+        }
+        if constexpr (kInput) {
+          for (int64_t i = 0; i < C; ++i) {
+            const V m = tb[l.ccm() + k * C + i];
+            for (int64_t v = 0; v < kVecs; ++v) s.dx[i * kVecs + v] += m * dc[v];
+          }
+        }
+        if constexpr (kParams) {
+          for (int64_t v = 0; v < kVecs; ++v) t[v] = gp[v] * s.f[k * kVecs + v];
+          accumulate<T>(s.acc[l.mix() + k], t);
+          accumulate<T>(s.acc[l.ccm_bias() + k], dc);
+          for (int64_t i = 0; i < C; ++i) {
+            for (int64_t v = 0; v < kVecs; ++v) t[v] = dc[v] * s.x[i * kVecs + v];
+            accumulate<T>(s.acc[l.ccm() + k * C + i], t);
+          }
+          knot_grads<T>(a, s, k, ck, df);
+        }
+      }
+      if constexpr (kInput) {
+        for (int64_t i = 0; i < C; ++i) store_block(&s.dx[i * kVecs], len, gin + i * a.HW + p);
+      }
+    }
+    if constexpr (kParams) {
+      double* row = partial + chunk * P;
+      for (int64_t q = 0; q < P; ++q) row[q] = static_cast<double>(vsum<T>(s.acc[q]));
+      // Without a finite table no block took the A, B form (and s * 0 could be NaN).
+      if (s.table_finite) {
+        for (int64_t q = 0; q < C * K; ++q) {
+          const double A = static_cast<double>(vsum<T>(s.knot_sums[2 * q]));
+          const double B = static_cast<double>(vsum<T>(s.knot_sums[2 * q + 1]));
+          row[l.shifts() + q] += A;
+          const double shift = static_cast<double>(a.table[l.shifts() + q]);
+          row[l.slopes() + q] += B - (shift - static_cast<double>(a.ref[q / K])) * A;
+        }
+      }
+    }
+  }
+}
+
+// Task functions: the only non-inline code of this instruction set.
+template <typename T>
+void forward_task(const CurveArgs<T>& a, int64_t c0, int64_t c1) {
+  forward_chunks<T>(a, c0, c1);
+}
+
+template <typename T>
+void backward_task(const CurveArgs<T>& a, int64_t c0, int64_t c1, double* partial) {
+  if (a.need_params && a.grad_input != nullptr) {
+    backward_chunks<T, true, true>(a, c0, c1, partial);
+  } else if (a.need_params) {
+    backward_chunks<T, true, false>(a, c0, c1, partial);
+  } else {
+    backward_chunks<T, false, true>(a, c0, c1, partial);
+  }
+}
+
+}  // namespace BO_ISA_NS
