@@ -16,7 +16,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -41,6 +43,8 @@ struct CurveArgs {
   int64_t chunks_per_image;
   const T* table;        // (P,), curve_guide.h layout
   const T* ref;          // (C,), backward: each channel's smallest shift (curve_guide_kernels.h)
+  // (C, kSortedStride) or null: each channel's knots sorted (sorted_curves below).
+  const T* sorted;
   const T* input;        // (N, C, HW)
   const T* grad_output;  // (N, HW), backward
   T* output;             // (N, HW), forward
@@ -58,21 +62,66 @@ inline Span chunk_span(int64_t chunk, int64_t HW, int64_t per_image) {
   return Span{n, s0, std::min(s0 + kChunk, HW)};
 }
 
+// Each channel's knots for the kernels' sorted path, kSortedStride values a channel: the shifts in
+// ascending order, padded to 16 with +inf, then P_n and then Q_n for n = 1..16 (n > K repeating
+// n = K), built by curve_guide.h's functions as the CUDA kernels build them.
+constexpr int64_t kSortedStride = 48;
+
+// Empty where the sorted path does not serve: not float, K > 16, a shift or slope not finite
+// (the ranks would not be a permutation) or a sum that overflows.
+std::vector<float> sorted_curves(const at::Tensor& table, const CurveLayout& l) {
+  const int K = static_cast<int>(l.K);
+  if (table.scalar_type() != at::kFloat || K > 16) return {};
+  const float* tb = table.data_ptr<float>();
+  std::vector<float> out(static_cast<size_t>(l.C * kSortedStride));
+  std::vector<float> sorted(K), pq(2 * (K + 1));
+  for (int64_t k = 0; k < l.C; ++k) {
+    const float* shifts = tb + l.shifts() + k * K;
+    const float* slopes = tb + l.slopes() + k * K;
+    for (int j = 0; j < K; ++j) {
+      if (!std::isfinite(shifts[j]) || !std::isfinite(slopes[j])) return {};
+      curve_place_knot(shifts[j], slopes[j], curve_knot_rank(shifts, K, j), sorted.data(), pq.data());
+    }
+    curve_prefix(pq.data(), sorted.data(), K);
+    if (!std::isfinite(pq[2 * K]) || !std::isfinite(pq[2 * K + 1])) return {};
+    float* o = out.data() + k * kSortedStride;
+    for (int i = 0; i < 16; ++i) {
+      const int n = std::min(i + 1, K);
+      o[i] = i < K ? sorted[i] : std::numeric_limits<float>::infinity();
+      o[16 + i] = pq[2 * n];
+      o[32 + i] = pq[2 * n + 1];
+    }
+  }
+  return out;
+}
+
+template <typename T>
+const T* sorted_ptr(const std::vector<float>& sorted) {
+  if constexpr (std::is_same<T, float>::value) return sorted.empty() ? nullptr : sorted.data();
+  return nullptr;
+}
+
 // The kernels, once per instruction set (simd.h, BO_ISA_COPIES).
 #define BO_ISA_NS isa_default
+#define BO_ISA_SORTED_CURVES false
 #include "curve_guide_kernels.h"
+#undef BO_ISA_SORTED_CURVES
 #undef BO_ISA_NS
 #if BO_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define BO_ISA_NS isa_v3
+#define BO_ISA_SORTED_CURVES false
 #include "curve_guide_kernels.h"
+#undef BO_ISA_SORTED_CURVES
 #undef BO_ISA_NS
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define BO_ISA_NS isa_v4
+#define BO_ISA_SORTED_CURVES true
 #include "curve_guide_kernels.h"
+#undef BO_ISA_SORTED_CURVES
 #undef BO_ISA_NS
 #pragma GCC pop_options
 #endif
@@ -88,8 +137,10 @@ void backward_task(const CurveArgs<T>& a, int64_t c0, int64_t c1, double* partia
 }
 
 template <typename T>
-CurveArgs<T> make_args(const CurveShape& sh, const at::Tensor& table, const at::Tensor& input) {
+CurveArgs<T> make_args(const CurveShape& sh, const at::Tensor& table, const at::Tensor& input,
+                       const std::vector<float>& sorted) {
   CurveArgs<T> a{};
+  a.sorted = sorted_ptr<T>(sorted);
   a.l = sh.layout();
   a.HW = sh.H * sh.W;
   a.chunks_per_image = (a.HW + kChunk - 1) / kChunk;
@@ -106,9 +157,10 @@ at::Tensor curve_guide(const at::Tensor& input, const at::Tensor& ccm, const at:
   const auto dt = compute_dtype(input.scalar_type());
   const at::Tensor x = input.to(dt).contiguous();
   const at::Tensor table = curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, dt);
+  const std::vector<float> sorted = sorted_curves(table, sh.layout());
   at::Tensor out = at::empty({sh.N, sh.H, sh.W}, input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "curve_guide_cpu", [&] {
-    CurveArgs<scalar_t> a = make_args<scalar_t>(sh, table, x);
+    CurveArgs<scalar_t> a = make_args<scalar_t>(sh, table, x, sorted);
     a.output = out.data_ptr<scalar_t>();
     at::parallel_for(0, sh.N * a.chunks_per_image, 1,
                      [&](int64_t c0, int64_t c1) { forward_task(a, c0, c1); });
@@ -143,6 +195,7 @@ Grads curve_guide_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   const at::Tensor go = grad_output.to(dt).contiguous();
   const at::Tensor table = curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, dt);
   const CurveLayout l = sh.layout();
+  const std::vector<float> sorted = sorted_curves(table, l);
   const at::Tensor ref =
       table.narrow(0, l.shifts(), l.C * l.K).view({l.C, l.K}).amin(1).contiguous();
   at::Tensor grad_input =
@@ -152,7 +205,7 @@ Grads curve_guide_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   std::vector<double> partial(need_params ? static_cast<size_t>(chunks * l.size()) : 0);
   at::Tensor row = at::zeros({l.size()}, table.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(dt, "curve_guide_backward_cpu", [&] {
-    CurveArgs<scalar_t> a = make_args<scalar_t>(sh, table, x);
+    CurveArgs<scalar_t> a = make_args<scalar_t>(sh, table, x, sorted);
     a.grad_output = go.data_ptr<scalar_t>();
     a.grad_input = mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr;
     a.need_params = need_params;

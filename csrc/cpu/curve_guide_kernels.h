@@ -6,6 +6,11 @@
 
 namespace BO_ISA_NS {
 
+// Whether this copy evaluates the curves through their sorted knots (sorted_curve): where the
+// permutes it needs are single instructions (AVX-512); AVX2's take two and a blend, no faster
+// than the sum.
+constexpr bool kSortedCurves = BO_ISA_SORTED_CURVES;
+
 template <typename T>
 constexpr int64_t block_pixels() {
   return kVecs * vec_width<T>();
@@ -113,8 +118,89 @@ BO_ALWAYS_INLINE bool all_finite(const vec_t<T>* v, vec_t<T> zero) {
   return vsum<T>(z) == T(0);
 }
 
+// Channel k's curve and slope at the block's values ck through its sorted knots (a.sorted, see
+// CurveArgs; curve_guide.h's form, as the CUDA kernels evaluate it): the count n of the 16
+// padded shifts (held in two vectors) below c, each probe of a shift a two-vector permute
+// (AVX-512's vpermi2ps), then P_n and Q_n by the same permute; about 28 instructions a vector
+// where the sum over 16 knots takes 48. For finite c only (see sorted_guide).
+template <typename T>
+BO_ALWAYS_INLINE void sorted_curve(const CurveArgs<T>& a, int64_t k, const vec_t<T>* ck,
+                                   vec_t<T>* fk, vec_t<T>* fpk) {
+  using V = vec_t<T>;
+  using I = typename VecOf<T>::mask;
+  static_assert(vec_width<T>() == 8, "16 knots in two vectors");
+  const T* t = a.sorted + k * kSortedStride;
+  const V lo = vload(t), hi = vload(t + 8);
+  const V p_lo = vload(t + 16), p_hi = vload(t + 24), q_lo = vload(t + 32), q_hi = vload(t + 40);
+  const V s3 = vbroadcast<T>(t[3]), s7 = vbroadcast<T>(t[7]), s11 = vbroadcast<T>(t[11]);
+  const V s15 = vbroadcast<T>(t[15]), ref = vbroadcast<T>(t[0]);
+  for (int64_t v = 0; v < kVecs; ++v) {
+    const V c = ck[v];
+    // The group of four knots c falls in (four knots below c per group passed), then the knots
+    // of that group below c, each by compares that do not wait on one another: a short chain,
+    // where a binary search's five dependent probes left the core waiting.
+    I n = {};
+    n = s3 < c ? n + 4 : n;
+    n = s7 < c ? n + 4 : n;
+    n = s11 < c ? n + 4 : n;
+    const V p0 = __builtin_shuffle(lo, hi, n), p1 = __builtin_shuffle(lo, hi, n + 1);
+    const V p2 = __builtin_shuffle(lo, hi, n + 2);
+    n = p0 < c ? n + 1 : n;
+    n = p1 < c ? n + 1 : n;
+    n = p2 < c ? n + 1 : n;
+    // n counts the knots below c among the first 15; the 16th is below c only if all are.
+    n = s15 < c ? n + 1 : n;
+    // n knots below c; entry n - 1 of the tables holds P_n and Q_n, and P_0 = Q_0 = 0.
+    const auto some = n > 0;
+    const V P = some ? __builtin_shuffle(p_lo, p_hi, n - 1) : V{};
+    const V Q = some ? __builtin_shuffle(q_lo, q_hi, n - 1) : V{};
+    const V d = c - ref;
+    fk[v] = d * P - Q;
+    fpk[v] = P;
+  }
+}
+
+// The channel values c = ccm x + ccm_bias of channel k.
+template <typename T>
+BO_ALWAYS_INLINE void block_colour(const CurveArgs<T>& a, const Scratch<T>& s, int64_t k,
+                                   vec_t<T>* ck) {
+  const CurveLayout& l = a.l;
+  for (int64_t v = 0; v < kVecs; ++v) ck[v] = s.tab[l.ccm_bias() + k];
+  for (int64_t i = 0; i < l.C; ++i) {
+    const vec_t<T> m = s.tab[l.ccm() + k * l.C + i];
+    for (int64_t v = 0; v < kVecs; ++v) ck[v] += m * s.x[i * kVecs + v];
+  }
+}
+
+// block_guide through sorted_curve for every channel. False where the guide g is not finite:
+// with a finite table that is where some c is not finite (c = +-inf gives another NaN or
+// infinity than the sum over the knots), or the sums overflow; the caller then redoes the block
+// in another form. One check per block rather than per channel.
+template <typename T, bool kKeep>
+BO_ALWAYS_INLINE bool sorted_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>* g) {
+  using V = vec_t<T>;
+  const CurveLayout& l = a.l;
+  for (int64_t v = 0; v < kVecs; ++v) g[v] = s.tab[l.mix_bias()];
+  for (int64_t k = 0; k < l.C; ++k) {
+    V ck[kVecs], fk[kVecs], fpk[kVecs];
+    block_colour<T>(a, s, k, ck);
+    sorted_curve<T>(a, k, ck, fk, fpk);
+    const V mk = s.tab[l.mix() + k];
+    for (int64_t v = 0; v < kVecs; ++v) {
+      g[v] += mk * fk[v];
+      if constexpr (kKeep) {
+        s.c[k * kVecs + v] = ck[v];
+        s.f[k * kVecs + v] = fk[v];
+        s.fp[k * kVecs + v] = fpk[v];
+      }
+    }
+  }
+  return all_finite<T>(g, s.zero);
+}
+
 // The pre-clamp guide g of one block (x already loaded); with kKeep, each channel's c, f and f'
-// are kept for the backward pass.
+// are kept for the backward pass. Where the AVX-512 copy has sorted knots (float, K <= 16), both
+// passes take sorted_guide; otherwise, or where that gives up:
 //
 // The backward (kKeep) takes a channel's curve as f = (c - r) P - Q, f' = P, with P the sum of
 // the slopes and Q the sum of slope * (shift - r) over the knots below c, r the channel's
@@ -129,14 +215,13 @@ BO_ALWAYS_INLINE void block_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>
   const CurveLayout& l = a.l;
   const int64_t C = l.C, K = l.K;
   const VecBuf<T>& tb = s.tab;
+  if constexpr (kSortedCurves && std::is_same<T, float>::value) {
+    if (a.sorted != nullptr && sorted_guide<T, kKeep>(a, s, g)) return;
+  }
   for (int64_t v = 0; v < kVecs; ++v) g[v] = tb[l.mix_bias()];
   for (int64_t k = 0; k < C; ++k) {
     V ck[kVecs], fk[kVecs] = {}, fpk[kVecs] = {};
-    for (int64_t v = 0; v < kVecs; ++v) ck[v] = tb[l.ccm_bias() + k];
-    for (int64_t i = 0; i < C; ++i) {
-      const V m = tb[l.ccm() + k * C + i];
-      for (int64_t v = 0; v < kVecs; ++v) ck[v] += m * s.x[i * kVecs + v];
-    }
+    block_colour<T>(a, s, k, ck);
     const V zero = s.zero;
     bool summed = false;
     if constexpr (kKeep) {
