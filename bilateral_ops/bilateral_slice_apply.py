@@ -58,6 +58,8 @@ def bilateral_slice_apply(
     v.check_slice_apply(grid, guide, input, has_offset)
     v.check_bool("align_corners", align_corners)
     if lib.has_kernel("bilateral_slice_apply", grid.device):
+        if lib.eager_autograd(grid, guide, input):
+            return _EagerApply.apply(grid, guide, input, has_offset, align_corners)
         return _ops.bilateral_slice_apply(grid, guide, input, has_offset, align_corners)
     lib.fallback("bilateral_slice_apply", grid.device)
     return reference.bilateral_slice_apply(grid, guide, input, has_offset, align_corners)
@@ -213,3 +215,5 @@ def _register() -> None:
 
 if lib.LOAD_ERROR is None:
     _register()
+    # Eager autograd (lib.eager_function), as for curve_guide: HDRNet's other per-step op.
+    _EagerApply = lib.eager_function(_ops.bilateral_slice_apply, _apply_setup, _apply_backward)

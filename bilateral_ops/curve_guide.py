@@ -58,6 +58,8 @@ def curve_guide(
     args = lib.autocast(args)
     v.check_curve_guide(*args)
     if lib.has_kernel("curve_guide", args[0].device):
+        if lib.eager_autograd(*args):
+            return _EagerCurve.apply(*args)
         return _ops.curve_guide(*args)
     lib.fallback("curve_guide", args[0].device)
     return reference.curve_guide(*args)
@@ -134,3 +136,6 @@ def _register() -> None:
 
 if lib.LOAD_ERROR is None:
     _register()
+    # Eager autograd (lib.eager_function): HDRNet calls the guide once per training step, where
+    # torch.library's Python autograd layer costs host time comparable to a small batch's kernels.
+    _EagerCurve = lib.eager_function(_ops.curve_guide, _curve_setup, _curve_backward)

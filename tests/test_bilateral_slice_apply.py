@@ -188,6 +188,26 @@ def test_gradgradcheck(sizes, has_offset, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_eager_autograd_equals_the_registered_one(device, gen):
+    """bo.bilateral_slice_apply differentiates eagerly below torch.library's autograd layer: the
+    same op and backward op with the same masks, so the same bits as torch.ops' op."""
+    case = make_apply_case(2, 3, 3, 5, 4, 6, 9, 11, True, F64, "uniform", gen, device)
+    go = torch.randn(2, 3, 9, 11, generator=gen, dtype=F64).to(device)
+    for wanted in itertools.product([False, True], repeat=3):
+        if not any(wanted):
+            continue
+        leaves = [t.detach().requires_grad_(w) for t, w in zip(case, wanted)]
+        eager = bo.bilateral_slice_apply(*leaves, True, True)
+        registered = OPS.bilateral_slice_apply(*leaves, True, True)
+        assert type(eager.grad_fn).__name__ != type(registered.grad_fn).__name__  # two paths
+        assert torch.equal(eager, registered)
+        inputs = [t for t, w in zip(leaves, wanted) if w]
+        a = torch.autograd.grad(eager, inputs, go)
+        b = torch.autograd.grad(registered, inputs, go)
+        assert all(torch.equal(u, w) for u, w in zip(a, b)), wanted
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradgradcheck_of_the_guide_derivative(device, gen):
     """Third derivatives go through the dguide ops' own autograd."""
     grid, guide, inp = (t.requires_grad_() for t in make_apply_case(1, 2, 2, 5, 3, 4, 4, 6, True, F64, "uniform", gen, device))

@@ -91,6 +91,26 @@ def test_gradgradcheck(gen):
     assert torch.autograd.gradgradcheck(bo.curve_guide, args, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_autograd_equals_the_registered_one(device, gen):
+    """bo.curve_guide differentiates eagerly below torch.library's autograd layer: the same op
+    and backward op with the same masks, so the same bits as differentiating torch.ops' op."""
+    args = make_curve_case(2, 3, 9, 12, 5, gen=gen, device=device)
+    go = torch.randn(2, 9, 12, generator=gen, dtype=F64).to(device)
+    for wanted in [(True,) * 7, (False,) + (True,) * 6, (True,) + (False,) * 6, (False, False, False, True, True, False, False)]:
+        leaves = [t.detach().requires_grad_(w) for t, w in zip(args, wanted)]
+        eager = bo.curve_guide(*leaves)
+        registered = OPS.curve_guide(*leaves)
+        assert type(eager.grad_fn).__name__ != type(registered.grad_fn).__name__  # two paths
+        assert torch.equal(eager, registered)
+        inputs = [t for t, w in zip(leaves, wanted) if w]
+        a = torch.autograd.grad(eager, inputs, go)
+        b = torch.autograd.grad(registered, inputs, go)
+        assert all(torch.equal(u, w) for u, w in zip(a, b)), wanted
+    with torch.no_grad():
+        assert bo.curve_guide(*[t.detach().requires_grad_() for t in args]).grad_fn is None
+
+
 def test_second_derivatives_match_reference(gen):
     """A gradient penalty (create_graph=True) through the op equals the same penalty through the
     reference, for every argument."""
