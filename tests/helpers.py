@@ -116,6 +116,17 @@ def run_with_grads(fn, tensors, extra=(), grad_output=None, gen=None):
     return out.detach(), [g.detach() for g in grads], grad_output
 
 
+def assert_same_as_registered(eager, registered, inputs, grad_output, what="") -> None:
+    """A public function's eager autograd (lib.eager_function) against differentiating torch.ops'
+    op with its registered formula: two different graph nodes, the same output and the same
+    gradients for ``inputs``, bit for bit."""
+    assert type(eager.grad_fn).__name__ != type(registered.grad_fn).__name__, what  # two paths
+    assert torch.equal(eager, registered), what
+    a = torch.autograd.grad(eager, inputs, grad_output)
+    b = torch.autograd.grad(registered, inputs, grad_output)
+    assert all(torch.equal(u, w) for u, w in zip(a, b)), what
+
+
 def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, mask=None) -> None:
     """|got - want| <= rel * (1 + max|want|) elementwise (optionally only where mask is True)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"

@@ -172,6 +172,22 @@ BO_ALWAYS_INLINE void block_colour(const CurveArgs<T>& a, const Scratch<T>& s, i
   }
 }
 
+// Adds channel k's term mix_k f_k to the guide g; with kKeep, keeps c, f and f' for the backward.
+template <typename T, bool kKeep>
+BO_ALWAYS_INLINE void add_channel(const CurveArgs<T>& a, Scratch<T>& s, int64_t k,
+                                  const vec_t<T>* ck, const vec_t<T>* fk, const vec_t<T>* fpk,
+                                  vec_t<T>* g) {
+  const vec_t<T> mk = s.tab[a.l.mix() + k];
+  for (int64_t v = 0; v < kVecs; ++v) {
+    g[v] += mk * fk[v];
+    if constexpr (kKeep) {
+      s.c[k * kVecs + v] = ck[v];
+      s.f[k * kVecs + v] = fk[v];
+      s.fp[k * kVecs + v] = fpk[v];
+    }
+  }
+}
+
 // block_guide through sorted_curve for every channel. False where the guide g is not finite:
 // with a finite table that is where some c is not finite (c = +-inf gives another NaN or
 // infinity than the sum over the knots), or the sums overflow; the caller then redoes the block
@@ -185,15 +201,7 @@ BO_ALWAYS_INLINE bool sorted_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T
     V ck[kVecs], fk[kVecs], fpk[kVecs];
     block_colour<T>(a, s, k, ck);
     sorted_curve<T>(a, k, ck, fk, fpk);
-    const V mk = s.tab[l.mix() + k];
-    for (int64_t v = 0; v < kVecs; ++v) {
-      g[v] += mk * fk[v];
-      if constexpr (kKeep) {
-        s.c[k * kVecs + v] = ck[v];
-        s.f[k * kVecs + v] = fk[v];
-        s.fp[k * kVecs + v] = fpk[v];
-      }
-    }
+    add_channel<T, kKeep>(a, s, k, ck, fk, fpk, g);
   }
   return all_finite<T>(g, s.zero);
 }
@@ -258,15 +266,7 @@ BO_ALWAYS_INLINE void block_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>
         }
       }
     }
-    const V mk = tb[l.mix() + k];
-    for (int64_t v = 0; v < kVecs; ++v) {
-      g[v] += mk * fk[v];
-      if constexpr (kKeep) {
-        s.c[k * kVecs + v] = ck[v];
-        s.f[k * kVecs + v] = fk[v];
-        s.fp[k * kVecs + v] = fpk[v];
-      }
-    }
+    add_channel<T, kKeep>(a, s, k, ck, fk, fpk, g);
   }
 }
 
