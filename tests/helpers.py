@@ -7,6 +7,10 @@ import contextlib
 import functools
 import importlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -114,6 +118,38 @@ def run_with_grads(fn, tensors, extra=(), grad_output=None, gen=None):
         grad_output = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype).to(out.device)
     grads = torch.autograd.grad(out, leaves, grad_output)
     return out.detach(), [g.detach() for g in grads], grad_output
+
+
+CPU_ISA_LEVELS = ("x86-64-v4", "x86-64-v3", "x86-64")
+
+
+def run_at_each_cpu_isa(tmp_path, inputs, body: str):
+    """Runs ``body`` (the source of a function of ``*inputs`` returning tensors, with ``torch`` and
+    ``ops`` = torch.ops.bilateral_ops in scope) once per x86-64 level whose copy of the CPU kernels
+    this machine can run (csrc/cpu/simd.h), each in a fresh process capped by
+    BILATERAL_OPS_CPU_ISA; yields (level, result), having checked that the process ran that level."""
+    from bilateral_ops import _C
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch\nimport bilateral_ops\nfrom bilateral_ops import _C\n"
+        "ops = torch.ops.bilateral_ops\ndef run(*inputs):\n"
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "\ntorch.save((_C.cpu_isa(), run(*torch.load(sys.argv[1]))), sys.argv[2])\n"
+    )
+    for level in CPU_ISA_LEVELS[CPU_ISA_LEVELS.index(_C.cpu_isa()) :]:
+        out = tmp_path / f"{level}.pt"
+        env = dict(os.environ, BILATERAL_OPS_CPU_ISA=level)
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(out)], env=env, check=True)
+        isa, result = torch.load(out)
+        assert isa == level, f"asked for {level}, ran {isa}"
+        yield level, result
+
+
+def assert_close_with_nans(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    """NaN where want has NaN, elsewhere assert_close_scaled."""
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaNs differ"
+    assert_close_scaled(got.nan_to_num(), want.nan_to_num(), rel, what)
 
 
 def assert_same_as_registered(eager, registered, inputs, grad_output, what="") -> None:

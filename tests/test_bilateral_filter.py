@@ -9,6 +9,7 @@ CUDA runs of the same op are in tests/test_cuda.py.
 from __future__ import annotations
 
 import itertools
+import platform
 
 import pytest
 import torch
@@ -16,10 +17,12 @@ from helpers import (
     DEVICES,
     F64,
     OPS,
+    assert_close_with_nans,
     assert_same_as_registered,
     deterministic,
     no_kernel_runs,
     noncontiguous,
+    run_at_each_cpu_isa,
 )
 
 import bilateral_ops as bo
@@ -516,3 +519,38 @@ def test_direct_op_calls_check_arguments(case):
 
 def test_direct_op_call_accepts_valid_arguments():
     assert _direct().shape == (2, 3, 6, 7)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_instruction_set_copy_agrees(dtype, tmp_path):
+    """The CPU kernels are compiled once per x86-64 level (csrc/cpu/simd.h; the AVX-512 copy runs
+    two chunks per pair loop and its own exponential) and a process runs the best its CPU has;
+    BILATERAL_OPS_CPU_ISA caps it, so each copy this machine can run is run here, in its own
+    process, against this one's: forward and backward, self-guided and joint, an infinite and a
+    NaN pixel."""
+    x = _rand(2, 3, 29, 45, dtype=dtype, seed=3)
+    x[0, 0, 4, 4] = float("inf")  # image 1 stays finite: its sigma gradients are compared too
+    x[0, 2, 20, 30] = float("nan")
+    gd = _rand(2, 1, 29, 45, dtype=dtype, seed=4)
+    go = _rand(2, 3, 29, 45, dtype=dtype, seed=5)
+    sc = torch.tensor([0.1, 0.3], dtype=dtype)
+    ss = torch.tensor([[2.0, 1.5], [1.0, 3.0]], dtype=dtype)
+    body = """
+    x, gd, go, sc, ss = inputs
+    out = []
+    for guidance, dist in ((None, "l1"), (gd, "l2")):
+        args = (x, guidance, [7, 5], sc, ss, "reflect", dist)
+        out.append(ops.bilateral_filter(*args))
+        out.extend(ops._bilateral_filter_backward(go, *args, [True, guidance is not None, True, True]))
+    return out
+    """
+    want = None
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    for level, got in run_at_each_cpu_isa(tmp_path, [x, gd, go, sc, ss], body):
+        if want is None:  # the first level is this process's: its result is the reference
+            want = got
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g.numel() or w.numel():
+                assert_close_with_nans(g, w, rel, f"{level} result {i}")

@@ -4,10 +4,7 @@ layouts and sizes, dtypes, and errors raised before any kernel runs."""
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,12 +13,14 @@ from helpers import (
     F64,
     OPS,
     assert_close_scaled,
+    assert_close_with_nans,
     assert_same_as_registered,
     curve_pre_clamp,
     deterministic,
     make_curve_case,
     no_kernel_runs,
     noncontiguous,
+    run_at_each_cpu_isa,
     run_with_grads,
     tol,
 )
@@ -503,43 +502,19 @@ def test_backward_keeps_its_precision_far_from_zero(gen):
         assert_close_scaled(g, wt, 2e-6, name)
 
 
-_ISA_SCRIPT = """
-import sys, torch
-import bilateral_ops
-from bilateral_ops import _C
-args, go = torch.load(sys.argv[1])
-ops = torch.ops.bilateral_ops
-torch.save((_C.cpu_isa(), ops.curve_guide(*args), ops._curve_guide_backward(go, *args, [True] * 7)), sys.argv[2])
-"""
-
-
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_instruction_set_copy_agrees(dtype, gen, tmp_path):
     """The CPU curve kernels are compiled once per x86-64 level (csrc/cpu/simd.h) and a process
     runs the best its CPU has; BILATERAL_OPS_CPU_ISA caps it, so each copy this machine can run
     is run here, in its own process, against this one's."""
-    from bilateral_ops import _C
-
     # Several reduction chunks, a partial last block, a non-finite pixel (the sums' fallback).
     args = make_curve_case(2, 3, 37, 121, 16, dtype=dtype, gen=gen)
     args[0][1, 2, 5, 7] = float("inf")
     go = torch.randn(2, 37, 121, generator=gen, dtype=F64).to(dtype)
-    want_out = OPS.curve_guide(*args)
-    want = OPS._curve_guide_backward(go, *args, [True] * 7)
-    torch.save((args, go), tmp_path / "case.pt")
-    levels = ["x86-64-v4", "x86-64-v3", "x86-64"]
-    ran = set()
-    for level in levels[levels.index(_C.cpu_isa()) :]:
-        env = dict(os.environ, BILATERAL_OPS_CPU_ISA=level)
-        out_file = tmp_path / f"{level}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "case.pt"), str(out_file)], env=env, check=True)
-        isa, out, grads = torch.load(out_file)
-        ran.add(isa)
-        rel = 1e-5 if dtype == torch.float32 else 1e-12
-        assert torch.equal(torch.isnan(out), torch.isnan(want_out)), level
-        assert_close_scaled(out.nan_to_num(), want_out.nan_to_num(), rel, f"{level} output")
-        for name, g, w in zip(NAMES, grads, want):
-            assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{level} {name}"
-            assert_close_scaled(g.nan_to_num(), w.nan_to_num(), rel, f"{level} {name}")
-    assert ran == set(levels[levels.index(_C.cpu_isa()) :]) or not ran
+    want = (OPS.curve_guide(*args),) + tuple(OPS._curve_guide_backward(go, *args, [True] * 7))
+    body = "return (ops.curve_guide(*inputs[1:]),) + tuple(ops._curve_guide_backward(*inputs, [True] * 7))"
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    for level, got in run_at_each_cpu_isa(tmp_path, [go, *args], body):
+        for name, g, w in zip(("output",) + NAMES, got, want):
+            assert_close_with_nans(g, w, rel, f"{level} {name}")
