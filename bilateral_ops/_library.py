@@ -92,10 +92,12 @@ def autocast(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def eager_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether a public function should differentiate through ``eager_function``'s class: in an
-    eager call (not traced by torch.compile) that records a graph for some tensor argument."""
+    eager call (not traced by torch.compile, nor by torch.jit.trace, whose graph, e.g. for
+    torch.onnx.export, must hold the op itself) that records a graph for some tensor argument."""
     return (
         torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and any(t is not None and t.requires_grad for t in tensors)
     )
 

@@ -526,6 +526,16 @@ def test_plain_torch_onnx_export_names_the_op_and_export_onnx(dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("dynamo", [True, False])
+def test_plain_export_of_a_model_with_parameters_names_the_op(dynamo, tmp_path):
+    # Parameters require grad: the public functions' eager autograd must stay out of a traced
+    # graph (torch.jit.trace, dynamo=False), which then holds the op and so the helpful error.
+    with pytest.raises(Exception) as info:
+        torch.onnx.export(Curve().eval(), (torch.rand(1, 3, 8, 8),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    text = str(info.value) + "".join(str(e) for e in _causes(info.value))
+    assert "bilateral_ops::curve_guide" in text and "export_onnx" in text
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
 def test_plain_export_of_a_direct_op_call_names_the_op(dynamo, tmp_path):
     class Direct(torch.nn.Module):
         def forward(self, x, ccm, ccm_bias, shifts, slopes, mix, mix_bias):
