@@ -257,7 +257,6 @@ def _backward_backward(ctx, *grads):
     )
 
 
-
 def _register() -> None:
     torch.library.register_fake("bilateral_ops::bilateral_filter")(_filter_fake)
     torch.library.register_fake("bilateral_ops::_bilateral_filter_backward")(_backward_fake)

@@ -107,7 +107,6 @@ def _backward_backward(ctx, ct):
     return d_go, d_grids, None
 
 
-
 def _register() -> None:
     torch.library.register_fake("bilateral_ops::grid_tv_loss")(_loss_fake)
     torch.library.register_fake("bilateral_ops::_grid_tv_loss_backward")(_backward_fake)

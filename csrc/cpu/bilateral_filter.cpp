@@ -187,29 +187,9 @@ BO_ALWAYS_INLINE void fold_row(const Args<T>& p, const T* prow, T* drow, bool as
 enum class Pass { kForward, kPass1, kPass2 };
 
 // The kernels, once per instruction set (simd.h, BO_ISA_COPIES).
-#define BO_ISA_NS isa_default
-#define BO_ISA_AVX512 false
-#include "bilateral_filter_kernels.h"
-#undef BO_ISA_AVX512
-#undef BO_ISA_NS
-#if BO_ISA_COPIES
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-#define BO_ISA_NS isa_v3
-#define BO_ISA_AVX512 false
-#include "bilateral_filter_kernels.h"
-#undef BO_ISA_AVX512
-#undef BO_ISA_NS
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-#define BO_ISA_NS isa_v4
-#define BO_ISA_AVX512 true
-#include "bilateral_filter_kernels.h"
-#undef BO_ISA_AVX512
-#undef BO_ISA_NS
-#pragma GCC pop_options
-#endif
+#define BO_ISA_KERNELS "bilateral_filter_kernels.h"
+#include "isa_copies.h"
+#undef BO_ISA_KERNELS
 
 template <typename T>
 void filter_task(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {

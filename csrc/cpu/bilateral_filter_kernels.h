@@ -1,14 +1,13 @@
 // The vector code of bilateral_filter's CPU kernels (csrc/cpu/bilateral_filter.cpp, which
-// describes the method), one copy per instruction set: bilateral_filter.cpp includes this file
-// once for each, under its `#pragma GCC target`, in a namespace of its own (BO_ISA_NS), after the
-// shared types (Args, Scratch, BandRows, fold_row, Pass). No include guard, on purpose. See
-// BO_ISA_COPIES in simd.h for why these kernels are not target_clones.
+// describes the method), one copy per instruction set: bilateral_filter.cpp includes it through
+// isa_copies.h (namespace BO_ISA_NS, level BO_ISA_LEVEL), after the shared types (Args, Scratch,
+// BandRows, fold_row, Pass). No include guard, on purpose.
 
 namespace BO_ISA_NS {
 
 // Whether sums_band runs two chunks per pair loop (sum_chunks<..., J = 2>), which needs the 32
 // vector registers of AVX-512.
-constexpr bool kTwoChunks = BO_ISA_AVX512;
+constexpr bool kTwoChunks = BO_ISA_LEVEL >= 4;
 
 // ---------------------------------------------------------------------------------------------
 // The weights' exponentials, in base 2: exp(x) = 2^(x log2 e), with the colour scale and the
@@ -37,7 +36,7 @@ BO_ALWAYS_INLINE vec_t<float> exp2_poly(vec_t<float> f) {
   return p * f + 1.0f;
 }
 
-#if BO_ISA_AVX512
+#if BO_ISA_LEVEL >= 4
 // AVX-512: n = round(t) in one instruction (vrndscaleps) and 2^n p in one (vscalefps, zeroing the
 // lanes below lo by its mask), where the generic version takes five; the same values, bit for bit
 // (the same n, f and p; scalef is exact where 2^n p is a normal number, as here).

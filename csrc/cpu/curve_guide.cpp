@@ -102,29 +102,9 @@ const T* sorted_ptr(const std::vector<float>& sorted) {
 }
 
 // The kernels, once per instruction set (simd.h, BO_ISA_COPIES).
-#define BO_ISA_NS isa_default
-#define BO_ISA_SORTED_CURVES false
-#include "curve_guide_kernels.h"
-#undef BO_ISA_SORTED_CURVES
-#undef BO_ISA_NS
-#if BO_ISA_COPIES
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-#define BO_ISA_NS isa_v3
-#define BO_ISA_SORTED_CURVES false
-#include "curve_guide_kernels.h"
-#undef BO_ISA_SORTED_CURVES
-#undef BO_ISA_NS
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-#define BO_ISA_NS isa_v4
-#define BO_ISA_SORTED_CURVES true
-#include "curve_guide_kernels.h"
-#undef BO_ISA_SORTED_CURVES
-#undef BO_ISA_NS
-#pragma GCC pop_options
-#endif
+#define BO_ISA_KERNELS "curve_guide_kernels.h"
+#include "isa_copies.h"
+#undef BO_ISA_KERNELS
 
 template <typename T>
 void forward_task(const CurveArgs<T>& a, int64_t c0, int64_t c1) {

@@ -1,15 +1,14 @@
 // The vector code of curve_guide's CPU kernels (csrc/cpu/curve_guide.cpp), one copy per
-// instruction set: curve_guide.cpp includes this file once for each, under its
-// `#pragma GCC target`, in a namespace of its own (BO_ISA_NS), after the shared types CurveArgs,
-// Span, kVecs and kChunk. No include guard, on purpose. See BO_ISA_COPIES in simd.h for why
-// these kernels are not target_clones.
+// instruction set: curve_guide.cpp includes it through isa_copies.h (namespace BO_ISA_NS, level
+// BO_ISA_LEVEL), after the shared types CurveArgs, Span, kVecs and kChunk. No include guard, on
+// purpose.
 
 namespace BO_ISA_NS {
 
 // Whether this copy evaluates the curves through their sorted knots (sorted_curve): where the
 // permutes it needs are single instructions (AVX-512); AVX2's take two and a blend, no faster
 // than the sum.
-constexpr bool kSortedCurves = BO_ISA_SORTED_CURVES;
+constexpr bool kSortedCurves = BO_ISA_LEVEL >= 4;
 
 template <typename T>
 constexpr int64_t block_pixels() {

@@ -36,8 +36,8 @@
 #endif
 
 // Kernels whose vector comparisons feed selects or masked sums are compiled once per instruction
-// set instead: their file includes a kernel header three times, each under a `#pragma GCC
-// target` and in a namespace of its own, and BO_ISA_CALL picks one at run time. GCC gives a
+// set instead: their file includes a kernel header three times through isa_copies.h, each under
+// a `#pragma GCC target` and in a namespace of its own, and BO_ISA_CALL picks one at run time. GCC gives a
 // vector comparison its type (a vector of integers, or an AVX-512 mask) when it parses the
 // template, with the options in force there, so every target_clones copy, the AVX-512 one
 // included, compiles `m ? a + b : a` to a compare into a vector and a blend; parsed under the
@@ -78,7 +78,8 @@ inline Isa cpu_isa() {
 #endif
 }
 
-// Calls FN (a name in each copy's namespace: isa_v4, isa_v3, isa_default) of this CPU's copy.
+// Calls FN (a name in each copy's namespace, isa_v4, isa_v3 or isa_default: isa_copies.h) of
+// this CPU's copy.
 #if BO_ISA_COPIES
 #define BO_ISA_CALL(FN, ...)                                               \
   do {                                                                     \
