@@ -214,8 +214,8 @@ BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T
 template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
 BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
   constexpr int64_t V = vec_width<T>();
-  const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const int64_t Ws = p.Ws, PS = p.Hp * Ws, PL = band_plane_rows(p) * Ws;
+  const int64_t nc = count<CC>(p.C);
+  const int64_t Ws = p.Ws, PL = band_plane_rows(p) * Ws;
   Accs<T, CC> acc_l;
   vec_t<T>* v = s.v();
   vec_t<T>* acc = CC > 0 ? acc_l.v : v;  // the band's sums handed to the sink
