@@ -8,6 +8,7 @@ import functools
 import importlib
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -121,6 +122,9 @@ def run_with_grads(fn, tensors, extra=(), grad_output=None, gen=None):
 
 
 CPU_ISA_LEVELS = ("x86-64-v4", "x86-64-v3", "x86-64")
+requires_x86_64 = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="the CPU kernel copies are per x86-64 level"
+)
 
 
 def run_at_each_cpu_isa(tmp_path, inputs, body: str):

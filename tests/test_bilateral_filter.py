@@ -9,7 +9,6 @@ CUDA runs of the same op are in tests/test_cuda.py.
 from __future__ import annotations
 
 import itertools
-import platform
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from helpers import (
     deterministic,
     no_kernel_runs,
     noncontiguous,
+    requires_x86_64,
     run_at_each_cpu_isa,
 )
 
@@ -521,7 +521,7 @@ def test_direct_op_call_accepts_valid_arguments():
     assert _direct().shape == (2, 3, 6, 7)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
+@requires_x86_64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_instruction_set_copy_agrees(dtype, tmp_path):
     """The CPU kernels are compiled once per x86-64 level (csrc/cpu/simd.h; the AVX-512 copy runs

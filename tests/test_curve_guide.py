@@ -4,8 +4,6 @@ layouts and sizes, dtypes, and errors raised before any kernel runs."""
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 from helpers import (
@@ -20,6 +18,7 @@ from helpers import (
     make_curve_case,
     no_kernel_runs,
     noncontiguous,
+    requires_x86_64,
     run_at_each_cpu_isa,
     run_with_grads,
     tol,
@@ -502,7 +501,7 @@ def test_backward_keeps_its_precision_far_from_zero(gen):
         assert_close_scaled(g, wt, 2e-6, name)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
+@requires_x86_64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_instruction_set_copy_agrees(dtype, gen, tmp_path):
     """The CPU curve kernels are compiled once per x86-64 level (csrc/cpu/simd.h) and a process
