@@ -107,9 +107,9 @@ struct Args {
 
 // Channel counts fixed at compile time (0: the runtime count), so the accumulators of common
 // images (gray, RGB, RGB guided by gray) stay in registers.
-template <typename T, int K>
+template <typename V, int K>
 struct Accs {
-  vec_t<T> v[K > 0 ? K : 1];
+  V v[K > 0 ? K : 1];
 };
 
 template <int K>
@@ -120,19 +120,21 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
 // Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors of runtime
 // channel counts (pass 2 needs the most: 4 per input and 4 per guidance channel) and a band's
 // planes.
-// std::vector does not honour the 32-byte alignment of vec_t under every ABI setting, and the
-// compiler uses aligned moves on these arrays: allocate them explicitly aligned.
+// std::vector does not honour the alignment of vec_t under every ABI setting, and the compiler
+// uses aligned moves on these arrays: allocate them explicitly aligned, for the widest vectors
+// of any kernel copy (the copy's own type: v<V>()).
 template <typename T>
 struct Scratch {
-  vec_t<T>* vbuf;
+  void* vbuf;
   T* band = nullptr;  // a band's planes
   Scratch(int64_t C, int64_t Cg, int64_t band_elems) {
-    const size_t bytes = sizeof(vec_t<T>) * static_cast<size_t>(4 * (C + Cg));
-    vbuf = static_cast<vec_t<T>*>(std::aligned_alloc(kVecBytes, bytes));
+    const size_t bytes = kVecBytesMax * static_cast<size_t>(4 * (C + Cg));
+    vbuf = std::aligned_alloc(kVecBytesMax, bytes);
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
     if (band_elems > 0) {
-      const size_t band_bytes = (sizeof(T) * static_cast<size_t>(band_elems) + kVecBytes - 1) / kVecBytes * kVecBytes;
-      band = static_cast<T*>(std::aligned_alloc(kVecBytes, band_bytes));
+      const size_t band_bytes =
+          (sizeof(T) * static_cast<size_t>(band_elems) + kVecBytesMax - 1) / kVecBytesMax * kVecBytesMax;
+      band = static_cast<T*>(std::aligned_alloc(kVecBytesMax, band_bytes));
       TORCH_CHECK(band != nullptr, "bilateral_filter: out of memory for ", band_bytes, " bytes of scratch");
     }
   }
@@ -142,7 +144,11 @@ struct Scratch {
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
-  vec_t<T>* v() { return vbuf; }
+  template <typename V>
+  V* v() {
+    static_assert(sizeof(V) <= kVecBytesMax, "scratch sized for kVecBytesMax-byte vectors");
+    return static_cast<V*>(vbuf);
+  }
 };
 
 // The pair sweeps run over a band in column tiles of kTile padded columns, all of the band's rows
@@ -216,7 +222,8 @@ void run_bands(Pass pass, const Args<T>& p) {
 // ---------------------------------------------------------------------------------------------
 // Host side: padded copies, sigma tables, the fold.
 
-constexpr int64_t kVecMax = 8;
+// The most lanes of any copy's vectors (float in 64 bytes): the margins' room for a last load.
+constexpr int64_t kVecMax = kVecBytesMax / sizeof(float);
 
 // (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero; xmap[j] is the image
 // column padded column j reads (-1: none).

@@ -5,6 +5,10 @@
 
 namespace BO_ISA_NS {
 
+// The AVX-512 copy runs 64-byte vectors (16 floats), the others 32-byte ones (isa_vec.h).
+constexpr int kIsaVecBytes = BO_ISA_LEVEL >= 4 ? 64 : 32;
+#include "isa_vec.h"
+
 // Whether sums_band runs two chunks per pair loop (sum_chunks<..., J = 2>), which needs the 32
 // vector registers of AVX-512.
 constexpr bool kTwoChunks = BO_ISA_LEVEL >= 4;
@@ -43,12 +47,15 @@ BO_ALWAYS_INLINE vec_t<float> exp2_poly(vec_t<float> f) {
 template <>
 BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   using V = vec_t<float>;
-  const __mmask8 keep = _mm256_cmp_ps_mask(t, lo, _CMP_NLT_UQ);  // NaN kept, as NaN
+  static_assert(kIsaVecBytes == 64, "the AVX-512 copy's vectors are zmm registers");
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, lo, _CMP_NLT_UQ);  // NaN kept, as NaN
   t = lo > t ? lo : t;
-  const V n = _mm256_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // The masked form with every lane kept is the same instruction: the plain intrinsic's undefined
+  // pass-through operand makes GCC 12 warn.
+  const V n = _mm512_mask_roundscale_ps(t, __mmask16(0xFFFF), t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V f = t - n;
   const V p = exp2_poly(f);
-  return _mm256_maskz_scalef_ps(keep, p, n);
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #else
 template <>
@@ -77,7 +84,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
 
 template <>
 BO_ALWAYS_INLINE vec_t<double> vexp2<double>(vec_t<double> t, vec_t<double>) {
-  for (int i = 0; i < 4; ++i) t[i] = std::exp2(t[i]);
+  for (int i = 0; i < vec_width<double>(); ++i) t[i] = std::exp2(t[i]);
   return t;
 }
 
@@ -87,7 +94,7 @@ BO_ALWAYS_INLINE vec_t<T> vabs(vec_t<T> v) {
   using M = typename VecOf<T>::mask;
   M bits;
   __builtin_memcpy(&bits, &v, sizeof(bits));
-  bits &= ~(M{} + (M{} + 1) << (8 * sizeof(T) - 1));  // clear the sign bit
+  bits &= ~((M{} + 1) << (8 * sizeof(T) - 1));  // clear the sign bit
   __builtin_memcpy(&v, &bits, sizeof(v));
   return v;
 }
@@ -216,8 +223,8 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C);
   const int64_t Ws = p.Ws, PL = band_plane_rows(p) * Ws;
-  Accs<T, CC> acc_l;
-  vec_t<T>* v = s.v();
+  Accs<vec_t<T>, CC> acc_l;
+  vec_t<T>* v = s.template v<vec_t<T>>();
   vec_t<T>* acc = CC > 0 ? acc_l.v : v;  // the band's sums handed to the sink
   const BandRows band(p, t, p.nb, p.PH);
   const int64_t n = band.n, R0 = band.R0, R1 = band.R1, L0 = band.L0;
@@ -303,9 +310,9 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
   const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = band_plane_rows(p) * Ws;  // channel strides
-  Accs<T, CC> gpp_l, inp_l, vacc_l, gpq_l;
-  Accs<T, CG> gdp_l, gq_l, d_l, racc_l;
-  vec_t<T>* v = s.v();
+  Accs<vec_t<T>, CC> gpp_l, inp_l, vacc_l, gpq_l;
+  Accs<vec_t<T>, CG> gdp_l, gq_l, d_l, racc_l;
+  vec_t<T>* v = s.template v<vec_t<T>>();
   vec_t<T>* gpp = CC > 0 ? gpp_l.v : v;              // gp at p
   vec_t<T>* inp = CC > 0 ? inp_l.v : v + p.C;        // input at p (joint)
   vec_t<T>* vacc = CC > 0 ? vacc_l.v : v + 2 * p.C;  // p's value (+ range when self) gradient

@@ -5,6 +5,11 @@
 
 namespace BO_ISA_NS {
 
+// The AVX-512 copy runs 64-byte vectors (16 floats), the others 32-byte ones (isa_vec.h).
+constexpr int kIsaVecBytes = BO_ISA_LEVEL >= 4 ? 64 : 32;
+#include "isa_vec.h"
+#include "bilateral_ops/curve_pointwise.h"
+
 // Whether this copy evaluates the curves through their sorted knots (sorted_curve): where the
 // permutes it needs are single instructions (AVX-512); AVX2's take two and a blend, no faster
 // than the sum.
@@ -41,19 +46,19 @@ inline void store_block(const vec_t<T>* src, int64_t len, T* dst) {
   std::memcpy(dst, tmp, static_cast<size_t>(len) * sizeof(T));
 }
 
-// Zeroed vectors, 32-byte aligned. Not std::vector<vec_t<T>>: GCC drops the vector type's
+// Zeroed vectors, aligned to their size. Not std::vector<vec_t<T>>: GCC drops the vector type's
 // alignment in template arguments, so the allocator would hand out 16-byte aligned memory.
 template <typename T>
 class VecBuf {
  public:
   explicit VecBuf(int64_t n) : n_(n) {
     if (n_ > 0) {
-      p_ = static_cast<vec_t<T>*>(::operator new(n_ * kVecBytes, std::align_val_t(kVecBytes)));
+      p_ = static_cast<vec_t<T>*>(::operator new(n_ * sizeof(vec_t<T>), std::align_val_t(sizeof(vec_t<T>))));
       fill();
     }
   }
   ~VecBuf() {
-    if (p_ != nullptr) ::operator delete(p_, std::align_val_t(kVecBytes));
+    if (p_ != nullptr) ::operator delete(p_, std::align_val_t(sizeof(vec_t<T>)));
   }
   VecBuf(const VecBuf&) = delete;
   VecBuf& operator=(const VecBuf&) = delete;
@@ -119,18 +124,17 @@ BO_ALWAYS_INLINE bool all_finite(const vec_t<T>* v, vec_t<T> zero) {
 
 // Channel k's curve and slope at the block's values ck through its sorted knots (a.sorted, see
 // CurveArgs; curve_guide.h's form, as the CUDA kernels evaluate it): the count n of the 16
-// padded shifts (held in two vectors) below c, each probe of a shift a two-vector permute
-// (AVX-512's vpermi2ps), then P_n and Q_n by the same permute; about 28 instructions a vector
-// where the sum over 16 knots takes 48. For finite c only (see sorted_guide).
+// padded shifts (one vector) below c, each probe of a shift one permute (vpermps), then P_n and
+// Q_n by the same permute; about 28 instructions a vector where the sum over 16 knots takes 48.
+// For finite c only (see sorted_guide).
 template <typename T>
 BO_ALWAYS_INLINE void sorted_curve(const CurveArgs<T>& a, int64_t k, const vec_t<T>* ck,
                                    vec_t<T>* fk, vec_t<T>* fpk) {
   using V = vec_t<T>;
   using I = typename VecOf<T>::mask;
-  static_assert(vec_width<T>() == 8, "16 knots in two vectors");
+  static_assert(vec_width<T>() == 16, "16 knots in one vector");
   const T* t = a.sorted + k * kSortedStride;
-  const V lo = vload(t), hi = vload(t + 8);
-  const V p_lo = vload(t + 16), p_hi = vload(t + 24), q_lo = vload(t + 32), q_hi = vload(t + 40);
+  const V knots = vload(t), p_tab = vload(t + 16), q_tab = vload(t + 32);
   const V s3 = vbroadcast<T>(t[3]), s7 = vbroadcast<T>(t[7]), s11 = vbroadcast<T>(t[11]);
   const V s15 = vbroadcast<T>(t[15]), ref = vbroadcast<T>(t[0]);
   for (int64_t v = 0; v < kVecs; ++v) {
@@ -142,8 +146,8 @@ BO_ALWAYS_INLINE void sorted_curve(const CurveArgs<T>& a, int64_t k, const vec_t
     n = s3 < c ? n + 4 : n;
     n = s7 < c ? n + 4 : n;
     n = s11 < c ? n + 4 : n;
-    const V p0 = __builtin_shuffle(lo, hi, n), p1 = __builtin_shuffle(lo, hi, n + 1);
-    const V p2 = __builtin_shuffle(lo, hi, n + 2);
+    const V p0 = __builtin_shuffle(knots, n), p1 = __builtin_shuffle(knots, n + 1);
+    const V p2 = __builtin_shuffle(knots, n + 2);
     n = p0 < c ? n + 1 : n;
     n = p1 < c ? n + 1 : n;
     n = p2 < c ? n + 1 : n;
@@ -151,8 +155,8 @@ BO_ALWAYS_INLINE void sorted_curve(const CurveArgs<T>& a, int64_t k, const vec_t
     n = s15 < c ? n + 1 : n;
     // n knots below c; entry n - 1 of the tables holds P_n and Q_n, and P_0 = Q_0 = 0.
     const auto some = n > 0;
-    const V P = some ? __builtin_shuffle(p_lo, p_hi, n - 1) : V{};
-    const V Q = some ? __builtin_shuffle(q_lo, q_hi, n - 1) : V{};
+    const V P = some ? __builtin_shuffle(p_tab, n - 1) : V{};
+    const V Q = some ? __builtin_shuffle(q_tab, n - 1) : V{};
     const V d = c - ref;
     fk[v] = d * P - Q;
     fpk[v] = P;

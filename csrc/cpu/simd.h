@@ -1,6 +1,6 @@
 #pragma once
 // Portable short vectors for the CPU engine: GCC/Clang vector extensions of 32 bytes (8 floats,
-// 4 doubles). Every target_clones copy of a task function compiles them for its own instruction
+// 4 doubles; 64 in the AVX-512 copies of the kernels compiled per instruction set, isa_vec.h). Every target_clones copy of a task function compiles them for its own instruction
 // set (ymm registers under AVX2 and AVX-512; pairs of xmm on the baseline), which the
 // auto-vectoriser does not do reliably for these loops (reductions, selects, accumulators held
 // in registers across an inner loop).
@@ -96,23 +96,33 @@ inline Isa cpu_isa() {
 #define BO_ISA_CALL(FN, ...) return isa_default::FN(__VA_ARGS__)
 #endif
 
+// The engine's vectors: 32 bytes (8 floats, 4 doubles). The kernels compiled once per
+// instruction set (isa_copies.h) may take wider ones in their AVX-512 copy, through isa_vec.h: the
+// types and helpers below take the width in bytes, B, as a template argument, 32 by default.
 constexpr int kVecBytes = 32;
 
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(kVecBytes)));
-  typedef int32_t mask __attribute__((vector_size(kVecBytes)));
+// The widest vectors of any copy (AVX-512's 64 bytes): the alignment of scratch shared by the
+// copies, and the lanes every row margin must leave room for.
+constexpr int kVecBytesMax = 64;
+
+template <typename T, int B>
+struct VecN;
+template <int B>
+struct VecN<float, B> {
+  typedef float type __attribute__((vector_size(B)));
+  typedef int32_t mask __attribute__((vector_size(B)));
 };
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(kVecBytes)));
-  typedef int64_t mask __attribute__((vector_size(kVecBytes)));
+template <int B>
+struct VecN<double, B> {
+  typedef double type __attribute__((vector_size(B)));
+  typedef int64_t mask __attribute__((vector_size(B)));
 };
 
 template <typename T>
-using vec_t = typename VecOf<T>::type;
+struct VecOf : VecN<T, kVecBytes> {};
+
+template <typename T, int B = kVecBytes>
+using vec_t = typename VecN<T, B>::type;
 
 // int32 lanes, as many as vec_t<T> has: cell indices.
 template <typename T>
@@ -129,27 +139,27 @@ struct IndexVecOf<double> {
 template <typename T>
 using ivec_t = typename IndexVecOf<T>::type;
 
-template <typename T>
+template <typename T, int B = kVecBytes>
 constexpr int64_t vec_width() {
-  return kVecBytes / static_cast<int64_t>(sizeof(T));
+  return B / static_cast<int64_t>(sizeof(T));
 }
 
 // Unaligned load and store (memcpy compiles to one vector move).
-template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  __builtin_memcpy(&v, p, kVecBytes);
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE vec_t<T, B> vload(const T* p) {
+  vec_t<T, B> v;
+  __builtin_memcpy(&v, p, B);
   return v;
 }
 
-template <typename T>
-BO_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
-  __builtin_memcpy(p, &v, kVecBytes);
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE void vstore(T* p, vec_t<T, B> v) {
+  __builtin_memcpy(p, &v, B);
 }
 
-template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vsplat(T x) {
-  return vec_t<T>{} + x;
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE vec_t<T, B> vsplat(T x) {
+  return vec_t<T, B>{} + x;
 }
 
 // vsplat of a value loaded from memory in an inner loop, as the integer of the same bits: GCC
@@ -158,14 +168,14 @@ BO_ALWAYS_INLINE vec_t<T> vsplat(T x) {
 // splat of a loaded value is one broadcast from memory (a load, no arithmetic). Bit-exact, -0
 // included. (Not a general replacement: for constants and computed values vsplat compiles
 // better, e.g. as operands of min/max patterns.)
-template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vbroadcast(const T& x) {
-  using M = typename VecOf<T>::mask;
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE vec_t<T, B> vbroadcast(const T& x) {
+  using M = typename VecN<T, B>::mask;
   using I = typename std::remove_reference<decltype(M{}[0])>::type;
   I bits;
   __builtin_memcpy(&bits, &x, sizeof(bits));
   const M m = M{} + bits;
-  vec_t<T> v;
+  vec_t<T, B> v;
   __builtin_memcpy(&v, &m, sizeof(v));
   return v;
 }
@@ -175,25 +185,37 @@ BO_ALWAYS_INLINE vec_t<T> vbroadcast(const T& x) {
 // select (x86's max returns a when a is NaN, and a -0 passes as a); against a literal, GCC
 // emits a compare and a blend (an and-not for zero). Made outside the inner loops (a store and a
 // load each time).
-template <typename T>
-BO_ALWAYS_INLINE vec_t<T> vopaque(T x) {
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE vec_t<T, B> vopaque(T x) {
   volatile T v = x;
-  return vsplat<T>(v);
+  return vsplat<T, B>(v);
 }
 
-// Sum of the lanes, as a tree of half-swaps.
-template <typename T>
-BO_ALWAYS_INLINE T vsum(vec_t<T> v) {
-  using M = typename VecOf<T>::mask;
-  if constexpr (vec_width<T>() == 8) {
-    v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
-    v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
-    v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+// Sum of the lanes, as a tree of half-swaps (a 64-byte vector: its halves added first).
+template <typename T, int B = kVecBytes>
+BO_ALWAYS_INLINE T vsum(vec_t<T, B> v) {
+  if constexpr (B == 64) {
+    // The halves by shuffles (register extracts); copies through memory would store the vector
+    // and reload its halves, which the store cannot forward.
+    if constexpr (vec_width<T, B>() == 16) {
+      return vsum<T, 32>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    } else {
+      return vsum<T, 32>(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+    }
   } else {
-    v += __builtin_shuffle(v, M{2, 3, 0, 1});
-    v += __builtin_shuffle(v, M{1, 0, 3, 2});
+    static_assert(B == 32, "32- or 64-byte vectors");
+    using M = typename VecN<T, B>::mask;
+    if constexpr (vec_width<T, B>() == 8) {
+      v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
+      v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
+      v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+    } else {
+      v += __builtin_shuffle(v, M{2, 3, 0, 1});
+      v += __builtin_shuffle(v, M{1, 0, 3, 2});
+    }
+    return v[0];
   }
-  return v[0];
 }
 
 // Lane sums of W vectors at once (W = vec_width): out[i] = vsum(v[i]). A transposing tree of

@@ -38,52 +38,9 @@ struct CurveShape {
   CurveLayout layout() const { return CurveLayout{C, K}; }
 };
 
-// relu that lets NaN through, as torch.relu does: zero > a ? zero : a, which is x86's
-// maxps(zero, a) exactly (a NaN or a -0 passes as a). The zero is an argument so that the CPU
-// kernels can pass one the compiler cannot see as a constant: against a literal zero GCC emits a
-// compare and an and-not rather than that one max.
-template <typename V>
-BO_HOST_DEVICE V curve_relu(V a, V zero = V{}) {
-  return zero > a ? zero : a;
-}
-
-// One point of a channel's curve: adds its value to f.
-template <typename V>
-BO_HOST_DEVICE void curve_value(V c, V shift, V slope, V& f, V zero = V{}) {
-  f += slope * curve_relu(c - shift, zero);
-}
-
-// One point of a channel's curve: adds its value to f and its slope to fp.
-template <typename V>
-BO_HOST_DEVICE void curve_point(V c, V shift, V slope, V& f, V& fp, V zero = V{}) {
-  const V a = c - shift;
-  f += slope * curve_relu(a, zero);
-  fp += a > V{} ? slope : V{};
-}
-
-// The clamp to [0, 1]; NaN stays NaN (torch.clamp).
-template <typename V>
-BO_HOST_DEVICE V curve_clamp01(V g) {
-  const V one = V{} + 1;
-  const V lo = g < V{} ? V{} : g;
-  return lo > one ? one : lo;
-}
-
-// The gradient that passes the clamp: go where 0 <= g <= 1 (g before the clamp), else 0.
-template <typename V>
-BO_HOST_DEVICE V curve_clamp_pass(V g, V go) {
-  const V one = V{} + 1;
-  return (g >= V{}) & (g <= one) ? go : V{};
-}
-
-// Contributions of one curve point to the shift and slope gradient rows, for a pixel whose
-// channel value is c and whose curve output receives the gradient df.
-template <typename V>
-BO_HOST_DEVICE void curve_point_grads(V c, V shift, V df, V& d_shift, V& d_slope, V zero = V{}) {
-  const V a = c - shift;
-  d_slope += df * curve_relu(a, zero);
-  d_shift += a > V{} ? df : V{};
-}
+// The per-point functions, where V is a GCC vector or a scalar (curve_pointwise.h, included
+// here and again inside each of the CPU kernels' instruction-set copies).
+#include "bilateral_ops/curve_pointwise.h"
 
 // ---------------------------------------------------------------------------------------------
 // The curve through its sorted knots (the CUDA kernels' path; bilateral_ops._C.curve_sorted runs
