@@ -1,9 +1,10 @@
 #pragma once
 // Portable short vectors for the CPU engine: GCC/Clang vector extensions of 32 bytes (8 floats,
-// 4 doubles; 64 in the AVX-512 copies of the kernels compiled per instruction set, isa_vec.h). Every target_clones copy of a task function compiles them for its own instruction
-// set (ymm registers under AVX2 and AVX-512; pairs of xmm on the baseline), which the
-// auto-vectoriser does not do reliably for these loops (reductions, selects, accumulators held
-// in registers across an inner loop).
+// 4 doubles; 64 in the AVX-512 copies of the kernels compiled per instruction set, isa_vec.h).
+// Every target_clones copy of a task function compiles them for its own instruction set (ymm
+// registers under AVX2 and AVX-512; pairs of xmm on the baseline), which the auto-vectoriser
+// does not do reliably for these loops (reductions, selects, accumulators held in registers
+// across an inner loop).
 
 #include <cstdint>
 #include <cstdlib>
