@@ -25,6 +25,10 @@
 #include "../curve_guide_table.h"
 #include "simd.h"
 
+#if BO_ISA_COPIES
+#include <immintrin.h>  // the AVX-512 copy's all_finite
+#endif
+
 namespace bilateral_ops {
 namespace cpu {
 namespace {

@@ -115,11 +115,22 @@ struct Scratch {
 };
 
 // Whether every lane of the kVecs vectors v is finite (v * 0 is +-0 exactly then, NaN if not).
+// AVX-512: one compare into a mask (no lane NaN), where the lane sum is a chain of shuffles and
+// adds; the passes ask once per block and channel.
 template <typename T>
 BO_ALWAYS_INLINE bool all_finite(const vec_t<T>* v, vec_t<T> zero) {
   vec_t<T> z = zero;
   for (int64_t i = 0; i < kVecs; ++i) z += v[i] * zero;
+#if BO_ISA_LEVEL >= 4
+  static_assert(kIsaVecBytes == 64, "the AVX-512 copy's vectors are zmm registers");
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm512_cmp_ps_mask(z, z, _CMP_ORD_Q) == __mmask16(0xFFFF);
+  } else {
+    return _mm512_cmp_pd_mask(z, z, _CMP_ORD_Q) == __mmask8(0xFF);
+  }
+#else
   return vsum<T>(z) == T(0);
+#endif
 }
 
 // Channel k's curve and slope at the block's values ck through its sorted knots (a.sorted, see
