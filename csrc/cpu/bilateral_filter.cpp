@@ -250,7 +250,11 @@ at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t ma
       std::fill(row + margin + Wp, row + Ws, T(0));
       const T* srow = sp + (plane * s.H + y) * s.W;
       T* drow = row + margin;
-      for (int64_t x = 0; x < Wp; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
+      // The image columns in one copy (every border maps them to themselves); the gather through
+      // xmap element by element took most of a 1080p k = 1 call.
+      std::copy(srow, srow + s.W, drow + s.px);
+      for (int64_t x = 0; x < s.px; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
+      for (int64_t x = s.px + s.W; x < Wp; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
     }
   });
   return dst;
