@@ -5,8 +5,7 @@
 
 namespace BO_ISA_NS {
 
-// The AVX-512 copy runs 64-byte vectors (16 floats), the others 32-byte ones (isa_vec.h).
-constexpr int kIsaVecBytes = BO_ISA_LEVEL >= 4 ? 64 : 32;
+// This copy's vectors: 64 bytes in the AVX-512 copy, 32 in the others.
 #include "isa_vec.h"
 
 // Whether sums_band runs two chunks per pair loop (sum_chunks<..., J = 2>), which needs the 32

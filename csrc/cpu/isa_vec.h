@@ -1,11 +1,14 @@
-// The vector type and helpers of one kernel copy (isa_copies.h) at its own width: included inside
-// the copy's namespace (BO_ISA_NS) after it defines kIsaVecBytes (32 or 64), these shadow simd.h's
-// 32-byte vec_t, VecOf, vec_width, vload, vstore, vsplat, vbroadcast, vopaque and vsum for the
-// kernel code that follows, which is written once for any width. Why 64 bytes in the AVX-512
-// copy of a kernel whose loops are long chains of arithmetic: a core that runs a 64-byte
-// operation as two 32-byte halves (as AMD's Zen 4 does) still issues half as many instructions,
-// and the loops were bound by issuing them (the exact filter: 1.3x faster on one core). No
-// include guard: one include per copy.
+// The vector type and helpers of one kernel copy (isa_copies.h) at its own width, kIsaVecBytes:
+// included inside the copy's namespace (BO_ISA_NS), these shadow simd.h's 32-byte vec_t, VecOf,
+// vec_width, vload, vstore, vsplat, vbroadcast, vopaque and vsum for the kernel code that
+// follows, which is written once for any width. Why 64 bytes in the AVX-512 copy of a kernel
+// whose loops are long chains of arithmetic: a core that runs a 64-byte operation as two 32-byte
+// halves (as AMD's Zen 4 does) still issues half as many instructions, and the loops were bound
+// by issuing them (the exact filter: 1.3x faster on one core). No include guard: one include per
+// copy.
+
+// 64 bytes (16 floats) in the AVX-512 copy, 32 in the AVX2 and baseline ones.
+constexpr int kIsaVecBytes = BO_ISA_LEVEL >= 4 ? 64 : 32;
 
 template <typename T>
 using vec_t = ::bilateral_ops::cpu::vec_t<T, kIsaVecBytes>;

@@ -38,11 +38,14 @@
 
 // Kernels whose vector comparisons feed selects or masked sums are compiled once per instruction
 // set instead: their file includes a kernel header three times through isa_copies.h, each under
-// a `#pragma GCC target` and in a namespace of its own, and BO_ISA_CALL picks one at run time. GCC gives a
-// vector comparison its type (a vector of integers, or an AVX-512 mask) when it parses the
-// template, with the options in force there, so every target_clones copy, the AVX-512 one
-// included, compiles `m ? a + b : a` to a compare into a vector and a blend; parsed under the
-// AVX-512 pragma it is a compare into a mask register and one masked add.
+// a `#pragma GCC target` and in a namespace of its own, and BO_ISA_CALL picks one at run time.
+// GCC gives a vector comparison its type (a vector of integers, or an AVX-512 mask) when it
+// parses the template, with the options in force there, so every target_clones copy, the
+// AVX-512 one included, compiles `m ? a + b : a` to a compare into a vector and a blend; parsed
+// under the AVX-512 pragma it is a compare into a mask register and one masked add. The same
+// holds for any template a copy calls with its vectors: one that compares them must be parsed
+// inside the copy too (curve_pointwise.h is included again in each), or the AVX-512 copy's
+// 64-byte selects compile lane by lane.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BO_NO_TARGET_CLONES)
 #define BO_ISA_COPIES 1
 #else
