@@ -99,7 +99,10 @@ wait_peer() {
   fi
 }
 
-# 1. Build in place (bilateral_ops/_C*.so), with ptxas's report in the log.
+# 1. Build in place (bilateral_ops/_C*.so), with ptxas's report in the log. ninja rebuilds only what
+# changed, whatever --force says, so a second call on a warm machine would leave the log without
+# the report: the CUDA objects go first (the CPU ones may stay).
+find build -path '*csrc/cuda/*.o' -delete 2> /dev/null
 run build 1 200 "$OUT/build.log" -- env FORCE_CUDA=1 BILATERAL_OPS_PTXAS_VERBOSE=1 \
   $PY setup.py build_ext --inplace --force
 run ptxas-report 1 40 "$OUT/ptxas-report.log" -- $PY tools/ptxas_report.py "$OUT/build.log" --lib . --require-all

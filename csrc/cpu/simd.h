@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "bilateral_ops/grid_coords.h"
+
 // Helpers passing vectors by value must be inlined into each target_clones copy: an out-of-line
 // copy is compiled for the baseline ABI, which passes 32-byte vectors differently from the AVX
 // clones that call it (silently wrong values).

@@ -281,7 +281,6 @@ template <typename T, bool kGrad>
 BO_ALWAYS_INLINE void interp_block(const T* R, int64_t D, int64_t C, int64_t c0, int64_t c1,
                                    const BlockZ<T>& bz, const DenseWeights<T>& dw, T* __restrict A,
                                    T* __restrict dA) {
-  using V = vec_t<T>;
   constexpr int64_t W = vec_width<T>();
   if (bz.dense) {
     // Register blocks of kCB channels x kVB pixel vectors: each U weight load then serves kCB
@@ -440,8 +439,6 @@ template <typename T, bool kApply, bool kDguide>
 BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const Scratch<T>& s,
                                     const T* guide, int64_t n, int64_t y, int64_t b, int64_t nb,
                                     int64_t c0, int64_t c1) {
-  using V = vec_t<T>;
-  constexpr int64_t W = vec_width<T>();
   const int64_t HW = p.g.H * p.g.W;
   const int64_t pix = y * p.g.W + b;
   BlockZ<T> bz;
