@@ -54,7 +54,10 @@ struct CurveKernelArgs {
   scalar_t* output;             // (N, HW), forward
   scalar_t* grad_input;         // (N, C, HW), backward with need_input and registers
   acc_t* dc;                    // (N, C, HW), backward with need_input without registers
-  const acc_t* table;           // (P,) in global memory
+  const acc_t* table;           // (P,) in global memory: the backward, and a forward whose table
+                                // does not fit in shared memory
+  const scalar_t* params[6];    // the forward's contiguous ccm, ccm_bias, shifts, slopes, mix,
+                                // mix_bias, gathered by each block into its shared table
   acc_t* partial;               // backward with need_params: zeroed (partial_rows, P)
   bool table_shared, rows_shared, need_input, need_params;
   bool small;   // pixels < 2^31: the image of a pixel from hw's multiply-high
@@ -85,6 +88,26 @@ __device__ __forceinline__ const acc_t* block_table(const acc_t* table, int64_t 
                                                     acc_t* smem) {
   if (!shared) return table;
   for (int64_t q = threadIdx.x; q < P; q += blockDim.x) smem[q] = table[q];
+  __syncthreads();
+  return smem;
+}
+
+// The forward's shared table, gathered by the block from the six parameters in the table's order
+// (curve_guide.h's CurveLayout), converted as curve_table converts them: no packed copy made on
+// the host, so a call is one launch (the copy was a second kernel, and an at::cat on the host
+// every call). Every thread of the block must call it (it synchronises).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ const acc_t* block_table_from_params(const CurveKernelArgs<scalar_t>& a,
+                                                                acc_t* smem) {
+  const CurveLayout& l = a.l;
+  const int64_t begin[7] = {l.ccm(),   l.ccm_bias(), l.shifts(), l.slopes(),
+                            l.mix(),   l.mix_bias(), l.size()};
+#pragma unroll
+  for (int s = 0; s < 6; ++s) {
+    const scalar_t* src = a.params[s];
+    const int64_t b = begin[s], n = begin[s + 1] - begin[s];
+    for (int64_t q = threadIdx.x; q < n; q += blockDim.x) smem[b + q] = static_cast<acc_t>(src[q]);
+  }
   __syncthreads();
   return smem;
 }
@@ -202,8 +225,9 @@ __global__ void __launch_bounds__(launch::kCurveThreads, launch::kCurveMinBlocks
     curve_forward_kernel(const CurveKernelArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const acc_t* tb =
-      block_table(a.table, a.l.size(), a.table_shared, reinterpret_cast<acc_t*>(smem_raw));
+  const acc_t* tb = a.table_shared
+                         ? block_table_from_params(a, reinterpret_cast<acc_t*>(smem_raw))
+                         : a.table;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < a.pixels;
        p += stride) {
@@ -239,7 +263,7 @@ __global__ void __launch_bounds__(launch::kCurveThreads,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const CurveLayout l = a.l;
   // The plan takes this kernel only with the table in shared memory.
-  const acc_t* tb = block_table(a.table, l.size(), true, reinterpret_cast<acc_t*>(smem_raw));
+  const acc_t* tb = block_table_from_params(a, reinterpret_cast<acc_t*>(smem_raw));
   const int K = kK > 0 ? kK : static_cast<int>(l.K);
   acc_t* sorted = reinterpret_cast<acc_t*>(smem_raw) + l.size();
   acc_t* pq = sorted + kC * K;
@@ -647,11 +671,18 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
   if (sh.pixels() == 0) return at::zeros({sh.N, sh.H, sh.W}, input_in.options());
   const at::Tensor input = input_in.contiguous();
   const at::ScalarType acc = at::toOpMathType(input.scalar_type());
-  const at::Tensor table = curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, acc);
   at::Tensor out = at::empty({sh.N, sh.H, sh.W}, input.options());
   launch::CurveRequest req;
   const launch::CurvePlan plan =
       launch::curve_plan(sh.N, sh.C, sh.H, sh.W, sh.K, at::elementSize(acc), req);
+  // A table in shared memory is gathered by the kernel from the parameters; only one too large
+  // for it is packed here, for the kernel to read from global memory.
+  const std::array<at::Tensor, 6> params = {ccm.contiguous(),    ccm_bias.contiguous(),
+                                            shifts.contiguous(), slopes.contiguous(),
+                                            mix.contiguous(),    mix_bias.contiguous()};
+  const at::Tensor table = plan.table_shared
+                               ? at::Tensor()
+                               : curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, acc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "curve_guide_cuda", [&] {
@@ -660,7 +691,8 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
     set_sizes(a, sh);
     a.input = input.data_ptr<scalar_t>();
     a.output = out.data_ptr<scalar_t>();
-    a.table = table.data_ptr<acc_t>();
+    if (table.defined()) a.table = table.data_ptr<acc_t>();
+    for (int i = 0; i < 6; ++i) a.params[i] = params[i].data_ptr<scalar_t>();
     a.table_shared = plan.table_shared;
     if (plan.group) {
       // Whole groups per plane, and vector-aligned planes (a view may start anywhere).
