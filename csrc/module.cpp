@@ -12,8 +12,9 @@
 //       channels of an H x W image into D x Gh x Gw cells; mask and dguide do not apply) or
 //       "grid_blur" (pass_ "forward"; the grid N x C x D x Gh x Gw, H and W unused; sigma three
 //       floats, default (1, 1, 1)).
-//   curve_plans(pass_, N, C, H, W, K, elem_size=4, acc_size=4, mask=None) -> [dict]
-//       the same for curve_guide (mask: its backward's 7 flags), with table_size, table_shared,
+//   curve_plans(pass_, N, C, H, W, K, elem_size=4, acc_size=4, mask=None, sms=0) -> [dict]
+//       the same for curve_guide (mask: its backward's 7 flags; sms: the device's multiprocessors,
+//       which cap the forward's grid at one resident wave), with table_size, table_shared,
 //       rows_shared, registers, group and partial_rows
 //   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None) -> [dict]
 //       the launches of one bilateral_filter / _bilateral_filter_backward call
@@ -296,12 +297,16 @@ PyObject* launch_plans(PyObject*, PyObject* args, PyObject* kwargs) {
 
 PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"pass_", "N", "C", "H", "W", "K", "elem_size", "acc_size",
-                                   "mask", nullptr};
+                                   "mask", "sms", nullptr};
   const char* pass = nullptr;
-  long long N, C, H, W, K, elem_size = 4, acc_size = 4;
+  long long N, C, H, W, K, elem_size = 4, acc_size = 4, sms = 0;
   PyObject* mask = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLL|LLO", const_cast<char**>(keywords), &pass,
-                                   &N, &C, &H, &W, &K, &elem_size, &acc_size, &mask)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLL|LLOL", const_cast<char**>(keywords),
+                                   &pass, &N, &C, &H, &W, &K, &elem_size, &acc_size, &mask, &sms)) {
+    return nullptr;
+  }
+  if (sms < 0) {
+    PyErr_SetString(PyExc_ValueError, "sms must be >= 0");
     return nullptr;
   }
   const bool forward = PyOS_stricmp(pass, "forward") == 0;
@@ -323,6 +328,7 @@ PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   r.backward = !forward;
   r.need_input = want[0];
   r.need_params = want[1] || want[2] || want[3] || want[4] || want[5] || want[6];
+  r.sms = sms;
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   // The launchers return before any launch for empty images and when no gradient is wanted.

@@ -673,6 +673,9 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
   const at::ScalarType acc = at::toOpMathType(input.scalar_type());
   at::Tensor out = at::empty({sh.N, sh.H, sh.W}, input.options());
   launch::CurveRequest req;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.get_device()));
+  req.sms = sms;
   const launch::CurvePlan plan =
       launch::curve_plan(sh.N, sh.C, sh.H, sh.W, sh.K, at::elementSize(acc), req);
   // A table in shared memory is gathered by the kernel from the parameters; only one too large

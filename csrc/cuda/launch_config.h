@@ -401,6 +401,7 @@ constexpr int64_t kCurveReduceSmem = kCurveThreads * 8;
 struct CurveRequest {
   bool backward = false;
   bool need_input = true, need_params = true;  // backward: output_mask[0], any of [1..6]
+  int64_t sms = 0;  // forward: the device's multiprocessors (0: unknown, the fixed cap)
 };
 
 struct CurvePlan {
@@ -436,11 +437,15 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
     // memory, at one pixel per thread).
     p.group = p.registers && p.table_shared;
     const int64_t items = p.group ? ceil_div(pixels, kCurveGroup) : pixels;
+    const int64_t min_blocks = p.group ? curve_forward_group_min_blocks(acc_size) : kCurveMinBlocks;
+    // On a known device, one wave of the blocks its launch bounds keep resident: the grid-stride
+    // loop then ends on every multiprocessor at about the same time, and each block gathers and
+    // sorts the table once (2048 blocks are 5.2 waves of 396 on an H200's 132 multiprocessors,
+    // the last a fifth full). Each pixel's value is the same whatever the grid.
+    const int64_t cap = r.sms > 0 ? r.sms * min_blocks : kCurveForwardMaxBlocks;
     p.main = make_launch(p.group ? "curve_forward_group_kernel" : "curve_forward_kernel",
-                         std::min(blocks_for(items, kCurveThreads), kCurveForwardMaxBlocks),
-                         kCurveThreads,
-                         p.group ? curve_forward_group_min_blocks(acc_size) : kCurveMinBlocks,
-                         table_smem + (p.group ? sorted_smem : 0));
+                         std::min(blocks_for(items, kCurveThreads), cap), kCurveThreads,
+                         min_blocks, table_smem + (p.group ? sorted_smem : 0));
     return p;
   }
   const bool params = r.need_params;
