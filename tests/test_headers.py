@@ -27,7 +27,8 @@ def _standalone_headers() -> list[pathlib.Path]:
     for h in found:
         if h.name in FRAGMENTS:
             continue
-        if "#include <ATen" in h.read_text() or "#include <c10" in h.read_text():
+        text = h.read_text()
+        if "#include <ATen" in text or "#include <c10" in text:
             continue
         keep.append(h)
     return keep

@@ -683,9 +683,10 @@ at::Tensor curve_guide(const at::Tensor& input_in, const at::Tensor& ccm,
   const std::array<at::Tensor, 6> params = {ccm.contiguous(),    ccm_bias.contiguous(),
                                             shifts.contiguous(), slopes.contiguous(),
                                             mix.contiguous(),    mix_bias.contiguous()};
-  const at::Tensor table = plan.table_shared
-                               ? at::Tensor()
-                               : curve_table(ccm, ccm_bias, shifts, slopes, mix, mix_bias, acc);
+  const at::Tensor table =
+      plan.table_shared
+          ? at::Tensor()
+          : curve_table(params[0], params[1], params[2], params[3], params[4], params[5], acc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "curve_guide_cuda", [&] {
