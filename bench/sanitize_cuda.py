@@ -13,7 +13,8 @@ bilateral_grid_filter forward and backward (given and default guides).
 sizes, hostile guides (NaN, +-inf, 1e30), and a double backward through the public API.
 curve_guide: its register and many-channel paths, shared and global parameter tables and
 gradient rows, every mask kind, images that end mid-warp, NaN / inf pixels.
-bilateral_filter: forward and backward under several output masks, staged tiles and the
+bilateral_filter: forward and backward under several output masks, with and without the
+forward's output and weight sums, staged tiles and the
 global-memory path (windows too wide for shared memory), channel counts beyond one register group,
 every border and distance, a 1x1 image.
 
@@ -144,9 +145,12 @@ def run_filter(shape, dtype) -> None:
     ss = torch.full((n, 2), 2.0, device="cuda").to(dtype)
     go = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype)
     ops.bilateral_filter(x, gd, [ky, kx], sc, ss, border, distance)
+    # With the forward's output and weight sums too: pass 1 pixel by pixel (filter_centre_kernel).
+    saved = ops._bilateral_filter_forward(x, gd, [ky, kx], sc, ss, border, distance)
     masks = FILTER_MASKS + ([[True, True, True, True], [False, True, False, False]] if gd is not None else [])
     for mask in masks:
         ops._bilateral_filter_backward(go, x, gd, [ky, kx], sc, ss, border, distance, mask)
+        ops._bilateral_filter_backward(go, x, gd, [ky, kx], sc, ss, border, distance, mask, *saved)
     torch.cuda.synchronize()
 
 

@@ -102,17 +102,37 @@ def eager_autograd(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def eager_function(op, setup_context, backward) -> type[torch.autograd.Function]:
+def traced_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call traced by torch.compile records a graph for some tensor argument (the
+    traced counterpart of ``eager_autograd``)."""
+    return (
+        torch.is_grad_enabled()
+        and torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
+
+
+def eager_function(op, setup_context, backward, keep: int | None = None) -> type[torch.autograd.Function]:
     """A ``torch.autograd.Function`` running ``op`` with its registered autograd formula
     (``setup_context``, ``backward``, as given to ``torch.library.register_autograd``) below the
     autograd dispatch, instead of through torch.library's Python autograd layer, whose host time
     exceeds small calls' kernels. Traced code and ``torch.ops`` callers keep the registered
     formula, which this runs unchanged; a backward recording a graph (``create_graph=True``) runs
-    it through autograd, so that the backward ops' own formulas apply."""
+    it through autograd, so that the backward ops' own formulas apply.
+
+    With ``keep``, ``op`` returns a tuple of which the function returns output ``keep`` alone (the
+    others only feed the backward): ``setup_context`` then runs after the op, with every output,
+    and ``backward`` is called with the one cotangent."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
+            if keep is not None:
+                with torch._C._AutoDispatchBelowAutograd():
+                    outputs = op(*args)
+                setup_context(ctx, args, outputs)
+                return outputs[keep]
             setup_context(ctx, args, None)
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)

@@ -319,6 +319,23 @@ def check_filter_grad_output(grad_output: torch.Tensor, input: torch.Tensor) -> 
         raise ValueError(f"grad_output must have shape {tuple(input.shape)}, got {tuple(grad_output.shape)}")
 
 
+def check_filter_saved(output, norm, input: torch.Tensor, norm_dtype: torch.dtype) -> None:
+    """_bilateral_filter_backward's optional forward results: both or neither; output like the
+    input, norm (N, H, W) in the accumulation dtype, on the input's device."""
+    if (output is None) != (norm is None):
+        raise ValueError("output and norm must be given together (both or neither)")
+    if output is None:
+        return
+    check_like("output", output, "input", input)
+    if tuple(output.shape) != tuple(input.shape):
+        raise ValueError(f"output must have shape {tuple(input.shape)}, got {tuple(output.shape)}")
+    n, _, h, w = input.shape
+    if norm.device != input.device:
+        raise ValueError(f"norm must be on the input's device {input.device}, got {norm.device}")
+    if tuple(norm.shape) != (n, h, w) or norm.dtype != norm_dtype:
+        raise ValueError(f"norm must have shape {(n, h, w)} and dtype {norm_dtype}, got {tuple(norm.shape)} and {norm.dtype}")
+
+
 def check_index(name: str, t: object, ref_name: str, ref: torch.Tensor) -> None:
     """An index tensor: integer dtype (not bool) on ref's device."""
     if not isinstance(t, torch.Tensor):

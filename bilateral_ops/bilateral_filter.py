@@ -3,9 +3,13 @@
 ``bilateral_blur``, ``joint_bilateral_blur``, ``BilateralBlur`` and ``JointBilateralBlur`` have the
 signatures and results of ``kornia.filters``' functions and modules of those names; all of them
 run the one op ``bilateral_filter`` (memory O(image), forward and backward). Below the public
-functions: the fake kernels and autograd formulas of ``bilateral_filter`` and
-``_bilateral_filter_backward`` (gradients for input, guidance and the tensor sigmas, with an
-output mask). Second derivatives are not implemented: differentiating the backward op raises.
+functions: the fake kernels and autograd formulas of ``bilateral_filter``,
+``_bilateral_filter_forward`` and ``_bilateral_filter_backward`` (gradients for input, guidance
+and the tensor sigmas, with an output mask). Where a call records a graph, the public functions
+run ``_bilateral_filter_forward``, which also returns each pixel's weight sum W: its backward
+takes W and the output instead of sweeping every window again to recompute them (a third of the
+backward's work). Second derivatives are not implemented: differentiating the backward op
+raises.
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def bilateral_filter(
         args = (input, guidance, list(ks), sc, ss, border_type, color_distance_type)
         if lib.eager_autograd(input, guidance, sc, ss):
             return _EagerFilter.apply(*args)
+        if lib.traced_autograd(input, guidance, sc, ss):
+            return _ops._bilateral_filter_forward(*args)[0]
         return _ops.bilateral_filter(*args)
     lib.fallback("bilateral_filter", input.device)
     return reference.bilateral_filter(input, guidance, ks, sc, ss, border_type, color_distance_type)
@@ -199,11 +205,33 @@ def _filter_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_
     return input.new_empty(input.shape)
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the weight sums W: the accumulation type (float32 for 16-bit inputs)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _forward_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
+    out = _filter_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type)
+    n, _, h, w = input.shape
+    return out, input.new_empty((n, h, w), dtype=_norm_dtype(input.dtype))
+
+
 def _backward_fake(
-    grad_output, input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, output_mask
+    grad_output,
+    input,
+    guidance,
+    kernel_size,
+    sigma_color,
+    sigma_space,
+    border_type,
+    color_distance_type,
+    output_mask,
+    output=None,
+    norm=None,
 ):
     v.check_filter(input, guidance, tuple(kernel_size), sigma_color, sigma_space, border_type, color_distance_type)
     v.check_filter_grad_output(grad_output, input)
+    v.check_filter_saved(output, norm, input, _norm_dtype(input.dtype))
     if guidance is None and output_mask[1]:
         raise ValueError("output_mask[1] (grad_guidance) must be false when guidance is None")
     like = (input, guidance if guidance is not None else input, sigma_color, sigma_space)
@@ -214,25 +242,44 @@ def _backward_fake(
 # Autograd
 
 
-def _filter_setup(ctx, inputs, output):
+def _filter_setup(ctx, inputs, output, saved=()):
     input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type = inputs
     ctx.set_materialize_grads(False)
     ctx.args = (list(kernel_size), border_type, color_distance_type)
     ctx.has_guidance = guidance is not None
-    ctx.save_for_backward(input, guidance, sigma_color, sigma_space)
+    ctx.save_for_backward(input, guidance, sigma_color, sigma_space, *saved)
 
 
-def _filter_backward(ctx, grad_output):
+def _forward_setup(ctx, inputs, output):
+    """_bilateral_filter_forward's: bilateral_filter's, plus the output and its weight sums W (not
+    differentiable: only the backward reads them)."""
+    out, norm = output
+    ctx.mark_non_differentiable(norm)
+    _filter_setup(ctx, inputs, output, (out, norm))
+
+
+def _filter_backward(ctx, grad_output, grad_norm=None):
     if grad_output is None:
         return None, None, None, None, None, None, None
-    input, guidance, sigma_color, sigma_space = ctx.saved_tensors
+    input, guidance, sigma_color, sigma_space = ctx.saved_tensors[:4]
+    out, norm = ctx.saved_tensors[4:] if len(ctx.saved_tensors) > 4 else (None, None)
     kernel_size, border_type, color_distance_type = ctx.args
     needs = ctx.needs_input_grad
     mask = [needs[0], ctx.has_guidance and needs[1], needs[3], needs[4]]
     if not any(mask):
         return None, None, None, None, None, None, None
     gi, gg, gsc, gss = _ops._bilateral_filter_backward(
-        grad_output, input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, mask
+        grad_output,
+        input,
+        guidance,
+        kernel_size,
+        sigma_color,
+        sigma_space,
+        border_type,
+        color_distance_type,
+        mask,
+        out,
+        norm,
     )
     return (
         lib.masked(gi, mask[0]),
@@ -259,8 +306,12 @@ def _backward_backward(ctx, *grads):
 
 def _register() -> None:
     torch.library.register_fake("bilateral_ops::bilateral_filter")(_filter_fake)
+    torch.library.register_fake("bilateral_ops::_bilateral_filter_forward")(_forward_fake)
     torch.library.register_fake("bilateral_ops::_bilateral_filter_backward")(_backward_fake)
     torch.library.register_autograd("bilateral_ops::bilateral_filter", _filter_backward, setup_context=_filter_setup)
+    torch.library.register_autograd(
+        "bilateral_ops::_bilateral_filter_forward", _filter_backward, setup_context=_forward_setup
+    )
     torch.library.register_autograd(
         "bilateral_ops::_bilateral_filter_backward", _backward_backward, setup_context=_backward_setup
     )
@@ -270,4 +321,10 @@ if lib.LOAD_ERROR is None:
     _register()
     # Eager autograd (lib.eager_function): on a small image the Python autograd layer was a third of
     # a forward + backward's host time (150 -> 104 us on the 2-core CPU).
-    _EagerFilter = lib.eager_function(_ops.bilateral_filter, _filter_setup, _filter_backward)
+    # The eager class returns the output alone: W is saved, not returned, so nothing marks it.
+    _EagerFilter = lib.eager_function(
+        _ops._bilateral_filter_forward,
+        lambda ctx, inputs, output: _filter_setup(ctx, inputs, output, output),
+        _filter_backward,
+        keep=0,
+    )

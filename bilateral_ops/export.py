@@ -298,7 +298,8 @@ def _shift(x: torch.Tensor, dy: int, dx: int, ky: int, kx: int) -> torch.Tensor:
     return x[:, :, dy : ey if ey < 0 else None, dx : ex if ex < 0 else None]
 
 
-def _bilateral_filter(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
+def _bilateral_filter_sums(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
+    """The filter's output and its (N, 1, H, W) weight sums."""
     n = input.shape[0]
     ky, kx = (int(k) for k in kernel_size)
     py, px = (ky - 1) // 2, (kx - 1) // 2
@@ -324,7 +325,17 @@ def _bilateral_filter(input, guidance, kernel_size, sigma_color, sigma_space, bo
             weight = torch.exp(dist * neg_inv_c - space[:, t : t + 1])
             num = v * weight if num is None else num + v * weight
             den = weight if den is None else den + weight
-    return num / den
+    return num / den, den
+
+
+def _bilateral_filter(*args):
+    return _bilateral_filter_sums(*args)[0]
+
+
+def _bilateral_filter_forward(*args):
+    """The filter and its weight sums W (what autograd's traced path runs)."""
+    out, den = _bilateral_filter_sums(*args)
+    return out, den[:, 0].to(torch.float64 if out.dtype == torch.float64 else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,6 +466,7 @@ def decompositions(variant: str = "gather", coords: Coordinates = ALIGN_CORNERS_
         _ops._bilateral_grid_filter_splat.default: grid_filter_splat,
         _ops._bilateral_grid_filter_slice.default: grid_filter_slice,
         _ops.bilateral_filter.default: _bilateral_filter,
+        _ops._bilateral_filter_forward.default: _bilateral_filter_forward,
         _ops.curve_guide.default: curve_guide,
         _ops.bilateral_slice_apply_points.default: _slice_points,
         _ops.grid_tv_loss.default: _grid_tv_loss,

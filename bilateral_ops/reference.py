@@ -18,6 +18,7 @@ from ._validation import affine_stride
 
 __all__ = [
     "bilateral_filter",
+    "bilateral_filter_weight_sums",
     "bilateral_grid_filter",
     "bilateral_slice",
     "bilateral_slice_apply",
@@ -276,11 +277,32 @@ def bilateral_filter(
     Tap t = (ty, tx) of centre p weighs ``exp(-0.5 D / sigma_color^2 - 0.5 (ty^2 / sy^2 + tx^2 /
     sx^2))`` with D the squared l1 or l2 distance of the guidance; the output is sum(w I) / sum(w).
     """
+    if input.numel() == 0:
+        return input.clone()
+    values, weight = _filter_taps(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type)
+    return (values * weight).sum(-1) / weight.sum(-1)
+
+
+def bilateral_filter_weight_sums(
+    input: torch.Tensor,
+    guidance: torch.Tensor | None,
+    kernel_size: tuple[int, int],
+    sigma_color: torch.Tensor,
+    sigma_space: torch.Tensor,
+    border_type: str = "reflect",
+    color_distance_type: str = "l1",
+) -> torch.Tensor:
+    """sum(w) of ``bilateral_filter``'s window of every pixel, (N, H, W): the normaliser the
+    forward op ``_bilateral_filter_forward`` returns alongside the output."""
+    _, weight = _filter_taps(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type)
+    return weight.sum(-1)[:, 0]
+
+
+def _filter_taps(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
+    """The values (N, C, H, W, ky * kx) and weights (N, 1, H, W, ky * kx) of every tap."""
     n = input.shape[0]
     ky, kx = kernel_size
     py, px = (ky - 1) // 2, (kx - 1) // 2
-    if input.numel() == 0:
-        return input.clone()
 
     def taps(t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W, ky * kx)
         padded = F.pad(t, (px, px, py, py), mode=border_type)
@@ -299,5 +321,4 @@ def bilateral_filter(
     sy, sx = sigma_space[:, 0].view(n, 1, 1), sigma_space[:, 1].view(n, 1, 1)
     space = 0.5 * (ty.view(1, ky, 1) ** 2 / sy**2 + tx.view(1, 1, kx) ** 2 / sx**2)  # (N, ky, kx)
     exponent = 0.5 * dist / sigma_color.view(n, 1, 1, 1, 1) ** 2 + space.view(n, 1, 1, 1, ky * kx)
-    weight = torch.exp(-exponent)
-    return (values * weight).sum(-1) / weight.sum(-1)
+    return values, torch.exp(-exponent)

@@ -104,4 +104,32 @@ inline void check_filter_mask(const FilterShape& s, const std::array<bool, 4>& m
               "output_mask[1] (grad_guidance) must be false when guidance is None");
 }
 
+// The dtype of the weight sums W (_bilateral_filter_forward's norm): the accumulation type.
+inline at::ScalarType filter_norm_dtype(at::ScalarType input) {
+  return compute_dtype(input);
+}
+
+// The backward's optional output and norm: both or neither, the forward's (output shaped and
+// typed like the input, norm (N, H, W) in filter_norm_dtype, on the input's device). True when
+// given.
+inline bool check_filter_saved(const c10::optional<at::Tensor>& output, const c10::optional<at::Tensor>& norm,
+                               const at::Tensor& input) {
+  const bool has_out = output.has_value() && output->defined();
+  const bool has_norm = norm.has_value() && norm->defined();
+  TORCH_CHECK(has_out == has_norm, "output and norm must be given together (both or neither)");
+  if (!has_out) return false;
+  check_same(*output, "output", input, "input");
+  TORCH_CHECK(output->scalar_type() == input.scalar_type() && output->sizes() == input.sizes(),
+              "output must have the input's shape ", input.sizes(), " and dtype ", input.scalar_type(),
+              ", got ", output->sizes(), " and ", output->scalar_type());
+  TORCH_CHECK(norm->device() == input.device(), "norm must be on the input's device ", input.device(), ", got ",
+              norm->device());
+  const at::ScalarType nd = filter_norm_dtype(input.scalar_type());
+  TORCH_CHECK(norm->scalar_type() == nd && norm->dim() == 3 && norm->size(0) == input.size(0) &&
+                  norm->size(1) == input.size(2) && norm->size(2) == input.size(3),
+              "norm must have shape (", input.size(0), ", ", input.size(2), ", ", input.size(3), ") and dtype ",
+              nd, ", got ", norm->sizes(), " and ", norm->scalar_type());
+  return true;
+}
+
 }  // namespace bilateral_ops

@@ -16,7 +16,7 @@
 //       the same for curve_guide (mask: its backward's 7 flags; sms: the device's multiprocessors,
 //       which cap the forward's grid at one resident wave), with table_size, table_shared,
 //       rows_shared, registers, group and partial_rows
-//   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None) -> [dict]
+//   filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None, saved=False) -> [dict]
 //       the launches of one bilateral_filter / _bilateral_filter_backward call
 //   points_plans(pass_, P, M, C, D, Gh, Gw, mask=None) -> [dict]
 //       the launches of one bilateral_slice_apply_points / its backward (mask: 3 flags)
@@ -349,17 +349,18 @@ PyObject* curve_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   return out;
 }
 
-// filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None): the launches of
-// one bilateral_filter call ("forward") or _bilateral_filter_backward call ("backward").
+// filter_plans(pass_, N, C, Cg, H, W, ky, kx, acc_size=4, self=True, mask=None, saved=False): the
+// launches of one bilateral_filter call ("forward") or _bilateral_filter_backward call ("backward";
+// saved: given the forward's output and weight sums).
 PyObject* filter_plans(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"pass_", "N",        "C",    "Cg",   "H", "W",
-                                   "ky",    "kx",       "acc_size", "self", "mask", nullptr};
+  static const char* keywords[] = {"pass_", "N",        "C",    "Cg",   "H",     "W",    "ky",
+                                   "kx",    "acc_size", "self", "mask", "saved", nullptr};
   const char* pass = nullptr;
   long long N, C, Cg, H, W, ky, kx, acc_size = 4;
-  int self = 1;
+  int self = 1, saved = 0;
   PyObject* mask = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLLLL|LpO", const_cast<char**>(keywords), &pass,
-                                   &N, &C, &Cg, &H, &W, &ky, &kx, &acc_size, &self, &mask)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLLLLLL|LpOp", const_cast<char**>(keywords), &pass,
+                                   &N, &C, &Cg, &H, &W, &ky, &kx, &acc_size, &self, &mask, &saved)) {
     return nullptr;
   }
   const bool forward = PyOS_stricmp(pass, "forward") == 0;
@@ -380,7 +381,7 @@ PyObject* filter_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   if (!parse_mask(mask, 4, want)) return nullptr;
   if (self) want[1] = false;  // the launcher never computes a separate guidance gradient
   const launch::FilterPlan p =
-      launch::filter_plan(launch::FilterSizes{N, C, Cg, H, W, ky, kx, self != 0}, acc_size, !forward, want);
+      launch::filter_plan(launch::FilterSizes{N, C, Cg, H, W, ky, kx, self != 0}, acc_size, !forward, want, saved != 0);
   if (!p.valid) {
     PyErr_SetString(PyExc_ValueError, "no valid plan: too many tiles for one grid");
     return nullptr;
@@ -395,7 +396,7 @@ PyObject* filter_plans(PyObject*, PyObject* args, PyObject* kwargs) {
   bool ok = true;
   for (const launch::Launch* l : {&p.forward, &p.pass1, &p.pass2, &p.fold_input, &p.fold_guidance, &p.finish}) {
     if (!ok || !l->present) continue;
-    const bool tile = l == &p.forward || l == &p.pass1;
+    const bool tile = l == &p.forward || (l == &p.pass1 && !p.centre);
     ok = append(out, launch_dict(*l, tile ? ex : nullptr, tile ? 5 : 0));
   }
   if (!ok) {

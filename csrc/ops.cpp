@@ -19,6 +19,11 @@
 // (N, 2) as (sigma_y, sigma_x)), in the input's dtype: the Python wrapper expands floats and
 // tuples, so one schema serves fixed and trainable sigmas. guidance None means the input guides
 // itself. Its backward returns the gradients of (input, guidance, sigma_color, sigma_space).
+// _bilateral_filter_forward is the same filter that also returns each pixel's weight sum W
+// (N, H, W; float32 for float16 / bfloat16 inputs, else the input's dtype): autograd runs it, and
+// hands W and the output to the backward (output, norm), which then skips the sweep over every
+// window that would recompute them. Without them the backward recomputes them, as it must for a
+// direct caller of bilateral_filter.
 
 #include <torch/library.h>
 
@@ -90,7 +95,12 @@ TORCH_LIBRARY(bilateral_ops, m) {
       "bilateral_filter(Tensor input, Tensor? guidance, int[2] kernel_size, Tensor sigma_color, "
       "Tensor sigma_space, str border_type, str color_distance_type) -> Tensor");
   m.def(
+      "_bilateral_filter_forward(Tensor input, Tensor? guidance, int[2] kernel_size, "
+      "Tensor sigma_color, Tensor sigma_space, str border_type, str color_distance_type) -> "
+      "(Tensor, Tensor)");
+  m.def(
       "_bilateral_filter_backward(Tensor grad_output, Tensor input, Tensor? guidance, "
       "int[2] kernel_size, Tensor sigma_color, Tensor sigma_space, str border_type, "
-      "str color_distance_type, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "str color_distance_type, bool[4] output_mask, Tensor? output=None, Tensor? norm=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }

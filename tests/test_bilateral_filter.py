@@ -268,18 +268,125 @@ def test_masked_gradients_are_not_computed():
 @pytest.mark.parametrize("cg", [None, 2], ids=["self", "joint"])
 def test_eager_autograd_equals_the_registered_one(cg, device):
     # bo.bilateral_filter differentiates eagerly below torch.library's autograd layer: the same op
-    # and backward op with the same masks, so the same bits as differentiating torch.ops' op.
+    # (_bilateral_filter_forward, which saves W) and backward op with the same masks, so the same
+    # bits as differentiating torch.ops' op; and within rounding of bilateral_filter's registered
+    # formula, whose backward recomputes W and the output.
     x, g, sc, ss = (t if t is None else t.to(device) for t in _leaves(2, 3, cg, 9, 12))
     go = _rand(2, 3, 9, 12, dtype=F64, seed=9).to(device)
     for wanted in itertools.product([False, True], repeat=4):
         if not any(wanted) or (cg is None and wanted[1]):
             continue
         leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, g, sc, ss), wanted)]
+        inputs = [t for t, w in zip(leaves, wanted) if w]
         eager = bo.bilateral_filter(leaves[0], (5, 3), leaves[2], leaves[3], "reflect", "l2", guidance=leaves[1])
-        registered = OPS.bilateral_filter(leaves[0], leaves[1], [5, 3], leaves[2], leaves[3], "reflect", "l2")
-        assert_same_as_registered(eager, registered, [t for t, w in zip(leaves, wanted) if w], go, wanted)
+        args = (leaves[0], leaves[1], [5, 3], leaves[2], leaves[3], "reflect", "l2")
+        registered = OPS._bilateral_filter_forward(*args)[0]
+        assert_same_as_registered(eager, registered, inputs, go, wanted)
+        saved = torch.autograd.grad(OPS._bilateral_filter_forward(*args)[0], inputs, go)
+        recomputed = torch.autograd.grad(OPS.bilateral_filter(*args), inputs, go)
+        for a, b in zip(saved, recomputed):
+            _assert_close(a, b, 1e-12 * (1 + b.abs().max().item()), f"recomputed {wanted}")
     with torch.no_grad():
         assert bo.bilateral_filter(x.requires_grad_(), 3, sc, ss).grad_fn is None
+
+
+@pytest.mark.parametrize("cg", [None, 2], ids=["self", "joint"])
+@pytest.mark.parametrize("border, distance", list(zip(BORDERS, ["l1", "l2", "l2", "l1"])))
+def test_forward_op_returns_the_weight_sums(border, distance, cg):
+    """_bilateral_filter_forward: bilateral_filter's output, bit for bit, and each pixel's sum of
+    weights (the reference's, float64 1e-10; float32 in float32)."""
+    x, g, sc, ss = _leaves(2, 3, cg, 13, 17)
+    for dtype in (F64, torch.float32):
+        args = (x.to(dtype), None if g is None else g.to(dtype), [5, 7], sc.to(dtype), ss.to(dtype), border, distance)
+        out, norm = OPS._bilateral_filter_forward(*args)
+        assert torch.equal(out, OPS.bilateral_filter(*args))
+        assert norm.shape == (2, 13, 17) and norm.dtype == dtype
+        want = reference.bilateral_filter_weight_sums(x, g, (5, 7), sc, ss, border, distance)
+        _assert_close(norm, want, 1e-10 if dtype == F64 else 1e-5 * want.max().item(), f"{dtype}")
+    out, norm = OPS._bilateral_filter_forward(x.half(), None if g is None else g.half(), [3, 3], sc.half(), ss.half(), border, distance)
+    assert out.dtype == torch.float16 and norm.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cg", [None, 1, 3], ids=["self", "g1", "g3"])
+@pytest.mark.parametrize("border, distance", list(zip(BORDERS, ["l2", "l1", "l1", "l2"])))
+def test_backward_from_saved_weight_sums_matches_recomputing_them(border, distance, cg):
+    """Given the forward's output and W, the backward skips the sweep that recomputes them: every
+    gradient and output mask within rounding of the backward without them (float64 1e-12),
+    float32 within 1e-5."""
+    x, g, sc, ss = _leaves(2, 3, cg, 21, 37, seed=4)
+    go = _rand(2, 3, 21, 37, dtype=F64, seed=8) - 0.5
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        args = [t if t is None else t.to(dtype) for t in (x, g)] + [[7, 5], sc.to(dtype), ss.to(dtype), border, distance]
+        out, norm = OPS._bilateral_filter_forward(*args)
+        for mask in itertools.product([False, True], repeat=4):
+            if not any(mask) or (cg is None and mask[1]):
+                continue
+            want = OPS._bilateral_filter_backward(go.to(dtype), *args, list(mask))
+            got = OPS._bilateral_filter_backward(go.to(dtype), *args, list(mask), out, norm)
+            for wanted, a, b in zip(mask, got, want):
+                if wanted:
+                    _assert_close(a, b, tol * (1 + b.abs().max().item()), f"{dtype} {mask}")
+                else:
+                    assert a.shape == (0,)
+
+
+def test_autograd_saves_the_weight_sums():
+    """A call that records a graph runs _bilateral_filter_forward and keeps its output and W for
+    the backward (eager and under torch.compile); one that does not runs bilateral_filter."""
+    x, _, sc, ss = _leaves(1, 3, None, 9, 11)
+    leaf = x.clone().requires_grad_()
+    out = bo.bilateral_blur(leaf, 5, sc, ss)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 6 and torch.equal(saved[4], out)
+    assert saved[5].shape == (1, 9, 11)
+    with torch.no_grad():
+        assert torch.equal(bo.bilateral_blur(leaf, 5, sc, ss), out.detach())
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda t: bo.bilateral_blur(t, 5, sc, ss), backend=backend, fullgraph=True)
+    got = compiled(leaf)
+    (a,) = torch.autograd.grad(got, leaf, torch.ones_like(got))
+    (b,) = torch.autograd.grad(bo.bilateral_blur(leaf, 5, sc, ss), leaf, torch.ones_like(got))
+    assert torch.equal(a, b)
+    assert "_bilateral_filter_forward" in graphs[-1]
+
+
+SAVED_ERRORS = [
+    ({"output": True}, "together"),
+    ({"norm": True}, "together"),
+    ({"output": True, "norm": (2, 6, 6)}, "norm"),
+    ({"output": True, "norm": "float64"}, "norm"),
+    ({"output": (2, 3, 6, 6), "norm": True}, "output"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SAVED_ERRORS)))
+def test_backward_checks_the_saved_tensors(case):
+    kw, match = SAVED_ERRORS[case]
+    x = _x(2, 3, 6, 7)
+    args = (x, None, [3, 3], _x(2) + 0.5, _x(2, 2) + 0.5, "reflect", "l1")
+    out, norm = OPS._bilateral_filter_forward(*args)
+    for key, value in kw.items():
+        if key == "output":
+            out = out if value is True else torch.zeros(value)
+        else:
+            norm = norm if value is True else (norm.double() if value == "float64" else torch.ones(value))
+    given = {"output": out if "output" in kw else None, "norm": norm if "norm" in kw else None}
+    call = (torch.rand_like(x), *args, [True, False, False, False], given["output"], given["norm"])
+    with pytest.raises(RuntimeError, match=match):
+        OPS._bilateral_filter_backward(*call)
+    with pytest.raises((ValueError, TypeError), match=match):
+        _backward_fake_of(*call)
+
+
+def _backward_fake_of(*call):
+    from bilateral_ops.bilateral_filter import _backward_fake
+
+    return _backward_fake(*call)
 
 
 def test_second_derivatives_raise():
@@ -303,6 +410,10 @@ def test_opcheck(joint):
     go = _rand(2, 3, 7, 9, dtype=F64, seed=7)
     mask = [True, joint, True, True]
     torch.library.opcheck(OPS._bilateral_filter_backward, (go, x.detach(), g, [3, 5], sc.detach(), ss.detach(), "circular", "l2", mask))
+    torch.library.opcheck(OPS._bilateral_filter_forward, args)
+    saved = OPS._bilateral_filter_forward(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    back = (go, x.detach(), g, [3, 5], sc.detach(), ss.detach(), "reflect", "l1", mask, *saved)
+    torch.library.opcheck(OPS._bilateral_filter_backward, back)
 
 
 def test_torch_compile_fullgraph():

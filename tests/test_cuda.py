@@ -1040,6 +1040,18 @@ def _filter_check(shape, dtype, border, distance, *, noncontig=False):
             _assert_close(g, r, dtype, f"filter grad_{name} ({border}, {distance}, {shape})")
         else:
             assert g.shape == (0,), name
+    # The forward that also returns the weight sums, and the backward given them: pass 1 pixel by
+    # pixel (filter_centre_kernel) where no sigma gradient is wanted, the sweep where one is.
+    out_c, norm_c = ops._bilateral_filter_forward(x_c, gd_c, k, sc_c, ss_c, border, distance)
+    ref_norm = ops._bilateral_filter_forward(_d(x), _d(gd), k, _d(sc), _d(ss), border, distance)[1]
+    assert norm_c.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_close(norm_c.to(dtype), ref_norm, dtype, f"filter weight sums ({border}, {distance}, {shape})")
+    for saved_mask in ([True, Cg is not None, False, False], mask):
+        ref = ops._bilateral_filter_backward(_d(go), _d(x), _d(gd), k, _d(sc), _d(ss), border, distance, saved_mask)
+        got = ops._bilateral_filter_backward(go_c, x_c, gd_c, k, sc_c, ss_c, border, distance, saved_mask, out_c, norm_c)
+        for name, g, r, m in zip(("input", "guidance", "sigma_color", "sigma_space"), got, ref, saved_mask):
+            if m:
+                _assert_close(g, r, dtype, f"filter grad_{name} from saved W ({border}, {distance}, {shape})")
 
 
 @pytest.mark.parametrize("shape", FILTER_SHAPES)

@@ -522,17 +522,25 @@ def _filter_masks(self_guided: bool):
     return [m for m in masks if not (self_guided and m[1])]
 
 
-def all_filter_plans(shape, dtype):
-    """Every launch of bilateral_filter's forward and of its backward under every output mask."""
+def all_filter_plans(shape, dtype, with_mask=False):
+    """Every launch of bilateral_filter's forward and of its backward under every output mask
+    (with_mask: (where, plan, mask) triples, mask None for the forward)."""
+    for where, p, mask in _filter_plans_masks(shape, dtype):
+        yield (where, p, mask) if with_mask else (where, p)
+
+
+def _filter_plans_masks(shape, dtype):
     N, C, Cg, H, W, ky, kx = shape
     self_guided = Cg is None
     cg = C if self_guided else Cg
     acc = DTYPES[dtype][1]
     for p in _C.filter_plans("forward", N, C, cg, H, W, ky, kx, acc_size=acc, self=self_guided):
-        yield f"filter forward {shape} {dtype}", p
+        yield f"filter forward {shape} {dtype}", p, None
     for mask in _filter_masks(self_guided):
-        for p in _C.filter_plans("backward", N, C, cg, H, W, ky, kx, acc_size=acc, self=self_guided, mask=list(mask)):
-            yield f"filter backward mask={mask} {shape} {dtype}", p
+        for saved in (False, True):
+            plans = _C.filter_plans("backward", N, C, cg, H, W, ky, kx, acc_size=acc, self=self_guided, mask=list(mask), saved=saved)
+            for p in plans:
+                yield f"filter backward mask={mask} saved={saved} {shape} {dtype}", p, mask
 
 
 def _filter_shapes_from_tests():
@@ -578,7 +586,7 @@ _FILTER_TILE_KERNELS = ("filter_forward_kernel", "filter_pass1_kernel", "filter_
 def test_every_filter_plan_fits_every_architecture(source, dtype):
     count = 0
     for shape in FILTER_SOURCES[source]():
-        for where, p in all_filter_plans(shape, dtype):
+        for where, p, mask in all_filter_plans(shape, dtype, with_mask=True):
             check_plan(p, where)
             N, C, Cg, H, W, ky, kx = shape
             acc = DTYPES[dtype][1]
@@ -600,7 +608,8 @@ def test_every_filter_plan_fits_every_architecture(source, dtype):
                 assert p["dynamic_smem"] == want, where
             if p["kernel"].startswith("filter_pass2"):
                 Hp, Wp = H + ky - 1, W + kx - 1
-                window = -(-(C + (C if Cg is None else Cg) + 1) * (8 + ky - 1) * (32 + kx - 1) * acc // 8) * 8
+                planes = C + (C if Cg is None else Cg) + 1 + (C if Cg is not None and mask[1] else 0)
+                window = -(-planes * (8 + ky - 1) * (32 + kx - 1) * acc // 8) * 8
                 fast = fast_channels and window + table <= SMEM_NO_OPT_IN
                 assert p["kernel"].endswith("_fast_kernel") == fast, where
                 if fast:  # a 32 x 8 tile of padded positions per block, decoded from blockIdx.x
@@ -631,6 +640,12 @@ def test_filter_plans_skip_work():
     assert names == ["filter_pass1_fast_kernel", "filter_pass2_fast_kernel", "filter_fold_kernel", "filter_fold_kernel"]
     names = [p["kernel"] for p in _C.filter_plans("backward", 1, 2, 2, 64, 64, 5, 5, mask=[True, False, True, False])]
     assert names == ["filter_pass1_kernel", "filter_pass2_kernel", "filter_fold_kernel", "filter_finish_kernel"]
+    # Given the forward's output and W, pass 1 is pixel by pixel unless a sigma gradient is wanted.
+    plans = _C.filter_plans("backward", 2, 3, 3, 64, 64, 5, 5, mask=[True, False, False, False], saved=True)
+    assert [p["kernel"] for p in plans] == ["filter_centre_kernel", "filter_pass2_fast_kernel", "filter_fold_kernel"]
+    assert plans[0]["grid"][0] * plans[0]["block"][0] >= 2 * 64 * 64
+    names = [p["kernel"] for p in _C.filter_plans("backward", 1, 3, 3, 64, 64, 5, 5, mask=[True, False, True, False], saved=True)]
+    assert names == ["filter_pass1_fast_kernel", "filter_pass2_fast_kernel", "filter_fold_kernel", "filter_finish_kernel"]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

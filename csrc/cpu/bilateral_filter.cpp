@@ -17,7 +17,8 @@
 //
 // Backward, with W_p = sum_q w_pq and g the output gradient:
 //   pass 1, per centre p (the forward's sweep): gp_p = g_p / W_p and a_p = gp_p . out_p, into
-//   planes that are zero outside the image;
+//   planes that are zero outside the image; given the forward's output and W (autograd passes
+//   them: _bilateral_filter_forward), pixel by pixel instead, without the sweep;
 //   pass 2, per unordered pair:
 //     value:  gI_q += w gp_p,  gI_p += w gp_q;
 //     range:  e_pq = gp_p . I_q - a_p (= dL/dw_pq) and e_qp likewise; with h = -rc w (e_pq + e_qp),
@@ -89,6 +90,7 @@ struct Args {
   const T* rc;          // (N,) 0.5 / sigma_color^2
   const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
+  T* norm;              // forward: (N, H, W) the weight sums W, or nullptr
   // Backward.
   const T* go;          // (N, C, H, W)
   T* gp;                // (N, C, Hp, Wx) g / W
@@ -281,6 +283,32 @@ void clear_outside(const Args<T>& a) {
   });
 }
 
+// Pass 1 from the forward's output and weight sums (norm): gp = g / W and a = gp . out per pixel,
+// the expressions pass1_band evaluates after its sweep (equal up to the rounding of a multiply-add
+// that the vector code may fuse and this loop does not).
+template <typename T>
+void centre_from_saved(const Args<T>& a, const T* out, const T* norm) {
+  at::parallel_for(0, a.N * a.H, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / a.H, y = r % a.H;
+      const T* wrow = norm + r * a.W;
+      T* arow = a.a + (n * a.Hp + y + a.py) * a.Wx + a.xoff;
+      std::fill(arow, arow + a.W, T(0));
+      for (int64_t c = 0; c < a.C; ++c) {
+        const int64_t img = ((n * a.C + c) * a.H + y) * a.W;
+        const T* grow = a.go + img;
+        const T* orow = out + img;
+        T* gprow = a.gp + ((n * a.C + c) * a.Hp + y + a.py) * a.Wx + a.xoff;
+        for (int64_t x = 0; x < a.W; ++x) {
+          const T gp = grow[x] * (T(1) / wrow[x]);
+          gprow[x] = gp;
+          arow[x] += gp * orow[x];
+        }
+      }
+    }
+  });
+}
+
 // Folds pass 2's padded rows above and below the image (p.pads_*) into the image gradients dst
 // (N, Cx, H, W), in row order, after the bands have written the image rows.
 template <typename T>
@@ -358,31 +386,53 @@ struct Prepared {
   Prepared& operator=(const Prepared&) = delete;
 };
 
-at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
-                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
-                            const at::Tensor& sigma_space, c10::string_view border_type,
-                            c10::string_view color_distance_type) {
+// The filter, and with want_norm the weight sums W too (else an empty norm).
+std::tuple<at::Tensor, at::Tensor> filter_forward(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
+                                                  at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                                                  const at::Tensor& sigma_space, c10::string_view border_type,
+                                                  c10::string_view color_distance_type, bool want_norm) {
   const FilterShape s = check_filter(input, guidance, kernel_size, sigma_color, sigma_space,
                                      std::string(border_type), std::string(color_distance_type));
-  if (s.pixels() == 0 || s.C == 0) return at::empty(input.sizes(), input.options());
   const auto dt = compute_dtype(input.scalar_type());
+  at::Tensor norm = want_norm ? at::empty({s.N, s.H, s.W}, input.options().dtype(filter_norm_dtype(input.scalar_type())))
+                              : at::Tensor();
+  if (s.pixels() == 0 || s.C == 0) return {at::empty(input.sizes(), input.options()), norm.defined() ? norm.fill_(1) : norm};
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_filter_cpu", [&] {
     Prepared<scalar_t> prep(input, guidance, sigma_color, sigma_space, s);
     prep.a.out = out.data_ptr<scalar_t>();
+    prep.a.norm = want_norm ? norm.data_ptr<scalar_t>() : nullptr;
     run_bands(Pass::kForward, prep.a);
   });
-  return out.to(input.scalar_type());
+  return {out.to(input.scalar_type()), norm};
+}
+
+at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
+                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                            const at::Tensor& sigma_space, c10::string_view border_type,
+                            c10::string_view color_distance_type) {
+  return std::get<0>(
+      filter_forward(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> bilateral_filter_forward(const at::Tensor& input,
+                                                            const c10::optional<at::Tensor>& guidance,
+                                                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                                                            const at::Tensor& sigma_space, c10::string_view border_type,
+                                                            c10::string_view color_distance_type) {
+  return filter_forward(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
     at::IntArrayRef kernel_size, const at::Tensor& sigma_color, const at::Tensor& sigma_space,
-    c10::string_view border_type, c10::string_view color_distance_type, std::array<bool, 4> mask) {
+    c10::string_view border_type, c10::string_view color_distance_type, std::array<bool, 4> mask,
+    const c10::optional<at::Tensor>& output, const c10::optional<at::Tensor>& norm) {
   const FilterShape s = check_filter(input, guidance, kernel_size, sigma_color, sigma_space,
                                      std::string(border_type), std::string(color_distance_type));
   check_filter_grad_output(grad_output, input);
   check_filter_mask(s, mask);
+  const bool saved = check_filter_saved(output, norm, input);
   const at::Tensor& gd_like = s.self ? input : *guidance;
   at::Tensor grad_input = zero_or_masked(mask[0], input);
   at::Tensor grad_guidance = zero_or_masked(mask[1], gd_like);
@@ -407,7 +457,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.gp = gp.data_ptr<T>();
     a.a = av.data_ptr<T>();
     clear_outside<T>(a);
-    run_bands(Pass::kPass1, a);
+    if (saved) {
+      const at::Tensor out_t = output->to(dt).contiguous(), norm_t = norm->contiguous();
+      centre_from_saved<T>(a, out_t.data_ptr<T>(), norm_t.data_ptr<T>());
+    } else {
+      run_bands(Pass::kPass1, a);
+    }
 
     // Pass 2 writes every row of the image gradients and of the padded rows.
     at::Tensor gi = mask[0] ? at::empty({s.N, s.C, s.H, s.W}, opt) : at::Tensor();
@@ -463,6 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
 
 TORCH_LIBRARY_IMPL(bilateral_ops, CPU, m) {
   m.impl("bilateral_filter", &bilateral_ops::cpu::bilateral_filter);
+  m.impl("_bilateral_filter_forward", &bilateral_ops::cpu::bilateral_filter_forward);
   m.impl("_bilateral_filter_backward", &bilateral_ops::cpu::bilateral_filter_backward);
 }
 

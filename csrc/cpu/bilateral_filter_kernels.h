@@ -263,6 +263,7 @@ BO_ALWAYS_INLINE void forward_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
                                                 const vec_t<T>& wsum) BO_LAMBDA_INLINE {
     const vec_t<T> inv = T(1) / wsum;
     for (int64_t c = 0; c < nc; ++c) store_tail(p.out + ((n * p.C + c) * p.H + y) * p.W, x0, p.W, acc[c] * inv);
+    if (p.norm != nullptr) store_tail(p.norm + (n * p.H + y) * p.W, x0, p.W, wsum);
   });
 }
 

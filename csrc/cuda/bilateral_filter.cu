@@ -6,10 +6,15 @@
 // Forward and backward pass 1: one thread per pixel of a 32 x 8 tile; the block stages the tile's
 // window of guidance and input in shared memory (in the accumulation type: float for float16 and
 // bfloat16) when it fits, else reads global memory through the border maps. Channels are
-// processed in groups of kGroup held in registers. Pass 2 gathers, per padded position, from the
-// centres whose window covers it; the fold adds each padded position into the pixel it reads, in
-// a fixed order. The sigma gradients are per-block sums (a fixed tree in shared memory), summed
-// per image by a second kernel in block order: deterministic, no atomics.
+// processed in groups of kGroup held in registers. Pass 1 (gp = g / W, a = gp . out) is pixel by
+// pixel (filter_centre_kernel) when the forward's output and weight sums W are given and no sigma
+// gradient is wanted, else a sweep of every window that recomputes them. Pass 2 gathers, per
+// padded position q, from the padded positions p whose window offsets reach it: each pair's range
+// term takes e_pq + e_qp (the CPU's form), e_pq from the centre p (zero when p is not an image
+// pixel) and e_qp from q as a centre, so q's own centre term comes out of the same gather; the
+// fold adds each padded position into the pixel it reads, in a fixed order. The sigma gradients
+// are per-block sums (a fixed tree in shared memory), summed per image by a second kernel in
+// block order: deterministic, no atomics.
 //
 // Fast paths (launch_config.h says which shapes): the same three passes with the channel counts
 // and the distance compiled in, always staged, the centre's guide and the sums in registers,
@@ -174,7 +179,7 @@ __device__ __forceinline__ acc_type<scalar_t> window_sums(const Window<scalar_t>
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
-    filter_forward_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out) {
+    filter_forward_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out, acc_type<scalar_t>* norm) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ double smem_d[];
   const Window<scalar_t> w = stage(d, p, reinterpret_cast<acc_t*>(smem_d));
@@ -183,6 +188,7 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
   for (int64_t c0 = 0; c0 < d.C; c0 += kGroup) {
     acc_t acc[kGroup];
     const acc_t wsum = window_sums(w, s, d, c0, acc);
+    if (norm != nullptr && c0 == 0) norm[(w.n * d.H + w.y) * d.W + w.x] = wsum;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       if (c0 + j < d.C) out[((w.n * d.C + c0 + j) * d.H + w.y) * d.W + w.x] = static_cast<scalar_t>(acc[j] / wsum);
@@ -205,17 +211,39 @@ __device__ void block_partials(double* red, const double (&sums)[3], double* par
   if (tid < 3) partials[blockIdx.x * 3 + tid] = red[tid * launch::kFilterThreads];
 }
 
-// Backward pass 1 (see csrc/cpu/bilateral_filter.cpp): gp = g / W and a = gp . out per pixel; the
-// centre side of the guidance gradient; per-block sums of e w D, e w ty^2, e w tx^2.
+// Backward pass 1 (see csrc/cpu/bilateral_filter.cpp): gp = g / W and a = gp . out per pixel;
+// per-block sums of e w D, e w ty^2, e w tx^2.
 template <typename scalar_t>
 struct Pass1Out {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* go;  // (N, C, H, W)
   acc_t* gp;           // (N, C, H, W)
   acc_t* a;            // (N, H, W)
-  acc_t* gcen;         // (N, Cg, H, W) or nullptr
   double* partials;    // (tiles, 3) or nullptr
 };
+
+// Pass 1 from the forward's output and weight sums, pixel by pixel (1-D grid-stride over N H W):
+// the same expressions as the sweeps' (gp = g / W, a summed over the channels in order), with the
+// forward's output for acc / W.
+template <typename scalar_t>
+__global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
+    filter_centre_kernel(Dims d, const scalar_t* go, const scalar_t* out, const acc_type<scalar_t>* norm,
+                         acc_type<scalar_t>* gp, acc_type<scalar_t>* a) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t plane = d.H * d.W, total = d.N * plane;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / plane, at0 = n * d.C * plane + (i - n * plane);
+    const acc_t wsum = norm[i];
+    acc_t s = 0;
+    for (int64_t c = 0; c < d.C; ++c) {
+      const int64_t at = at0 + c * plane;
+      const acc_t g = ldg(go + at) / wsum;
+      gp[at] = g;
+      s += g * static_cast<acc_t>(ldg(out + at));
+    }
+    a[i] = s;
+  }
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
@@ -247,11 +275,8 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
       }
     }
     o.a[pix] = a;
-    // Guidance channels in groups: the first group also sums the sigma terms.
-    const int64_t cg_groups = o.gcen != nullptr ? (d.Cg + kGroup - 1) / kGroup : (o.partials != nullptr ? 1 : 0);
-    for (int64_t gi = 0; gi < cg_groups; ++gi) {
-      const int64_t g0 = gi * kGroup;
-      acc_t cen[kGroup] = {};
+    if (o.partials != nullptr) {
+      // The sigma sums need e w per tap: a second sweep.
       for (int ty = 0; ty < d.ky; ++ty) {
         acc_t ew_row = 0;
         for (int tx = 0; tx < d.kx; ++tx) {
@@ -264,29 +289,11 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
           }
           for (int64_t c = kGroup; c < d.C; ++c) e += o.gp[(w.n * d.C + c) * plane + w.y * d.W + w.x] * w.value(c, ty, tx);
           const acc_t ew = e * wt;
-          if (gi == 0) {
-            ew_row += ew;
-            sums[0] += static_cast<double>(ew * distance_finish(dist, d.distance));
-            sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
-          }
-          if (o.gcen != nullptr) {
-            const acc_t h = -s.rc * ew;
-#pragma unroll
-            for (int j = 0; j < kGroup; ++j) {
-              if (g0 + j < d.Cg) {
-                const acc_t delta = w.guide(g0 + j, ty, tx) - w.guide(g0 + j, d.py, d.px);
-                cen[j] -= h * distance_slope(delta, dist, d.distance);
-              }
-            }
-          }
+          ew_row += ew;
+          sums[0] += static_cast<double>(ew * distance_finish(dist, d.distance));
+          sums[2] += static_cast<double>(ew * acc_t((tx - d.px) * (tx - d.px)));
         }
-        if (gi == 0) sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
-      }
-      if (o.gcen != nullptr) {
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          if (g0 + j < d.Cg) o.gcen[(w.n * d.Cg + g0 + j) * plane + w.y * d.W + w.x] = cen[j];
-        }
+        sums[1] += static_cast<double>(ew_row) * double((ty - d.py) * (ty - d.py));
       }
     }
   }
@@ -314,43 +321,58 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2Mi
     const int64_t iy = border_index(qy - d.py, d.H, d.border), ix = border_index(qx - d.px, d.W, d.border);
     const bool reads = iy >= 0 && ix >= 0;  // a constant border reads zeros: its gradient is unused
     const Sigmas<acc_t> s = sigmas(p, n);
+    // q is also a centre (an image pixel) whose range gradient is wanted: its pairs with every
+    // position of its window, image pixel or not, carry e_qp.
+    const bool qc = o.need_range && qy >= d.py && qy < d.py + d.H && qx >= d.px && qx < d.px + d.W;
+    const int64_t qpix = (qy - d.py) * d.W + (qx - d.px);
     const int64_t groups = ((d.C > d.Cg ? d.C : d.Cg) + kGroup - 1) / kGroup;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const int64_t g0 = gi * kGroup;
       acc_t val[kGroup] = {}, rng[kGroup] = {};
       if (reads) {
         for (int ty = 0; ty < d.ky; ++ty) {
-          const int64_t y = qy - ty;  // the centre row
-          if (y < 0 || y >= d.H) continue;
+          const int64_t y = qy - ty;  // the partner's row (image coordinates)
+          const bool row_in = y >= 0 && y < d.H;
+          if (!row_in && !qc) continue;
           const acc_t fy = acc_t(ty - d.py);
           for (int tx = 0; tx < d.kx; ++tx) {
             const int64_t x = qx - tx;
-            if (x < 0 || x >= d.W) continue;
+            const bool in = row_in && x >= 0 && x < d.W;  // the partner is a centre
+            if (!in && !qc) continue;
             acc_t dist = 0;
             for (int64_t c = 0; c < d.Cg; ++c) {
               const scalar_t* gplane = p.gd + (n * d.Cg + c) * plane;
-              dist += distance_term(ldg(gplane + iy * d.W + ix) - ldg(gplane + y * d.W + x), d.distance);
+              dist += distance_term(ldg(gplane + iy * d.W + ix) - fetch(gplane, y, x, d), d.distance);
             }
             const acc_t fx = acc_t(tx - d.px);
             const acc_t wt = fexp(-(distance_finish(dist, d.distance) * s.rc + fy * fy * s.ay + fx * fx * s.ax));
-            const int64_t centre = y * d.W + x;
-            if (o.need_value) {
+            const int64_t centre = in ? y * d.W + x : 0;
+            if (o.need_value && in) {
 #pragma unroll
               for (int j = 0; j < kGroup; ++j) {
                 if (g0 + j < d.C) val[j] += wt * o.gp[(n * d.C + g0 + j) * plane + centre];
               }
             }
             if (o.need_range && g0 < d.Cg) {
-              acc_t e = -o.a[n * plane + centre];
-              for (int64_t c = 0; c < d.C; ++c) {
-                e += o.gp[(n * d.C + c) * plane + centre] * ldg(p.in + (n * d.C + c) * plane + iy * d.W + ix);
+              acc_t e = 0;
+              if (in) {  // e_pq: q in the partner's window
+                e -= o.a[n * plane + centre];
+                for (int64_t c = 0; c < d.C; ++c) {
+                  e += o.gp[(n * d.C + c) * plane + centre] * ldg(p.in + (n * d.C + c) * plane + iy * d.W + ix);
+                }
+              }
+              if (qc) {  // e_qp: the partner in q's window
+                e -= o.a[n * plane + qpix];
+                for (int64_t c = 0; c < d.C; ++c) {
+                  e += o.gp[(n * d.C + c) * plane + qpix] * fetch(p.in + (n * d.C + c) * plane, y, x, d);
+                }
               }
               const acc_t h = -s.rc * e * wt;
 #pragma unroll
               for (int j = 0; j < kGroup; ++j) {
                 if (g0 + j < d.Cg) {
                   const scalar_t* gplane = p.gd + (n * d.Cg + g0 + j) * plane;
-                  const acc_t delta = ldg(gplane + iy * d.W + ix) - ldg(gplane + centre);
+                  const acc_t delta = ldg(gplane + iy * d.W + ix) - fetch(gplane, y, x, d);
                   rng[j] += h * distance_slope(delta, dist, d.distance);
                 }
               }
@@ -368,7 +390,7 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2Mi
   }
 }
 
-// Fold: pixel (n, c, y, x) = centre term + the padded gradients of every position that reads it,
+// Fold: pixel (n, c, y, x) = the padded gradients of every position that reads it,
 // rows and columns in preimage order. The loops over the three intervals are unrolled, so that
 // the preimages stay in registers (indexed at run time they went to the stack), and kSmall
 // (every flat index below 2^31) finds the pixel with multiply-high divisions: the kernel was
@@ -379,8 +401,7 @@ struct FoldDivs {
 
 template <typename scalar_t, bool kSmall>
 __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBlocks)
-    filter_fold_kernel(Dims d, int64_t channels, FoldDivs v, const acc_type<scalar_t>* padded,
-                       const acc_type<scalar_t>* centre, scalar_t* out) {
+    filter_fold_kernel(Dims d, int64_t channels, FoldDivs v, const acc_type<scalar_t>* padded, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t total = d.N * channels * d.H * d.W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -392,7 +413,7 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterMinBloc
     } else {
       plane_i = i / (d.H * d.W), y = (i / d.W) % d.H, x = i % d.W;
     }
-    acc_t sum = centre != nullptr ? centre[i] : acc_t(0);
+    acc_t sum = 0;
     const Preimages py = preimages(y, d.H, d.py, d.border), px = preimages(x, d.W, d.px, d.border);
     const acc_t* base = padded + plane_i * d.Hp * d.Wp;
 #pragma unroll
@@ -565,29 +586,13 @@ __device__ __forceinline__ FastWindow<acc_type<scalar_t>, CG, DIST> fast_window(
 }
 
 // One sweep of the window: its weight sum (returned) and the weighted sums acc of the C channels,
-// the forward's result and pass 1's start. With kCentre, also what pass 1's centre term of the
-// guidance gradient needs, in the same sweep (instead of a second one recomputing every weight).
-// That term is
-//   cen_g = rc sum_t e_t w_t slope_g(t),  e_t = sum_c gp_c v_c(t) - a,  a = sum_c gp_c out_c,
-// and gp, a need the whole window first; but cen_g = rc (sum_c gp_c s1[g][c] - a s2[g]) with
-// s1[g][c] = sum_t w_t slope_g(t) v_c(t) and s2[g] = sum_t w_t slope_g(t). Its rounding error is
-// of the second sweep's order: there each e_t is itself the difference of two such sums' terms.
-// acc and the weight sum have the same bits with or without kCentre.
-template <int C, bool SELF, bool kCentre, typename acc_t, int CG, int DIST>
-__device__ __forceinline__ acc_t fast_sweep(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
-                                            acc_t (&acc)[C], acc_t (&s1)[CG][C],
-                                            acc_t (&s2)[CG]) {
+// the forward's result and pass 1's start.
+template <int C, bool SELF, typename acc_t, int CG, int DIST>
+__device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
+                                           acc_t (&acc)[C]) {
   acc_t wsum = 0;
 #pragma unroll
   for (int c = 0; c < C; ++c) acc[c] = 0;
-  if constexpr (kCentre) {
-#pragma unroll
-    for (int g = 0; g < CG; ++g) {
-      s2[g] = 0;
-#pragma unroll
-      for (int c = 0; c < C; ++c) s1[g][c] = 0;
-    }
-  }
   for (int ty = 0; ty < d.ky; ++ty) {
     const acc_t row_sp = w.tab[ty];
     for (int tx = 0; tx < d.kx; ++tx) {
@@ -595,37 +600,17 @@ __device__ __forceinline__ acc_t fast_sweep(const FastWindow<acc_t, CG, DIST>& w
       acc_t gt[CG], dist;
       const acc_t wt = w.weight(o, row_sp + w.tab[d.ky + tx], gt, dist);
       wsum += wt;
-      acc_t vt[C];
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        vt[c] = SELF ? gt[c] : w.v[c * w.area + o];
-        acc[c] += wt * vt[c];
-      }
-      if constexpr (kCentre) {
-#pragma unroll
-        for (int g = 0; g < CG; ++g) {
-          const acc_t sl = wt * distance_slope(gt[g] - w.gc[g], dist, DIST);
-          s2[g] += sl;
-#pragma unroll
-          for (int c = 0; c < C; ++c) s1[g][c] += sl * vt[c];
-        }
-      }
+      for (int c = 0; c < C; ++c) acc[c] += wt * (SELF ? gt[c] : w.v[c * w.area + o]);
     }
   }
   return wsum;
 }
 
-template <int C, bool SELF, typename acc_t, int CG, int DIST>
-__device__ __forceinline__ acc_t fast_sums(const FastWindow<acc_t, CG, DIST>& w, const Dims& d,
-                                           acc_t (&acc)[C]) {
-  acc_t unused1[CG][C], unused2[CG];
-  return fast_sweep<C, SELF, false>(w, d, acc, unused1, unused2);
-}
-
 template <typename scalar_t, int C, int CG, bool SELF, int DIST>
 __global__ void __launch_bounds__(launch::kFilterThreads,
                                   launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
-    filter_forward_fast_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out) {
+    filter_forward_fast_kernel(Dims d, Inputs<scalar_t> p, scalar_t* out, acc_type<scalar_t>* norm) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ double smem_d[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_d);
@@ -634,9 +619,10 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
   const auto w = fast_window<C, CG, SELF, DIST>(d, p, sh, px);
   acc_t acc[C];
   const acc_t wsum = fast_sums<C, SELF>(w, d, acc);
-  const int64_t plane = d.H * d.W, at = px.n * C * plane + int64_t(px.y) * d.W + px.x;
+  const int64_t plane = d.H * d.W, pix = int64_t(px.y) * d.W + px.x, at = px.n * C * plane + pix;
 #pragma unroll
   for (int c = 0; c < C; ++c) out[at + c * plane] = static_cast<scalar_t>(acc[c] / wsum);
+  if (norm != nullptr) norm[px.n * plane + pix] = wsum;
 }
 
 // Pass 1 as filter_pass1_kernel's, on the fast window.
@@ -655,13 +641,9 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
   double sums[3] = {0, 0, 0};
   if (px.active) {
     const auto w = fast_window<C, CG, SELF, DIST>(d, p, sh, px);
-    const acc_t rc = sigmas(p, px.n).rc;
     const int64_t plane = d.H * d.W, pix = int64_t(px.y) * d.W + px.x, at = px.n * C * plane + pix;
-    // The window's sums, and with the guidance gradient its centre term's sums in the same sweep
-    // (fast_sweep; acc and wsum come out bitwise the same either way).
-    acc_t acc[C], s1[CG][C], s2[CG];
-    const acc_t wsum = o.gcen != nullptr ? fast_sweep<C, SELF, true>(w, d, acc, s1, s2)
-                                         : fast_sweep<C, SELF, false>(w, d, acc, s1, s2);
+    acc_t acc[C];
+    const acc_t wsum = fast_sums<C, SELF>(w, d, acc);
     acc_t gp[C], a = 0;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -670,15 +652,6 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
       a += gp[c] * (acc[c] / wsum);
     }
     o.a[px.n * plane + pix] = a;
-    if (o.gcen != nullptr) {
-#pragma unroll
-      for (int g = 0; g < CG; ++g) {
-        acc_t t = -a * s2[g];
-#pragma unroll
-        for (int c = 0; c < C; ++c) t += gp[c] * s1[g][c];
-        o.gcen[(px.n * CG + g) * plane + pix] = rc * t;
-      }
-    }
     if (o.partials != nullptr) {
       // The sigma sums need e w per tap: a second sweep.
       for (int ty = 0; ty < d.ky; ++ty) {
@@ -703,10 +676,14 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
   if (o.partials != nullptr) block_partials(red, sums, o.partials);  // uniform across the block
 }
 
-// Pass 2 as filter_pass2_kernel's for a 32 x 8 tile of padded positions q per block. The centres
+// Pass 2 as filter_pass2_kernel's for a 32 x 8 tile of padded positions q per block. The partners
 // p = q - t (t the tap) of the tile span the window of rows qy0 - ky + 1 .. qy0 + 7 and columns
-// qx0 - kx + 1 .. qx0 + 31 (image coordinates; zeros outside the image, never read); it holds
-// their guide, gp and a. A thread's taps are those whose centre lies in the image.
+// qx0 - kx + 1 .. qx0 + 31 (image coordinates); it holds their guide (and the joint input) through
+// the border maps where the padded image reaches (zeros past it, never read), and their gp and a
+// (zeros outside the image: a partner that is no centre has no e_pq and no value term); the joint
+// input only for the guidance gradient (the plan's filter_pass2_tile_bytes). A
+// thread's taps are those whose partner is a centre, or all of them when q is itself a centre
+// whose range gradient is wanted (its e_qp, from its own gp and a, which the window holds too).
 template <typename scalar_t, int C, int CG, bool SELF, int DIST>
 __global__ void __launch_bounds__(launch::kFilterThreads,
                                   launch::filter_fast_min_blocks(sizeof(acc_type<scalar_t>)))
@@ -720,23 +697,35 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
   const int sw = kTW + d.kx - 1, shh = kTH + d.ky - 1, area = sw * shh;
   const int oy = by * kTH - (d.ky - 1), ox = bx * kTW - (d.kx - 1);
   const int64_t plane = d.H * d.W;
+  // Planes: guide (CG), gp (C), a, then the input (C; a joint filter's, for e_qp).
+  constexpr int kIn = CG + C + 1;
+  const bool stage_input = !SELF && o.need_range;
+  const int planes = stage_input ? kIn + C : kIn;
   for (int r = threadIdx.y; r < shh; r += kTH) {
     const int y = oy + r;
+    const int64_t my = y >= -d.py && y < d.H + d.py ? border_index(y, d.H, d.border) : -1;
     for (int c = threadIdx.x; c < sw; c += kTW) {
       const int x = ox + c;
+      const int64_t mx = x >= -d.px && x < d.W + d.px ? border_index(x, d.W, d.border) : -1;
+      const bool reads = my >= 0 && mx >= 0;
+      const int64_t src = reads ? my * d.W + mx : 0;
       const bool in = y >= 0 && y < d.H && x >= 0 && x < d.W;
       const int64_t at = in ? int64_t(y) * d.W + x : 0;
       const int i = r * sw + c;
 #pragma unroll
-      for (int ch = 0; ch < CG; ++ch) sh[ch * area + i] = in ? ldg(p.gd + (n * CG + ch) * plane + at) : acc_t(0);
+      for (int ch = 0; ch < CG; ++ch) sh[ch * area + i] = reads ? ldg(p.gd + (n * CG + ch) * plane + src) : acc_t(0);
 #pragma unroll
       for (int ch = 0; ch < C; ++ch) sh[(CG + ch) * area + i] = in ? o.gp[(n * C + ch) * plane + at] : acc_t(0);
       sh[(CG + C) * area + i] = in ? o.a[n * plane + at] : acc_t(0);
+      if (stage_input) {
+#pragma unroll
+        for (int ch = 0; ch < C; ++ch) sh[(kIn + ch) * area + i] = reads ? ldg(p.in + (n * C + ch) * plane + src) : acc_t(0);
+      }
     }
   }
-  const acc_t* tab = sh + aligned_values<acc_t>((CG + C + 1) * area);
+  const acc_t* tab = sh + aligned_values<acc_t>(planes * area);
   const Sigmas<acc_t> s = sigmas(p, n);
-  stage_spatial(d, s, sh + aligned_values<acc_t>((CG + C + 1) * area));
+  stage_spatial(d, s, sh + aligned_values<acc_t>(planes * area));
   __syncthreads();
   const int qy = by * kTH + threadIdx.y, qx = bx * kTW + threadIdx.x;
   if (qy >= d.Hp || qx >= d.Wp) return;
@@ -751,12 +740,19 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
 #pragma unroll
     for (int c = 0; c < C; ++c) iq[c] = SELF ? gq[c] : ldg(p.in + (n * C + c) * plane + at);
     const acc_t nrc = -s.rc * FastExp<acc_t>::kScale;
-    // Taps whose centre row qy - ty and column qx - tx lie in the image.
-    const int ty_lo = max(0, qy - static_cast<int>(d.H) + 1), ty_hi = min(d.ky - 1, qy);
-    const int tx_lo = max(0, qx - static_cast<int>(d.W) + 1), tx_hi = min(d.kx - 1, qx);
+    // q as a centre: its gp and a are the window's at tap (py, px) (zeros when q is no centre).
+    const bool qc = o.need_range && qy >= d.py && qy < d.py + d.H && qx >= d.px && qx < d.px + d.W;
+    const int own = (threadIdx.y + d.ky - 1 - d.py) * sw + threadIdx.x + d.kx - 1 - d.px;
+    acc_t gpq[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) gpq[c] = sh[(CG + c) * area + own];
+    const acc_t aq = sh[(CG + C) * area + own];
+    // Taps whose partner row qy - ty and column qx - tx lie in the image, or every tap for a centre.
+    const int ty_lo = qc ? 0 : max(0, qy - static_cast<int>(d.H) + 1), ty_hi = qc ? d.ky - 1 : min(d.ky - 1, qy);
+    const int tx_lo = qc ? 0 : max(0, qx - static_cast<int>(d.W) + 1), tx_hi = qc ? d.kx - 1 : min(d.kx - 1, qx);
     for (int ty = ty_lo; ty <= ty_hi; ++ty) {
       const acc_t row_sp = tab[ty];
-      // The window entry of tap (ty, 0)'s centre; tap tx's is tx entries left of it.
+      // The window entry of tap (ty, 0)'s partner; tap tx's is tx entries left of it.
       const acc_t* row = sh + (threadIdx.y + d.ky - 1 - ty) * sw + threadIdx.x + d.kx - 1;
       for (int tx = tx_lo; tx <= tx_hi; ++tx) {
         const acc_t* cp = row - tx;
@@ -772,9 +768,14 @@ __global__ void __launch_bounds__(launch::kFilterThreads,
           for (int c = 0; c < C; ++c) val[c] += wt * cp[(CG + c) * area];
         }
         if (o.need_range) {
-          acc_t e = -cp[(CG + C) * area];
+          // e_pq + e_qp: gp_p . I_q - a_p (zero for a partner outside the image) and
+          // gp_q . I_p - a_q (zero unless q is a centre).
+          acc_t e = -(cp[(CG + C) * area] + aq);
 #pragma unroll
-          for (int c = 0; c < C; ++c) e += cp[(CG + c) * area] * iq[c];
+          for (int c = 0; c < C; ++c) {
+            e += cp[(CG + c) * area] * iq[c];
+            e += gpq[c] * cp[(SELF ? c : kIn + c) * area];
+          }
           const acc_t h = -s.rc * e * wt;
 #pragma unroll
           for (int c = 0; c < CG; ++c) rng[c] += h * distance_slope(delta[c], dist, DIST);
@@ -826,11 +827,11 @@ void dispatch_fast(const FilterShape& s, F&& f) {
 // Launchers
 
 launch::FilterPlan plan_for(const FilterShape& s, const at::Tensor& input, bool backward,
-                            const std::array<bool, 4>& mask) {
+                            const std::array<bool, 4>& mask, bool saved = false) {
   const int64_t acc = input.scalar_type() == at::kDouble ? 8 : 4;
   const bool m[4] = {mask[0], mask[1], mask[2], mask[3]};
-  launch::FilterPlan plan =
-      launch::filter_plan(launch::FilterSizes{s.N, s.C, s.Cg, s.H, s.W, s.ky, s.kx, s.self}, acc, backward, m);
+  launch::FilterPlan plan = launch::filter_plan(launch::FilterSizes{s.N, s.C, s.Cg, s.H, s.W, s.ky, s.kx, s.self},
+                                                acc, backward, m, saved);
   TORCH_CHECK(plan.valid, "bilateral_filter: a ", s.H, "x", s.W, " image of batch ", s.N,
               " is too large for one CUDA launch");
   return plan;
@@ -842,14 +843,17 @@ Dims dims_for(const FilterShape& s, const launch::FilterPlan& plan) {
               static_cast<int>(s.py), static_cast<int>(s.px), s.border, s.distance, s.self, plan.tiled};
 }
 
-at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
-                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
-                            const at::Tensor& sigma_space, c10::string_view border_type,
-                            c10::string_view color_distance_type) {
+// The filter, and with want_norm the weight sums W too (else an empty norm).
+std::tuple<at::Tensor, at::Tensor> filter_forward(const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
+                                                  at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                                                  const at::Tensor& sigma_space, c10::string_view border_type,
+                                                  c10::string_view color_distance_type, bool want_norm) {
   const FilterShape s = check_filter(input_in, guidance, kernel_size, sigma_color, sigma_space,
                                      std::string(border_type), std::string(color_distance_type));
   const c10::cuda::CUDAGuard device_guard(input_in.device());
-  if (s.pixels() == 0 || s.C == 0) return at::empty(input_in.sizes(), input_in.options());
+  at::Tensor norm = want_norm ? at::empty({s.N, s.H, s.W}, input_in.options().dtype(filter_norm_dtype(input_in.scalar_type())))
+                              : at::Tensor();
+  if (s.pixels() == 0 || s.C == 0) return {at::empty(input_in.sizes(), input_in.options()), norm.defined() ? norm.fill_(1) : norm};
   const at::Tensor input = input_in.contiguous();
   const at::Tensor gd = s.self ? input : guidance->contiguous();
   const at::Tensor sc = sigma_color.contiguous(), ss = sigma_space.contiguous();
@@ -860,27 +864,46 @@ at::Tensor bilateral_filter(const at::Tensor& input_in, const c10::optional<at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bilateral_filter_cuda", [&] {
     const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                              ss.data_ptr<scalar_t>()};
+    acc_type<scalar_t>* np = want_norm ? norm.data_ptr<acc_type<scalar_t>>() : nullptr;
     if (plan.fast) {
       dispatch_fast(s, [&](auto c, auto cg, auto self, auto dist) {
         const auto kernel = filter_forward_fast_kernel<scalar_t, decltype(c)::value, decltype(cg)::value,
                                                        decltype(self)::value, decltype(dist)::value>;
-        BO_LAUNCH(kernel, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+        BO_LAUNCH(kernel, plan.forward, stream, d, p, out.data_ptr<scalar_t>(), np);
       });
     } else {
-      BO_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>());
+      BO_LAUNCH(filter_forward_kernel<scalar_t>, plan.forward, stream, d, p, out.data_ptr<scalar_t>(), np);
     }
   });
-  return out;
+  return {out, norm};
+}
+
+at::Tensor bilateral_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
+                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                            const at::Tensor& sigma_space, c10::string_view border_type,
+                            c10::string_view color_distance_type) {
+  return std::get<0>(
+      filter_forward(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> bilateral_filter_forward(const at::Tensor& input,
+                                                            const c10::optional<at::Tensor>& guidance,
+                                                            at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
+                                                            const at::Tensor& sigma_space, c10::string_view border_type,
+                                                            c10::string_view color_distance_type) {
+  return filter_forward(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_backward(
     const at::Tensor& grad_output_in, const at::Tensor& input_in, const c10::optional<at::Tensor>& guidance,
     at::IntArrayRef kernel_size, const at::Tensor& sigma_color, const at::Tensor& sigma_space,
-    c10::string_view border_type, c10::string_view color_distance_type, std::array<bool, 4> mask) {
+    c10::string_view border_type, c10::string_view color_distance_type, std::array<bool, 4> mask,
+    const c10::optional<at::Tensor>& output, const c10::optional<at::Tensor>& norm) {
   const FilterShape s = check_filter(input_in, guidance, kernel_size, sigma_color, sigma_space,
                                      std::string(border_type), std::string(color_distance_type));
   check_filter_grad_output(grad_output_in, input_in);
   check_filter_mask(s, mask);
+  const bool saved = check_filter_saved(output, norm, input_in);
   const c10::cuda::CUDAGuard device_guard(input_in.device());
   const at::Tensor& gd_like = s.self ? input_in : *guidance;
   at::Tensor grad_input = zero_or_masked(mask[0], input_in);
@@ -894,16 +917,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
   const at::Tensor gd = s.self ? input : guidance->contiguous();
   const at::Tensor go = grad_output_in.contiguous();
   const at::Tensor sc = sigma_color.contiguous(), ss = sigma_space.contiguous();
-  const launch::FilterPlan plan = plan_for(s, input, true, mask);
+  const launch::FilterPlan plan = plan_for(s, input, true, mask, saved);
   const Dims d = dims_for(s, plan);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool need_range = (s.self && mask[0]) || mask[1];
   const bool need_sigma = mask[2] || mask[3];
+  // Pass 1 pixel by pixel from the forward's output and W (the plan says when).
+  const at::Tensor out_saved = plan.centre ? output->contiguous() : at::Tensor();
+  const at::Tensor norm_saved = plan.centre ? norm->contiguous() : at::Tensor();
   const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::TensorOptions acc_opt = input.options().dtype(acc_dtype);
   at::Tensor gp = at::empty({s.N, s.C, s.H, s.W}, acc_opt);
   at::Tensor av = at::empty({s.N, s.H, s.W}, acc_opt);
-  at::Tensor gcen = need_range ? at::empty({s.N, s.Cg, s.H, s.W}, acc_opt) : at::Tensor();
   at::Tensor partials = need_sigma ? at::empty({plan.pass1.grid.x, 3}, input.options().dtype(at::kDouble)) : at::Tensor();
   at::Tensor gin = mask[0] ? at::empty({s.N, s.C, d.Hp, d.Wp}, acc_opt) : at::Tensor();
   at::Tensor ggd = (mask[1] && !s.self) ? at::empty({s.N, s.Cg, d.Hp, d.Wp}, acc_opt) : at::Tensor();
@@ -918,9 +943,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     const Inputs<scalar_t> p{input.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                              ss.data_ptr<scalar_t>()};
     const Pass1Out<scalar_t> o1{go.data_ptr<scalar_t>(), gp.data_ptr<acc_t>(), av.data_ptr<acc_t>(),
-                                need_range ? gcen.data_ptr<acc_t>() : nullptr,
                                 need_sigma ? partials.data_ptr<double>() : nullptr};
-    if (plan.fast) {
+    if (plan.centre) {
+      BO_LAUNCH(filter_centre_kernel<scalar_t>, plan.pass1, stream, d, go.data_ptr<scalar_t>(),
+                out_saved.data_ptr<scalar_t>(), norm_saved.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
+                av.data_ptr<acc_t>());
+    } else if (plan.fast) {
       dispatch_fast(s, [&](auto c, auto cg, auto self, auto dist) {
         const auto kernel = filter_pass1_fast_kernel<scalar_t, decltype(c)::value, decltype(cg)::value,
                                                      decltype(self)::value, decltype(dist)::value>;
@@ -946,23 +974,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     } else {
       BO_LAUNCH(filter_pass2_kernel<scalar_t>, plan.pass2, stream, d, p, o2);
     }
-    // The fold of `channels` padded planes into out (plus the centre terms, when given).
-    const auto fold = [&](const launch::Launch& l, int64_t channels, const acc_t* padded, const acc_t* centre,
-                          scalar_t* out) {
+    // The fold of `channels` padded planes into out.
+    const auto fold = [&](const launch::Launch& l, int64_t channels, const acc_t* padded, scalar_t* out) {
       if (s.N * channels * s.H * s.W < (int64_t{1} << 31)) {
         const FoldDivs v{FastDiv(static_cast<uint32_t>(s.H * s.W)), FastDiv(static_cast<uint32_t>(s.W))};
-        BO_LAUNCH((filter_fold_kernel<scalar_t, true>), l, stream, d, channels, v, padded, centre, out);
+        BO_LAUNCH((filter_fold_kernel<scalar_t, true>), l, stream, d, channels, v, padded, out);
       } else {
-        BO_LAUNCH((filter_fold_kernel<scalar_t, false>), l, stream, d, channels, FoldDivs{}, padded, centre, out);
+        BO_LAUNCH((filter_fold_kernel<scalar_t, false>), l, stream, d, channels, FoldDivs{}, padded, out);
       }
     };
-    if (mask[0]) {
-      fold(plan.fold_input, s.C, gin.data_ptr<acc_t>(), s.self ? gcen.data_ptr<acc_t>() : nullptr,
-           grad_input.data_ptr<scalar_t>());
-    }
-    if (mask[1] && !s.self) {
-      fold(plan.fold_guidance, s.Cg, ggd.data_ptr<acc_t>(), gcen.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
-    }
+    if (mask[0]) fold(plan.fold_input, s.C, gin.data_ptr<acc_t>(), grad_input.data_ptr<scalar_t>());
+    if (mask[1] && !s.self) fold(plan.fold_guidance, s.Cg, ggd.data_ptr<acc_t>(), grad_guidance.data_ptr<scalar_t>());
   });
   return {grad_input, grad_guidance, grad_sc, grad_ss};
 }
@@ -973,5 +995,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
 
 TORCH_LIBRARY_IMPL(bilateral_ops, CUDA, m) {
   m.impl("bilateral_filter", &bilateral_ops::cuda::bilateral_filter);
+  m.impl("_bilateral_filter_forward", &bilateral_ops::cuda::bilateral_filter_forward);
   m.impl("_bilateral_filter_backward", &bilateral_ops::cuda::bilateral_filter_backward);
 }

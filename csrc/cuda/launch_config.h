@@ -485,15 +485,18 @@ inline CurvePlan curve_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
 // block stages its (8 + 2 py) x (32 + 2 px) window of guidance and input (one copy when the input
 // guides itself) in shared memory, in the accumulation type; otherwise (wide kernels, many
 // channels) it reads global memory through the border maps. Pass 1 also reserves a reduction
-// buffer for the per-block sigma sums. Pass 2 gathers per padded position (a 1-D grid), the fold
-// per image pixel, the finish kernel per image.
+// buffer for the per-block sigma sums. Given the forward's output and weight sums (saved) and no
+// sigma gradient wanted, pass 1 is filter_centre_kernel instead, pixel by pixel (a 1-D grid).
+// Pass 2 gathers per padded position (a 1-D grid), the fold per image pixel, the finish kernel
+// per image.
 //
 // Fast paths: for C in {1, 3} with the input its own guidance or a guidance of 1 or 3 channels,
 // forward, pass 1 and pass 2 have kernels with the channel counts and the distance compiled in
 // (the *_fast_kernel names). They always stage: their window, then a table of the ky row and kx
 // column spatial exponents (then pass 1's reduction buffer). Pass 2's runs a 32 x 8 tile of
-// padded positions per block and stages the window of the centres that read them: their guide,
-// gp and a (C + Cg + 1 planes). A shape whose staging does not fit runs the generic kernels.
+// padded positions per block and stages the window of the positions paired with them: their
+// guide, gp and a, and a joint filter's input when the guidance gradient is wanted (C + Cg + 1
+// planes, plus C then). A shape whose staging does not fit runs the generic kernels.
 
 constexpr int kFilterTileW = 32;
 constexpr int kFilterTileH = 8;
@@ -517,6 +520,7 @@ struct FilterPlan {
   bool tiled = false;  // the generic forward / pass 1 would stage their window in shared memory
   bool fast = false;        // forward / pass 1 run the fast kernels
   bool fast_pass2 = false;  // pass 2 runs its fast kernel
+  bool centre = false;      // pass 1 is filter_centre_kernel (from the forward's output and W)
   int64_t tiles_x = 0, tiles_y = 0, staged_channels = 0, tile_bytes = 0;
   int64_t pass2_tiles_x = 0, pass2_tiles_y = 0;  // tiles of the padded image (fast pass 2)
   Launch forward, pass1, pass2, fold_input, fold_guidance, finish;
@@ -532,9 +536,11 @@ inline int64_t filter_table_bytes(const FilterSizes& s, int64_t acc_size) {
   return ceil_div((s.ky + s.kx) * acc_size, 8) * 8;
 }
 
-// The fast pass 2's window of centres: guide, gp and a, C + Cg + 1 planes.
-inline int64_t filter_pass2_tile_bytes(const FilterSizes& s, int64_t acc_size) {
-  return ceil_div((s.C + s.Cg + 1) * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
+// The fast pass 2's window: guide, gp and a, C + Cg + 1 planes, plus C for the input of a joint
+// filter whose guidance gradient is wanted (its pairs' e_qp).
+inline int64_t filter_pass2_tile_bytes(const FilterSizes& s, int64_t acc_size, bool guidance_grad) {
+  const int64_t planes = s.C + s.Cg + 1 + (!s.self && guidance_grad ? s.C : 0);
+  return ceil_div(planes * (kFilterTileH + s.ky - 1) * (kFilterTileW + s.kx - 1) * acc_size, 8) * 8;
 }
 
 // Shared memory of the staged window of one tile, acc_size bytes per value, rounded up to 8 bytes:
@@ -553,9 +559,9 @@ inline Launch filter_tile_launch(const char* kernel, int64_t tiles, int64_t smem
 }
 
 // pass_backward false: the forward launch only. mask: grad (input, guidance, sigma_color,
-// sigma_space) wanted.
+// sigma_space) wanted. saved: the backward has the forward's output and weight sums.
 inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backward,
-                              const bool mask[4]) {
+                              const bool mask[4], bool saved = false) {
   FilterPlan p;
   if (s.N * s.H * s.W == 0 || s.C == 0) return p;
   p.tiles_x = ceil_div(s.W, kFilterTileW);
@@ -582,14 +588,19 @@ inline FilterPlan filter_plan(const FilterSizes& s, int64_t acc_size, bool backw
   }
   const bool need_pixels = mask[0] || mask[1];
   if (!need_pixels && !need_sigma) return p;
-  p.pass1 = p.fast ? filter_tile_launch("filter_pass1_fast_kernel", tiles, smem,
-                                          filter_fast_min_blocks(acc_size))
-                   : filter_tile_launch("filter_pass1_kernel", tiles, smem);
+  p.centre = saved && !need_sigma;
+  if (p.centre) {
+    p.pass1 = make_launch("filter_centre_kernel", blocks_for(s.N * s.H * s.W, kFilterThreads), kFilterThreads,
+                          kFilterMinBlocks);
+  } else {
+    p.pass1 = p.fast ? filter_tile_launch("filter_pass1_fast_kernel", tiles, smem, filter_fast_min_blocks(acc_size))
+                     : filter_tile_launch("filter_pass1_kernel", tiles, smem);
+  }
   if (need_pixels) {
     p.pass2_tiles_x = ceil_div(Wp, kFilterTileW);
     p.pass2_tiles_y = ceil_div(Hp, kFilterTileH);
     const int64_t pass2_tiles = s.N * p.pass2_tiles_x * p.pass2_tiles_y;
-    const int64_t pass2_smem = filter_pass2_tile_bytes(s, acc_size) + table;
+    const int64_t pass2_smem = filter_pass2_tile_bytes(s, acc_size, mask[1]) + table;
     p.fast_pass2 = filter_fast_channels(s) && pass2_tiles <= kMaxGridX && pass2_smem <= budget;
     p.pass2 = p.fast_pass2 ? filter_tile_launch("filter_pass2_fast_kernel", pass2_tiles, pass2_smem,
                                                 filter_fast_min_blocks(acc_size))
@@ -810,6 +821,7 @@ inline int kernel_info(int64_t acc_size, KernelInfo* out) {
       {"filter_pass2_fast_kernel", kFilterThreads, filter_fast_min_blocks(acc_size), kStaticSmem,
        kSmemNoOptIn},
       {"filter_fold_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, 0},
+      {"filter_centre_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, 0},
       {"filter_finish_kernel", kFilterThreads, kFilterMinBlocks, kStaticSmem, kFilterReduceBytes},
       {"points_forward_kernel", kPointsThreads, 0, kStaticSmem, 0},
       {"points_backward_kernel", kPointsThreads, 0, kStaticSmem, 0},
