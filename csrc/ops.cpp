@@ -20,10 +20,11 @@
 // tuples, so one schema serves fixed and trainable sigmas. guidance None means the input guides
 // itself. Its backward returns the gradients of (input, guidance, sigma_color, sigma_space).
 // _bilateral_filter_forward is the same filter that also returns each pixel's weight sum W
-// (N, H, W; float32 for float16 / bfloat16 inputs, else the input's dtype): autograd runs it, and
-// hands W and the output to the backward (output, norm), which then skips the sweep over every
-// window that would recompute them. Without them the backward recomputes them, as it must for a
-// direct caller of bilateral_filter.
+// (N, H, W; float32 for float16 / bfloat16 inputs, else the input's dtype; 1 for an input without
+// channels, which has nothing to filter): autograd runs it and hands W and the output to the
+// backward (output, norm), which then skips the sweep over every window that would recompute
+// them. Without them the backward recomputes them, as it must for a direct caller of
+// bilateral_filter.
 
 #include <torch/library.h>
 

@@ -328,17 +328,19 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2Mi
     const int64_t groups = ((d.C > d.Cg ? d.C : d.Cg) + kGroup - 1) / kGroup;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const int64_t g0 = gi * kGroup;
+      // A group past the guidance channels has only value terms: no pair without a centre.
+      const bool qcg = qc && g0 < d.Cg;
       acc_t val[kGroup] = {}, rng[kGroup] = {};
       if (reads) {
         for (int ty = 0; ty < d.ky; ++ty) {
           const int64_t y = qy - ty;  // the partner's row (image coordinates)
           const bool row_in = y >= 0 && y < d.H;
-          if (!row_in && !qc) continue;
+          if (!row_in && !qcg) continue;
           const acc_t fy = acc_t(ty - d.py);
           for (int tx = 0; tx < d.kx; ++tx) {
             const int64_t x = qx - tx;
             const bool in = row_in && x >= 0 && x < d.W;  // the partner is a centre
-            if (!in && !qc) continue;
+            if (!in && !qcg) continue;
             acc_t dist = 0;
             for (int64_t c = 0; c < d.Cg; ++c) {
               const scalar_t* gplane = p.gd + (n * d.Cg + c) * plane;
@@ -361,7 +363,7 @@ __global__ void __launch_bounds__(launch::kFilterThreads, launch::kFilterPass2Mi
                   e += o.gp[(n * d.C + c) * plane + centre] * ldg(p.in + (n * d.C + c) * plane + iy * d.W + ix);
                 }
               }
-              if (qc) {  // e_qp: the partner in q's window
+              if (qcg) {  // e_qp: the partner in q's window
                 e -= o.a[n * plane + qpix];
                 for (int64_t c = 0; c < d.C; ++c) {
                   e += o.gp[(n * d.C + c) * plane + qpix] * fetch(p.in + (n * d.C + c) * plane, y, x, d);
