@@ -16,8 +16,9 @@
 # Peers the machine lacks travel with the call (bench/gpu_prepare.sh puts them there): wheels in
 # .whl/ (kornia, for the exact filter's tests and benchmark) are installed to /tmp/site;
 # fused-bilagrid's source in .peers/fused-bilagrid is built in place.
-# Every step runs whatever happened before; a summary table ends the run; the exit status is
-# non-zero if any required step failed. Logs go to $OUT (default out/gpu).
+# Every step runs whatever happened before; a summary table ends the run, then the open issues'
+# GPU goals as measured (bench/gpu_goals.py, also in $OUT/goals.txt); the exit status is non-zero
+# if any required step failed. Logs go to $OUT (default out/gpu).
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -177,6 +178,8 @@ for i in "${!names[@]}"; do
   printf '  %-26s %-26s %6s  %s\n' "${names[$i]}" "${results[$i]}" "${seconds[$i]}" "${logs[$i]}"
 done
 [ -f "$OUT/tests-summary.txt" ] && sed 's/^/  /' "$OUT/tests-summary.txt" | head -40
+# The open issues' GPU goals, from the bench JSON files.
+$PY bench/gpu_goals.py "$OUT" 2>&1 | tee "$OUT/goals.txt" | sed 's/^/  /'
 echo "  total ${SECONDS}s"
 if [ $failed -ne 0 ]; then
   echo "gpu_check: FAILED"
