@@ -111,6 +111,9 @@ def bilateral_filter(
         if lib.eager_autograd(input, guidance, sc, ss):
             return _EagerFilter.apply(*args)
         if lib.traced_autograd(input, guidance, sc, ss):
+            # The compiled graph saves the output for the backward, as it saves sigmoid's: changing
+            # the returned tensor in place before the backward raises autograd's error (the eager
+            # path instead recomputes; see _saved_forward).
             return _ops._bilateral_filter_forward(*args)[0]
         return _ops.bilateral_filter(*args)
     lib.fallback("bilateral_filter", input.device)
@@ -258,11 +261,31 @@ def _forward_setup(ctx, inputs, output):
     _filter_setup(ctx, inputs, output, (out, norm))
 
 
+def _eager_setup(ctx, inputs, output):
+    """The eager class's: W saved, and the output it returns kept without save_for_backward's
+    check of in-place changes (see _saved_forward)."""
+    out, norm = output
+    _filter_setup(ctx, inputs, output, (norm,))
+    ctx.out, ctx.out_version = out.detach(), out._version
+
+
+def _saved_forward(ctx):
+    """The forward's output and W for the backward, or (None, None): the backward then recomputes
+    them. The eager class returns the very output it keeps, which the caller may change in place
+    (``out.clamp_(0, 1)``, as kornia's result allows): then it recomputes rather than raise."""
+    saved = ctx.saved_tensors
+    if len(saved) == 6:  # _bilateral_filter_forward's registered formula
+        return saved[4], saved[5]
+    if len(saved) == 5 and ctx.out._version == ctx.out_version:
+        return ctx.out, saved[4]
+    return None, None
+
+
 def _filter_backward(ctx, grad_output, grad_norm=None):
     if grad_output is None:
         return None, None, None, None, None, None, None
     input, guidance, sigma_color, sigma_space = ctx.saved_tensors[:4]
-    out, norm = ctx.saved_tensors[4:] if len(ctx.saved_tensors) > 4 else (None, None)
+    out, norm = _saved_forward(ctx)
     kernel_size, border_type, color_distance_type = ctx.args
     needs = ctx.needs_input_grad
     mask = [needs[0], ctx.has_guidance and needs[1], needs[3], needs[4]]
@@ -322,9 +345,4 @@ if lib.LOAD_ERROR is None:
     # Eager autograd (lib.eager_function): on a small image the Python autograd layer was a third of
     # a forward + backward's host time (150 -> 104 us on the 2-core CPU).
     # The eager class returns the output alone: W is saved, not returned, so nothing marks it.
-    _EagerFilter = lib.eager_function(
-        _ops._bilateral_filter_forward,
-        lambda ctx, inputs, output: _filter_setup(ctx, inputs, output, output),
-        _filter_backward,
-        keep=0,
-    )
+    _EagerFilter = lib.eager_function(_ops._bilateral_filter_forward, _eager_setup, _filter_backward, keep=0)

@@ -337,8 +337,8 @@ def test_autograd_saves_the_weight_sums():
     leaf = x.clone().requires_grad_()
     out = bo.bilateral_blur(leaf, 5, sc, ss)
     saved = out.grad_fn.saved_tensors
-    assert len(saved) == 6 and torch.equal(saved[4], out)
-    assert saved[5].shape == (1, 9, 11)
+    assert len(saved) == 5 and saved[4].shape == (1, 9, 11)  # the inputs, then W
+    assert out.grad_fn.out.data_ptr() == out.data_ptr()  # the output, kept (see _saved_forward)
     with torch.no_grad():
         assert torch.equal(bo.bilateral_blur(leaf, 5, sc, ss), out.detach())
     graphs = []
@@ -353,6 +353,24 @@ def test_autograd_saves_the_weight_sums():
     (b,) = torch.autograd.grad(bo.bilateral_blur(leaf, 5, sc, ss), leaf, torch.ones_like(got))
     assert torch.equal(a, b)
     assert "_bilateral_filter_forward" in graphs[-1]
+
+
+@pytest.mark.parametrize("cg", [None, 2], ids=["self", "joint"])
+def test_output_changed_in_place_before_the_backward(cg):
+    """kornia's result may be changed in place before the backward (``out.clamp_(0, 1)``); so may
+    ours: the eager backward then recomputes W and the output instead of reading the changed one."""
+    x, g, sc, ss = _leaves(2, 3, cg, 10, 13)
+    go = _rand(2, 3, 10, 13, dtype=F64, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (x, sc) + (() if g is None else (g,))]
+    guidance = None if g is None else leaves[2]
+    out = bo.bilateral_filter(leaves[0], 5, leaves[1], ss, guidance=guidance)
+    out.clamp_(0.3, 0.7)
+    got = torch.autograd.grad(out, leaves, go)
+    fresh = [t.detach().clone().requires_grad_() for t in leaves]
+    want_out = reference.bilateral_filter(fresh[0], None if g is None else fresh[2], (5, 5), fresh[1], ss)
+    want = torch.autograd.grad(want_out.clamp(0.3, 0.7), fresh, go)
+    for a, b in zip(got, want):
+        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
 
 
 SAVED_ERRORS = [
