@@ -62,6 +62,10 @@ def main() -> int:
         "_bilateral_grid_filter_splat": lambda: ops._bilateral_grid_filter_splat(x, guide, [4, 3, 5]),
         "_bilateral_grid_filter_slice": lambda: ops._bilateral_grid_filter_slice(grid, guide),
         "bilateral_filter": lambda: ops.bilateral_filter(x, None, [3, 5], sc, ss, "reflect", "l1"),
+        "_bilateral_filter_forward": lambda: ops._bilateral_filter_backward(
+            torch.ones_like(x), x, None, [3, 5], sc, ss, "reflect", "l1", [True, False, False, False],
+            *ops._bilateral_filter_forward(x, None, [3, 5], sc, ss, "reflect", "l1"),
+        ),
         "_bilateral_filter_backward": lambda: ops._bilateral_filter_backward(
             torch.ones_like(x), x, None, [3, 5], sc, ss, "reflect", "l1", [True, False, True, True]
         ),
