@@ -90,27 +90,26 @@ def autocast(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(tensors)
 
 
-def eager_autograd(*tensors: torch.Tensor | None) -> bool:
-    """Whether a public function should differentiate through ``eager_function``'s class: in an
-    eager call (not traced by torch.compile, nor by torch.jit.trace, whose graph, e.g. for
-    torch.onnx.export, must hold the op itself) that records a graph for some tensor argument."""
+def _records_graph(tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether a call records an autograd graph for some tensor argument, outside torch.jit.trace
+    (whose graph, e.g. for torch.onnx.export, must hold the op itself)."""
     return (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and any(t is not None and t.requires_grad for t in tensors)
     )
+
+
+def eager_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public function should differentiate through ``eager_function``'s class: in an
+    eager call (not traced by torch.compile) that records a graph for some tensor argument."""
+    return not torch.compiler.is_compiling() and _records_graph(tensors)
 
 
 def traced_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether a call traced by torch.compile records a graph for some tensor argument (the
     traced counterpart of ``eager_autograd``)."""
-    return (
-        torch.is_grad_enabled()
-        and torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and any(t is not None and t.requires_grad for t in tensors)
-    )
+    return torch.compiler.is_compiling() and _records_graph(tensors)
 
 
 def eager_function(op, setup_context, backward, keep: int | None = None) -> type[torch.autograd.Function]:

@@ -319,9 +319,16 @@ def check_filter_grad_output(grad_output: torch.Tensor, input: torch.Tensor) -> 
         raise ValueError(f"grad_output must have shape {tuple(input.shape)}, got {tuple(grad_output.shape)}")
 
 
-def check_filter_saved(output, norm, input: torch.Tensor, norm_dtype: torch.dtype) -> None:
+def filter_norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of _bilateral_filter_forward's weight sums W for an input of ``dtype``: the
+    accumulation type (float32 for 16-bit inputs), as csrc/bilateral_filter_args.h's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_filter_saved(output, norm, input: torch.Tensor) -> None:
     """_bilateral_filter_backward's optional forward results: both or neither; output like the
-    input, norm (N, H, W) in the accumulation dtype, on the input's device."""
+    input, norm (N, H, W) in filter_norm_dtype, on the input's device."""
+    norm_dtype = filter_norm_dtype(input.dtype)
     if (output is None) != (norm is None):
         raise ValueError("output and norm must be given together (both or neither)")
     if output is None:

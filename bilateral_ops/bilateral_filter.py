@@ -208,15 +208,10 @@ def _filter_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_
     return input.new_empty(input.shape)
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the weight sums W: the accumulation type (float32 for 16-bit inputs)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _forward_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type):
     out = _filter_fake(input, guidance, kernel_size, sigma_color, sigma_space, border_type, color_distance_type)
     n, _, h, w = input.shape
-    return out, input.new_empty((n, h, w), dtype=_norm_dtype(input.dtype))
+    return out, input.new_empty((n, h, w), dtype=v.filter_norm_dtype(input.dtype))
 
 
 def _backward_fake(
@@ -234,7 +229,7 @@ def _backward_fake(
 ):
     v.check_filter(input, guidance, tuple(kernel_size), sigma_color, sigma_space, border_type, color_distance_type)
     v.check_filter_grad_output(grad_output, input)
-    v.check_filter_saved(output, norm, input, _norm_dtype(input.dtype))
+    v.check_filter_saved(output, norm, input)
     if guidance is None and output_mask[1]:
         raise ValueError("output_mask[1] (grad_guidance) must be false when guidance is None")
     like = (input, guidance if guidance is not None else input, sigma_color, sigma_space)

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _library as lib
+from ._validation import filter_norm_dtype
 from . import reference
 from .reference import blur_kernel
 
@@ -335,7 +336,7 @@ def _bilateral_filter(*args):
 def _bilateral_filter_forward(*args):
     """The filter and its weight sums W (what autograd's traced path runs)."""
     out, den = _bilateral_filter_sums(*args)
-    return out, den[:, 0].to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+    return out, den[:, 0].to(filter_norm_dtype(out.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
