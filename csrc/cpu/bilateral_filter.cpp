@@ -1,10 +1,11 @@
 // CPU kernels of bilateral_filter and _bilateral_filter_backward (csrc/ops.cpp has the schemas,
 // csrc/include/bilateral_ops/bilateral_filter.h the per-pixel math).
 //
-// Input and guidance are copied once into padded planes (the border handled by index maps, with
-// zero margins wide enough that every vector load of a tap stays inside its row), so the loops are
-// branch-free and process chunks of vec_width pixels of one row. Memory is O(image) in both
-// passes, never O(image * taps).
+// Each band of rows copies the input and guidance rows it reads into padded planes of its worker
+// (the border handled by index maps, with zero margins wide enough that every vector load of a tap
+// stays inside its row), so the loops are branch-free and process chunks of vec_width pixels of
+// one row. Memory is O(image) in both passes, never O(image * taps), and the forward allocates
+// nothing image-sized but its results.
 //
 // The weight is symmetric, w_pq = w_qp (the spatial exponent is even in the offset s = q - p, the
 // colour distance symmetric), so both passes sweep each unordered pair {p, q = p + s} of padded
@@ -18,7 +19,8 @@
 // Backward, with W_p = sum_q w_pq and g the output gradient:
 //   pass 1, per centre p (the forward's sweep): gp_p = g_p / W_p and a_p = gp_p . out_p, into
 //   planes that are zero outside the image; given the forward's output and W (autograd passes
-//   them: _bilateral_filter_forward), pixel by pixel instead, without the sweep;
+//   them: _bilateral_filter_forward), pixel by pixel instead, without the sweep, each band of
+//   pass 2 making the rows it reads (band_view);
 //   pass 2, per unordered pair:
 //     value:  gI_q += w gp_p,  gI_p += w gp_q;
 //     range:  e_pq = gp_p . I_q - a_p (= dL/dw_pq) and e_qp likewise; with h = -rc w (e_pq + e_qp),
@@ -69,11 +71,13 @@ constexpr float kExp2Floor = static_cast<float>(-86.0 * kLog2e);
 // ---------------------------------------------------------------------------------------------
 // Layouts. Padded planes: rows of Ws = kMargin + Wp + kMargin values, padded column j at
 // kMargin + j; the margins (>= the kernel width plus a vector) are zero, so a load at any tap of
-// any chunk, tails included, stays in its row. Centre planes (gp, a): one row per padded row
-// (rows outside the image zero), rows of Wx values, pixel x at x + xoff, zero outside the image,
-// so that pass 2 reads zeros for centres outside the image. Band planes (per worker, the sums and
-// pass 2's gradients of one band at a time): Bh + 2 py rows of Ws values, padded row R0 - py + i at
-// row i.
+// any chunk, tails included, stays in its row. A band's padded planes (per worker, filled by
+// band_view) hold its Bh + 2 py padded rows from R0 - py, every channel of the input, then of the
+// guidance (joint). Centre planes (gp, a): one row per padded row (rows outside the image zero),
+// rows of Wx values, pixel x at x + xoff, zero outside the image, so that pass 2 reads zeros for
+// centres outside the image; image-sized when pass 1 makes them, a band's rows otherwise. Band
+// planes (per worker, the sums and pass 2's gradients of one band at a time): Bh + 2 py rows of
+// Ws values, padded row R0 - py + i at row i.
 
 template <typename T>
 struct Args {
@@ -85,16 +89,28 @@ struct Args {
                         // of the sums pass (rows 0 .. PH - 1) and of pass 2 (all Hp rows)
   int distance, border;
   bool self;
-  const T* in;          // (N, C, Hp, Ws)
-  const T* gd;          // (N, Cg, Hp, Ws); == in when self
+  const T* src_in;      // (N, C, H, W) the input, contiguous, in T
+  const T* src_gd;      // (N, Cg, H, W) the guidance; == src_in when self
+  // The padded planes of the band being swept (band_view): padded row r of channel c of image n
+  // at in + n * in_is + c * PS + (r - row0) * Ws + margin.
+  const T* in;
+  const T* gd;          // == in when self
+  int64_t in_is, gd_is, PS, row0;
   const T* rc;          // (N,) 0.5 / sigma_color^2
   const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
   T* norm;              // forward: (N, H, W) the weight sums W, or nullptr
   // Backward.
   const T* go;          // (N, C, H, W)
-  T* gp;                // (N, C, Hp, Wx) g / W
-  T* a;                 // (N, Hp, Wx) gp . out
+  const T* saved_out;   // (N, C, H, W) the forward's output, given with saved_norm, or nullptr
+  const T* saved_norm;  // (N, H, W) its weight sums W
+  // The centre planes: gp = g / W (C channels) and a = gp . out, padded row r of channel c of
+  // image n at gp + n * gp_is + c * PX + (r - crow0) * Wx (a likewise, one channel): image-sized
+  // (N, C, Hp, Wx) and (N, Hp, Wx) when pass 1 sweeps, a band's rows (band_view) when the
+  // forward's results are given.
+  T* gp;
+  T* a;
+  int64_t gp_is, a_is, PX, crow0;
   double* rows;         // (N * Hp, 3) per-row sums for the sigma gradients (or nullptr)
   T* gin;               // (N, C, H, W) input gradient: value (+ range when self) (or nullptr)
   T* ggd;               // (N, Cg, H, W) guidance gradient (joint; or nullptr)
@@ -103,8 +119,8 @@ struct Args {
   const int64_t* xmap;  // (Wp,) the image column each padded column reads (-1: none)
   bool need_value, need_range;
 
-  const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + ((n * C + c) * Hp + r) * Ws + margin; }
-  const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + ((n * Cg + c) * Hp + r) * Ws + margin; }
+  const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + n * in_is + c * PS + (r - row0) * Ws + margin; }
+  const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + n * gd_is + c * PS + (r - row0) * Ws + margin; }
 };
 
 // Channel counts fixed at compile time (0: the runtime count), so the accumulators of common
@@ -120,7 +136,8 @@ BO_ALWAYS_INLINE int64_t count(int64_t runtime) {
 }
 
 // Per-task scratch, allocated once per parallel_for task (never per pixel): the vectors of runtime
-// channel counts (pass 2 needs the most: 4 per input and 4 per guidance channel) and a band's
+// channel counts (pass 2 needs the most: 4 per input and 4 per guidance channel), a band's
+// planes, its padded input and guidance rows and (pass 2 from the forward's results) its centre
 // planes.
 // std::vector does not honour the alignment of vec_t under every ABI setting, and the compiler
 // uses aligned moves on these arrays: allocate them explicitly aligned, for the widest vectors
@@ -129,20 +146,28 @@ template <typename T>
 struct Scratch {
   void* vbuf;
   T* band = nullptr;  // a band's planes
-  Scratch(int64_t C, int64_t Cg, int64_t band_elems) {
+  T* pad = nullptr;   // a band's padded input and guidance rows
+  T* cen = nullptr;   // a band's centre planes
+  Scratch(int64_t C, int64_t Cg, int64_t band_elems, int64_t pad_elems, int64_t cen_elems) {
     const size_t bytes = kVecBytesMax * static_cast<size_t>(4 * (C + Cg));
     vbuf = std::aligned_alloc(kVecBytesMax, bytes);
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
-    if (band_elems > 0) {
-      const size_t band_bytes =
-          (sizeof(T) * static_cast<size_t>(band_elems) + kVecBytesMax - 1) / kVecBytesMax * kVecBytesMax;
-      band = static_cast<T*>(std::aligned_alloc(kVecBytesMax, band_bytes));
-      TORCH_CHECK(band != nullptr, "bilateral_filter: out of memory for ", band_bytes, " bytes of scratch");
-    }
+    band = alloc(band_elems);
+    pad = alloc(pad_elems);
+    cen = alloc(cen_elems);
   }
   ~Scratch() {
     std::free(vbuf);
     std::free(band);
+    std::free(pad);
+    std::free(cen);
+  }
+  static T* alloc(int64_t elems) {
+    if (elems <= 0) return nullptr;
+    const size_t bytes = (sizeof(T) * static_cast<size_t>(elems) + kVecBytesMax - 1) / kVecBytesMax * kVecBytesMax;
+    T* ptr = static_cast<T*>(std::aligned_alloc(kVecBytesMax, bytes));
+    TORCH_CHECK(ptr != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
+    return ptr;
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -204,6 +229,95 @@ void filter_task(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
   BO_ISA_CALL(filter_task<T>, pass, p, t, s);
 }
 
+// Padded row r (the image row it reads by the border, its columns by p.xmap) of image plane src
+// (H x W) into dst (Ws values, margins zero).
+template <typename T>
+void pad_row(const Args<T>& p, const T* src, int64_t r, T* dst) {
+  const int64_t y = border_index(r - p.py, p.H, p.border);
+  if (y < 0) {
+    std::fill(dst, dst + p.Ws, T(0));
+    return;
+  }
+  std::fill(dst, dst + p.margin, T(0));
+  std::fill(dst + p.margin + p.Wp, dst + p.Ws, T(0));
+  const T* srow = src + y * p.W;
+  T* drow = dst + p.margin;
+  // The image columns in one copy (every border maps them to themselves); the gather through
+  // xmap element by element took most of a 1080p k = 1 call.
+  std::copy(srow, srow + p.W, drow + p.px);
+  for (int64_t x = 0; x < p.px; ++x) drow[x] = p.xmap[x] < 0 ? T(0) : srow[p.xmap[x]];
+  for (int64_t x = p.px + p.W; x < p.Wp; ++x) drow[x] = p.xmap[x] < 0 ? T(0) : srow[p.xmap[x]];
+}
+
+// Centre plane rows of image row y of image n from the forward's output and weight sums: gp = g / W
+// per channel into gp_row + c * PX and a = gp . out into a_row, at columns xoff .. xoff + W - 1 of
+// rows of Wx values, zero elsewhere (pass 2 pairs nothing with them).
+template <typename T>
+void centre_row(const Args<T>& p, int64_t n, int64_t y, T* gp_row, int64_t PX, T* a_row) {
+  const T* wrow = p.saved_norm + (n * p.H + y) * p.W;
+  std::fill(a_row, a_row + p.Wx, T(0));
+  T* arow = a_row + p.xoff;
+  for (int64_t c = 0; c < p.C; ++c) {
+    const int64_t img = ((n * p.C + c) * p.H + y) * p.W;
+    const T* grow = p.go + img;
+    const T* orow = p.saved_out + img;
+    T* row = gp_row + c * PX;
+    std::fill(row, row + p.xoff, T(0));
+    std::fill(row + p.xoff + p.W, row + p.Wx, T(0));
+    T* gprow = row + p.xoff;
+    for (int64_t x = 0; x < p.W; ++x) {
+      const T gp = grow[x] * (T(1) / wrow[x]);
+      gprow[x] = gp;
+      arow[x] += gp * orow[x];
+    }
+  }
+}
+
+// The Args of band t of a pass: its padded rows L0 .. L0 + Bh + 2 py - 1 that exist (0 .. Hp - 1)
+// copied into the worker's s.pad, every input channel, then every guidance channel (joint); for
+// pass 2 from the forward's results, the same rows of the centre planes into s.cen.
+// Copying per band rather than padding the whole image once costs 2 py / Bh more copying (the
+// rows bands share), a small fraction of the sweeps, and saves an image-sized buffer a call:
+// fresh pages, whose faults took a third of a 1080p forward whenever the allocator had handed
+// the previous call's memory back to the system.
+template <typename T>
+Args<T> band_view(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
+  const bool all_rows = pass == Pass::kPass2;
+  const BandRows band(p, t, all_rows ? p.nb2 : p.nb, all_rows ? p.Hp : p.PH);
+  const int64_t rows = band_plane_rows(p);
+  Args<T> q = p;
+  q.PS = rows * p.Ws;
+  q.row0 = band.L0;
+  q.in_is = q.gd_is = 0;
+  q.in = s.pad;
+  q.gd = p.self ? s.pad : s.pad + p.C * q.PS;
+  const int64_t planes = p.self ? p.C : p.C + p.Cg;
+  const int64_t r0 = std::max<int64_t>(0, band.L0), r1 = std::min(band.L0 + rows, p.Hp);
+  for (int64_t c = 0; c < planes; ++c) {
+    const T* src = c < p.C ? p.src_in + (band.n * p.C + c) * p.H * p.W
+                           : p.src_gd + (band.n * p.Cg + c - p.C) * p.H * p.W;
+    for (int64_t r = r0; r < r1; ++r) pad_row(p, src, r, s.pad + c * q.PS + (r - band.L0) * p.Ws);
+  }
+  if (pass == Pass::kPass2 && p.saved_out != nullptr) {
+    q.PX = rows * p.Wx;
+    q.crow0 = band.L0;
+    q.gp_is = q.a_is = 0;
+    q.gp = s.cen;
+    q.a = s.cen + p.C * q.PX;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* gp_row = q.gp + (r - band.L0) * p.Wx;
+      T* a_row = q.a + (r - band.L0) * p.Wx;
+      if (r >= p.py && r < p.py + p.H) {
+        centre_row(p, band.n, r - p.py, gp_row, q.PX, a_row);
+      } else {
+        for (int64_t c = 0; c < p.C; ++c) std::fill(gp_row + c * q.PX, gp_row + c * q.PX + p.Wx, T(0));
+        std::fill(a_row, a_row + p.Wx, T(0));
+      }
+    }
+  }
+  return q;
+}
+
 // Every pass runs over bands (N * nb of them), handed out one at a time from a shared counter
 // rather than split in equal ranges up front: on a machine whose cores do not run at the same
 // speed (a sibling hyperthread busy, another tenant) no core then waits on the slowest one's
@@ -213,54 +327,22 @@ template <typename T>
 void run_bands(Pass pass, const Args<T>& p) {
   const int64_t bands = p.N * (pass == Pass::kPass2 ? p.nb2 : p.nb);
   const int64_t band_elems = (p.C + p.Cg + 1) * band_plane_rows(p) * p.Ws;  // either pass's planes
+  const int64_t pad_elems = (p.self ? p.C : p.C + p.Cg) * band_plane_rows(p) * p.Ws;
+  const int64_t cen_elems =
+      pass == Pass::kPass2 && p.saved_out != nullptr ? (p.C + 1) * band_plane_rows(p) * p.Wx : 0;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch<T> s(p.C, p.Cg, band_elems);
-    for (int64_t t = next++; t < bands; t = next++) filter_task(pass, p, t, s);
+    Scratch<T> s(p.C, p.Cg, band_elems, pad_elems, cen_elems);
+    for (int64_t t = next++; t < bands; t = next++) filter_task(pass, band_view(pass, p, t, s), t, s);
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side: padded copies, sigma tables, the fold.
+// Host side: the sigma tables, the fold.
 
 // The most lanes of any copy's vectors (float in 64 bytes): the margins' room for a last load.
 constexpr int64_t kVecMax = kVecBytesMax / sizeof(float);
-
-// (N, Cx, H, W) -> (N, Cx, Hp, Ws) padded planes in dtype T, margins zero; xmap[j] is the image
-// column padded column j reads (-1: none).
-template <typename T>
-at::Tensor pad_planes(const at::Tensor& src_in, const FilterShape& s, int64_t margin, int64_t Ws,
-                      const std::vector<int64_t>& xmap) {
-  const at::Tensor src = src_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const int64_t Cx = src.size(1), Hp = s.H + 2 * s.py, Wp = s.W + 2 * s.px;
-  // Not at::zeros: each row writes its own margins, in parallel (first-touching fresh pages in one
-  // serial fill costs more than the filter on small images).
-  at::Tensor dst = at::empty({s.N, Cx, Hp, Ws}, src.options());
-  const T* sp = src.data_ptr<T>();
-  T* dp = dst.data_ptr<T>();
-  at::parallel_for(0, s.N * Cx * Hp, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t plane = r / Hp, j = r % Hp;
-      const int64_t y = border_index(j - s.py, s.H, s.border);
-      T* row = dp + r * Ws;
-      if (y < 0) {
-        std::fill(row, row + Ws, T(0));
-        continue;
-      }
-      std::fill(row, row + margin, T(0));
-      std::fill(row + margin + Wp, row + Ws, T(0));
-      const T* srow = sp + (plane * s.H + y) * s.W;
-      T* drow = row + margin;
-      // The image columns in one copy (every border maps them to themselves); the gather through
-      // xmap element by element took most of a 1080p k = 1 call.
-      std::copy(srow, srow + s.W, drow + s.px);
-      for (int64_t x = 0; x < s.px; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
-      for (int64_t x = s.px + s.W; x < Wp; ++x) drow[x] = xmap[x] < 0 ? T(0) : srow[xmap[x]];
-    }
-  });
-  return dst;
-}
 
 // Zeroes the centre planes (gp, a) outside the image, which pass 1 does not write: the padded rows
 // above and below, and each row's columns left and right of it.
@@ -283,32 +365,6 @@ void clear_outside(const Args<T>& a) {
   });
 }
 
-// Pass 1 from the forward's output and weight sums (norm): gp = g / W and a = gp . out per pixel,
-// the expressions pass1_band evaluates after its sweep (equal up to the rounding of a multiply-add
-// that the vector code may fuse and this loop does not).
-template <typename T>
-void centre_from_saved(const Args<T>& a, const T* out, const T* norm) {
-  at::parallel_for(0, a.N * a.H, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / a.H, y = r % a.H;
-      const T* wrow = norm + r * a.W;
-      T* arow = a.a + (n * a.Hp + y + a.py) * a.Wx + a.xoff;
-      std::fill(arow, arow + a.W, T(0));
-      for (int64_t c = 0; c < a.C; ++c) {
-        const int64_t img = ((n * a.C + c) * a.H + y) * a.W;
-        const T* grow = a.go + img;
-        const T* orow = out + img;
-        T* gprow = a.gp + ((n * a.C + c) * a.Hp + y + a.py) * a.Wx + a.xoff;
-        for (int64_t x = 0; x < a.W; ++x) {
-          const T gp = grow[x] * (T(1) / wrow[x]);
-          gprow[x] = gp;
-          arow[x] += gp * orow[x];
-        }
-      }
-    }
-  });
-}
-
 // Folds pass 2's padded rows above and below the image (p.pads_*) into the image gradients dst
 // (N, Cx, H, W), in row order, after the bands have written the image rows.
 template <typename T>
@@ -324,11 +380,12 @@ void fold_pads(const Args<T>& a, const T* pads, T* dst, int64_t Cx) {
   });
 }
 
-// Everything both passes share: padded planes, the per-image sigma tables, and the Args.
+// Everything both passes share: the input and guidance in T, the per-image sigma tables, and the
+// Args.
 template <typename T>
 struct Prepared {
-  at::Tensor in_pad, gd_pad, rc, ss;
-  std::vector<int64_t> xmap;  // the padding's column map, for pad_planes and pass 2's fold
+  at::Tensor src_in, src_gd, rc, ss;
+  std::vector<int64_t> xmap;  // the padding's column map, for pad_row and pass 2's fold
   Args<T> a{};                 // points into the members above: not copyable
 
   Prepared(const at::Tensor& input, const c10::optional<at::Tensor>& guidance, const at::Tensor& sigma_color,
@@ -360,10 +417,10 @@ struct Prepared {
     xmap.resize(a.Wp);
     for (int64_t j = 0; j < a.Wp; ++j) xmap[j] = border_index(j - s.px, s.W, s.border);
     a.xmap = xmap.data();
-    in_pad = pad_planes<T>(input, s, a.margin, a.Ws, xmap);
-    gd_pad = s.self ? in_pad : pad_planes<T>(*guidance, s, a.margin, a.Ws, xmap);
-    a.in = in_pad.data_ptr<T>();
-    a.gd = gd_pad.data_ptr<T>();
+    src_in = input.to(dt).contiguous();
+    src_gd = s.self ? src_in : guidance->to(dt).contiguous();
+    a.src_in = src_in.data_ptr<T>();
+    a.src_gd = src_gd.data_ptr<T>();
     const at::Tensor sc = sigma_color.to(dt).contiguous();
     rc = (0.5 / (sc * sc)).contiguous();
     a.rc = rc.data_ptr<T>();
@@ -452,15 +509,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     a.need_value = mask[0];
     a.need_range = (s.self && mask[0]) || mask[1];
     const bool need_sigma = mask[2] || mask[3];
-    at::Tensor gp = at::empty({s.N, s.C, a.Hp, a.Wx}, opt);  // pass 1 writes every column
-    at::Tensor av = at::empty({s.N, a.Hp, a.Wx}, opt);
-    a.gp = gp.data_ptr<T>();
-    a.a = av.data_ptr<T>();
-    clear_outside<T>(a);
+    // The centre planes: given the forward's output and W, each band of pass 2 makes its own rows
+    // (band_view); else pass 1 sweeps every window for them, into image-sized planes.
+    at::Tensor out_t, norm_t, gp, av;
     if (saved) {
-      const at::Tensor out_t = output->to(dt).contiguous(), norm_t = norm->contiguous();
-      centre_from_saved<T>(a, out_t.data_ptr<T>(), norm_t.data_ptr<T>());
+      out_t = output->to(dt).contiguous();
+      norm_t = norm->contiguous();
+      a.saved_out = out_t.data_ptr<T>();
+      a.saved_norm = norm_t.data_ptr<T>();
     } else {
+      gp = at::empty({s.N, s.C, a.Hp, a.Wx}, opt);  // pass 1 writes every column
+      av = at::empty({s.N, a.Hp, a.Wx}, opt);
+      a.gp = gp.data_ptr<T>();
+      a.a = av.data_ptr<T>();
+      a.PX = a.Hp * a.Wx;
+      a.gp_is = s.C * a.PX;
+      a.a_is = a.PX;
+      a.crow0 = 0;
+      clear_outside<T>(a);
       run_bands(Pass::kPass1, a);
     }
 

@@ -156,7 +156,7 @@ BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T
                                  int64_t PL, vec_t<T> nrc2, vec_t<T> lo, const T* ss, vec_t<T>* v) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
-  const int64_t Ws = p.Ws, PS = p.Hp * Ws;
+  const int64_t Ws = p.Ws, PS = p.PS;
   constexpr int KC = CC > 0 ? J * CC : 1, KG = CG > 0 ? J * CG : 1;
   vec_t<T> inp_l[KC], acc_l[KC], gdp_l[KG], gq_l[KG], d_l[KG], wsum[J];
   vec_t<T>* inp = CC > 0 ? inp_l : v;              // input at p
@@ -309,7 +309,7 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
-  const int64_t PS = p.Hp * Ws, PX = p.Hp * Wx, PB = band_plane_rows(p) * Ws;  // channel strides
+  const int64_t PS = p.PS, PX = p.PX, PB = band_plane_rows(p) * Ws;  // channel strides
   Accs<vec_t<T>, CC> gpp_l, inp_l, vacc_l, gpq_l;
   Accs<vec_t<T>, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.template v<vec_t<T>>();
@@ -342,8 +342,8 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
       const bool row_sigma = sigma && R >= R0;
       const T* gd0 = p.gd_row(n, 0, R);
       const T* in0 = p.in_row(n, 0, R);
-      const T* gp0 = p.gp + (n * p.C * p.Hp + R) * Wx + p.xoff - p.px;  // indexed by padded column
-      const T* a0 = p.a + (n * p.Hp + R) * Wx + p.xoff - p.px;
+      const T* gp0 = p.gp + n * p.gp_is + (R - p.crow0) * Wx + p.xoff - p.px;  // indexed by padded column
+      const T* a0 = p.a + n * p.a_is + (R - p.crow0) * Wx + p.xoff - p.px;
       T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
       T* r0 = rband != nullptr ? rband + (R - L0) * Ws + p.margin : nullptr;
       double row_d = 0, row_y = 0, row_x = 0;
