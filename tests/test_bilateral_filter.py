@@ -312,9 +312,10 @@ def test_forward_op_returns_the_weight_sums(border, distance, cg):
 def test_backward_from_saved_weight_sums_matches_recomputing_them(border, distance, cg):
     """Given the forward's output and W, the backward skips the sweep that recomputes them: every
     gradient and output mask within rounding of the backward without them (float64 1e-12),
-    float32 within 1e-5."""
-    x, g, sc, ss = _leaves(2, 3, cg, 21, 37, seed=4)
-    go = _rand(2, 3, 21, 37, dtype=F64, seed=8) - 0.5
+    float32 within 1e-5; 70 rows, so that pass 2's bands (32 padded rows, each making its own rows
+    of g / W and a from the saved tensors) meet at two boundaries."""
+    x, g, sc, ss = _leaves(2, 3, cg, 70, 37, seed=4)
+    go = _rand(2, 3, 70, 37, dtype=F64, seed=8) - 0.5
     for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
         args = [t if t is None else t.to(dtype) for t in (x, g)] + [[7, 5], sc.to(dtype), ss.to(dtype), border, distance]
         out, norm = OPS._bilateral_filter_forward(*args)
