@@ -91,11 +91,11 @@ struct Args {
   bool self;
   const T* src_in;      // (N, C, H, W) the input, contiguous, in T
   const T* src_gd;      // (N, Cg, H, W) the guidance; == src_in when self
-  // The padded planes of the band being swept (band_view): padded row r of channel c of image n
-  // at in + n * in_is + c * PS + (r - row0) * Ws + margin.
+  // The padded planes of the band being swept (band_view), of its image only: padded row r of
+  // channel c at in + c * PS + (r - row0) * Ws + margin.
   const T* in;
   const T* gd;          // == in when self
-  int64_t in_is, gd_is, PS, row0;
+  int64_t PS, row0;
   const T* rc;          // (N,) 0.5 / sigma_color^2
   const T* ss;          // (N, ky * kx) spatial exponents, base 2 (times log2 e)
   T* out;               // forward: (N, C, H, W)
@@ -119,8 +119,8 @@ struct Args {
   const int64_t* xmap;  // (Wp,) the image column each padded column reads (-1: none)
   bool need_value, need_range;
 
-  const T* in_row(int64_t n, int64_t c, int64_t r) const { return in + n * in_is + c * PS + (r - row0) * Ws + margin; }
-  const T* gd_row(int64_t n, int64_t c, int64_t r) const { return gd + n * gd_is + c * PS + (r - row0) * Ws + margin; }
+  const T* in_row(int64_t c, int64_t r) const { return in + c * PS + (r - row0) * Ws + margin; }
+  const T* gd_row(int64_t c, int64_t r) const { return gd + c * PS + (r - row0) * Ws + margin; }
 };
 
 // Channel counts fixed at compile time (0: the runtime count), so the accumulators of common
@@ -273,6 +273,12 @@ void centre_row(const Args<T>& p, int64_t n, int64_t y, T* gp_row, int64_t PX, T
   }
 }
 
+// Whether pass 2's bands make their own centre rows: given the forward's output and W.
+template <typename T>
+bool band_makes_centre(Pass pass, const Args<T>& p) {
+  return pass == Pass::kPass2 && p.saved_out != nullptr;
+}
+
 // The Args of band t of a pass: its padded rows L0 .. L0 + Bh + 2 py - 1 that exist (0 .. Hp - 1)
 // copied into the worker's s.pad, every input channel, then every guidance channel (joint); for
 // pass 2 from the forward's results, the same rows of the centre planes into s.cen.
@@ -288,7 +294,6 @@ Args<T> band_view(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
   Args<T> q = p;
   q.PS = rows * p.Ws;
   q.row0 = band.L0;
-  q.in_is = q.gd_is = 0;
   q.in = s.pad;
   q.gd = p.self ? s.pad : s.pad + p.C * q.PS;
   const int64_t planes = p.self ? p.C : p.C + p.Cg;
@@ -298,7 +303,7 @@ Args<T> band_view(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
                            : p.src_gd + (band.n * p.Cg + c - p.C) * p.H * p.W;
     for (int64_t r = r0; r < r1; ++r) pad_row(p, src, r, s.pad + c * q.PS + (r - band.L0) * p.Ws);
   }
-  if (pass == Pass::kPass2 && p.saved_out != nullptr) {
+  if (band_makes_centre(pass, p)) {
     q.PX = rows * p.Wx;
     q.crow0 = band.L0;
     q.gp_is = q.a_is = 0;
@@ -329,7 +334,7 @@ void run_bands(Pass pass, const Args<T>& p) {
   const int64_t band_elems = (p.C + p.Cg + 1) * band_plane_rows(p) * p.Ws;  // either pass's planes
   const int64_t pad_elems = (p.self ? p.C : p.C + p.Cg) * band_plane_rows(p) * p.Ws;
   const int64_t cen_elems =
-      pass == Pass::kPass2 && p.saved_out != nullptr ? (p.C + 1) * band_plane_rows(p) * p.Wx : 0;
+      band_makes_centre(pass, p) ? (p.C + 1) * band_plane_rows(p) * p.Wx : 0;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {

@@ -233,8 +233,8 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
   for (int64_t x0t = 0; x0t < p.Wp; x0t += kTile) {
     for (int64_t R = std::max<int64_t>(0, L0); R < R1; ++R) {
       const int64_t dy_min = std::max<int64_t>(0, R0 - R);  // rows above: only pairs reaching the band
-      const T* gd0 = p.gd_row(n, 0, R);
-      const T* in0 = p.in_row(n, 0, R);
+      const T* gd0 = p.gd_row(0, R);
+      const T* in0 = p.in_row(0, R);
       T* s0 = s.band + (R - L0) * Ws + p.margin;
       const int64_t x1t = std::min(p.Wp, x0t + kTile);
       int64_t j0 = x0t;
@@ -340,8 +340,8 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
       const int64_t dy_min = std::max<int64_t>(0, R0 - R);    // rows above: only pairs reaching the band
       const int64_t dy_max = std::min<int64_t>(p.py, p.Hp - 1 - R);  // q inside the padded image
       const bool row_sigma = sigma && R >= R0;
-      const T* gd0 = p.gd_row(n, 0, R);
-      const T* in0 = p.in_row(n, 0, R);
+      const T* gd0 = p.gd_row(0, R);
+      const T* in0 = p.in_row(0, R);
       const T* gp0 = p.gp + n * p.gp_is + (R - p.crow0) * Wx + p.xoff - p.px;  // indexed by padded column
       const T* a0 = p.a + n * p.a_is + (R - p.crow0) * Wx + p.xoff - p.px;
       T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
