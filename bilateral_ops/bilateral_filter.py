@@ -8,7 +8,8 @@ functions: the fake kernels and autograd formulas of ``bilateral_filter``,
 and the tensor sigmas, with an output mask). Where a call records a graph, the public functions
 run ``_bilateral_filter_forward``, which also returns each pixel's weight sum W: its backward
 takes W and the output instead of sweeping every window again to recompute them (a third of the
-backward's work). Second derivatives are not implemented: differentiating the backward op
+backward's work). float16 / bfloat16 inputs keep nothing: their output, rounded to 16 bits, would
+spoil the range and sigma gradients, so their backward recomputes it in float32. Second derivatives are not implemented: differentiating the backward op
 raises.
 """
 
@@ -108,9 +109,12 @@ def bilateral_filter(
     v.check_filter(input, guidance, ks, sc, ss, border_type, color_distance_type)
     if lib.has_kernel("bilateral_filter", input.device):
         args = (input, guidance, list(ks), sc, ss, border_type, color_distance_type)
-        if lib.eager_autograd(input, guidance, sc, ss):
+        # The backward takes the output and W only where the output holds the accumulation type's
+        # values (float32, float64); see check_filter_saved in csrc/bilateral_filter_args.h.
+        keeps = input.dtype in (torch.float32, torch.float64)
+        if keeps and lib.eager_autograd(input, guidance, sc, ss):
             return _EagerFilter.apply(*args)
-        if lib.traced_autograd(input, guidance, sc, ss):
+        if keeps and lib.traced_autograd(input, guidance, sc, ss):
             # The compiled graph saves the output for the backward, as it saves sigmoid's: changing
             # the returned tensor in place before the backward raises autograd's error (the eager
             # path instead recomputes; see _saved_forward).

@@ -111,7 +111,10 @@ inline at::ScalarType filter_norm_dtype(at::ScalarType input) {
 
 // The backward's optional output and norm: both or neither, the forward's (output shaped and
 // typed like the input, norm (N, H, W) in filter_norm_dtype, on the input's device). True when
-// given.
+// given and of use: for float16 / bfloat16 inputs they are checked and then left unused, since the
+// output rounded to 16 bits breaks the cancellation sum_q w_pq (I_q - out_p) = 0 that the range
+// and sigma gradients rely on (a bfloat16 sigma_color gradient came out 18 % off); the backward
+// then recomputes them in the accumulation type.
 inline bool check_filter_saved(const c10::optional<at::Tensor>& output, const c10::optional<at::Tensor>& norm,
                                const at::Tensor& input) {
   const bool has_out = output.has_value() && output->defined();
@@ -129,7 +132,7 @@ inline bool check_filter_saved(const c10::optional<at::Tensor>& output, const c1
                   norm->size(1) == input.size(2) && norm->size(2) == input.size(3),
               "norm must have shape (", input.size(0), ", ", input.size(2), ", ", input.size(3), ") and dtype ",
               nd, ", got ", norm->sizes(), " and ", norm->scalar_type());
-  return true;
+  return nd == input.scalar_type();
 }
 
 }  // namespace bilateral_ops

@@ -331,6 +331,23 @@ def test_backward_from_saved_weight_sums_matches_recomputing_them(border, distan
                     assert a.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_leaves_16_bit_saved_tensors_unused(dtype):
+    """A 16-bit output has lost the bits whose cancellation the range and sigma gradients need
+    (from the saved bfloat16 output a sigma_color gradient came out 18 % off): the backward checks
+    the saved tensors, then recomputes, with the same bits as without them."""
+    x, g, sc, ss = _leaves(2, 3, 2, 37, 29, seed=5)
+    go = (_rand(2, 3, 37, 29, dtype=F64, seed=9) - 0.5).to(dtype)
+    args = [x.to(dtype), g.to(dtype), [9, 7], sc.to(dtype), ss.to(dtype), "reflect", "l1"]
+    out, norm = OPS._bilateral_filter_forward(*args)
+    assert out.dtype == dtype and norm.dtype == torch.float32
+    mask = [True, True, True, True]
+    want = OPS._bilateral_filter_backward(go, *args, mask)
+    got = OPS._bilateral_filter_backward(go, *args, mask, out, norm)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_autograd_saves_the_weight_sums():
     """A call that records a graph runs _bilateral_filter_forward and keeps its output and W for
     the backward (eager and under torch.compile); one that does not runs bilateral_filter."""
@@ -520,6 +537,28 @@ def test_half_precision_computed_in_float32(dtype):
     (grad,) = torch.autograd.grad(out, x, go)
     (grad32,) = torch.autograd.grad(want, x32, go.float())
     assert grad.dtype == dtype and torch.equal(grad, grad32.to(dtype))
+
+
+@pytest.mark.parametrize("cg", [None, 2], ids=["self", "g2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_range_and_sigma_gradients(dtype, cg):
+    """With range terms (self-guided, or the guidance's gradient) and tensor sigmas, every gradient
+    of a 16-bit call is the float32 call's on the same values, rounded once: the backward works in
+    float32 from no 16-bit intermediate (from the 16-bit output it was up to 28 eps off)."""
+    x, g, sc, ss = _leaves(2, 3, cg, 37, 29, seed=6)
+    leaves16 = [t.to(dtype).requires_grad_() for t in (x, sc, ss) + (() if g is None else (g,))]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves16]
+    go = (_rand(2, 3, 37, 29, dtype=F64, seed=10) - 0.5).to(dtype)
+
+    def grads(leaves, grad_output):
+        x, sc, ss, *g = leaves
+        out = bo.joint_bilateral_blur(x, g[0], 9, sc, ss) if g else bo.bilateral_blur(x, 9, sc, ss)
+        return torch.autograd.grad(out, leaves, grad_output)
+
+    eps = torch.finfo(dtype).eps
+    for name, a, b in zip(("input", "sigma_color", "sigma_space", "guidance"), grads(leaves16, go), grads(leaves32, go.float())):
+        assert a.dtype == dtype
+        _assert_close(a, b, (eps / 2 + 1e-5) * b.abs().max().item(), f"{dtype} {name}")
 
 
 def test_autocast_runs_in_the_autocast_dtype():
