@@ -31,27 +31,22 @@ constexpr bool kTwoChunks = BO_ISA_LEVEL >= 4;
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vexp2(vec_t<T> t, vec_t<T> lo);
 
-// 2^f for |f| <= 1/2 (see above).
-BO_ALWAYS_INLINE vec_t<float> exp2_poly(vec_t<float> f) {
-  vec_t<float> p = vsplat<float>(1.3264708791e-3f);
-  p = p * f + 9.6715114712e-3f;
-  p = p * f + 5.5507337765e-2f;
-  p = p * f + 2.4022242104e-1f;
-  p = p * f + 6.9314697759e-1f;
+// 1 + c[4] f + c[3] f^2 + ... + c[0] f^5, by Horner's rule.
+BO_ALWAYS_INLINE vec_t<float> exp2_poly(vec_t<float> f, const float (&c)[5]) {
+  vec_t<float> p = vsplat<float>(c[0]);
+  for (int i = 1; i < 5; ++i) p = p * f + c[i];
   return p * f + 1.0f;
 }
+
+// 2^f for |f| <= 1/2 (see above).
+constexpr float kExp2Centred[5] = {1.3264708791e-3f, 9.6715114712e-3f, 5.5507337765e-2f,
+                                   2.4022242104e-1f, 6.9314697759e-1f};
 
 #if BO_ISA_LEVEL >= 4
 // 2^f for 0 <= f < 1: degree-5 minimax for the relative error with p(0) = 1 exactly (8.2e-8,
 // 1.7e-7 evaluated in float; the |f| <= 1/2 polynomial's are 9.2e-8 and 1.9e-7).
-BO_ALWAYS_INLINE vec_t<float> exp2_poly01(vec_t<float> f) {
-  vec_t<float> p = vsplat<float>(1.8671298167e-3f);
-  p = p * f + 9.0170307085e-3f;
-  p = p * f + 5.5799912661e-2f;
-  p = p * f + 2.4016444385e-1f;
-  p = p * f + 6.9315129519e-1f;
-  return p * f + 1.0f;
-}
+constexpr float kExp2Unit[5] = {1.8671298167e-3f, 9.0170307085e-3f, 5.5799912661e-2f,
+                                2.4016444385e-1f, 6.9315129519e-1f};
 
 // AVX-512: f = t - floor(t) in one instruction (vreduceps) and p 2^floor(t) in one (vscalefps
 // takes the floor of its exponent operand itself, and zeroes the lanes below lo by its mask), where
@@ -65,7 +60,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   // The masked form with every lane kept is the same instruction: the plain intrinsic's undefined
   // pass-through operand makes GCC 12 warn.
   const V f = _mm512_mask_reduce_ps(t, __mmask16(0xFFFF), t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const V p = exp2_poly01(f);
+  const V p = exp2_poly(f, kExp2Unit);
   return _mm512_maskz_scalef_ps(keep, p, t);
 }
 #else
@@ -83,7 +78,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
   I n_shifted;  // n << 23: 0x4B400000 << 23 is 0 modulo 2^32, so the bits of m shifted will do
   __builtin_memcpy(&n_shifted, &m, sizeof(n_shifted));
   n_shifted <<= 23;
-  const V p = exp2_poly(f);
+  const V p = exp2_poly(f, kExp2Centred);
   I bits;
   __builtin_memcpy(&bits, &p, sizeof(bits));
   bits += n_shifted;
