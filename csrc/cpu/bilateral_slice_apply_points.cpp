@@ -286,17 +286,19 @@ BO_ALWAYS_INLINE void rows_of(const float* g, bool next_row, vec_t<float>& g01, 
 // lib_bilagrid's layout (3 inputs, offsets, 3 outputs: 12 channels, two float vectors of a
 // channels-last copy: rows 0 and 1 of the 3x4 matrix in a0, row 2 in the low half of a1).
 // The affine map, out[o] = (A[o, 0] x0 + A[o, 2] x2) + (A[o, 1] x1 + A[o, 3]), written as four
-// floats: the fourth lands on the next sample's first value, which is written after it.
-BO_ALWAYS_INLINE void affine34_store4(vec_t<float> a0, vec_t<float> a1, const float* x, float* out) {
+// floats: the fourth lands on the next sample's first value, which is written after it. The
+// range's last sample (last) writes three, by the same sums: its next sample may be another
+// task's, and the same sums keep each sample's value independent of where the ranges split.
+BO_ALWAYS_INLINE void affine34_store(vec_t<float> a0, vec_t<float> a1, const float* x, float* out, bool last) {
   using V = vec_t<float>;
   using M = VecOf<float>::mask;
-  const V xv = xyz1_twice(x, true);  // not the task's last sample, so not the last row
+  const V xv = xyz1_twice(x, !last);  // the input's last row has no fourth float to load
   const V m0 = a0 * xv, m1 = a1 * xv;
   const V s = __builtin_shuffle(m0, m1, M{0, 1, 4, 5, 8, 9, 12, 13}) +
               __builtin_shuffle(m0, m1, M{2, 3, 6, 7, 10, 11, 14, 15});
   const V t = s + __builtin_shuffle(s, M{1, 0, 3, 2, 5, 4, 7, 6});
   const V r = __builtin_shuffle(t, M{0, 2, 4, 6, 0, 2, 4, 6});
-  __builtin_memcpy(out, &r, 4 * sizeof(float));
+  __builtin_memcpy(out, &r, (last ? 3 : 4) * sizeof(float));
 }
 
 // Its input gradient: gi[i] = sum_o go[o] A[o, i], with go's rows from rows_of.
@@ -341,8 +343,8 @@ BO_ALWAYS_INLINE void forward_dense(const GridView<T>& v, const PointsGeometry& 
       for (int j = 0; j < NV; ++j) acc[0][j] += acc[1][j];
       const T* x = input + p * l.Ci;
       if constexpr (W == 8 && NV == 2) {
-        if (rgb34 && p + 1 < p1) {
-          affine34_store4(acc[0][0], acc[0][1], x, out + p * 3);
+        if (rgb34) {
+          affine34_store(acc[0][0], acc[0][1], x, out + p * 3, p + 1 == p1);
           continue;
         }
       }
