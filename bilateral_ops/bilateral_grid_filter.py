@@ -46,7 +46,9 @@ def bilateral_grid_filter(
     Returns:
         (N, C, H, W): ``S[:C] / max(S[C], 1e-12)`` where ``S = bilateral_slice(grid_blur(
         grid_splat([input, 1], guide, size), 1.0), guide)``, the division done in float32 or
-        wider. Differentiable for input and guide.
+        wider. float16 / bfloat16 inputs are filtered in float32 and the result rounded once: a
+        grid held in 16 bits would round each cell on its own and spoil the guide's gradient,
+        which cancels between neighbouring cells. Differentiable for input and guide.
 
     Raises:
         TypeError: input or guide is not a floating tensor, their dtypes differ, or a sigma is
@@ -56,6 +58,7 @@ def bilateral_grid_filter(
     v.check_tensor("input", input)
     sigma_color = v.positive_number("sigma_color", sigma_color)
     sigma_space = v.positive_number("sigma_space", sigma_space)
+    mean_guide = guide is None
     if guide is not None:
         v.check_tensor("guide", guide)
         guide = v.as_guide(guide)
@@ -67,6 +70,17 @@ def bilateral_grid_filter(
     if guide is None:  # input is not 4-D: check_splat names it
         guide = input.new_empty((0, 0, 0))
     v.check_splat(input, guide)
+    dtype = input.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return _filter(input, sigma_color, sigma_space, guide)
+    # In float32 with autocast off: autocast would take the float32 grids back to 16 bits.
+    with torch.autocast(input.device.type, enabled=False):
+        input = input.float()
+        guide = input.mean(1) if mean_guide else guide.float()
+        return _filter(input, sigma_color, sigma_space, guide).to(dtype)
+
+
+def _filter(input, sigma_color, sigma_space, guide):
     if not all(lib.has_kernel(op, input.device) for op in _FUSED):
         lib.fallback("bilateral_grid_filter", input.device)
         return reference.bilateral_grid_filter(input, sigma_color, sigma_space, guide)

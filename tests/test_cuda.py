@@ -717,8 +717,10 @@ def test_bilateral_grid_filter_matches_cpu(case, dtype, with_guide):
     *_, sc, ss = case
     x, guide = _filter_inputs(case, dtype, 29, with_guide)
     # The CPU oracle in float64 on the same rounded values; the default guide is the channel mean
-    # of the input in its own dtype on each device, so give the oracle that mean.
-    ref_guide = _d(guide) if with_guide else x.cuda().mean(1).cpu().double()
+    # of the input on each device, in its own dtype (float32 for 16-bit inputs, which are filtered
+    # in float32), so give the oracle that mean.
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    ref_guide = _d(guide) if with_guide else wide.cuda().mean(1).cpu().double()
     ref = bo.bilateral_grid_filter(_d(x), sc, ss, ref_guide)
     for det in (False, True):
         with deterministic(det):
