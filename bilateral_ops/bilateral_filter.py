@@ -9,8 +9,8 @@ and the tensor sigmas, with an output mask). Where a call records a graph, the p
 run ``_bilateral_filter_forward``, which also returns each pixel's weight sum W: its backward
 takes W and the output instead of sweeping every window again to recompute them (a third of the
 backward's work). float16 / bfloat16 inputs keep nothing: their output, rounded to 16 bits, would
-spoil the range and sigma gradients, so their backward recomputes it in float32. Second derivatives are not implemented: differentiating the backward op
-raises.
+spoil the range and sigma gradients, so their backward recomputes it in float32. Second
+derivatives are not implemented: differentiating the backward op raises.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def bilateral_filter(
     if lib.has_kernel("bilateral_filter", input.device):
         args = (input, guidance, list(ks), sc, ss, border_type, color_distance_type)
         # The backward takes the output and W only where the output holds the accumulation type's
-        # values (float32, float64); see check_filter_saved in csrc/bilateral_filter_args.h.
-        keeps = input.dtype in (torch.float32, torch.float64)
+        # values (W's dtype is the input's), as check_filter_saved in csrc/bilateral_filter_args.h.
+        keeps = v.filter_norm_dtype(input.dtype) == input.dtype
         if keeps and lib.eager_autograd(input, guidance, sc, ss):
             return _EagerFilter.apply(*args)
         if keeps and lib.traced_autograd(input, guidance, sc, ss):

@@ -65,14 +65,14 @@ def bilateral_grid_filter(
         input, guide = lib.autocast((input, guide))
     else:
         (input,) = lib.autocast((input,))
-        if input.dim() == 4:
-            guide = input.mean(1)
-    if guide is None:  # input is not 4-D: check_splat names it
-        guide = input.new_empty((0, 0, 0))
+        # The channel mean's shape and dtype for the checks (not 4-D: check_splat names input);
+        # the mean itself is taken below, in the dtype the filter runs in.
+        shape = (input.shape[0], *input.shape[2:]) if input.dim() == 4 else (0, 0, 0)
+        guide = input.new_empty(shape)
     v.check_splat(input, guide)
     dtype = input.dtype
     if dtype not in (torch.float16, torch.bfloat16):
-        return _filter(input, sigma_color, sigma_space, guide)
+        return _filter(input, sigma_color, sigma_space, input.mean(1) if mean_guide else guide)
     # In float32 with autocast off: autocast would take the float32 grids back to 16 bits.
     with torch.autocast(input.device.type, enabled=False):
         input = input.float()

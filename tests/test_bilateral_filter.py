@@ -556,7 +556,8 @@ def test_half_precision_range_and_sigma_gradients(dtype, cg):
         return torch.autograd.grad(out, leaves, grad_output)
 
     eps = torch.finfo(dtype).eps
-    for name, a, b in zip(("input", "sigma_color", "sigma_space", "guidance"), grads(leaves16, go), grads(leaves32, go.float())):
+    names = ("input", "sigma_color", "sigma_space", "guidance")
+    for name, a, b in zip(names, grads(leaves16, go), grads(leaves32, go.float())):
         assert a.dtype == dtype
         _assert_close(a, b, (eps / 2 + 1e-5) * b.abs().max().item(), f"{dtype} {name}")
 

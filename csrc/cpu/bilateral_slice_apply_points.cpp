@@ -289,10 +289,12 @@ BO_ALWAYS_INLINE void rows_of(const float* g, bool next_row, vec_t<float>& g01, 
 // floats: the fourth lands on the next sample's first value, which is written after it. The
 // range's last sample (last) writes three, by the same sums: its next sample may be another
 // task's, and the same sums keep each sample's value independent of where the ranges split.
-BO_ALWAYS_INLINE void affine34_store(vec_t<float> a0, vec_t<float> a1, const float* x, float* out, bool last) {
+BO_ALWAYS_INLINE void affine34_store(vec_t<float> a0, vec_t<float> a1, const float* x, float* out,
+                                     bool last) {
   using V = vec_t<float>;
   using M = VecOf<float>::mask;
-  const V xv = xyz1_twice(x, !last);  // the input's last row has no fourth float to load
+  // The range's last row may be the input's, with no fourth float after it.
+  const V xv = xyz1_twice(x, !last);
   const V m0 = a0 * xv, m1 = a1 * xv;
   const V s = __builtin_shuffle(m0, m1, M{0, 1, 4, 5, 8, 9, 12, 13}) +
               __builtin_shuffle(m0, m1, M{2, 3, 6, 7, 10, 11, 14, 15});
