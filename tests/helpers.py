@@ -150,8 +150,18 @@ def run_at_each_cpu_isa(tmp_path, inputs, body: str):
         yield level, result
 
 
-def assert_close_with_nans(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
-    """NaN where want has NaN, elsewhere assert_close_scaled."""
+def assert_close_with_nans(
+    got: torch.Tensor, want: torch.Tensor, rel: float, what: str, non_finite: bool = False
+) -> None:
+    """NaN where want has NaN, elsewhere assert_close_scaled. With ``non_finite``: NaN or +-inf
+    wherever want has either (which of them may differ: inf * 0 against inf - inf is a matter of
+    the order of the operations), and close elsewhere."""
+    got, want = got.detach().cpu(), want.detach().cpu()
+    if non_finite:
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite), f"{what}: non-finite values differ"
+        assert_close_scaled(got[finite], want[finite], rel, what)
+        return
     assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaNs differ"
     assert_close_scaled(got.nan_to_num(), want.nan_to_num(), rel, what)
 

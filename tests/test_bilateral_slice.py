@@ -22,7 +22,9 @@ from helpers import (
     OPS,
     _id,
     assert_close_scaled,
+    assert_close_with_nans,
     away_from_z_kinks,
+    make_apply_case,
     make_slice_case,
     no_kernel_runs,
     reference_dguide,
@@ -193,6 +195,47 @@ def test_noncontiguous_inputs(device, gen, bitwise):
     sc, sgc, _ = run_with_grads(bo.bilateral_slice, (grid.contiguous(), guide.contiguous()), grad_output=sgo)
     assert torch.equal(s, sc)
     assert torch.equal(sg[0], sgc[0]) and torch.equal(sg[1], sgc[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "op,bad", [("slice", "grid"), ("slice", "grad_output"), ("apply", "grid"), ("apply", "grad_output"), ("apply", "input")]
+)
+def test_nonfinite_values_reach_what_grid_sample_reaches(op, bad, value, dtype, device, gen):
+    # D = 8: every block takes the CPU's dense path, which weighs each pixel against every cell
+    # of the block's z span (most with weight 0) and once spread one NaN over them all. A
+    # non-finite value must reach the outputs and gradients it reaches in F.grid_sample (the
+    # reference): the samples whose eight corners read it, weight 0 included.
+    n, d, gh, gw, h, w = 2, 8, 4, 5, 13, 150
+    if op == "slice":
+        grid, guide = make_slice_case(n, 5, d, gh, gw, h, w, F64, "uniform", gen)
+        extra, fn, ref = (), bo.bilateral_slice, reference.bilateral_slice
+    else:
+        grid, guide, inp = make_apply_case(n, 3, 3, d, gh, gw, h, w, True, F64, "uniform", gen)
+        extra, fn, ref = (inp,), bo.bilateral_slice_apply, reference.bilateral_slice_apply
+    tensors = (grid, guide) + extra
+    out = ref(*tensors)
+    go = torch.randn(out.shape, generator=gen, dtype=F64)
+    pick = lambda size: int(torch.randint(size, (1,), generator=gen))  # noqa: E731
+    b, y, x = pick(n), pick(h), pick(w)
+    if bad == "grid":  # a cell that pixel (y, x) reads: its lower corner on every axis
+        z = int((guide[b, y, x] * d - 0.5).clamp(0, d - 1))
+        grid[b, pick(grid.shape[1]), z, int((y + 0.5) * gh / h - 0.5), int(max((x + 0.5) * gw / w - 0.5, 0))] = value
+    elif bad == "grad_output":
+        go[b, pick(go.shape[1]), y, x] = value
+    else:
+        inp[b, pick(inp.shape[1]), y, x] = value
+    tensors, go = tuple(t.to(dtype).double() for t in tensors), go.to(dtype).double()
+    want, want_grads, _ = run_with_grads(ref, tensors, grad_output=go)
+    dev = tuple(t.to(device, dtype) for t in tensors)
+    got, got_grads, _ = run_with_grads(fn, dev, grad_output=go.to(device, dtype))
+    assert not torch.isfinite(want).all() or bad == "grad_output"
+    rel = tol(device, dtype)
+    assert_close_with_nans(got, want, rel, "output", non_finite=True)
+    for name, g, wg in zip(("grid", "guide", "input"), got_grads, want_grads):
+        assert_close_with_nans(g, wg, rel, f"grad_{name}", non_finite=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

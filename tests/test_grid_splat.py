@@ -16,6 +16,7 @@ from helpers import (
     OPS,
     _id,
     assert_close_scaled,
+    assert_close_with_nans,
     away_from_z_kinks,
     make_guide,
     no_kernel_runs,
@@ -144,6 +145,24 @@ def test_cpu_half_precision_computes_in_float32(dtype, gen):
     assert out.dtype == dtype
     want = bo.grid_splat(inp.float(), guide.float(), size)
     torch.testing.assert_close(out, want.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gh,gw", [(4, 5), (9, 40)], ids=["coarse", "fine"])
+def test_nonfinite_pixels_reach_only_their_corners(gh, gw, value, device, gen):
+    # D = 8: every block takes the CPU's dense path, which adds each pixel to every cell of the
+    # block's z span, most with weight 0. A non-finite pixel must reach the cells the reference's
+    # scatter reaches (its eight corners, weight 0 included); the other cells keep their sums.
+    n, c, d, h, w = 2, 3, 8, 13, 150
+    inp = torch.rand(n, c, h, w, generator=gen, dtype=F64)
+    guide = make_guide("uniform", n, h, w, F64, gen)
+    inp[1, 2, 7, 77] = value
+    inp[0, 0, 3, 140] = value
+    want = reference.grid_splat(inp, guide, (d, gh, gw))
+    got = bo.grid_splat(inp.to(device), guide.to(device), (d, gh, gw))
+    assert 0 < (~torch.isfinite(want)).sum() <= 16
+    assert_close_with_nans(got, want, 1e-12, "splat", non_finite=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "bilateral_ops/affine.h"
 #include "bilateral_ops/bilateral_grid_filter.h"
@@ -103,7 +104,7 @@ struct BlockZ {
 
 template <typename T, bool kDguide>
 BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_t nb, int64_t D,
-                              bool align_corners, BlockZ<T>& bz) {
+                              bool align_corners, bool allow_dense, BlockZ<T>& bz) {
   using V = vec_t<T>;
   using I = ivec_t<T>;
   constexpr int64_t W = vec_width<T>();
@@ -112,7 +113,7 @@ BO_ALWAYS_INLINE void block_z(const T* guide, const T* wx0, const T* wx1, int64_
   // Blocks that may take the dense path cover whole groups of kUnroll vectors, or of two when
   // they are shorter (fine grids: segments of 8-32 pixels), so that they do not pay for three
   // quarters of padding; the dense loops work on vector pairs. Other blocks take what they need.
-  const bool may_be_dense = nb >= kDenseMinPixels;
+  const bool may_be_dense = allow_dense && nb >= kDenseMinPixels;
   const int64_t need = (nb + W - 1) / W;
   const int64_t group = need >= kUnroll ? kUnroll : 2;
   bz.nv = may_be_dense ? (need + group - 1) / group * group : need;
@@ -217,14 +218,41 @@ BO_ALWAYS_INLINE void dense_weights(const BlockZ<T>& bz, DenseWeights<T>& dw) {
   }
 }
 
-// R = wy0 * grid_t[y0] + wy1 * grid_t[y1] over one (Gw, D, C) plane.
+// 1 where x is a NaN or an infinity (every exponent bit set), else 0: an integer test, so that
+// loops or-ing it vectorise (a float sum of x * 0 would not, its order being fixed).
 template <typename T>
-BO_ALWAYS_INLINE void build_row_table(const T* __restrict grid_n, const AxisTaps<T>& ty,
+BO_ALWAYS_INLINE typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type
+non_finite_bit(T x) {
+  using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  constexpr U kExponent = sizeof(T) == 4 ? U(0x7F800000u) : U(0x7FF0000000000000ull);
+  U bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<U>((bits & kExponent) == kExponent);
+}
+
+template <typename T>
+BO_ALWAYS_INLINE bool values_finite(const T* __restrict v, int64_t n) {
+  decltype(non_finite_bit(T(0))) bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= non_finite_bit(v[i]);
+  return bad == 0;
+}
+
+// R = wy0 * grid_t[y0] + wy1 * grid_t[y1] over one (Gw, D, C) plane. Returns whether every entry
+// is finite: the dense path weighs each pixel of a block against every cell of the block's span,
+// most with weight 0, so one NaN or infinity there would reach the whole block. A row with one
+// takes the per-pixel gathers, which read each pixel's eight corners only, as grid_sample does.
+template <typename T>
+BO_ALWAYS_INLINE bool build_row_table(const T* __restrict grid_n, const AxisTaps<T>& ty,
                                       int64_t plane, T* __restrict R) {
   const T* __restrict g0 = grid_n + ty.i0 * plane;
   const T* __restrict g1 = grid_n + ty.i1 * plane;
   const T w0 = ty.w0, w1 = ty.w1;
-  for (int64_t i = 0; i < plane; ++i) R[i] = w0 * g0[i] + w1 * g1[i];
+  decltype(non_finite_bit(T(0))) bad = 0;
+  for (int64_t i = 0; i < plane; ++i) {
+    R[i] = w0 * g0[i] + w1 * g1[i];
+    bad |= non_finite_bit(R[i]);
+  }
+  return bad == 0;
 }
 
 // Dense interpolation of channels [cbegin, cend) (a multiple of kCB of them): for each pixel
@@ -436,13 +464,14 @@ BO_ALWAYS_INLINE void normalize_rows(const Scratch<T>& s, int64_t C, int64_t nv)
 
 // One block of the forward pass of row y of image n.
 template <typename T, bool kApply, bool kDguide>
-BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, const Scratch<T>& s,
-                                    const T* guide, int64_t n, int64_t y, int64_t b, int64_t nb,
-                                    int64_t c0, int64_t c1) {
+BO_ALWAYS_INLINE void forward_block(const SliceParams<T>& p, const T* R, bool R_finite,
+                                    const Scratch<T>& s, const T* guide, int64_t n, int64_t y,
+                                    int64_t b, int64_t nb, int64_t c0, int64_t c1) {
   const int64_t HW = p.g.H * p.g.W;
   const int64_t pix = y * p.g.W + b;
   BlockZ<T> bz;
-  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners, bz);
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners, R_finite,
+                      bz);
   DenseWeights<T> dw;
   if (bz.dense) dense_weights<T, kDguide, false>(bz, dw);
   interp_block<T, false>(R, p.g.D, p.g.C, c0, c1, bz, dw, s.A, nullptr);
@@ -473,9 +502,10 @@ BO_ALWAYS_INLINE void forward_rows(const SliceParams<T>& p, int64_t r0, int64_t 
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.g.H, y = r % p.g.H;
     const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh, p.g.align_corners);
-    build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+    const bool R_finite = build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
     const T* guide = p.guide + r * p.g.W;
-    BO_FOR_EACH_BLOCK(p, (forward_block<T, kApply, kDguide>(p, R, s, guide, n, y, b, nb, c0, c1)));
+    BO_FOR_EACH_BLOCK(
+        p, (forward_block<T, kApply, kDguide>(p, R, R_finite, s, guide, n, y, b, nb, c0, c1)));
   }
 }
 
@@ -532,7 +562,7 @@ BO_ALWAYS_INLINE void apply_backward(const SliceParams<T>& p, const Scratch<T>& 
 // One block of the backward pass of row y of image n: grad_guide and grad_input are written
 // per pixel, the grid gradient is splatted into the row buffer B.
 template <typename T, bool kApply, bool kDguide, bool kGrad>
-BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
+BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, bool allow_dense, T* B,
                                      const Scratch<T>& s, const T* guide, int64_t n, int64_t y,
                                      int64_t b, int64_t nb, int64_t c0, int64_t c1) {
   using V = vec_t<T>;
@@ -541,7 +571,8 @@ BO_ALWAYS_INLINE void backward_block(const SliceParams<T>& p, const T* R, T* B,
   const int64_t pix = y * p.g.W + b;
   const int64_t C = p.g.C;
   BlockZ<T> bz;
-  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners, bz);
+  block_z<T, kDguide>(guide + b, p.x.wx0 + b, p.x.wx1 + b, nb, p.g.D, p.g.align_corners,
+                      allow_dense, bz);
   DenseWeights<T> dw;
   if (bz.dense) dense_weights<T, kDguide, kGrad>(bz, dw);
   // grad_input needs the samples, grad_guide their z-derivative; the grid gradient needs neither.
@@ -599,13 +630,22 @@ BO_ALWAYS_INLINE void backward_rows(const SliceParams<T>& p, int64_t n, int64_t 
   for (int64_t y = y0; y < y1; ++y) {
     const AxisTaps<T> ty = image_taps<T>(y, p.g.H, p.g.Gh, p.g.align_corners);
     // Only samples need the grid: a pure splat (slice, grid gradient alone) has none to read.
+    bool R_finite = true;
     if (kGrad || (kApply && p.need_input)) {
-      build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
+      R_finite = build_row_table(p.grid_t + n * p.g.Gh * plane, ty, plane, R);
     }
-    if (p.need_grid) std::fill(B, B + plane, T(0));
     const T* guide = p.guide + (n * p.g.H + y) * p.g.W;
-    BO_FOR_EACH_BLOCK(
-        p, (backward_block<T, kApply, kDguide, kGrad>(p, R, B, s, guide, n, y, b, nb, c0, c1)));
+    // A dense block splats each pixel's values into every cell of its z span, most with weight 0,
+    // so one NaN or infinity among them reaches all of those cells. A row whose splat is not
+    // finite is redone without the dense path: then it reaches only each pixel's eight corners,
+    // as grid_sample's gradient does. (One test of the row buffer, where a test per block cost
+    // ~9% of a fine grid's splat.)
+    for (bool dense = R_finite;; dense = false) {
+      if (p.need_grid) std::fill(B, B + plane, T(0));
+      BO_FOR_EACH_BLOCK(p, (backward_block<T, kApply, kDguide, kGrad>(p, R, dense, B, s, guide, n,
+                                                                      y, b, nb, c0, c1)));
+      if (!dense || !p.need_grid || values_finite(B, plane)) break;
+    }
     if (!p.need_grid) continue;
     double* __restrict g0 = Gacc + (ty.i0 - band_lo) * plane;
     const double w0 = ty.w0;
