@@ -249,6 +249,38 @@ def test_unsupported_index_shapes_raise(gen):
         model(xy[:, None, None, None, None], rgb[:, None, None, None, None], torch.zeros(6, dtype=torch.long))
 
 
+def test_negative_indices_count_from_the_last_grid(gen):
+    # lib_bilagrid reads grids[idx]: -1 is the last grid, as in Python.
+    model = _model(3, 4, 4, 2, F64, gen)
+    xy, rgb = torch.rand(2, 5, 2, dtype=F64), torch.rand(2, 5, 3, dtype=F64)
+    assert torch.equal(slice(model, xy, rgb, torch.tensor(-1))["rgb"], slice(model, xy, rgb, torch.tensor(2))["rgb"])
+    got = slice(model, xy, rgb, torch.tensor([[-3], [-1]]))["rgb"]
+    assert torch.equal(got, slice(model, xy, rgb, torch.tensor([[0], [2]]))["rgb"])
+    assert torch.equal(model(xy, rgb, torch.tensor([-2, 1])), model(xy, rgb, torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="grid_idx"):
+        slice(model, xy, rgb, torch.tensor(-4))
+
+
+def test_fused_bilagrid_calls(gen):
+    # fused-bilagrid's slice(bil_grids, None, rgb, idx): the pixel grid nerfstudio builds for
+    # lib_bilagrid (linspace(0, 1) along each axis); compute_coords_grad=False stops xy's gradient.
+    model = _model(2, 4, 4, 2, F64, gen)
+    rgb = torch.rand(1, 6, 9, 3, dtype=F64)
+    gy, gx = torch.meshgrid(torch.linspace(0, 1, 6, dtype=F64), torch.linspace(0, 1, 9, dtype=F64), indexing="ij")
+    xy = torch.stack([gx, gy], dim=-1)[None]
+    idx = torch.tensor([1])
+    assert torch.equal(slice(model, None, rgb, idx)["rgb"], slice(model, xy, rgb, idx)["rgb"])
+    leaf = xy.clone().requires_grad_()
+    slice(model, leaf, rgb, idx, compute_coords_grad=False)["rgb"].sum().backward()
+    assert leaf.grad is None and model.grids.grad is not None
+    slice(model, leaf, rgb, idx)["rgb"].sum().backward()
+    assert leaf.grad is not None
+    with pytest.raises(ValueError, match="patch"):
+        slice(model, None, rgb, idx, actual_height=6, actual_width=9, patch_offsets=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="xy=None"):
+        slice(model, None, rgb[0, 0], idx)
+
+
 # ----------------------------------------------------------------------------------------------
 # Total variation
 

@@ -102,6 +102,12 @@ class SliceResult(Mapping):
         return len(self._KEYS)
 
 
+def _python_index(idx: torch.Tensor, num: int) -> torch.Tensor:
+    """Grid indices as lib_bilagrid's ``grids[idx]`` reads them: -1 is the last of the ``num``
+    grids. Indices below -num stay negative, and the op then raises for them."""
+    return idx + num * (idx < 0)
+
+
 def _per_sample_index(grid_idx, lead: tuple, num: int, device: torch.device) -> torch.Tensor:
     """lib_bilagrid's choice of grid for each of the prod(lead) samples of ``slice``: the one
     index when grid_idx holds a single value, else ``grid_idx[:, 0(, 0, 0)]`` per leading item.
@@ -115,13 +121,13 @@ def _per_sample_index(grid_idx, lead: tuple, num: int, device: torch.device) -> 
     p = math.prod(lead)
     grid_idx = grid_idx.to(device=device, dtype=torch.int64)
     if grid_idx.numel() == 1:
-        return grid_idx.reshape(1).expand(p)
+        return _python_index(grid_idx.reshape(1), num).expand(p)
     if 2 <= grid_idx.dim() <= 4 and len(lead) >= 1 and grid_idx.shape[0] == lead[0] and lead[0] > 0:
-        first = grid_idx.reshape(grid_idx.shape[0], -1)[:, 0]
+        first = _python_index(grid_idx.reshape(grid_idx.shape[0], -1)[:, 0], num)
         return first.unsqueeze(1).expand(lead[0], p // lead[0]).reshape(p)
     unique = torch.unique(grid_idx)
     if unique.numel() == 1:
-        return unique.expand(p)
+        return _python_index(unique, num).expand(p)
     raise ValueError(
         "The input to bilateral grid slicing is not supported yet: grid_idx must hold one index, "
         f"or have shape (N, 1), (N, 1, 1) or (N, 1, 1, 1) with N = {lead[0] if lead else 0} "
@@ -129,23 +135,61 @@ def _per_sample_index(grid_idx, lead: tuple, num: int, device: torch.device) -> 
     )
 
 
-def slice(bil_grids: BilateralGrid, xy: torch.Tensor, rgb: torch.Tensor, grid_idx: torch.Tensor) -> SliceResult:
+def _pixel_grid(rgb: torch.Tensor) -> torch.Tensor:
+    """fused-bilagrid's default xy for rgb of shape (..., H, W, 3): x = linspace(0, 1, W) along the
+    columns, y = linspace(0, 1, H) along the rows (the grid nerfstudio builds for lib_bilagrid)."""
+    if rgb.dim() < 3:
+        raise ValueError(f"xy=None needs rgb of shape (..., H, W, 3), got {tuple(rgb.shape)}")
+    h, w = rgb.shape[-3], rgb.shape[-2]
+    kw = dict(device=rgb.device, dtype=rgb.dtype if rgb.is_floating_point() else torch.float32)
+    gy, gx = torch.meshgrid(torch.linspace(0, 1, h, **kw), torch.linspace(0, 1, w, **kw), indexing="ij")
+    return torch.stack([gx, gy], dim=-1).expand(*rgb.shape[:-1], 2)
+
+
+def slice(
+    bil_grids: BilateralGrid,
+    xy: torch.Tensor | None,
+    rgb: torch.Tensor,
+    grid_idx: torch.Tensor,
+    compute_coords_grad: bool | None = None,
+    actual_height: int | None = None,
+    actual_width: int | None = None,
+    patch_offsets: torch.Tensor | None = None,
+) -> SliceResult:
     """Slice the bilateral grids at pixel coordinates ``xy`` and the gray level of ``rgb``, and
-    apply the sliced affine matrices to ``rgb`` (lib_bilagrid's ``slice``).
+    apply the sliced affine matrices to ``rgb`` (lib_bilagrid's ``slice``, and fused-bilagrid's
+    with its default pixel grid).
 
     Args:
         bil_grids: a :class:`BilateralGrid` of M grids.
-        xy: (..., 2) coordinates in [0, 1] (x along the grid's width, y along its height).
+        xy: (..., 2) coordinates in [0, 1] (x along the grid's width, y along its height), or None
+            for the pixel grid of an rgb image (..., H, W, 3): x = linspace(0, 1, W), y =
+            linspace(0, 1, H), as fused-bilagrid's ``slice(bil_grids, None, rgb, idx)``.
         rgb: (..., 3) colours in [0, 1]; their gray level ``rgb @ rgb2gray_weight.T`` is the third
             coordinate.
         grid_idx: the grid of each sample: one index (any shape, e.g. 0-d), or (N, 1), (N, 1, 1),
-            (N, 1, 1, 1) for the N leading items of xy / rgb, one grid each.
+            (N, 1, 1, 1) for the N leading items of xy / rgb, one grid each; negative indices count
+            from the last grid, as ``grids[idx]`` does.
+        compute_coords_grad: fused-bilagrid's flag: False gives xy no gradient. None (the default,
+            lib_bilagrid's behaviour) and True let it flow.
+        actual_height, actual_width, patch_offsets: fused-bilagrid's patched batching, not
+            supported: anything but None raises ``ValueError``.
 
     Returns:
         ``{"rgb": (..., 3), "rgb_affine_mats": (..., 3, 4)}``, the matrices computed only when read.
     """
-    if not isinstance(xy, torch.Tensor) or not isinstance(rgb, torch.Tensor):
-        raise TypeError("xy and rgb must be tensors")
+    if actual_height is not None or actual_width is not None or patch_offsets is not None:
+        raise ValueError(
+            "actual_height, actual_width and patch_offsets (fused-bilagrid's patched batching) are not supported"
+        )
+    if not isinstance(rgb, torch.Tensor):
+        raise TypeError("rgb must be a tensor")
+    if xy is None:
+        xy = _pixel_grid(rgb)
+    if not isinstance(xy, torch.Tensor):
+        raise TypeError("xy must be a tensor or None")
+    if compute_coords_grad is False:
+        xy = xy.detach()
     if xy.shape[-1:] != (2,) or rgb.shape[-1:] != (3,) or xy.shape[:-1] != rgb.shape[:-1]:
         raise ValueError(f"xy must have shape (..., 2) and rgb (..., 3) with the same leading shape, got {tuple(xy.shape)} and {tuple(rgb.shape)}")
     sh = rgb.shape
@@ -249,6 +293,7 @@ class BilateralGrid(nn.Module):
             per_item = torch.arange(n, device=grid_xy.device)
         else:
             per_item = torch.as_tensor(idx, device=grid_xy.device).to(torch.int64).reshape(-1)
+            per_item = _python_index(per_item, self.grids.shape[0])
             if per_item.shape[0] != n:
                 raise ValueError(f"idx must hold one grid index per leading item ({n}), got {tuple(per_item.shape)}")
         lead = grid_xy.shape[:-1]
