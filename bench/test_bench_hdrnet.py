@@ -85,7 +85,7 @@ def _pieces(model, x):
         torch.autograd.grad(g, guide_params, torch.ones_like(g))
 
     def slice_apply():
-        out = model.apply(coeffs, guide, x)
+        out = model.apply_coefficients(coeffs, guide, x)
         torch.autograd.grad(out, [coeffs, guide], torch.ones_like(out))
 
     return {"coefficients": coefficient_network, "guide": guide_fn, "slice_apply": slice_apply}

@@ -188,7 +188,7 @@ def blur_sigma(sigma: object) -> tuple[float, float, float]:
     if not all(_real(s) for s in values):
         raise TypeError(f"sigma must contain numbers, got {sigma!r}")
     out = tuple(float(s) for s in values)
-    if any(not math.isfinite(s) for s in out):
+    if not all(_finite(s) for s in out):
         raise ValueError(f"sigma must be finite, got {sigma!r}")
     if any(s < 0 for s in out):
         raise ValueError(f"sigma must be >= 0 (0 skips an axis), got {sigma!r}")
@@ -197,13 +197,20 @@ def blur_sigma(sigma: object) -> tuple[float, float, float]:
     return out
 
 
+def _finite(x: float) -> bool:
+    # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic
+    # (dynamic=True, or a value that changed since the first call), and a comparison becomes a
+    # guard where math.isfinite breaks the graph. NaN fails both.
+    return -math.inf < x < math.inf
+
+
 def positive_number(name: str, x: object, what: str = "a number") -> float:
     """A finite number > 0 (the filters' sigmas); ``what`` names the accepted kinds in the
     TypeError."""
     if not _real(x):
         raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
     value = float(x)
-    if not math.isfinite(value) or value <= 0:
+    if not (_finite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
     return value
 
@@ -212,6 +219,9 @@ def positive_number(name: str, x: object, what: str = "a number") -> float:
 # bilateral_filter
 
 BORDER_TYPES = ("reflect", "replicate", "constant", "circular")
+# The most taps a kernel may have (csrc/bilateral_filter_args.h's kMaxFilterTaps): its tables
+# are allocated by its size, and 2^24 taps a pixel is far beyond any practical cost.
+MAX_FILTER_TAPS = 1 << 24
 COLOR_DISTANCE_TYPES = ("l1", "l2")
 
 
@@ -235,25 +245,24 @@ def kernel_size_2d(kernel_size: object) -> tuple[int, int]:
     return pair
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def sigma_space_pair(value: object) -> tuple[float, float]:
     """A float (both axes) or a pair (sigma_y, sigma_x) of positive numbers."""
-    if _is_number(value):
+    if _real(value):
         s = positive_number("sigma_space", value, "a float, a pair or a tensor")
         return (s, s)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_real, value)):
         return (positive_number("sigma_space", value[0]), positive_number("sigma_space", value[1]))
     raise TypeError(f"sigma_space must be a float, a pair (sigma_y, sigma_x) or a tensor, got {value!r}")
 
 
-def check_sigma_tensor(name: str, t: torch.Tensor, batch: int, shape: tuple[int, ...]) -> None:
+def check_sigma_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], input: torch.Tensor) -> None:
     """A sigma tensor of shape ``shape`` (per image) or with a leading 1 (broadcast), floating.
     ``shape`` is (N,) for sigma_color and (N, 2) for sigma_space; a 0-d / (2,) tensor is one for
-    every image too."""
+    every image too. It may be on another device than ``input`` (it is copied), but not on the
+    meta device unless the input is: such a tensor has no values to copy."""
     check_tensor(name, t)
+    if t.device.type == "meta" and input.device.type != "meta":
+        raise ValueError(f"{name} is on the meta device (it has no values) but input is on {input.device}")
     ok = tuple(t.shape) in (shape, (1, *shape[1:]), tuple(shape[1:]))
     if not ok:
         raise ValueError(f"{name} must have shape {shape} (or broadcast from one image), got {tuple(t.shape)}")
@@ -293,6 +302,8 @@ def check_filter(
     ky, kx = kernel_size
     if ky <= 0 or kx <= 0 or ky % 2 == 0 or kx % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
+    if ky * kx > MAX_FILTER_TAPS:
+        raise ValueError(f"kernel_size {kernel_size!r} has more than {MAX_FILTER_TAPS} taps")
     py, px = (ky - 1) // 2, (kx - 1) // 2
     if h > 0 and w > 0:
         if border_type == "reflect" and (py >= h or px >= w):

@@ -30,7 +30,7 @@ _ops = torch.ops.bilateral_ops
 def _sigma_color(sigma_color, input: torch.Tensor) -> torch.Tensor:
     n = input.shape[0]
     if isinstance(sigma_color, torch.Tensor):
-        v.check_sigma_tensor("sigma_color", sigma_color, n, (n,))
+        v.check_sigma_tensor("sigma_color", sigma_color, (n,), input)
         t = sigma_color.to(device=input.device, dtype=input.dtype)
         v.check_sigma_values("sigma_color", t)
         return t.reshape(-1).expand(n)
@@ -41,7 +41,7 @@ def _sigma_color(sigma_color, input: torch.Tensor) -> torch.Tensor:
 def _sigma_space(sigma_space, input: torch.Tensor) -> torch.Tensor:
     n = input.shape[0]
     if isinstance(sigma_space, torch.Tensor):
-        v.check_sigma_tensor("sigma_space", sigma_space, n, (n, 2))
+        v.check_sigma_tensor("sigma_space", sigma_space, (n, 2), input)
         t = sigma_space.to(device=input.device, dtype=input.dtype)
         v.check_sigma_values("sigma_space", t)
         return t.reshape(-1, 2).expand(n, 2)

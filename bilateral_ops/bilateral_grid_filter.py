@@ -26,6 +26,8 @@ _FUSED = ("_bilateral_grid_filter_splat", "_bilateral_grid_filter_slice")
 # Weights below this are empty cells: the result there is 0, never a division by zero (the same
 # constant as the kernels').
 MIN_WEIGHT = 1e-12
+# The most cells on one grid axis.
+MAX_GRID_AXIS = 2**31 - 1
 
 
 def bilateral_grid_filter(
@@ -53,11 +55,19 @@ def bilateral_grid_filter(
     Raises:
         TypeError: input or guide is not a floating tensor, their dtypes differ, or a sigma is
             not a number.
-        ValueError: wrong ranks, sizes or devices, or a sigma that is not finite and > 0.
+        ValueError: wrong ranks, sizes or devices, or a sigma that is not finite and > 0 or so
+            small that a grid axis would have over 2^31 - 1 cells.
     """
     v.check_tensor("input", input)
     sigma_color = v.positive_number("sigma_color", sigma_color)
     sigma_space = v.positive_number("sigma_space", sigma_space)
+    # The grid has ceil(1 / sigma_color) x ceil(H / sigma_space) x ceil(W / sigma_space) cells: a
+    # sigma so small that an axis would not fit an int is refused here, naming it.
+    side = max(input.shape[2], input.shape[3]) if input.dim() == 4 else 1
+    if 1 / sigma_color > MAX_GRID_AXIS:
+        raise ValueError(f"sigma_color {sigma_color!r} is too small: the grid would have over {MAX_GRID_AXIS} depth cells")
+    if side / sigma_space > MAX_GRID_AXIS:
+        raise ValueError(f"sigma_space {sigma_space!r} is too small: the grid would have over {MAX_GRID_AXIS} cells a side")
     mean_guide = guide is None
     if guide is not None:
         v.check_tensor("guide", guide)

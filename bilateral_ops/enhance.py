@@ -61,7 +61,7 @@ def timed_enhance(model, image: torch.Tensor, repeats: int = 1, dtype: torch.dty
             guide = model.guide(x)
             _sync(device)
             marks.append(time.perf_counter())
-            out = model.apply(coeffs, guide, x)
+            out = model.apply_coefficients(coeffs, guide, x)
             _sync(device)
             marks.append(time.perf_counter())
             if i:

@@ -706,10 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    program = export_onnx(
-        model, (example,), args.out, opset=opset, variant=args.variant,
-        dynamic_shapes=_hdrnet_dynamic_shapes(), input_names=["fullres"], output_names=["output"],
-    )
+    try:
+        program = export_onnx(
+            model, (example,), args.out, opset=opset, variant=args.variant,
+            dynamic_shapes=_hdrnet_dynamic_shapes(), input_names=["fullres"], output_names=["output"],
+        )
+    except ValueError as exc:  # e.g. HDRNet at opset 17: its antialiased resize needs 18
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     n_nodes = len(program.model_proto.graph.node)
     print(f"wrote {args.out}: opset {opset}, variant {args.variant}, {n_nodes} nodes, inputs fullres (N, 3, H, W)")
     if args.no_check:

@@ -39,6 +39,11 @@ inline int parse_distance(const std::string& s) {
   TORCH_CHECK(false, "color_distance_type must be 'l1' or 'l2', got '", s, "'");
 }
 
+// Taps of a kernel at most (2^24, e.g. 4095 x 4095): the spatial table and the padded rows are
+// allocated by the kernel's size, so an absurd one (2^31 taps) would exhaust memory rather
+// than raise; an exact filter of 2^24 taps a pixel is already far beyond any practical cost.
+constexpr int64_t kMaxFilterTaps = int64_t(1) << 24;
+
 inline FilterShape check_filter(const at::Tensor& input, const c10::optional<at::Tensor>& guidance,
                                 at::IntArrayRef kernel_size, const at::Tensor& sigma_color,
                                 const at::Tensor& sigma_space, const std::string& border_type,
@@ -67,6 +72,8 @@ inline FilterShape check_filter(const at::Tensor& input, const c10::optional<at:
   s.kx = kernel_size[1];
   TORCH_CHECK(s.ky > 0 && s.kx > 0 && s.ky % 2 == 1 && s.kx % 2 == 1,
               "kernel_size must be odd and positive, got ", kernel_size);
+  TORCH_CHECK(s.ky <= kMaxFilterTaps / s.kx, "kernel_size ", kernel_size, " has more than ",
+              kMaxFilterTaps, " taps");
   s.py = (s.ky - 1) / 2;
   s.px = (s.kx - 1) / 2;
   s.border = parse_border(border_type);

@@ -468,6 +468,24 @@ def test_torch_compile_fullgraph():
     assert torch.equal(module(x.detach()), bo.bilateral_blur(x.detach(), 5, 0.2, (1.5, 1.5)))
 
 
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
+def test_torch_compile_fullgraph_float_sigmas_that_change(dynamic):
+    # A float sigma that changes between calls (or any float under dynamic=True) reaches the
+    # compiled function symbolic; validating it must not break the graph, as kornia's does not.
+    x = _leaves(2, 3, 1, 12, 14)[0]
+
+    def fn(x, sc, sy):
+        return bo.bilateral_blur(x, 5, sc, (sy, 1.5))
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for sc, sy in ((0.2, 1.0), (0.35, 2.5), (0.05, 0.7)):
+        torch.testing.assert_close(compiled(x, sc, sy), fn(x, sc, sy), rtol=0, atol=0)
+    module = torch.compile(bo.BilateralBlur(5, 0.2, (1.5, 1.5)), fullgraph=True, dynamic=dynamic)
+    for sc in (0.2, 0.3):
+        module.sigma_color = sc
+        torch.testing.assert_close(module(x), bo.bilateral_blur(x, 5, sc, (1.5, 1.5)), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Layouts, sizes, dtypes, determinism
 
@@ -627,6 +645,10 @@ ERRORS = [
     ({"guidance": _x(2, 6, 7)}, ValueError, "guidance"),
     ({"guidance": torch.ones(2, 1, 6, 7, dtype=torch.int32)}, TypeError, "guidance"),
     ({"guidance": torch.rand(2, 1, 6, 7, device="meta")}, ValueError, "guidance"),
+    ({"sigma_color": torch.ones(2, device="meta")}, ValueError, "sigma_color.*meta"),
+    ({"sigma_space": torch.ones(2, 2, device="meta")}, ValueError, "sigma_space.*meta"),
+    # More taps than MAX_FILTER_TAPS: refused before a table of that size is allocated.
+    ({"kernel_size": (1, 2**31 - 1), "border_type": "constant"}, ValueError, "kernel_size.*taps"),
 ]
 
 
@@ -678,6 +700,7 @@ DIRECT_ERRORS = [
     {"sigma_space": _x(2, 3)},
     {"sigma_space": _x(2, 2, dtype=F64)},
     {"input": torch.ones(2, 3, 6, 7, dtype=torch.int32)},
+    {"kernel_size": [1, 2**31 - 1], "border_type": "constant"},
 ]
 
 

@@ -189,6 +189,14 @@ def test_compile_fullgraph(gen):
         torch.testing.assert_close(a, b)
 
 
+def test_compile_fullgraph_dynamic_sigmas(gen):
+    # Symbolic sigmas (dynamic=True): the grid's size follows them, and nothing breaks the graph.
+    inp, _ = make_case(1, 3, 24, 31, torch.float32, gen)
+    compiled = torch.compile(bo.bilateral_grid_filter, fullgraph=True, dynamic=True)
+    for sc, ss in ((0.2, 4.0), (0.1, 3.0), (0.3, 7.5)):
+        torch.testing.assert_close(compiled(inp, sc, ss), bo.bilateral_grid_filter(inp, sc, ss))
+
+
 @pytest.mark.parametrize("with_guide", [False, True], ids=["mean_guide", "guide"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_cpu_half_precision(dtype, with_guide, gen):
@@ -233,6 +241,8 @@ ERRORS = [
     (t64(1, 3, 8, 9), math.nan, 4.0, None, ValueError, "sigma_color"),
     (t64(1, 3, 8, 9), 0.1, math.inf, None, ValueError, "sigma_space"),
     (t64(1, 3, 8, 9), True, 4.0, None, TypeError, "sigma_color"),
+    (t64(1, 3, 8, 9), 5e-324, 4.0, None, ValueError, "sigma_color.*too small"),  # 1 / sigma: inf
+    (t64(1, 3, 8, 9), 0.1, 1e-300, None, ValueError, "sigma_space.*too small"),
     (t64(3, 8, 9), 0.1, 4.0, None, ValueError, "input"),
     (t64(1, 3, 8, 9), 0.1, 4.0, t64(1, 8, 8), ValueError, "guide"),
     (t64(1, 3, 8, 9), 0.1, 4.0, t64(1, 8, 9, dtype=torch.float32), TypeError, "guide"),

@@ -701,3 +701,7 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, capsys):
     assert "needs opset 20" in capsys.readouterr().err
     assert bx.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
+    # Opset 17 suits the variant but not HDRNet (its antialiased resize needs 18): refused after
+    # the export, with the same message and status.
+    assert bx.main(["--checkpoint", str(ckpt), "--out", str(out), "--opset", "17"]) == 2
+    assert "error" in capsys.readouterr().err

@@ -113,6 +113,14 @@ def test_cpu_half_precision_computes_in_float32(dtype, gen):
     torch.testing.assert_close(out, bo.grid_blur(grid.float(), 1.0).to(dtype), rtol=0, atol=0)
 
 
+def test_compile_fullgraph_sigma_that_changes(gen):
+    # The second call's sigma reaches the compiled function symbolic (automatic dynamic floats).
+    grid = torch.randn(1, 2, 4, 5, 6, generator=gen)
+    compiled = torch.compile(bo.grid_blur, fullgraph=True)
+    for sigma in (1.0, 0.5, (0.7, 0.0, 1.3), (0.2, 0.4, 0.6)):
+        torch.testing.assert_close(compiled(grid, sigma), bo.grid_blur(grid, sigma), rtol=0, atol=0)
+
+
 def test_compile_fullgraph(gen):
     grid = torch.randn(1, 2, 4, 5, 6, generator=gen)
 

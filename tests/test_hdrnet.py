@@ -138,6 +138,20 @@ def test_pieces_compose_the_forward():
         assert g.shape == (2, 45, 31) and g.min() >= 0 and g.max() <= 1
 
 
+def test_module_apply_is_torchs():
+    # model.apply(fn) is nn.Module.apply (initialisers use it, and so does every parent module's
+    # apply); the slice-and-apply step is apply_coefficients.
+    torch.manual_seed(3)
+    m = HDRNet(**SMALL)
+    seen = []
+    assert m.apply(seen.append) is m and seen[-1] is m and len(seen) == len(list(m.modules()))
+    parent = torch.nn.Sequential(m)
+    parent.apply(lambda mod: torch.nn.init.zeros_(mod.bias) if isinstance(mod, torch.nn.Conv2d) and mod.bias is not None else None)
+    x = torch.rand(1, 3, 20, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(m.apply_coefficients(m.coefficients(m.lowres(x)), m.guide(x), x), m(x), rtol=0, atol=0)
+
+
 def test_any_size_and_batch():
     m = HDRNet(**SMALL)
     for shape in [(1, 3, 1, 1), (3, 3, 7, 129), (2, 3, 64, 9)]:

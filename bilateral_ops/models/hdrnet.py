@@ -212,7 +212,11 @@ class HDRNet(nn.Module):
         """The (N, H, W) guide in [0, 1] of the (N, 3, H, W) full-resolution image."""
         return curve_guide(fullres, *self._guide_params(fullres))
 
-    def apply(self, coefficients: torch.Tensor, guide: torch.Tensor, fullres: torch.Tensor) -> torch.Tensor:
+    # Not named apply: that would hide nn.Module.apply(fn), which model.apply(init_fn) and every
+    # parent module's apply call.
+    def apply_coefficients(
+        self, coefficients: torch.Tensor, guide: torch.Tensor, fullres: torch.Tensor
+    ) -> torch.Tensor:
         """Slice the grid at every pixel and apply its affine transform to ``fullres``."""
         return bilateral_slice_apply(coefficients, guide, fullres)
 
@@ -229,7 +233,7 @@ class HDRNet(nn.Module):
             )
         coeffs = self.coefficients(lowres)
         guide = self.guide(fullres)
-        return self.apply(coeffs, guide, fullres)
+        return self.apply_coefficients(coeffs, guide, fullres)
 
 
 class ReferenceHDRNet(HDRNet):
@@ -240,5 +244,7 @@ class ReferenceHDRNet(HDRNet):
     def guide(self, fullres: torch.Tensor) -> torch.Tensor:
         return reference.curve_guide(fullres, *self._guide_params(fullres))
 
-    def apply(self, coefficients: torch.Tensor, guide: torch.Tensor, fullres: torch.Tensor) -> torch.Tensor:
+    def apply_coefficients(
+        self, coefficients: torch.Tensor, guide: torch.Tensor, fullres: torch.Tensor
+    ) -> torch.Tensor:
         return reference.bilateral_slice_apply(coefficients, guide, fullres)
