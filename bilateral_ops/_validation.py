@@ -232,11 +232,19 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _int_scalar(x: object) -> bool:
+    # An int, or a one-element integer tensor (kornia's kernel sizes may be tensors).
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return _is_int(x)
+
+
 def kernel_size_2d(kernel_size: object) -> tuple[int, int]:
-    """An int (both axes) or a pair (ky, kx) of odd positive ints, as (ky, kx)."""
-    if _is_int(kernel_size):
+    """An int (both axes) or a pair (ky, kx) of odd positive ints (or one-element integer
+    tensors, as kornia takes), as (ky, kx)."""
+    if _int_scalar(kernel_size):
         pair = (int(kernel_size), int(kernel_size))
-    elif isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and all(map(_is_int, kernel_size)):
+    elif isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and all(map(_int_scalar, kernel_size)):
         pair = (int(kernel_size[0]), int(kernel_size[1]))
     else:
         raise TypeError(f"kernel_size must be an int or a pair of ints (ky, kx), got {kernel_size!r}")

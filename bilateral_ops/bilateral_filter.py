@@ -40,6 +40,18 @@ def _sigma_color(sigma_color, input: torch.Tensor) -> torch.Tensor:
 
 def _sigma_space(sigma_space, input: torch.Tensor) -> torch.Tensor:
     n = input.shape[0]
+    if (
+        isinstance(sigma_space, (tuple, list))
+        and len(sigma_space) == 2
+        and any(isinstance(s, torch.Tensor) for s in sigma_space)
+    ):
+        # kornia takes (sigma_y, sigma_x) as tensors too; stacked, they keep their gradients.
+        for s in sigma_space:
+            if isinstance(s, torch.Tensor) and s.numel() != 1:
+                raise ValueError(f"sigma_space entries must be numbers or one-element tensors, got shape {tuple(s.shape)}")
+        sigma_space = torch.stack(
+            [torch.as_tensor(s, dtype=input.dtype, device=input.device).reshape(()) for s in sigma_space]
+        )
     if isinstance(sigma_space, torch.Tensor):
         v.check_sigma_tensor("sigma_space", sigma_space, (n, 2), input)
         t = sigma_space.to(device=input.device, dtype=input.dtype)
@@ -162,6 +174,7 @@ class _BilateralBlur(nn.Module):
         color_distance_type: str = "l1",
     ) -> None:
         super().__init__()
+        v.kernel_size_2d(kernel_size)  # as kornia's modules, refused here rather than at forward
         self.kernel_size = kernel_size
         self.sigma_color = sigma_color
         self.sigma_space = sigma_space

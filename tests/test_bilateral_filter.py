@@ -672,6 +672,31 @@ def test_errors(case, monkeypatch):
         _call(**kw)
 
 
+def test_kornia_argument_forms_with_tensors():
+    # kornia takes the kernel size as integer tensors and (sigma_y, sigma_x) as a pair of tensors;
+    # the pair's gradients flow as a (2,) tensor's would.
+    x = _rand(2, 3, 9, 11, seed=4)
+    want = bo.bilateral_blur(x, (3, 5), 0.1, (1.5, 0.8))
+    got = bo.bilateral_blur(x, (torch.tensor(3), torch.tensor(5)), 0.1, (torch.tensor(1.5), 0.8))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    sy, sx = torch.tensor(1.5, dtype=F64, requires_grad=True), torch.tensor(0.8, dtype=F64, requires_grad=True)
+    pair = torch.tensor([1.5, 0.8], dtype=F64, requires_grad=True)
+    bo.bilateral_blur(x, 3, 0.1, (sy, sx)).sum().backward()
+    bo.bilateral_blur(x, 3, 0.1, pair).sum().backward()
+    torch.testing.assert_close(torch.stack([sy.grad, sx.grad]), pair.grad)
+    with pytest.raises(TypeError, match="kernel_size"):
+        bo.bilateral_blur(x, (torch.tensor(3.0), 3), 0.1, 1.0)
+    with pytest.raises(ValueError, match="sigma_space"):
+        bo.bilateral_blur(x, 3, 0.1, (torch.ones(2), 1.0))
+
+
+@pytest.mark.parametrize("module", [bo.BilateralBlur, bo.JointBilateralBlur])
+@pytest.mark.parametrize("kernel_size,exc", [(4, ValueError), ((3, 0), ValueError), (3.0, TypeError)])
+def test_modules_check_the_kernel_size_when_built(module, kernel_size, exc):
+    with pytest.raises(exc, match="kernel_size"):
+        module(kernel_size, 0.1, (1.0, 1.0))
+
+
 def test_joint_needs_a_guidance_tensor():
     with pytest.raises(TypeError, match="guidance"):
         bo.joint_bilateral_blur(_x(1, 1, 5, 5), None, 3, 0.1, (1.0, 1.0))
