@@ -219,10 +219,10 @@ def positive_number(name: str, x: object, what: str = "a number") -> float:
 # bilateral_filter
 
 BORDER_TYPES = ("reflect", "replicate", "constant", "circular")
+COLOR_DISTANCE_TYPES = ("l1", "l2")
 # The most taps a kernel may have (csrc/bilateral_filter_args.h's kMaxFilterTaps): its tables
 # are allocated by its size, and 2^24 taps a pixel is far beyond any practical cost.
 MAX_FILTER_TAPS = 1 << 24
-COLOR_DISTANCE_TYPES = ("l1", "l2")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
