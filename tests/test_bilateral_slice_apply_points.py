@@ -140,15 +140,20 @@ def test_second_derivative_raises(gen):
         torch.autograd.grad(sum(x.square().sum() for x in g), leaves)
 
 
-@pytest.mark.parametrize("p", [100, 40000, 150000], ids=["sparse", "one_chunk", "chunked"])
+@pytest.mark.parametrize("p", [100, 6000, 40000, 150000], ids=["sparse", "mixed", "one_chunk", "chunked"])
 def test_dense_and_chunked_paths(p, gen):
-    """Few samples per grid (the grids read in place, the gradient accumulated per grid), many (a
-    channels-last copy; chunks summed in order): all agree with the gather formula."""
-    m = 2 if p > 1000 else 30
+    """Few samples per grid (the grids read in place, the gradient accumulated per grid, straight
+    or, from cells / 32 samples on, through a channels-last buffer), many (a channels-last copy;
+    chunks summed in order): all agree with the gather formula."""
+    m = 2 if p > 6000 else (4 if p == 6000 else 30)
     grid, coords, inp, idx = make_points_case(m, 3, 3, 8, 16, 16, p, True, F64, gen, spread=0.05)
-    if p > 1000:
+    if p > 6000:
         idx = torch.zeros(p, dtype=torch.int64)  # one grid per image, as gsplat
         idx[p // 3 :] = 1
+    elif p == 6000:  # 2048 cells: 63 samples straight, 64 through the buffer, 1, the rest
+        idx = torch.full((p,), 3, dtype=torch.int64)
+        idx[:63], idx[63:127], idx[127] = 0, 1, 2
+        idx = idx[torch.randperm(p, generator=gen)]
     go = torch.randn(p, 3, generator=gen, dtype=F64)
     leaves = [t.clone().requires_grad_() for t in (grid, coords, inp)]
     out = bo.bilateral_slice_apply_points(*leaves, idx)
