@@ -32,11 +32,39 @@ constexpr bool kTwoChunks = BO_ISA_LEVEL >= 4;
 template <typename T>
 BO_ALWAYS_INLINE vec_t<T> vexp2(vec_t<T> t, vec_t<T> lo);
 
-// 1 + c[4] f + c[3] f^2 + ... + c[0] f^5, by Horner's rule.
-BO_ALWAYS_INLINE vec_t<float> exp2_poly(vec_t<float> f, const float (&c)[5]) {
-  vec_t<float> p = vsplat<float>(c[0]);
-  for (int i = 1; i < 5; ++i) p = p * f + c[i];
-  return p * f + 1.0f;
+// 1 + c[N - 1] f + c[N - 2] f^2 + ... + c[0] f^N, by Horner's rule.
+template <typename T, int N>
+BO_ALWAYS_INLINE vec_t<T> exp2_poly(vec_t<T> f, const T (&c)[N]) {
+  vec_t<T> p = vsplat<T>(c[0]);
+  for (int i = 1; i < N; ++i) p = p * f + c[i];
+  return p * f + T(1);
+}
+
+// 2^t for t >= lo and 0 below it (NaN stays NaN), c the polynomial of 2^f for |f| <= 1/2, with
+// no special instruction: 2^t = 2^n 2^f with n = round(t). Adding 1.5 * 2^M (M mantissa bits)
+// rounds t to an integer held in the low mantissa bits of m, whose bits shifted left by M are
+// n << M (those of 1.5 * 2^M vanish: 0x4B400000 << 23 and 0x4338000000000000 << 52 are 0);
+// added to the bits of 2^f, n << M scales it by 2^n. lo must keep 2^n a normal number.
+template <typename T, int N>
+BO_ALWAYS_INLINE vec_t<T> split_exp2(vec_t<T> t, vec_t<T> lo, const T (&c)[N]) {
+  using V = vec_t<T>;
+  using I = typename VecOf<T>::mask;
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  const V t_in = t;
+  t = lo > t ? lo : t;  // NaN passes through as NaN
+  const V magic = vsplat<T>(kFloat ? T(12582912.0f) : T(6755399441055744.0));
+  const V m = t + magic;
+  const V f = t - (m - magic);
+  I n_shifted;
+  __builtin_memcpy(&n_shifted, &m, sizeof(n_shifted));
+  n_shifted <<= (kFloat ? 23 : 52);
+  const V p = exp2_poly(f, c);
+  I bits;
+  __builtin_memcpy(&bits, &p, sizeof(bits));
+  bits += n_shifted;
+  V out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return t_in < lo ? V{} : out;
 }
 
 // 2^f for |f| <= 1/2 (see above).
@@ -67,25 +95,7 @@ BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
 #else
 template <>
 BO_ALWAYS_INLINE vec_t<float> vexp2<float>(vec_t<float> t, vec_t<float> lo) {
-  using V = vec_t<float>;
-  using I = VecOf<float>::mask;
-  const V t_in = t;
-  t = lo > t ? lo : t;  // NaN passes through as NaN
-  // 2^t = 2^n 2^f with n = round(t), |f| <= 1/2: adding 1.5 * 2^23 rounds to an integer held in
-  // the low mantissa bits: the bits of m are those of 1.5 * 2^23 (0x4B400000) plus n.
-  const V magic = vsplat<float>(12582912.0f);
-  const V m = t + magic;
-  const V f = t - (m - magic);
-  I n_shifted;  // n << 23: 0x4B400000 << 23 is 0 modulo 2^32, so the bits of m shifted will do
-  __builtin_memcpy(&n_shifted, &m, sizeof(n_shifted));
-  n_shifted <<= 23;
-  const V p = exp2_poly(f, kExp2Centred);
-  I bits;
-  __builtin_memcpy(&bits, &p, sizeof(bits));
-  bits += n_shifted;
-  V out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return t_in < lo ? V{} : out;
+  return split_exp2(t, lo, kExp2Centred);
 }
 #endif
 
@@ -97,33 +107,13 @@ constexpr double kExp2Double[11] = {
     1.3333558146428443423e-3,  9.618129107628477162e-3,  5.5504108664821579953e-2,
     2.4022650695910071233e-1,  6.9314718055994530942e-1};
 
-// double: the float version's split, 2^n with n = round(t) added to the exponent bits of a
-// polynomial's 2^f, in vectors (a libm exp2 per lane made the float64 filter 11-16x slower than
-// the float32 one). Exponents below -1022 (2^-1022 of the centre weight) give 0 where libm gives
-// denormals: far below the float64 contract's 1e-10. lo (float's clamp) is not used.
+// double: split_exp2 as the generic float version, in vectors (a libm exp2 per lane made the
+// float64 filter 11-16x slower than the float32 one). Exponents below -1022 (2^-1022 of the
+// centre weight) give 0 where libm gives denormals: far below the float64 contract's 1e-10. lo
+// (float's clamp) is not used.
 template <>
 BO_ALWAYS_INLINE vec_t<double> vexp2<double>(vec_t<double> t, vec_t<double>) {
-  using V = vec_t<double>;
-  using I = VecOf<double>::mask;
-  const V t_in = t, lo = vsplat<double>(-1022.0);
-  t = lo > t ? lo : t;  // NaN passes through as NaN
-  // Adding 1.5 * 2^52 rounds to an integer held in the low mantissa bits; shifted left by 52 the
-  // bits of m give n << 52 (0x4338000000000000 << 52 is 0 modulo 2^64).
-  const V magic = vsplat<double>(6755399441055744.0);
-  const V m = t + magic;
-  const V f = t - (m - magic);
-  I n_shifted;
-  __builtin_memcpy(&n_shifted, &m, sizeof(n_shifted));
-  n_shifted <<= 52;
-  V p = vsplat<double>(kExp2Double[0]);
-  for (int i = 1; i < 11; ++i) p = p * f + kExp2Double[i];
-  p = p * f + 1.0;
-  I bits;
-  __builtin_memcpy(&bits, &p, sizeof(bits));
-  bits += n_shifted;
-  V out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return t_in < lo ? V{} : out;
+  return split_exp2(t, vsplat<double>(-1022.0), kExp2Double);
 }
 
 
