@@ -850,13 +850,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_points_back
     // Grids with few samples: one task each, into grad_grid through a channels-last buffer when
     // the samples' adds (8 C each) outnumber the buffer's clearing and copying (2 C a cell) a few
     // times over, else straight.
-    const auto buffered = [&](int64_t m) { return 32 * st.count[m] >= g.cells(); };
     at::parallel_for(0, static_cast<int64_t>(direct.size()), 1, [&](int64_t u0, int64_t u1) {
       std::vector<T> acc;
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t m = direct[u];
-        if (buffered(m)) acc.resize(numel);
-        BackwardTasks::direct(a, order, start[m], start[m + 1], gg + m * numel, buffered(m) ? acc.data() : nullptr);
+        const bool buffer = 32 * st.count[m] >= g.cells();
+        if (buffer) acc.resize(numel);
+        BackwardTasks::direct(a, order, start[m], start[m + 1], gg + m * numel,
+                              buffer ? acc.data() : nullptr);
       }
     });
     // Densely sampled grids, one after the other: chunks in parallel, then summed in order.

@@ -218,21 +218,24 @@ BO_ALWAYS_INLINE void dense_weights(const BlockZ<T>& bz, DenseWeights<T>& dw) {
   }
 }
 
+// The unsigned integer as wide as T (float or double).
+template <typename T>
+using BitsOf = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
 // 1 where x is a NaN or an infinity (every exponent bit set), else 0: an integer test, so that
 // loops or-ing it vectorise (a float sum of x * 0 would not, its order being fixed).
 template <typename T>
-BO_ALWAYS_INLINE typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type
-non_finite_bit(T x) {
-  using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
-  constexpr U kExponent = sizeof(T) == 4 ? U(0x7F800000u) : U(0x7FF0000000000000ull);
-  U bits;
+BO_ALWAYS_INLINE BitsOf<T> non_finite_bit(T x) {
+  constexpr BitsOf<T> kExponent =
+      sizeof(T) == 4 ? BitsOf<T>(0x7F800000u) : BitsOf<T>(0x7FF0000000000000ull);
+  BitsOf<T> bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  return static_cast<U>((bits & kExponent) == kExponent);
+  return static_cast<BitsOf<T>>((bits & kExponent) == kExponent);
 }
 
 template <typename T>
 BO_ALWAYS_INLINE bool values_finite(const T* __restrict v, int64_t n) {
-  decltype(non_finite_bit(T(0))) bad = 0;
+  BitsOf<T> bad = 0;
   for (int64_t i = 0; i < n; ++i) bad |= non_finite_bit(v[i]);
   return bad == 0;
 }
@@ -247,7 +250,7 @@ BO_ALWAYS_INLINE bool build_row_table(const T* __restrict grid_n, const AxisTaps
   const T* __restrict g0 = grid_n + ty.i0 * plane;
   const T* __restrict g1 = grid_n + ty.i1 * plane;
   const T w0 = ty.w0, w1 = ty.w1;
-  decltype(non_finite_bit(T(0))) bad = 0;
+  BitsOf<T> bad = 0;
   for (int64_t i = 0; i < plane; ++i) {
     R[i] = w0 * g0[i] + w1 * g1[i];
     bad |= non_finite_bit(R[i]);
