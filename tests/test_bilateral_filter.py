@@ -237,6 +237,54 @@ def test_float32_rows_in_several_bands_match_kornia(cg):
         _assert_close(a, b, 1e-4 * (1 + b.abs().max().item()))
 
 
+@pytest.mark.parametrize(
+    "h, w, ks, border, distance, cg",
+    [
+        (4, 5, (41, 45), "replicate", "l1", None),  # a window ~10x the image: pairs restricted to it
+        (3, 37, (35, 33), "constant", "l2", 2),
+        (30, 26, (33, 35), "reflect", "l1", 1),  # more than 32 x 32 taps: sums in two levels
+        (26, 30, (3, 401), "circular", "l2", None),  # a wide window, few rows
+    ],
+)
+def test_large_windows_match_reference_with_gradients(h, w, ks, border, distance, cg):
+    """Windows much larger than the image (the CPU kernels sweep only the pairs with an image pixel
+    in them) and windows of more than 32 x 32 taps (their sums staged per padded row), every
+    gradient included, against the float64 reference."""
+    if border == "circular":
+        ks = (ks[0], min(ks[1], 2 * w + 1))
+    x, g, sc, ss = _leaves(2, 2, cg, h, w, seed=11)
+    ss = ss * 10  # weights far from zero across the window
+    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
+
+    def run(fn):
+        out = fn(x, g, sc, ss)
+        go = _rand(*out.shape, dtype=F64, seed=12) - 0.5
+        return out, torch.autograd.grad(out, args, go)
+
+    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
+    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
+    _assert_close(out, ref, 1e-10, "output")
+    for a, b in zip(grads, ref_grads):
+        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
+
+
+@pytest.mark.parametrize("h, w, k, border", [(16, 16, 101, "replicate"), (5, 7, 61, "constant"), (4, 4, 201, "replicate")])
+def test_float32_large_windows_stay_within_kornias_tolerance(h, w, k, border):
+    """Thousands of taps of nearly equal weights: one running float32 sum per pixel drifted by up to
+    4e-5 from the float64 result at k = 101 (7e-5 at 401); the two-level sums stay near 1e-6,
+    values and the input gradient, and within 1e-5 of kornia."""
+    x = _rand(1, 3, h, w, seed=5).requires_grad_()
+    go = _rand(1, 3, h, w, seed=6) - 0.5
+    x64 = x.detach().double().requires_grad_()
+    out = bo.bilateral_blur(x, k, 0.2, (50.0, 40.0), border)
+    out64 = bo.bilateral_blur(x64, k, 0.2, (50.0, 40.0), border)
+    _assert_close(out, out64, 5e-6, "output")
+    _assert_close(out, KF.bilateral_blur(x.detach(), k, 0.2, (50.0, 40.0), border), 1e-5, "kornia")
+    (gx,) = torch.autograd.grad(out, [x], go)
+    (gx64,) = torch.autograd.grad(out64, [x64], go.double())
+    _assert_close(gx, gx64, 1e-5 * gx64.abs().max().item(), "input gradient")
+
+
 @pytest.mark.parametrize("case", ["self", "joint"])
 def test_gradcheck(case):
     x, g, sc, ss = _leaves(2, 2, None if case == "self" else 2, 5, 6)

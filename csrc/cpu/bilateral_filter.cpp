@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -89,6 +90,10 @@ struct Args {
                         // of the sums pass (rows 0 .. PH - 1) and of pass 2 (all Hp rows)
   int distance, border;
   bool self;
+  // Large windows (taps > kStageTaps): two-level sums, see Offsets. flush: the pairs p's register
+  // sums take before they are added into the staging rows.
+  bool stage;
+  int64_t flush;
   const T* src_in;      // (N, C, H, W) the input, contiguous, in T
   const T* src_gd;      // (N, Cg, H, W) the guidance; == src_in when self
   // The padded planes of the band being swept (band_view), of its image only: padded row r of
@@ -148,19 +153,23 @@ struct Scratch {
   T* band = nullptr;  // a band's planes
   T* pad = nullptr;   // a band's padded input and guidance rows
   T* cen = nullptr;   // a band's centre planes
-  Scratch(int64_t C, int64_t Cg, int64_t band_elems, int64_t pad_elems, int64_t cen_elems) {
+  T* stage = nullptr; // large windows: the staging rows of one padded row's pairs (see Offsets)
+  Scratch(int64_t C, int64_t Cg, int64_t band_elems, int64_t pad_elems, int64_t cen_elems, int64_t stage_elems) {
     const size_t bytes = kVecBytesMax * static_cast<size_t>(4 * (C + Cg));
     vbuf = std::aligned_alloc(kVecBytesMax, bytes);
     TORCH_CHECK(vbuf != nullptr, "bilateral_filter: out of memory for ", bytes, " bytes of scratch");
     band = alloc(band_elems);
     pad = alloc(pad_elems);
     cen = alloc(cen_elems);
+    stage = alloc(stage_elems);
+    if (stage != nullptr) std::fill(stage, stage + stage_elems, T(0));  // folds leave it zero
   }
   ~Scratch() {
     std::free(vbuf);
     std::free(band);
     std::free(pad);
     std::free(cen);
+    std::free(stage);
   }
   static T* alloc(int64_t elems) {
     if (elems <= 0) return nullptr;
@@ -199,6 +208,66 @@ struct BandRows {
   BandRows(const Args<T>& p, int64_t t, int64_t per_image, int64_t end)
       : n(t / per_image), R0(t % per_image * p.Bh), R1(std::min(R0 + p.Bh, end)), L0(R0 - p.py) {}
 };
+
+// The offsets s = (dy, dx) of S+ that the pairs of a run of p (padded row R, columns j0 .. j0 +
+// width - 1) sweep: all of them when one of its positions is an image pixel; else only those
+// whose q is an image pixel for some position of the run. A pair of two positions outside the
+// image adds only to sums that are discarded (the forward's, pass 1's) or products with the zero
+// centre planes (pass 2), so image results keep the same terms in the same order, and a window
+// much larger than the image costs its pairs with the image rather than the padded image's
+// ((H + k)(W + k) k^2 / 2 pairs: seconds for a 4 x 4 image at k = 401).
+// Large windows also sum in two levels, so that float32 keeps the 1e-5 contract with kornia
+// (whose sums over the window are pairwise): one sequential sum of the k^2 / 2 pairs of a
+// position drifted by up to 4e-5 at k = 101. With Args::stage the pairs of one padded row R of p
+// add q's terms into staging rows (R .. R + py), folded into the band planes after the row, and
+// p's register sums go into them every Args::flush pairs; every sum then chains ~ the square root
+// of its terms at each level instead of all of them.
+struct Offsets {
+  int64_t dx0, dx1, dy0, dy1;
+};
+
+template <typename T>
+BO_ALWAYS_INLINE Offsets pair_offsets(const Args<T>& p, int64_t R, int64_t j0, int64_t width, int64_t dy_min,
+                                      int64_t dy_max) {
+  Offsets o{-p.px, p.px, dy_min, dy_max};
+  const bool p_row = R >= p.py && R < p.py + p.H;
+  const bool p_col = j0 < p.px + p.W && j0 + width > p.px;
+  if (!(p_row && p_col)) {
+    o.dx0 = std::max(o.dx0, p.px - (j0 + width - 1));
+    o.dx1 = std::min(o.dx1, p.px + p.W - 1 - j0);
+    o.dy0 = std::max(o.dy0, p.py - R);
+    o.dy1 = std::min(o.dy1, p.py + p.H - 1 - R);
+  }
+  return o;
+}
+
+// Large windows: what the pairs of one padded row R reached in its staging rows: rows 0 .. y1
+// (padded rows R .. R + y1) and padded columns c0 .. c1 - 1.
+struct Reach {
+  int64_t y1 = 0, c0 = INT64_MAX, c1 = INT64_MIN;
+  void add(const Offsets& o, int64_t j0, int64_t width) {
+    c0 = std::min(c0, j0 + std::min<int64_t>(o.dx0, 0));
+    c1 = std::max(c1, j0 + width + std::max<int64_t>(o.dx1, 0));
+    if (o.dx0 <= o.dx1 && o.dy0 <= o.dy1) y1 = std::max(y1, o.dy1);
+  }
+};
+
+// Large windows: adds the staging rows of padded row R's pairs (planes of (py + 1) rows, channel
+// stride SW) into the band planes (channel stride PL, row R at band_row) where they reached, and
+// clears them for the next row.
+template <typename T>
+void fold_stage(const Args<T>& p, T* stage, int64_t SW, T* band_row, int64_t PL, int64_t planes, const Reach& r) {
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t i = 0; i <= r.y1; ++i) {
+      T* src = stage + c * SW + i * p.Ws + p.margin;
+      T* dst = band_row + c * PL + i * p.Ws + p.margin;
+      for (int64_t j = r.c0; j < r.c1; ++j) {
+        dst[j] += src[j];
+        src[j] = T(0);
+      }
+    }
+  }
+}
 
 // Adds (or, assign, writes) padded row prow's gradient into image row drow: each padded column
 // adds into the pixel it reads (xmap), the interior first, then the left and right borders.
@@ -335,16 +404,21 @@ void run_bands(Pass pass, const Args<T>& p) {
   const int64_t pad_elems = (p.self ? p.C : p.C + p.Cg) * band_plane_rows(p) * p.Ws;
   const int64_t cen_elems =
       band_makes_centre(pass, p) ? (p.C + 1) * band_plane_rows(p) * p.Wx : 0;
+  const int64_t stage_elems = p.stage ? (p.C + p.Cg + 1) * (p.py + 1) * p.Ws : 0;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), bands);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch<T> s(p.C, p.Cg, band_elems, pad_elems, cen_elems);
+    Scratch<T> s(p.C, p.Cg, band_elems, pad_elems, cen_elems, stage_elems);
     for (int64_t t = next++; t < bands; t = next++) filter_task(pass, band_view(pass, p, t, s), t, s);
   });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side: the sigma tables, the fold.
+
+// Windows of more taps sum in two levels (Offsets): at k = 31 one sequential sum drifts by at
+// most ~1e-6 in float32, and staging costs a few per cent there.
+constexpr int64_t kStageTaps = 32 * 32;
 
 // The most lanes of any copy's vectors (float in 64 bytes): the margins' room for a last load.
 constexpr int64_t kVecMax = kVecBytesMax / sizeof(float);
@@ -419,6 +493,9 @@ struct Prepared {
     a.Bh = std::max<int64_t>(std::min<int64_t>(32, a.Hp), s.py);
     a.nb = (a.PH + a.Bh - 1) / a.Bh;
     a.nb2 = (a.Hp + a.Bh - 1) / a.Bh;
+    const int64_t pairs = (s.ky * s.kx - 1) / 2;
+    a.stage = s.ky * s.kx > kStageTaps;
+    a.flush = std::max<int64_t>(s.py + 1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(pairs)))));
     a.border = s.border;
     a.distance = s.distance;
     a.self = s.self;

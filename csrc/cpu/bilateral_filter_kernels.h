@@ -180,8 +180,18 @@ BO_ALWAYS_INLINE vec_t<T> pair_weight(const T* gd0, int64_t PS, int64_t os, cons
 // The sums pass for J neighbouring chunks j0, j0 + V, ... of row gd0 / in0 (planes s0): see
 // sums_band. Two chunks (J = 2, fixed channel counts, AVX-512's 32 registers) put two
 // independent weight chains side by side in program order.
-template <typename T, int CC, int CG, int DIST, bool SELF, int J>
-BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T* s0, int64_t j0, int64_t dy_min,
+// p's sums of J chunks from j0 added into planes s0 (channel stride PL): the C sums, then W.
+template <typename T, int J>
+BO_ALWAYS_INLINE void add_sums(T* s0, int64_t j0, int64_t PL, int64_t nc, const vec_t<T>* acc, const vec_t<T>* wsum) {
+  for (int j = 0; j < J; ++j) {
+    T* o = s0 + j0 + j * vec_width<T>();
+    for (int64_t c = 0; c < nc; ++c) vstore(o + c * PL, vload(o + c * PL) + acc[j * nc + c]);
+    vstore(o + nc * PL, vload(o + nc * PL) + wsum[j]);
+  }
+}
+
+template <typename T, int CC, int CG, int DIST, bool SELF, int J, bool STAGE>
+BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T* s0, int64_t j0, const Offsets& o,
                                  int64_t PL, vec_t<T> nrc2, vec_t<T> lo, const T* ss, vec_t<T>* v) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
@@ -206,8 +216,10 @@ BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T
       acc[j * nc + c] = wsum[j] * inp[j * nc + c];
     }
   }
-  for (int64_t dx = -p.px; dx <= p.px; ++dx) {
-    for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= p.py; ++dy) {
+  int64_t held = 0;  // pairs in p's sums since they were last added (large windows)
+  for (int64_t dx = o.dx0; dx <= o.dx1; ++dx) {
+    const int64_t dy0 = std::max<int64_t>(dx > 0 ? 0 : 1, o.dy0);
+    for (int64_t dy = dy0; dy <= o.dy1; ++dy) {
       const T& sst = ss[(dy + p.py) * p.kx + dx + p.px];
       for (int j = 0; j < J; ++j) {
         const int64_t os = dy * Ws + dx + j0 + j * V;
@@ -222,12 +234,14 @@ BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T
         vstore(q + nc * PL, vload(q + nc * PL) + w);
       }
     }
+    if (STAGE && (held += o.dy1 - dy0 + 1) >= p.flush) {
+      add_sums<T, J>(s0, j0, PL, nc, acc, wsum);
+      for (int64_t i = 0; i < J * nc; ++i) acc[i] = vec_t<T>{};
+      for (int j = 0; j < J; ++j) wsum[j] = vec_t<T>{};
+      held = 0;
+    }
   }
-  for (int j = 0; j < J; ++j) {
-    T* o = s0 + j0 + j * V;
-    for (int64_t c = 0; c < nc; ++c) vstore(o + c * PL, vload(o + c * PL) + acc[j * nc + c]);
-    vstore(o + nc * PL, vload(o + nc * PL) + wsum[j]);
-  }
+  add_sums<T, J>(s0, j0, PL, nc, acc, wsum);
 }
 
 
@@ -246,11 +260,11 @@ BO_ALWAYS_INLINE void sum_chunks(const Args<T>& p, const T* gd0, const T* in0, T
 // py (py + 1) kx / 2 pairs a band column, ~7% of a band of 32 rows at k = 9. A lambda does not
 // inherit its enclosing function's target options: the sinks must be inlined (BO_LAMBDA_INLINE),
 // or they run as baseline code with another vector ABI.
-template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
-BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
+template <typename T, int CC, int CG, int DIST, bool SELF, bool STAGE, class Sink>
+BO_ALWAYS_INLINE void sums_band_as(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C);
-  const int64_t Ws = p.Ws, PL = band_plane_rows(p) * Ws;
+  const int64_t Ws = p.Ws, PL = band_plane_rows(p) * Ws, SW = (p.py + 1) * Ws;
   Accs<vec_t<T>, CC> acc_l;
   vec_t<T>* v = s.template v<vec_t<T>>();
   vec_t<T>* acc = CC > 0 ? acc_l.v : v;  // the band's sums handed to the sink
@@ -264,15 +278,26 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
       const int64_t dy_min = std::max<int64_t>(0, R0 - R);  // rows above: only pairs reaching the band
       const T* gd0 = p.gd_row(0, R);
       const T* in0 = p.in_row(0, R);
-      T* s0 = s.band + (R - L0) * Ws + p.margin;
+      T* const brow = s.band + (R - L0) * Ws;
+      // Large windows: this row's pairs go into the staging rows, then into the band (Offsets).
+      T* s0 = (STAGE ? s.stage : brow) + p.margin;
+      const int64_t PLs = STAGE ? SW : PL;
       const int64_t x1t = std::min(p.Wp, x0t + kTile);
+      Reach reach;
       int64_t j0 = x0t;
       if constexpr (CC > 0 && CG > 0) {
         for (; kTwoChunks && j0 + V < x1t; j0 += 2 * V) {
-          sum_chunks<T, CC, CG, DIST, SELF, 2>(p, gd0, in0, s0, j0, dy_min, PL, nrc2, lo, ss, v);
+          const Offsets o = pair_offsets(p, R, j0, 2 * V, dy_min, p.py);
+          reach.add(o, j0, 2 * V);
+          sum_chunks<T, CC, CG, DIST, SELF, 2, STAGE>(p, gd0, in0, s0, j0, o, PLs, nrc2, lo, ss, v);
         }
       }
-      for (; j0 < x1t; j0 += V) sum_chunks<T, CC, CG, DIST, SELF, 1>(p, gd0, in0, s0, j0, dy_min, PL, nrc2, lo, ss, v);
+      for (; j0 < x1t; j0 += V) {
+        const Offsets o = pair_offsets(p, R, j0, V, dy_min, p.py);
+        reach.add(o, j0, V);
+        sum_chunks<T, CC, CG, DIST, SELF, 1, STAGE>(p, gd0, in0, s0, j0, o, PLs, nrc2, lo, ss, v);
+      }
+      if (STAGE) fold_stage(p, s.stage, SW, brow, PL, nc + 1, reach);
     }
   }
   // The band's image rows.
@@ -282,6 +307,17 @@ BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink
       for (int64_t c = 0; c < nc; ++c) acc[c] = vload(own + c * PL + x0);
       sink(n, R - p.py, x0, acc, vload(own + nc * PL + x0));
     }
+  }
+}
+
+// Staged sums (large windows) as their own instantiation: both inlined in one loop, the k = 9
+// forward ran ~10 % slower.
+template <typename T, int CC, int CG, int DIST, bool SELF, class Sink>
+BO_ALWAYS_INLINE void sums_band(const Args<T>& p, int64_t t, Scratch<T>& s, Sink&& sink) {
+  if (p.stage) {
+    sums_band_as<T, CC, CG, DIST, SELF, true>(p, t, s, sink);
+  } else {
+    sums_band_as<T, CC, CG, DIST, SELF, false>(p, t, s, sink);
   }
 }
 
@@ -333,12 +369,34 @@ BO_ALWAYS_INLINE void pass1_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
 // complete in the worker's planes: it folds its image rows straight into the image gradients
 // (rows no other band writes) and keeps its padded rows above and below the image in p.pads_*,
 // folded once every band is done (they read into rows of other bands).
-template <typename T, int CC, int CG, int DIST, bool SELF, bool VALUE, bool RANGE>
+// p's gradient sums of a chunk at j0 added into the value and range planes v0 and r0 (channel
+// stride PQ; either may be absent) and its sigma sums into the row's, and all of them cleared.
+template <typename T>
+BO_ALWAYS_INLINE void add_grads(T* v0, T* r0, int64_t j0, int64_t PQ, int64_t nc, int64_t ng, vec_t<T>* vacc,
+                                vec_t<T>* racc, bool row_sigma, vec_t<T>& sd, vec_t<T>& sy, vec_t<T>& sx,
+                                double& row_d, double& row_y, double& row_x) {
+  if (v0 != nullptr) {
+    for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PQ + j0, vload(v0 + c * PQ + j0) + vacc[c]);
+  }
+  if (r0 != nullptr) {
+    for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PQ + j0, vload(r0 + c * PQ + j0) + racc[c]);
+  }
+  for (int64_t c = 0; c < nc; ++c) vacc[c] = vec_t<T>{};
+  for (int64_t c = 0; c < ng; ++c) racc[c] = vec_t<T>{};
+  if (row_sigma) {
+    row_d += vsum<T>(sd);
+    row_y += vsum<T>(sy);
+    row_x += vsum<T>(sx);
+    sd = sy = sx = vec_t<T>{};
+  }
+}
+
+template <typename T, int CC, int CG, int DIST, bool SELF, bool VALUE, bool RANGE, bool STAGE>
 BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   constexpr int64_t V = vec_width<T>();
   const int64_t nc = count<CC>(p.C), ng = count<CG>(p.Cg);
   const int64_t Ws = p.Ws, Wx = p.Wx;
-  const int64_t PS = p.PS, PX = p.PX, PB = band_plane_rows(p) * Ws;  // channel strides
+  const int64_t PS = p.PS, PX = p.PX, PB = band_plane_rows(p) * Ws, SW = (p.py + 1) * Ws;  // channel strides
   Accs<vec_t<T>, CC> gpp_l, inp_l, vacc_l, gpq_l;
   Accs<vec_t<T>, CG> gdp_l, gq_l, d_l, racc_l;
   vec_t<T>* v = s.template v<vec_t<T>>();
@@ -373,10 +431,15 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
       const T* in0 = p.in_row(0, R);
       const T* gp0 = p.gp + n * p.gp_is + (R - p.crow0) * Wx + p.xoff - p.px;  // indexed by padded column
       const T* a0 = p.a + n * p.a_is + (R - p.crow0) * Wx + p.xoff - p.px;
-      T* v0 = vband != nullptr ? vband + (R - L0) * Ws + p.margin : nullptr;
-      T* r0 = rband != nullptr ? rband + (R - L0) * Ws + p.margin : nullptr;
+      // Large windows: this row's pairs go into the staging rows (value planes, then range planes),
+      // then into the band (Offsets).
+      T* v0 = vband == nullptr ? nullptr : (STAGE ? s.stage : vband + (R - L0) * Ws) + p.margin;
+      T* r0 = rband == nullptr ? nullptr : (STAGE ? s.stage + p.C * SW : rband + (R - L0) * Ws) + p.margin;
+      const int64_t PQ = STAGE ? SW : PB;  // their channel stride
+      const int64_t x1t = std::min(p.Wp, x0t + kTile);
       double row_d = 0, row_y = 0, row_x = 0;
-      for (int64_t j0 = x0t; j0 < std::min(p.Wp, x0t + kTile); j0 += V) {
+      Reach reach;
+      for (int64_t j0 = x0t; j0 < x1t; j0 += V) {
         for (int64_t c = 0; c < nc; ++c) {
           gpp[c] = vload(gp0 + c * PX + j0);
           if (!SELF) inp[c] = vload(in0 + c * PS + j0);
@@ -388,9 +451,13 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
         }
         const vec_t<T> ap = vload(a0 + j0);
         vec_t<T> sd{}, sy{}, sx{};
-        for (int64_t dx = -p.px; dx <= p.px; ++dx) {
+        const Offsets o = pair_offsets(p, R, j0, V, dy_min, dy_max);
+        reach.add(o, j0, V);
+        int64_t held = 0;  // pairs in p's sums since they were last added (large windows)
+        for (int64_t dx = o.dx0; dx <= o.dx1; ++dx) {
           const T fx = static_cast<T>(dx * dx);
-          for (int64_t dy = std::max<int64_t>(dx > 0 ? 0 : 1, dy_min); dy <= dy_max; ++dy) {
+          const int64_t dy0 = std::max<int64_t>(dx > 0 ? 0 : 1, o.dy0);
+          for (int64_t dy = dy0; dy <= o.dy1; ++dy) {
             const int64_t os = dy * Ws + dx + j0, ox = dy * Wx + dx + j0;
             vec_t<T> dist;
             const vec_t<T> w = pair_weight<T, CG, DIST>(gd0, PS, os, gdp, ng, nrc2, ss[(dy + p.py) * p.kx + dx + p.px],
@@ -418,7 +485,7 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
                   d[c] = h * (DIST == kL1 ? vsign<T>(d[c]) : d[c]);  // q's range term; p's is -d
                   if (!self) {
                     racc[c] -= d[c];
-                    T* q = r0 + c * PB + os;
+                    T* q = r0 + c * PQ + os;
                     vstore(q, vload(q) + d[c]);
                   }
                 }
@@ -439,23 +506,21 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
                   pv = -d[c];
                 }
                 vacc[c] += pv;  // summed before meeting vacc: one add a pair on its chain
-                T* q = v0 + c * PB + os;
+                T* q = v0 + c * PQ + os;
                 vstore(q, vload(q) + qv);
               }
             }
           }
+          if (STAGE && (held += o.dy1 - dy0 + 1) >= p.flush) {
+            add_grads(v0, r0, j0, PQ, nc, ng, vacc, racc, row_sigma, sd, sy, sx, row_d, row_y, row_x);
+            held = 0;
+          }
         }
-        if (v0 != nullptr) {
-          for (int64_t c = 0; c < nc; ++c) vstore(v0 + c * PB + j0, vload(v0 + c * PB + j0) + vacc[c]);
-        }
-        if (RANGE && r0 != nullptr) {
-          for (int64_t c = 0; c < ng; ++c) vstore(r0 + c * PB + j0, vload(r0 + c * PB + j0) + racc[c]);
-        }
-        if (row_sigma) {
-          row_d += vsum<T>(sd);
-          row_y += vsum<T>(sy);
-          row_x += vsum<T>(sx);
-        }
+        add_grads(v0, r0, j0, PQ, nc, ng, vacc, racc, row_sigma, sd, sy, sx, row_d, row_y, row_x);
+      }
+      if (STAGE) {
+        if (vband != nullptr) fold_stage(p, s.stage, SW, vband + (R - L0) * Ws, PB, p.C, reach);
+        if (rband != nullptr) fold_stage(p, s.stage + p.C * SW, SW, rband + (R - L0) * Ws, PB, p.Cg, reach);
       }
       if (row_sigma) {
         double* out = p.rows + 3 * (n * p.Hp + R);
@@ -485,16 +550,27 @@ BO_ALWAYS_INLINE void pass2_band(const Args<T>& p, int64_t t, Scratch<T>& s) {
   keep(rband, p.Cg, p.ggd, p.pads_gd);
 }
 
+template <typename T, int CC, int CG, int DIST, bool SELF, bool STAGE>
+BO_ALWAYS_INLINE void pass2_as(const Args<T>& p, int64_t t, Scratch<T>& s) {
+  if (p.need_value && p.need_range) {
+    pass2_band<T, CC, CG, DIST, SELF, true, true, STAGE>(p, t, s);
+  } else if (p.need_value) {
+    pass2_band<T, CC, CG, DIST, SELF, true, false, STAGE>(p, t, s);
+  } else if (p.need_range) {
+    pass2_band<T, CC, CG, DIST, SELF, false, true, STAGE>(p, t, s);
+  } else {
+    pass2_band<T, CC, CG, DIST, SELF, false, false, STAGE>(p, t, s);
+  }
+}
+
+// Staged sums (large windows) as their own instantiations, as in sums_band (a runtime test in
+// the pair loop cost the k = 9 backward ~5 %).
 template <typename T, int CC, int CG, int DIST, bool SELF>
 BO_ALWAYS_INLINE void pass2_any(const Args<T>& p, int64_t t, Scratch<T>& s) {
-  if (p.need_value && p.need_range) {
-    pass2_band<T, CC, CG, DIST, SELF, true, true>(p, t, s);
-  } else if (p.need_value) {
-    pass2_band<T, CC, CG, DIST, SELF, true, false>(p, t, s);
-  } else if (p.need_range) {
-    pass2_band<T, CC, CG, DIST, SELF, false, true>(p, t, s);
+  if (p.stage) {
+    pass2_as<T, CC, CG, DIST, SELF, true>(p, t, s);
   } else {
-    pass2_band<T, CC, CG, DIST, SELF, false, false>(p, t, s);
+    pass2_as<T, CC, CG, DIST, SELF, false>(p, t, s);
   }
 }
 
