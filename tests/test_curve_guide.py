@@ -32,8 +32,11 @@ NAMES = ("input", "ccm", "ccm_bias", "shifts", "slopes", "mix", "mix_bias")
 
 # (N, C, H, W, K): HDRNet's RGB with 16 points, odd sizes, C = 1 and K = 1, more channels than
 # the CUDA register path takes, images that span several chunks of the CPU reduction, 1x1, more
-# points than the sorted paths take (16 on the CPU).
-SHAPES = [(2, 3, 17, 23, 16), (1, 1, 5, 7, 1), (1, 5, 33, 65, 3), (3, 3, 1, 1, 16), (1, 2, 70, 130, 4), (1, 3, 64, 65, 1), (2, 3, 9, 37, 24)]
+# points than the sorted paths take (16 on the CPU), batches of small images whose blocks and
+# reduction chunks run across image boundaries (the CPU kernels number the batch's pixels image
+# after image).
+SHAPES = [(2, 3, 17, 23, 16), (1, 1, 5, 7, 1), (1, 5, 33, 65, 3), (3, 3, 1, 1, 16), (1, 2, 70, 130, 4), (1, 3, 64, 65, 1), (2, 3, 9, 37, 24),
+          (37, 3, 5, 7, 16), (300, 3, 3, 5, 16), (5, 2, 30, 33, 5)]
 
 
 def _grads_vs_reference(args, device, dtype, gen):
@@ -229,11 +232,13 @@ def _grads(args, go):
     return OPS._curve_guide_backward(go, *args, [True] * 7)
 
 
+@pytest.mark.parametrize("nhw", [(3, 90, 151), (700, 4, 5)], ids=["large", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_deterministic_across_runs_and_threads(dtype, gen, restore_num_threads):
-    # Three images of several reduction chunks each, uneven last chunks.
-    args = make_curve_case(3, 3, 90, 151, 16, dtype=dtype, gen=gen)
-    go = torch.randn(3, 90, 151, generator=gen, dtype=dtype)
+def test_deterministic_across_runs_and_threads(dtype, nhw, gen, restore_num_threads):
+    # Three images of several reduction chunks each, uneven last chunks; or 700 tiny images in
+    # four chunks that start and end inside images.
+    args = make_curve_case(nhw[0], 3, nhw[1], nhw[2], 16, dtype=dtype, gen=gen)
+    go = torch.randn(*nhw, generator=gen, dtype=dtype)
     torch.set_num_threads(2)
     a = _grads(args, go)
     b = _grads(args, go)

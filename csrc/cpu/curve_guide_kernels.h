@@ -283,9 +283,60 @@ BO_ALWAYS_INLINE void block_guide(const CurveArgs<T>& a, Scratch<T>& s, vec_t<T>
   }
 }
 
+// Copies pixels g .. g + len - 1 of channel plane i of an (N, C, HW) tensor to dst, or (kStore)
+// back from it, piece by piece across the images they span.
+template <typename T, bool kStore, typename P>
+inline void copy_pieces(const CurveArgs<T>& a, P* planes, int64_t i, int64_t g, int64_t len, T* buf) {
+  for (int64_t done = 0; done < len;) {
+    const int64_t n = (g + done) / a.HW, at = g + done - n * a.HW;
+    const int64_t take = std::min(len - done, a.HW - at);
+    P* src = planes + (n * a.l.C + i) * a.HW + at;
+    if constexpr (kStore) {
+      std::memcpy(src, buf + done, static_cast<size_t>(take) * sizeof(T));
+    } else {
+      std::memcpy(buf + done, src, static_cast<size_t>(take) * sizeof(T));
+    }
+    done += take;
+  }
+}
+
+// Whether the block g .. g + len - 1 lies in one image, and where (offset of image n's pixel 0
+// times C is n * C * HW).
 template <typename T>
-BO_ALWAYS_INLINE void load_pixels(const CurveArgs<T>& a, Scratch<T>& s, const T* in, int64_t len) {
-  for (int64_t i = 0; i < a.l.C; ++i) load_block(in + i * a.HW, len, &s.x[i * kVecs]);
+BO_ALWAYS_INLINE bool one_image(const CurveArgs<T>& a, int64_t g, int64_t len, int64_t* plane_at) {
+  const int64_t n = g / a.HW, at = g - n * a.HW;
+  *plane_at = n * a.l.C * a.HW + at;
+  return at + len <= a.HW;
+}
+
+// The input's pixels g .. g + len - 1 into s.x, every channel.
+template <typename T>
+BO_ALWAYS_INLINE void load_pixels(const CurveArgs<T>& a, Scratch<T>& s, int64_t g, int64_t len) {
+  int64_t at;
+  if (one_image(a, g, len, &at)) {
+    for (int64_t i = 0; i < a.l.C; ++i) load_block(a.input + at + i * a.HW, len, &s.x[i * kVecs]);
+    return;
+  }
+  for (int64_t i = 0; i < a.l.C; ++i) {
+    T buf[block_pixels<T>()] = {};
+    copy_pieces<T, false>(a, a.input, i, g, len, buf);
+    load_block(buf, block_pixels<T>(), &s.x[i * kVecs]);
+  }
+}
+
+// s.dx into the input gradient's pixels g .. g + len - 1, every channel.
+template <typename T>
+BO_ALWAYS_INLINE void store_input_grad(const CurveArgs<T>& a, const Scratch<T>& s, int64_t g, int64_t len) {
+  int64_t at;
+  if (one_image(a, g, len, &at)) {
+    for (int64_t i = 0; i < a.l.C; ++i) store_block(&s.dx[i * kVecs], len, a.grad_input + at + i * a.HW);
+    return;
+  }
+  for (int64_t i = 0; i < a.l.C; ++i) {
+    T buf[block_pixels<T>()];
+    store_block(&s.dx[i * kVecs], block_pixels<T>(), buf);
+    copy_pieces<T, true>(a, a.grad_input, i, g, len, buf);
+  }
 }
 
 template <typename T>
@@ -294,16 +345,14 @@ BO_ALWAYS_INLINE void forward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t 
   Scratch<T> s(a.l, false, a.table, nullptr);
   constexpr int64_t B = block_pixels<T>();
   for (int64_t chunk = c0; chunk < c1; ++chunk) {
-    const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
-    const T* in = a.input + sp.n * a.l.C * a.HW;
-    T* out = a.output + sp.n * a.HW;
-    for (int64_t p = sp.s0; p < sp.s1; p += B) {
-      const int64_t len = std::min(B, sp.s1 - p);
-      load_pixels(a, s, in + p, len);
+    const Span sp = chunk_span(chunk, a.total);
+    for (int64_t p = sp.g0; p < sp.g1; p += B) {
+      const int64_t len = std::min(B, sp.g1 - p);
+      load_pixels(a, s, p, len);
       V g[kVecs];
       block_guide<T, false>(a, s, g);
       for (int64_t v = 0; v < kVecs; ++v) g[v] = curve_clamp01(g[v]);
-      store_block(g, len, out + p);
+      store_block(g, len, a.output + p);  // (N, HW): the batch's pixels in order
     }
   }
 }
@@ -368,20 +417,17 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
   const VecBuf<T>& tb = s.tab;
   constexpr int64_t B = block_pixels<T>();
   for (int64_t chunk = c0; chunk < c1; ++chunk) {
-    const Span sp = chunk_span(chunk, a.HW, a.chunks_per_image);
-    const T* in = a.input + sp.n * C * a.HW;
-    const T* go = a.grad_output + sp.n * a.HW;
-    T* gin = kInput ? a.grad_input + sp.n * C * a.HW : nullptr;
+    const Span sp = chunk_span(chunk, a.total);
     if constexpr (kParams) {
       s.acc.fill();
       s.knot_sums.fill();
     }
-    for (int64_t p = sp.s0; p < sp.s1; p += B) {
-      const int64_t len = std::min(B, sp.s1 - p);
-      load_pixels(a, s, in + p, len);
+    for (int64_t p = sp.g0; p < sp.g1; p += B) {
+      const int64_t len = std::min(B, sp.g1 - p);
+      load_pixels(a, s, p, len);
       V g[kVecs], gp[kVecs];
       block_guide<T, true>(a, s, g);
-      load_block(go + p, len, gp);
+      load_block(a.grad_output + p, len, gp);  // (N, HW)
       for (int64_t v = 0; v < kVecs; ++v) gp[v] = curve_clamp_pass(g[v], gp[v]);
       if constexpr (kParams) accumulate<T>(s.acc[l.mix_bias()], gp);
       if constexpr (kInput) s.dx.fill();
@@ -410,9 +456,7 @@ BO_ALWAYS_INLINE void backward_chunks(const CurveArgs<T>& a, int64_t c0, int64_t
           knot_grads<T>(a, s, k, ck, df);
         }
       }
-      if constexpr (kInput) {
-        for (int64_t i = 0; i < C; ++i) store_block(&s.dx[i * kVecs], len, gin + i * a.HW + p);
-      }
+      if constexpr (kInput) store_input_grad(a, s, p, len);
     }
     if constexpr (kParams) {
       double* row = partial + chunk * P;
