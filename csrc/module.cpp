@@ -29,6 +29,10 @@
 //   curve_sorted(shifts, slopes, c, double=True) -> dict
 //       one channel's curve at the points c through its sorted knots (bilateral_ops/curve_guide.h,
 //       the CUDA kernels' path) in double or float: {"sorted", "pq", "f", "fp"}
+//   slice_path(path=None) -> str     the CPU slice ops' path, "auto" (by the sizes), "rows" (the
+//                                     row engine) or "pixels" (per-pixel gathers), set when given;
+//                                     returns the previous setting (csrc/cpu/slice_path.h)
+//   slice_path_for(D, Gh, Gw, H, W) -> str   the path "auto" takes for those sizes
 //   cpu_isa() -> str                  the x86-64 level whose copy of the CPU kernels compiled per
 //                                     instruction set runs ("x86-64-v4", "x86-64-v3", "x86-64";
 //                                     csrc/cpu/simd.h, BILATERAL_OPS_CPU_ISA)
@@ -37,10 +41,12 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bilateral_ops/curve_guide.h"
 #include "cpu/simd.h"
+#include "cpu/slice_path.h"
 #include "cuda/launch_config.h"
 
 namespace {
@@ -643,7 +649,39 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// slice_path(path=None) -> str: the CPU slice ops' path ("auto", "rows" or "pixels",
+// csrc/cpu/slice_path.h), set to `path` when given; returns the setting before the call.
+PyObject* slice_path(PyObject*, PyObject* args) {
+  static const char* const names[] = {"auto", "rows", "pixels"};
+  const char* path = nullptr;
+  if (!PyArg_ParseTuple(args, "|z", &path)) return nullptr;
+  const int before = bilateral_ops::cpu::g_slice_path.load();
+  if (path != nullptr) {
+    int chosen = -1;
+    for (int i = 0; i < 3; ++i) {
+      if (std::string(path) == names[i]) chosen = i;
+    }
+    if (chosen < 0) {
+      PyErr_Format(PyExc_ValueError, "slice_path must be 'auto', 'rows' or 'pixels', got '%s'", path);
+      return nullptr;
+    }
+    bilateral_ops::cpu::g_slice_path.store(chosen);
+  }
+  return PyUnicode_FromString(names[before]);
+}
+
+// slice_path_for(D, Gh, Gw, H, W) -> str: the path "auto" takes for one image of H x W on a
+// D x Gh x Gw grid.
+PyObject* slice_path_for(PyObject*, PyObject* args) {
+  long long D, Gh, Gw, H, W;
+  if (!PyArg_ParseTuple(args, "LLLLL", &D, &Gh, &Gw, &H, &W)) return nullptr;
+  const SliceGeometry g{1, 1, D, Gh, Gw, H, W};
+  return PyUnicode_FromString(bilateral_ops::cpu::pixels_cheaper(g) ? "pixels" : "rows");
+}
+
 PyMethodDef methods[] = {
+    {"slice_path", slice_path, METH_VARARGS, "The CPU slice ops' path: 'auto', 'rows' or 'pixels'."},
+    {"slice_path_for", slice_path_for, METH_VARARGS, "The path 'auto' takes for one image and grid."},
     {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
     {"curve_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_plans)),

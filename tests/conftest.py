@@ -71,6 +71,17 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(params=["rows", "pixels"])
+def cpu_slice_path(request: pytest.FixtureRequest):
+    """Runs a test once per path of the CPU slice ops (csrc/cpu/slice_path.h): the row engine
+    and the per-pixel gathers, whatever sizes the test takes (by default the sizes choose)."""
+    from bilateral_ops import _C
+
+    before = _C.slice_path(request.param)
+    yield request.param
+    _C.slice_path(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     """Every test starts from the same global RNG state, so failures reproduce."""

@@ -35,6 +35,9 @@ from helpers import (
     tol,
 )
 
+# Every test runs on both paths of the CPU slice ops: the row engine and the per-pixel gathers.
+pytestmark = pytest.mark.usefixtures("cpu_slice_path")
+
 # (N, C, D, Gh, Gw, H, W, guide kind)
 CASES = [
     (1, 3, 8, 16, 16, 37, 53, "uniform"),

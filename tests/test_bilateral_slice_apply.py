@@ -37,6 +37,9 @@ from helpers import (
     tol,
 )
 
+# Every test runs on both paths of the CPU slice ops: the row engine and the per-pixel gathers.
+pytestmark = pytest.mark.usefixtures("cpu_slice_path")
+
 # (N, Ci, Co, D, Gh, Gw, H, W, guide kind)
 CASES = [
     (1, 3, 3, 8, 16, 16, 37, 53, "uniform"),  # non-divisible sizes
@@ -780,3 +783,37 @@ def test_align_corners_opcheck(gen):
     go = torch.randn(2, 2, 6, 7, generator=gen, dtype=F64)
     plain = [t.detach() for t in args]
     torch.library.opcheck(OPS._bilateral_slice_apply_backward, (go, *plain, True, False, [True, True, True], True))
+
+
+def test_the_sizes_choose_the_cpu_path():
+    """By default the CPU slice ops take per-pixel gathers for batches of small images, images one
+    pixel wide and grids with more cells than the image has pixels, and the row engine otherwise
+    (csrc/cpu/slice_path.h); every other test of this file runs on each path."""
+    from bilateral_ops import _C
+
+    assert _C.slice_path_for(8, 16, 16, 512, 512) == "rows"
+    assert _C.slice_path_for(8, 16, 16, 1080, 1920) == "rows"
+    assert _C.slice_path_for(8, 16, 16, 8, 8) == "pixels"
+    assert _C.slice_path_for(8, 16, 16, 65536, 1) == "pixels"
+    assert _C.slice_path_for(64, 64, 64, 64, 64) == "pixels"
+    with pytest.raises(ValueError, match="slice_path"):
+        _C.slice_path("fast")
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (96, 80)])
+def test_auto_takes_the_path_the_sizes_choose(hw):
+    from bilateral_ops import _C
+
+    h, w = hw
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.randn(3, 12, 8, 16, 16, generator=gen, dtype=F64)
+    x = torch.rand(3, 3, h, w, generator=gen, dtype=F64)
+    guide = x.mean(1)
+    before = _C.slice_path("auto")
+    try:
+        auto = bo.bilateral_slice_apply(grid, guide, x)
+        _C.slice_path(_C.slice_path_for(8, 16, 16, h, w))
+        chosen = bo.bilateral_slice_apply(grid, guide, x)
+    finally:
+        _C.slice_path(before)
+    assert torch.equal(auto, chosen)

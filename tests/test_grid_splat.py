@@ -27,6 +27,9 @@ from helpers import (
     tol,
 )
 
+# Every test runs on both paths of the CPU slice ops: the row engine and the per-pixel gathers.
+pytestmark = pytest.mark.usefixtures("cpu_slice_path")
+
 # (N, C, D, Gh, Gw, H, W, guide kind): coarse and fine grids, a grid finer than the image, single
 # pixels and cells, tall images (many row chunks), guides outside [0, 1], dense and per-pixel z.
 CASES = [

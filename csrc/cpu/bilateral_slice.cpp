@@ -21,7 +21,7 @@ at::Tensor slice_impl(const at::Tensor& grid, const at::Tensor& guide, bool alig
   const auto dt = compute_dtype(grid.scalar_type());
   at::Tensor out = at::empty({g.N, g.C, g.H, g.W}, grid.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_cpu", [&] {
-    Problem<scalar_t> problem(grid, guide, g);
+    Problem<scalar_t> problem(grid, guide, g, use_direct(g));
     problem.p.output = out.data_ptr<scalar_t>();
     run_forward<slice_tasks>(problem.p, dguide);
   });
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> bilateral_slice_backward(const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_backward_cpu", [&] {
     // The grid gradient alone is a splat of grad_output: the grid itself is never read.
     Problem<scalar_t> problem =
-        mask[1] ? Problem<scalar_t>(grid, guide, g) : Problem<scalar_t>(guide, g);
+        mask[1] ? Problem<scalar_t>(grid, guide, g, use_direct(g)) : Problem<scalar_t>(guide, g, use_direct(g));
     SliceParams<scalar_t>& p = problem.p;
     p.grad_output = go.data_ptr<scalar_t>();
     p.need_grid = mask[0];

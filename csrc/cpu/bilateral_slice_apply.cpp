@@ -25,7 +25,7 @@ at::Tensor slice_apply_impl(const at::Tensor& grid, const at::Tensor& guide,
   const at::Tensor input_c = prepared(input, dt);
   at::Tensor out = at::empty({g.N, l.Co, g.H, g.W}, input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_cpu", [&] {
-    Problem<scalar_t> problem(grid, guide, g);
+    Problem<scalar_t> problem(grid, guide, g, use_direct(g));
     SliceParams<scalar_t>& p = problem.p;
     p.l = l;
     p.input = input_c.data_ptr<scalar_t>();
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilateral_slice_apply_backward(
   at::Tensor grad_input =
       mask[2] ? at::empty(input.sizes(), input.options().dtype(dt)) : masked_out(input);
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_slice_apply_backward_cpu", [&] {
-    Problem<scalar_t> problem(grid, guide, g);
+    Problem<scalar_t> problem(grid, guide, g, use_direct(g));
     SliceParams<scalar_t>& p = problem.p;
     p.l = l;
     p.input = input_c.data_ptr<scalar_t>();

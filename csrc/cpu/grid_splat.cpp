@@ -13,7 +13,7 @@
 namespace bilateral_ops {
 namespace cpu {
 
-BO_DECLARE_SLICE_TASKS(slice)
+BO_DECLARE_SLICE_TASKS(slice, false)
 
 namespace {
 

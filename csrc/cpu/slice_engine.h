@@ -58,7 +58,9 @@ struct SliceParams {
   SliceGeometry g;
   AffineLayout l;  // slice_apply only
   ColumnTaps<T> x;
-  const T* grid_t;       // (N, Gh, Gw, D, C)
+  const T* grid_t;       // (N, Gh, Gw, D, C), the engine's
+  const T* grid;         // (N, C, D, Gh, Gw), the per-pixel path's (slice_direct.h)
+  bool direct;           // the per-pixel path serves the call
   const T* guide;        // (N, H, W)
   const T* input;        // (N, Ci, H, W), slice_apply only
   const T* grad_output;  // (N, C or Co, H, W), backward only

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "slice_direct.h"
 #include "slice_engine.h"
 
 namespace bilateral_ops {
@@ -42,8 +43,9 @@ namespace cpu {
   }
 
 // The overload set the runners call, over the four task functions of an op.
-#define BO_SLICE_TASKS_STRUCT(PREFIX)                                                           \
+#define BO_SLICE_TASKS_STRUCT(PREFIX, KAPPLY)                                                   \
   struct PREFIX##_tasks {                                                                       \
+    static constexpr bool kApply = KAPPLY;                                                      \
     template <typename T>                                                                       \
     static void forward(const SliceParams<T>& p, bool d, int64_t r0, int64_t r1, T* R,          \
                         const Scratch<T>& s) {                                                  \
@@ -67,7 +69,7 @@ namespace cpu {
 #define BO_DEFINE_SLICE_TASKS(PREFIX, KAPPLY)                                                   \
   BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, float, f32)                                         \
   BO_DEFINE_SLICE_TASKS_FOR(PREFIX, KAPPLY, double, f64)                                        \
-  BO_SLICE_TASKS_STRUCT(PREFIX)
+  BO_SLICE_TASKS_STRUCT(PREFIX, KAPPLY)
 
 // Another translation unit's tasks (grid_splat runs the slice's backward tasks): declarations
 // only; the symbols are the target_clones dispatchers defined by BO_DEFINE_SLICE_TASKS.
@@ -78,10 +80,10 @@ namespace cpu {
                                   int64_t y1, double* G, int64_t band_lo, T* R, T* B,           \
                                   const Scratch<T>& s);
 
-#define BO_DECLARE_SLICE_TASKS(PREFIX)                                                          \
+#define BO_DECLARE_SLICE_TASKS(PREFIX, KAPPLY)                                                  \
   BO_DECLARE_SLICE_TASKS_FOR(PREFIX, float, f32)                                                \
   BO_DECLARE_SLICE_TASKS_FOR(PREFIX, double, f64)                                               \
-  BO_SLICE_TASKS_STRUCT(PREFIX)
+  BO_SLICE_TASKS_STRUCT(PREFIX, KAPPLY)
 
 inline at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous();
@@ -116,9 +118,10 @@ struct XGeometry {
   }
 };
 
-// One call's grid (transposed to (N, Gh, Gw, D, C): a row of the image then blends two contiguous
-// planes) and guide in the compute dtype, the column geometry, and the parameters that point into
-// them, kept alive together.
+// One call's grid and guide in the compute dtype, the column geometry, and the parameters that
+// point into them, kept alive together. The engine's grid is transposed to (N, Gh, Gw, D, C) (a
+// row of the image then blends two contiguous planes); with `direct` (use_direct: the calls
+// whose kernels may take the per-pixel path, slice_direct.h) the grid keeps its layout.
 template <typename T>
 struct Problem {
   at::Tensor grid_t;
@@ -126,23 +129,25 @@ struct Problem {
   XGeometry<T> xg;
   SliceParams<T> p{};
 
-  Problem(const at::Tensor& grid, const at::Tensor& guide_in, const SliceGeometry& g)
-      : grid_t(grid.to(c10::CppTypeToScalarType<T>::value).permute({0, 3, 4, 2, 1}).contiguous()),
+  Problem(const at::Tensor& grid, const at::Tensor& guide_in, const SliceGeometry& g, bool direct = false)
+      : grid_t(direct ? prepared(grid, c10::CppTypeToScalarType<T>::value)
+                      : grid.to(c10::CppTypeToScalarType<T>::value).permute({0, 3, 4, 2, 1}).contiguous()),
         guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)),
-        xg(g.W, g.Gw, g.align_corners) {
+        xg(direct ? 0 : g.W, g.Gw, g.align_corners) {
     p.g = g;
     p.x = xg.taps();
-    p.grid_t = grid_t.data_ptr<T>();
+    p.direct = direct;
+    (direct ? p.grid : p.grid_t) = grid_t.data_ptr<T>();
     p.guide = guide.data_ptr<T>();
   }
 
   // Without a grid: enough for a backward pass that only splats (grid_splat, or the slice's grid
   // gradient alone), which never reads the grid.
-  Problem(const at::Tensor& guide_in, const SliceGeometry& g)
-      : guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)), xg(g.W, g.Gw, g.align_corners) {
+  Problem(const at::Tensor& guide_in, const SliceGeometry& g, bool direct = false)
+      : guide(prepared(guide_in, c10::CppTypeToScalarType<T>::value)), xg(direct ? 0 : g.W, g.Gw, g.align_corners) {
     p.g = g;
     p.x = xg.taps();
-    p.grid_t = nullptr;
+    p.direct = direct;
     p.guide = guide.data_ptr<T>();
   }
 };
@@ -162,6 +167,7 @@ struct TaskScratch {
 
 template <typename Tasks, typename T>
 void run_forward(const SliceParams<T>& p, bool dguide) {
+  if (p.direct) return direct_forward<T, Tasks::kApply>(p, dguide);
   const int64_t rows = p.g.N * p.g.H;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(p.g.W, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -178,6 +184,7 @@ void run_forward(const SliceParams<T>& p, bool dguide) {
 // count, and no atomics. grad_grid is written when p.need_grid; it is (N, C, D, Gh, Gw).
 template <typename Tasks, typename T>
 void run_backward(const SliceParams<T>& p, bool dguide, T* grad_grid) {
+  if (p.direct) return direct_backward<T, Tasks::kApply>(p, dguide, grad_grid);
   struct Chunk {
     int64_t y0, y1, band_lo, band_hi, offset;
   };
@@ -244,7 +251,7 @@ at::Tensor run_splat(const at::Tensor& input, const at::Tensor& guide, const Sli
   const at::Tensor values = prepared(input, dt);
   at::Tensor out = at::empty({g.N, g.C, g.D, g.Gh, g.Gw}, input.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_ops_splat_cpu", [&] {
-    Problem<scalar_t> problem(guide, g);
+    Problem<scalar_t> problem(guide, g, !ones_channel && use_direct(g));
     SliceParams<scalar_t>& p = problem.p;
     p.grad_output = values.data_ptr<scalar_t>();
     p.need_grid = true;
