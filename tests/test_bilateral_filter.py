@@ -193,6 +193,24 @@ def test_float64_matches_reference_with_gradients(border, distance, cg):
         _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()), name)
 
 
+def _assert_matches_reference_with_gradients(leaves, ks, border, distance, seed):
+    """Output and every gradient (input, guidance, sigmas) of float64 leaves (x, g or None, sc, ss)
+    against the reference, for a random grad_output."""
+    x, g, sc, ss = leaves
+    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
+
+    def run(fn):
+        out = fn(x, g, sc, ss)
+        go = _rand(*out.shape, dtype=F64, seed=seed) - 0.5
+        return out, torch.autograd.grad(out, args, go)
+
+    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
+    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
+    _assert_close(out, ref, 1e-10, "output")
+    for a, b in zip(grads, ref_grads):
+        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
+
+
 @pytest.mark.parametrize(
     "h, ks, border, distance, cg",
     [
@@ -206,19 +224,7 @@ def test_rows_in_several_bands_match_reference_with_gradients(h, ks, border, dis
     """The CPU kernels sweep pairs of pixels in bands of 32 padded rows: every band boundary (sums
     reaching across it, gradients added from the band above, a last band shorter than the kernel's
     half height) against the float64 reference, every gradient included."""
-    x, g, sc, ss = _leaves(2, 3, cg, h, 21, seed=7)
-    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
-
-    def run(fn):
-        out = fn(x, g, sc, ss)
-        go = _rand(*out.shape, dtype=F64, seed=9) - 0.5
-        return out, torch.autograd.grad(out, args, go)
-
-    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
-    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
-    _assert_close(out, ref, 1e-10, "output")
-    for a, b in zip(grads, ref_grads):
-        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
+    _assert_matches_reference_with_gradients(_leaves(2, 3, cg, h, 21, seed=7), ks, border, distance, seed=9)
 
 
 @pytest.mark.parametrize("cg", [None, 1, 3], ids=["self", "g1", "g3"])
@@ -254,18 +260,7 @@ def test_large_windows_match_reference_with_gradients(h, w, ks, border, distance
         ks = (ks[0], min(ks[1], 2 * w + 1))
     x, g, sc, ss = _leaves(2, 2, cg, h, w, seed=11)
     ss = ss * 10  # weights far from zero across the window
-    args = [t.requires_grad_() for t in (x, g, sc, ss) if t is not None]
-
-    def run(fn):
-        out = fn(x, g, sc, ss)
-        go = _rand(*out.shape, dtype=F64, seed=12) - 0.5
-        return out, torch.autograd.grad(out, args, go)
-
-    out, grads = run(lambda x, g, sc, ss: bo.bilateral_filter(x, ks, sc, ss, border, distance, guidance=g))
-    ref, ref_grads = run(lambda x, g, sc, ss: reference.bilateral_filter(x, g, ks, sc, ss, border, distance))
-    _assert_close(out, ref, 1e-10, "output")
-    for a, b in zip(grads, ref_grads):
-        _assert_close(a, b, 1e-10 * (1 + b.abs().max().item()))
+    _assert_matches_reference_with_gradients((x, g, sc, ss), ks, border, distance, seed=12)
 
 
 @pytest.mark.parametrize("h, w, k, border", [(16, 16, 101, "replicate"), (5, 7, 61, "constant"), (4, 4, 201, "replicate")])
