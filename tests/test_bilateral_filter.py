@@ -280,6 +280,22 @@ def test_float32_large_windows_stay_within_kornias_tolerance(h, w, k, border):
     _assert_close(gx, gx64, 1e-5 * gx64.abs().max().item(), "input gradient")
 
 
+@pytest.mark.parametrize("cg", [1, 2, 3])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_grey_input_with_guidance_matches_kornia(distance, cg):
+    """A grey input (a depth map, a mask) guided by a grey, two-channel or RGB image: the CPU's
+    float32 kernel for one input channel and any guidance, against kornia, values and the input
+    and guidance gradients, across band boundaries."""
+    x = _rand(2, 1, 45, 37).requires_grad_()
+    g = _rand(2, cg, 45, 37, seed=1).requires_grad_()
+    go = _rand(2, 1, 45, 37, seed=2) - 0.5
+    ours = bo.joint_bilateral_blur(x, g, (7, 5), 0.2, (2.0, 1.5), "reflect", distance)
+    theirs = KF.joint_bilateral_blur(x, g, (7, 5), 0.2, (2.0, 1.5), "reflect", distance)
+    _assert_close(ours, theirs, 1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [x, g], go), torch.autograd.grad(theirs, [x, g], go)):
+        _assert_close(a, b, 1e-4 * (1 + b.abs().max().item()))
+
+
 @pytest.mark.parametrize("case", ["self", "joint"])
 def test_gradcheck(case):
     x, g, sc, ss = _leaves(2, 2, None if case == "self" else 2, 5, 6)
@@ -815,3 +831,38 @@ def test_every_instruction_set_copy_agrees(dtype, tmp_path):
         for i, (g, w) in enumerate(zip(got, want)):
             if g.numel() or w.numel():
                 assert_close_with_nans(g, w, rel, f"{level} result {i}")
+
+
+@pytest.mark.parametrize(
+    "h, w, ks, border, distance, cg",
+    [
+        (40, 1, (7, 1), "reflect", "l1", None),
+        (37, 3, (9, 5), "replicate", "l2", 2),
+        (60, 7, (5, 9), "circular", "l1", 1),
+        (70, 5, (3, 11), "constant", "l2", None),
+    ],
+)
+def test_narrow_images_match_reference_with_gradients(h, w, ks, border, distance, cg):
+    """Tall narrow images are filtered as their transpose on the CPU (kernel sizes and spatial
+    sigmas swapped with the axes; each of these sweeps at most 0.71 of the padded lanes so): values
+    and every gradient, the sigma_space gradient's two axes included, against the reference."""
+    x, g, sc, ss = _leaves(2, 2, cg, h, w, seed=13)
+    _assert_matches_reference_with_gradients((x, g, sc, ss), ks, border, distance, seed=14)
+
+
+def test_narrow_images_keep_the_layout_and_the_saved_weights():
+    """The transposed problem's results come back contiguous in the caller's layout, the weight
+    sums W too, and the backward from them equals the one that recomputes them."""
+    x = _rand(2, 3, 50, 3, dtype=F64, seed=15)
+    out, norm = OPS._bilateral_filter_forward(x, None, [5, 3], torch.full((2,), 0.3, dtype=F64),
+                                              torch.tensor([[2.0, 1.0]] * 2, dtype=F64), "reflect", "l1")
+    assert out.is_contiguous() and norm.is_contiguous() and norm.shape == (2, 50, 3)
+    _assert_close(out, bo.bilateral_filter(x, (5, 3), 0.3, (2.0, 1.0)), 0.0, "output")
+    go = _rand(2, 3, 50, 3, dtype=F64, seed=16)
+    args = (go, x, None, [5, 3], torch.full((2,), 0.3, dtype=F64), torch.tensor([[2.0, 1.0]] * 2, dtype=F64),
+            "reflect", "l1", [True, False, True, True])
+    saved = OPS._bilateral_filter_backward(*args, out, norm)
+    again = OPS._bilateral_filter_backward(*args, None, None)
+    for a, b in zip(saved, again):
+        if b.numel():
+            _assert_close(a, b, 1e-12 * (1 + b.abs().max().item()))

@@ -595,6 +595,10 @@ BO_ALWAYS_INLINE void run_channels(Pass pass, const Args<T>& p, int64_t t, Scrat
     if (p.self && p.C == 1) return run_pass<T, 1, 1, DIST, true>(pass, p, t, s);
     if (!p.self && p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST, false>(pass, p, t, s);
     if (!p.self && p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST, false>(pass, p, t, s);
+    // A grey image (a depth map, a mask) guided by an RGB one (joint upsampling) or by any image:
+    // its sums in registers, the guidance's channels fixed or counted at run time.
+    if (!p.self && p.C == 1 && p.Cg == 3) return run_pass<T, 1, 3, DIST, false>(pass, p, t, s);
+    if (!p.self && p.C == 1) return run_pass<T, 1, 0, DIST, false>(pass, p, t, s);
   }
   run_pass<T, 0, 0, DIST, false>(pass, p, t, s);
 }
