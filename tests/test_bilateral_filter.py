@@ -583,11 +583,15 @@ def test_empty_images(shape):
     assert x.grad.shape == shape and (x.grad == 0).all()
 
 
-def test_deterministic_across_runs_and_threads(restore_num_threads):
-    x, _g, sc, ss = _leaves(2, 3, None, 64, 70)
+@pytest.mark.parametrize("nhw", [(2, 64, 70), (1, 600, 12)], ids=["wide", "narrow"])
+def test_deterministic_across_runs_and_threads(nhw, restore_num_threads):
+    # The narrow image is one whose transposition would pay at 1 thread and not at 3, had the
+    # thread count entered the choice.
+    n, h, w = nhw
+    x, _g, sc, ss = _leaves(n, 3, None, h, w)
     x = x.float().requires_grad_()
     sc, ss = sc.float().requires_grad_(), ss.float().requires_grad_()
-    go = _rand(2, 3, 64, 70, seed=5)
+    go = _rand(n, 3, h, w, seed=5)
 
     def grads():
         out = bo.bilateral_blur(x, 7, sc, ss)

@@ -534,11 +534,15 @@ struct Prepared {
 // ceil(W + 2 px) columns in vectors of up to 16 lanes, in bands of 32 rows shared among the
 // threads, so a row of W pixels fills W of 16 lanes: a 65536 x 1 signal took ~15x the time per
 // pixel of a wide image (a review's finding); 4096 x 24 at k = 9 takes 0.7x its time transposed.
-// Transposed where that sweep, per thread that has a band, is at most 0.8 of the other.
+// Transposed where that sweep, per band in flight (of at most kBandsInFlight), is at most 0.8 of
+// the other. A fixed count, not the thread count: the choice changes the results' rounding, and
+// they must not depend on the number of threads.
+constexpr double kBandsInFlight = 2;
+
 double sweep_cost(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px) {
   const double lanes = 16.0 * std::ceil(static_cast<double>(W + 2 * px) / 16.0);
   const double bands = static_cast<double>(N) * std::ceil(static_cast<double>(H + py) / 32.0);
-  return static_cast<double>(H + py) * lanes / std::min<double>(at::get_num_threads(), bands);
+  return static_cast<double>(H + py) * lanes / std::min(kBandsInFlight, bands);
 }
 
 bool narrow(const FilterShape& s) {
