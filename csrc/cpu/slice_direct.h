@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-
 #include <algorithm>
 #include <vector>
 

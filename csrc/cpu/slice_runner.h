@@ -1,7 +1,8 @@
 #pragma once
 // Parallel drivers of the CPU slice engine, shared by csrc/cpu/bilateral_slice.cpp and
 // csrc/cpu/bilateral_slice_apply.cpp: input preparation, column geometry, the row split of the
-// forward pass and the banded, deterministic reduction of the grid gradient.
+// forward pass and the banded, deterministic reduction of the grid gradient. A Problem built
+// with `direct` (slice_path.h) hands both passes to the per-pixel path (slice_direct.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
