@@ -621,12 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
   check_filter_mask(s, mask);
   const bool saved = check_filter_saved(output, norm, input);
   const at::Tensor& gd_like = s.self ? input : *guidance;
-  at::Tensor grad_input = zero_or_masked(mask[0], input);
-  at::Tensor grad_guidance = zero_or_masked(mask[1], gd_like);
-  at::Tensor grad_sc = zero_or_masked(mask[2], sigma_color);
-  at::Tensor grad_ss = zero_or_masked(mask[3], sigma_space);
   if (s.pixels() == 0 || s.C == 0 || !(mask[0] || mask[1] || mask[2] || mask[3])) {
-    return {grad_input, grad_guidance, grad_sc, grad_ss};
+    return {zero_or_masked(mask[0], input), zero_or_masked(mask[1], gd_like), zero_or_masked(mask[2], sigma_color),
+            zero_or_masked(mask[3], sigma_space)};
   }
   if (narrow(s)) {  // see filter_forward
     const auto r = bilateral_filter_backward(
@@ -637,6 +634,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     return {untransposed(std::get<0>(r), 2, 3), untransposed(std::get<1>(r), 2, 3), std::get<2>(r),
             mask[3] ? gss.flip(-1) : gss};
   }
+  // Every wanted gradient is computed below (check_filter_mask refuses grad_guidance without a
+  // guidance); the others come back masked out. Zeros here would be filled only to be replaced.
+  at::Tensor grad_input = masked_out(input), grad_guidance = masked_out(gd_like);
+  at::Tensor grad_sc = masked_out(sigma_color), grad_ss = masked_out(sigma_space);
   const auto dt = compute_dtype(input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(dt, "bilateral_filter_backward_cpu", [&] {
     using T = scalar_t;
