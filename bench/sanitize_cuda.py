@@ -127,6 +127,10 @@ FILTER_SHAPES = [
     (2, 2, None, 37, 53, 5, 5, "reflect", "l1"),  # generic, staged tile
     (1, 3, 2, 20, 30, 41, 41, "replicate", "l2"),  # generic, too wide to stage: global reads
     (1, 5, 6, 9, 40, 3, 7, "circular", "l1"),  # generic, two register groups of channels
+    (1, 6, 2, 5, 40, 3, 5, "constant", "l2"),  # generic, a channel group past the guidance's
+    (1, 3, None, 2, 3, 9, 11, "replicate", "l1"),  # fast, window larger than the image
+    (1, 3, 3, 3, 2, 7, 9, "constant", "l1"),  # fast joint, window larger than the image
+    (1, 5, 2, 2, 3, 7, 9, "replicate", "l2"),  # generic, window larger than the image
 ]
 FILTER_MASKS = [[True, False, True, True], [True, False, False, False], [False, False, True, True]]
 

@@ -176,6 +176,32 @@ def test_cuda_filter(benchmark, requires_cuda, impl, mode):
     benchmark.extra_info["event_ms"] = round(bc.cuda_ms(step, reps=reps, repeats=repeats), 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [17, 19, 23])
+def test_cuda_joint_filter_guidance_grad(benchmark, requires_cuda, k):
+    """A joint RGB-by-RGB filter at 1920x1080, float32, with the guidance's gradient (a trained
+    guide): pass 2 from the saved weight sums stages the input beside the guidance, so windows past
+    k = 17 no longer fit its 48 KiB tile and take the generic pass-2 kernel. Measures that step."""
+    benchmark.group = "filter cuda joint guidance grad 1920x1080"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), op="forward_backward", impl="ours", k=k,
+                                dtype="float32")
+    x = _image("1920x1080").cuda()
+    gd = x.flip(-1).contiguous().requires_grad_()
+    x = x.requires_grad_()
+    go = torch.randn(x.shape, device="cuda")
+
+    def step():
+        out = bo.joint_bilateral_blur(x, gd, k, SIGMA_COLOR, (SIGMA_SPACE, SIGMA_SPACE))
+        torch.autograd.grad(out, (x, gd), go)
+
+    def call():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info["event_ms"] = round(bc.cuda_ms(step, reps=10, repeats=5), 4)
+
+
 def test_kornia_memory_model_is_not_optimistic():
     """The budget check above relies on kornia_bytes; at a small size, measure kornia's peak resident
     memory growth and check that the model does not underestimate it by more than 2x."""

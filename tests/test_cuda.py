@@ -862,6 +862,17 @@ def test_curve_guide_matches_cpu(shape, dtype):
                 _curve_compare(g, w, dtype, f"grad {name}", N * H * W)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 720, 1280, 16), (1, 5, 300, 300, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_curve_guide_forward_large_images_match_cpu(shape, dtype):
+    # More pixels than one wave of the forward's resident blocks covers (on an H200 405,504 for
+    # the four-pixel group kernel, C = 3, and 67,584 for the per-pixel kernel, C = 5): threads take
+    # several turns of the grid-stride loop, which the shapes above never make them do.
+    cpu, dev = _curve_case(*shape, dtype)
+    want = ops.curve_guide(*[t.double() for t in cpu])
+    _curve_compare(ops.curve_guide(*dev), want, dtype, f"guide {shape}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_curve_guide_masks(dtype):
     _, dev = _curve_case(2, 3, 33, 47, 16, dtype)
@@ -975,8 +986,10 @@ def test_curve_guide_gradcheck_and_gradgradcheck():
 # bilateral_filter: the CUDA op against the compiled CPU op in float64 on the same values.
 
 # (N, C, Cg, H, W, ky, kx); Cg None: the input guides itself. Odd sizes, channel counts beyond one
-# register group (C = 5, Cg = 6), a single pixel, the benchmark's k = 15 (still tiled), and windows
-# whose staged tile exceeds 48 KiB (k = 41 on 5 channels, k = 61): the global-memory path.
+# register group (C = 5, Cg = 6), a single pixel, the benchmark's k = 15 (still tiled), windows
+# whose staged tile exceeds 48 KiB (k = 41 on 5 channels, k = 61): the global-memory path; a joint
+# input with a channel group past the guidance's (value terms only in pass 2), and windows larger
+# than the image on both sides (every pass-2 partner row read through the border maps).
 FILTER_SHAPES = [
     (2, 3, None, 37, 53, 5, 5),
     (1, 1, None, 1, 1, 3, 3),
@@ -986,6 +999,9 @@ FILTER_SHAPES = [
     (1, 3, None, 64, 96, 15, 15),
     (1, 5, None, 50, 60, 41, 41),
     (1, 3, 2, 70, 70, 61, 61),
+    (1, 6, 2, 17, 23, 5, 3),
+    (2, 3, None, 2, 3, 9, 11),
+    (1, 5, 2, 2, 3, 7, 9),
 ]
 FILTER_BORDERS = ["reflect", "replicate", "constant", "circular"]
 
@@ -1048,7 +1064,11 @@ def _filter_check(shape, dtype, border, distance, *, noncontig=False):
     ref_norm = ops._bilateral_filter_forward(_d(x), _d(gd), k, _d(sc), _d(ss), border, distance)[1]
     assert norm_c.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     _assert_close(norm_c.to(dtype), ref_norm, dtype, f"filter weight sums ({border}, {distance}, {shape})")
-    for saved_mask in ([True, Cg is not None, False, False], mask):
+    # A joint filter's pass 2 from saved W also without the range term, and without the value term.
+    saved_masks = [[True, Cg is not None, False, False], mask]
+    if Cg is not None:
+        saved_masks += [[False, True, False, False], [True, False, False, False]]
+    for saved_mask in saved_masks:
         ref = ops._bilateral_filter_backward(_d(go), _d(x), _d(gd), k, _d(sc), _d(ss), border, distance, saved_mask)
         got = ops._bilateral_filter_backward(go_c, x_c, gd_c, k, sc_c, ss_c, border, distance, saved_mask, out_c, norm_c)
         for name, g, r, m in zip(("input", "guidance", "sigma_color", "sigma_space"), got, ref, saved_mask):
@@ -1110,14 +1130,24 @@ def test_filter_runs_on_the_current_stream():
     x, gd, sc, ss, go = (t.cuda() for t in _filter_case((1, 3, 1, 128, 160, 9, 9), torch.float32))
     want_out = ops.bilateral_filter(x, gd, [9, 9], sc, ss, "reflect", "l1")
     want = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", [True] * 4)
+    # The forward that keeps W, and the backward given it (filter_centre_kernel).
+    saved_mask = [True, True, False, False]
+    want_saved = ops._bilateral_filter_forward(x, gd, [9, 9], sc, ss, "reflect", "l1")
+    want_got_saved = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", saved_mask, *want_saved)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         out = ops.bilateral_filter(x, gd, [9, 9], sc, ss, "reflect", "l1")
         got = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", [True] * 4)
+        saved = ops._bilateral_filter_forward(x, gd, [9, 9], sc, ss, "reflect", "l1")
+        got_saved = ops._bilateral_filter_backward(go, x, gd, [9, 9], sc, ss, "reflect", "l1", saved_mask, *saved)
     side.synchronize()
     assert torch.equal(out, want_out)
     for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(saved, want_saved):
+        assert torch.equal(a, b)
+    for a, b in zip(got_saved, want_got_saved):
         assert torch.equal(a, b)
 
 
