@@ -107,7 +107,10 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for is an inline template that only runs in parallel when the
     # extension itself is compiled with OpenMP.
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    # -g0: Python's own flags ask for debug information, which for these heavily inlined kernels
+    # took a fifth of the compile time and nine tenths of the objects' size (bilateral_filter.cpp:
+    # 351 -> 283 s, 44.7 -> 4.8 MB).
+    cxx = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden"]
     link = ["-fopenmp"]
     if os.environ.get("BILATERAL_OPS_DEBUG", "0") == "1":
         cxx = ["-O0", "-g", "-fopenmp"]

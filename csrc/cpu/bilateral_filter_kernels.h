@@ -1,7 +1,8 @@
 // The vector code of bilateral_filter's CPU kernels (csrc/cpu/bilateral_filter.cpp, which
-// describes the method), one copy per instruction set: bilateral_filter.cpp includes it through
-// isa_copies.h (namespace BO_ISA_NS, level BO_ISA_LEVEL), after the shared types (Args, Scratch,
-// BandRows, fold_row, Pass). No include guard, on purpose.
+// describes the method), one copy per instruction set: bilateral_filter.cpp and
+// bilateral_filter_v3.cpp / _v4.cpp include it through isa_copies.h (namespace BO_ISA_NS, level
+// BO_ISA_LEVEL), after the shared types of bilateral_filter_cpu.h (Args, Scratch, BandRows,
+// fold_row, Pass). No include guard, on purpose.
 
 namespace BO_ISA_NS {
 
@@ -591,13 +592,19 @@ BO_ALWAYS_INLINE void run_pass(Pass pass, const Args<T>& p, int64_t t, Scratch<T
 template <typename T, int DIST>
 BO_ALWAYS_INLINE void run_channels(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
   if constexpr (std::is_same<T, float>::value) {
+    // Self-guided: RGB, grey, two channels (a flow field, a pair of masks), RGBA.
     if (p.self && p.C == 3) return run_pass<T, 3, 3, DIST, true>(pass, p, t, s);
     if (p.self && p.C == 1) return run_pass<T, 1, 1, DIST, true>(pass, p, t, s);
+    if (p.self && p.C == 2) return run_pass<T, 2, 2, DIST, true>(pass, p, t, s);
+    if (p.self && p.C == 4) return run_pass<T, 4, 4, DIST, true>(pass, p, t, s);
     if (!p.self && p.C == 3 && p.Cg == 1) return run_pass<T, 3, 1, DIST, false>(pass, p, t, s);
     if (!p.self && p.C == 3 && p.Cg == 3) return run_pass<T, 3, 3, DIST, false>(pass, p, t, s);
-    // A grey image (a depth map, a mask) guided by an RGB one (joint upsampling) or by any image:
-    // its sums in registers, the guidance's channels fixed or counted at run time.
+    // A flow field guided by its RGB frame.
+    if (!p.self && p.C == 2 && p.Cg == 3) return run_pass<T, 2, 3, DIST, false>(pass, p, t, s);
+    // A grey image (a depth map, a mask) guided by an RGB one (joint upsampling), a grey one, or
+    // any image: its sums in registers, the guidance's channels fixed or counted at run time.
     if (!p.self && p.C == 1 && p.Cg == 3) return run_pass<T, 1, 3, DIST, false>(pass, p, t, s);
+    if (!p.self && p.C == 1 && p.Cg == 1) return run_pass<T, 1, 1, DIST, false>(pass, p, t, s);
     if (!p.self && p.C == 1) return run_pass<T, 1, 0, DIST, false>(pass, p, t, s);
   }
   run_pass<T, 0, 0, DIST, false>(pass, p, t, s);
@@ -611,5 +618,10 @@ void filter_task(Pass pass, const Args<T>& p, int64_t t, Scratch<T>& s) {
     run_channels<T, kL2>(pass, p, t, s);
   }
 }
+
+// This copy's task functions (bilateral_filter_cpu.h declares them), made here, under the copy's
+// target options.
+template void filter_task<float>(Pass, const Args<float>&, int64_t, Scratch<float>&);
+template void filter_task<double>(Pass, const Args<double>&, int64_t, Scratch<double>&);
 
 }  // namespace BO_ISA_NS
