@@ -33,6 +33,9 @@
 //                                     row engine) or "pixels" (per-pixel gathers), set when given;
 //                                     returns the previous setting (csrc/cpu/slice_path.h)
 //   slice_path_for(D, Gh, Gw, H, W) -> str   the path "auto" takes for those sizes
+//   filter_layout(N, H, W, ky, kx, border) -> (bool, int)   whether the CPU bilateral_filter runs
+//                                     such a call as the image's transpose, and in how many column
+//                                     segments (csrc/cpu/bilateral_filter.cpp)
 //   cpu_isa() -> str                  the x86-64 level whose copy of the CPU kernels compiled per
 //                                     instruction set runs ("x86-64-v4", "x86-64-v3", "x86-64";
 //                                     csrc/cpu/simd.h, BILATERAL_OPS_CPU_ISA)
@@ -45,6 +48,7 @@
 #include <vector>
 
 #include "bilateral_ops/curve_guide.h"
+#include "cpu/bilateral_filter_cpu.h"
 #include "cpu/simd.h"
 #include "cpu/slice_path.h"
 #include "cuda/launch_config.h"
@@ -679,9 +683,29 @@ PyObject* slice_path_for(PyObject*, PyObject* args) {
   return PyUnicode_FromString(bilateral_ops::cpu::pixels_cheaper(g) ? "pixels" : "rows");
 }
 
+// filter_layout(N, H, W, ky, kx, border) -> (transposed, segments), see the top of this file.
+PyObject* filter_layout(PyObject*, PyObject* args) {
+  long long N, H, W, ky, kx;
+  const char* border;
+  if (!PyArg_ParseTuple(args, "LLLLLs", &N, &H, &W, &ky, &kx, &border)) return nullptr;
+  const std::string b = border;
+  int code = -1;
+  if (b == "reflect") code = bilateral_ops::kReflect;
+  if (b == "replicate") code = bilateral_ops::kReplicate;
+  if (b == "constant") code = bilateral_ops::kConstant;
+  if (b == "circular") code = bilateral_ops::kCircular;
+  if (code < 0) {
+    PyErr_Format(PyExc_ValueError, "unknown border '%s'", border);
+    return nullptr;
+  }
+  const auto l = bilateral_ops::cpu::filter::cpu_layout(N, H, W, ky, kx, code);
+  return Py_BuildValue("(OL)", l.transposed ? Py_True : Py_False, static_cast<long long>(l.segments));
+}
+
 PyMethodDef methods[] = {
     {"slice_path", slice_path, METH_VARARGS, "The CPU slice ops' path: 'auto', 'rows' or 'pixels'."},
     {"slice_path_for", slice_path_for, METH_VARARGS, "The path 'auto' takes for one image and grid."},
+    {"filter_layout", filter_layout, METH_VARARGS, "How the CPU bilateral_filter lays out a call of these sizes."},
     {"launch_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_plans)),
      METH_VARARGS | METH_KEYWORDS, "The CUDA launches of one op call (see csrc/module.cpp)."},
     {"curve_plans", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(curve_plans)),

@@ -613,7 +613,7 @@ def test_empty_images(shape):
     assert x.grad.shape == shape and (x.grad == 0).all()
 
 
-@pytest.mark.parametrize("nhw", [(2, 64, 70), (1, 600, 12)], ids=["wide", "narrow"])
+@pytest.mark.parametrize("nhw", [(2, 64, 70), (1, 600, 12), (1, 4, 3000)], ids=["wide", "narrow", "strip"])
 def test_deterministic_across_runs_and_threads(nhw, restore_num_threads):
     # The narrow image is one whose transposition would pay at 1 thread and not at 3, had the
     # thread count entered the choice.
@@ -882,6 +882,54 @@ def test_narrow_images_match_reference_with_gradients(h, w, ks, border, distance
     and every gradient, the sigma_space gradient's two axes included, against the reference."""
     x, g, sc, ss = _leaves(2, 2, cg, h, w, seed=13)
     _assert_matches_reference_with_gradients((x, g, sc, ss), ks, border, distance, seed=14)
+
+
+@pytest.mark.parametrize(
+    "n, h, w, ks, border, distance, cg",
+    [
+        (1, 1, 1100, (1, 9), "reflect", "l1", None),  # a one-row signal: 2 segments
+        (1, 2, 1700, (3, 5), "replicate", "l2", 2),  # 3 segments
+        (2, 3, 1200, (3, 9), "constant", "l1", None),  # a batch of two strips: 2 segments each
+        (1, 1, 5000, (1, 31), "reflect", "l2", 3),  # 9 of 8: the last segment's own columns fewer
+        (1, 1300, 2, (9, 3), "replicate", "l1", 1),  # a narrow image's transpose, cut in 2
+    ],
+)
+def test_segmented_images_match_reference_with_gradients(n, h, w, ks, border, distance, cg):
+    """Images of few bands (one-row signals, strips, a narrow image's transpose) are filtered on
+    the CPU as a batch of overlapping column segments, so that more than one thread has work:
+    values and every gradient (the overlaps' gradients added, the sigmas' summed over the
+    segments) against the float64 reference."""
+    _, segments = bo._C.filter_layout(n, h, w, *ks, border)
+    assert segments > 1
+    x, g, sc, ss = _leaves(n, 2, cg, h, w, seed=17)
+    _assert_matches_reference_with_gradients((x, g, sc, ss), ks, border, distance, seed=18)
+
+
+def test_segmented_images_keep_the_saved_weights():
+    """A segmented image's weight sums W are the image's (each taken from its own segment), and
+    the backward from them, which cuts them into segments too, equals the one that recomputes
+    them. Circular borders read across the image and are not cut."""
+    assert bo._C.filter_layout(1, 1, 4000, 1, 9, "reflect") == (False, 7)
+    assert bo._C.filter_layout(1, 1, 4000, 1, 9, "circular") == (False, 1)
+    assert bo._C.filter_layout(1, 256, 256, 9, 9, "reflect") == (False, 1)
+    assert bo._C.filter_layout(1, 4000, 1, 9, 1, "reflect") == (True, 7)
+    x = _rand(2, 3, 2, 1500, dtype=F64, seed=19)
+    sc, ss = torch.full((2,), 0.3, dtype=F64), torch.tensor([[1.0, 2.0]] * 2, dtype=F64)
+    assert bo._C.filter_layout(2, 2, 1500, 1, 7, "replicate")[1] == 2
+    out, norm = OPS._bilateral_filter_forward(x, None, [1, 7], sc, ss, "replicate", "l1")
+    assert out.is_contiguous() and norm.is_contiguous() and norm.shape == (2, 2, 1500)
+    _assert_close(out, reference.bilateral_filter(x, None, (1, 7), sc, ss, "replicate", "l1"), 1e-12, "output")
+    # With a one-row window W away from the left and right edges does not depend on the border:
+    # against the circular border's, computed on the image uncut.
+    _, norm_uncut = OPS._bilateral_filter_forward(x, None, [1, 7], sc, ss, "circular", "l1")
+    _assert_close(norm[..., 3:-3], norm_uncut[..., 3:-3], 1e-12, "W")
+    go = _rand(2, 3, 2, 1500, dtype=F64, seed=20)
+    args = (go, x, None, [1, 7], sc, ss, "replicate", "l1", [True, False, True, True])
+    saved = OPS._bilateral_filter_backward(*args, out, norm)
+    again = OPS._bilateral_filter_backward(*args, None, None)
+    for a, b in zip(saved, again):
+        if b.numel():
+            _assert_close(a, b, 1e-12 * (1 + b.abs().max().item()))
 
 
 def test_narrow_images_keep_the_layout_and_the_saved_weights():

@@ -18,7 +18,8 @@ import pytest
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 # Fragments included inside a namespace or a target pragma by design (isa_copies.h says how),
 # and headers that need ATen, are compiled by the build itself.
-FRAGMENTS = {"curve_pointwise.h", "isa_vec.h", "isa_copies.h", "bilateral_filter_kernels.h", "curve_guide_kernels.h"}
+FRAGMENTS = {"curve_pointwise.h", "isa_vec.h", "isa_copies.h", "bilateral_filter_kernels.h", "curve_guide_kernels.h",
+             "bilateral_filter_copy.h"}
 
 
 def _standalone_headers() -> list[pathlib.Path]:

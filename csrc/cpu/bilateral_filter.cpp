@@ -55,17 +55,9 @@
 #include "simd.h"
 
 // The baseline copy of the kernels (the others: bilateral_filter_v3.cpp, bilateral_filter_v4.cpp).
-namespace bilateral_ops {
-namespace cpu {
-namespace filter {
-#define BO_ISA_KERNELS "bilateral_filter_kernels.h"
 #define BO_ISA_ONLY 1
-#include "isa_copies.h"
+#include "bilateral_filter_copy.h"
 #undef BO_ISA_ONLY
-#undef BO_ISA_KERNELS
-}  // namespace filter
-}  // namespace cpu
-}  // namespace bilateral_ops
 
 namespace bilateral_ops {
 namespace cpu {
@@ -320,14 +312,126 @@ struct Prepared {
 // they must not depend on the number of threads.
 constexpr double kBandsInFlight = 2;
 
-double sweep_cost(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px) {
+// Images of few bands (a one-row signal, a short strip, a narrow image's transpose) are one task
+// or a few: nothing for the other threads to do. Such an image is cut into S column segments that
+// overlap by the window's half width px on each side, filtered as a batch of N S images, and its
+// results are taken from each segment's own columns; the backward adds the segments' gradients,
+// which meet in the overlaps, in segment order. An own column's window lies inside its segment,
+// so its output and its terms are the unsegmented image's; a segment's inner edges are padded by
+// the border rule, but that padding reaches only the overlap, whose outputs are dropped and whose
+// grad_output is zero. The circular border reads across the image, which the edge segments lack:
+// those images are not cut. S depends on the sizes only (kBandsWanted bands whatever the thread
+// count), so the results do not depend on the number of threads.
+constexpr int64_t kBandsWanted = 8;
+// A segment's own columns: at least this many, and 8 px (the overlap then costs at most a quarter).
+constexpr int64_t kMinSegment = 512;
+
+struct Segments {
+  int64_t S = 1;     // segments (1: not cut)
+  int64_t L = 0;     // own columns of each (the last may have fewer)
+  int64_t Wseg = 0;  // columns of each, own and overlap
+  int64_t W = 0, px = 0;
+  int64_t own0(int64_t s) const { return s * L; }
+  int64_t own1(int64_t s) const { return std::min(W, (s + 1) * L); }
+  // The image column of the segment's first: px before its own, within the image.
+  int64_t offset(int64_t s) const { return std::min(std::max<int64_t>(0, s * L - px), W - Wseg); }
+};
+
+Segments column_segments(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px, int border) {
+  Segments g;
+  g.W = W;
+  g.px = px;
+  if (border == kCircular || N * H * W == 0) return g;
+  // The sums pass's bands (Prepared's Bh and nb).
+  const int64_t Hp = H + 2 * py, Bh = std::max<int64_t>(std::min<int64_t>(32, Hp), py);
+  const int64_t bands = N * ((py + H + Bh - 1) / Bh);
+  if (bands >= kBandsWanted) return g;
+  const int64_t S = std::min((kBandsWanted + bands - 1) / bands, W / std::max(kMinSegment, 8 * px));
+  if (S < 2) return g;
+  g.S = S;
+  g.L = (W + S - 1) / S;
+  g.Wseg = std::min(W, g.L + 2 * px);
+  return g;
+}
+
+double sweep_cost(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px, int border) {
   const double lanes = 16.0 * std::ceil(static_cast<double>(W + 2 * px) / 16.0);
-  const double bands = static_cast<double>(N) * std::ceil(static_cast<double>(H + py) / 32.0);
+  const double bands = static_cast<double>(N) * std::ceil(static_cast<double>(H + py) / 32.0) *
+                       static_cast<double>(column_segments(N, H, W, py, px, border).S);
   return static_cast<double>(H + py) * lanes / std::min(kBandsInFlight, bands);
 }
 
 bool narrow(const FilterShape& s) {
-  return sweep_cost(s.N, s.W, s.H, s.px, s.py) < 0.8 * sweep_cost(s.N, s.H, s.W, s.py, s.px);
+  return sweep_cost(s.N, s.W, s.H, s.px, s.py, s.border) < 0.8 * sweep_cost(s.N, s.H, s.W, s.py, s.px, s.border);
+}
+
+Segments column_segments(const FilterShape& s) {
+  return column_segments(s.N, s.H, s.W, s.py, s.px, s.border);
+}
+
+// t's columns (dimension dim, the last) cut into g's segments: (N, ...) -> (N S, ..., Wseg),
+// image n's segments in order. With own_only, the columns outside each segment's own are zero.
+at::Tensor segmented(const at::Tensor& t, const Segments& g, int64_t dim, bool own_only = false) {
+  std::vector<at::Tensor> parts;
+  for (int64_t k = 0; k < g.S; ++k) parts.push_back(t.narrow(dim, g.offset(k), g.Wseg));
+  at::Tensor st = at::stack(parts, 1);
+  if (own_only) {
+    for (int64_t k = 0; k < g.S; ++k) {
+      at::Tensor seg = st.select(1, k);
+      const int64_t a = g.own0(k) - g.offset(k), b = g.own1(k) - g.offset(k);
+      seg.narrow(dim, 0, a).zero_();
+      seg.narrow(dim, b, g.Wseg - b).zero_();
+    }
+  }
+  std::vector<int64_t> sizes = st.sizes().vec();
+  sizes[0] *= g.S;
+  sizes.erase(sizes.begin() + 1);
+  return st.reshape(sizes);
+}
+
+c10::optional<at::Tensor> segmented(const c10::optional<at::Tensor>& t, const Segments& g, int64_t dim) {
+  if (!(t.has_value() && t->defined())) return t;
+  return segmented(*t, g, dim);
+}
+
+// One value (sigma_color (N,)) or row (sigma_space (N, 2)) per image -> per segment.
+at::Tensor per_segment(const at::Tensor& t, const Segments& g) {
+  return t.repeat_interleave(g.S, 0);
+}
+
+// A segmented result back on the image (full: its sizes): each segment's own columns (kOwn), or
+// (kAdd) every segment's columns added in segment order. Masked-out results pass as they are.
+enum class Join { kOwn, kAdd };
+
+at::Tensor unsegmented(const at::Tensor& t, const Segments& g, int64_t dim, at::IntArrayRef full, Join how) {
+  if (!t.defined() || t.dim() != static_cast<int64_t>(full.size())) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] /= g.S;
+  sizes.insert(sizes.begin() + 1, g.S);
+  const at::Tensor v = t.view(sizes);
+  at::Tensor out = how == Join::kOwn ? at::empty(full, t.options()) : at::zeros(full, t.options());
+  for (int64_t k = 0; k < g.S; ++k) {
+    const at::Tensor seg = v.select(1, k);
+    if (how == Join::kOwn) {
+      const int64_t n = g.own1(k) - g.own0(k);
+      out.narrow(dim, g.own0(k), n).copy_(seg.narrow(dim, g.own0(k) - g.offset(k), n));
+    } else {
+      out.narrow(dim, g.offset(k), g.Wseg).add_(seg);
+    }
+  }
+  return out;
+}
+
+// Per-segment sigma gradients (N S, ...) summed per image, in segment order.
+at::Tensor per_image(const at::Tensor& t, const Segments& g) {
+  if (!t.defined() || t.dim() == 0 || t.numel() == 0) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] /= g.S;
+  sizes.insert(sizes.begin() + 1, g.S);
+  const at::Tensor v = t.view(sizes);
+  at::Tensor out = v.select(1, 0).clone();
+  for (int64_t k = 1; k < g.S; ++k) out.add_(v.select(1, k));
+  return out;
 }
 
 at::Tensor transposed(const at::Tensor& t, int64_t a, int64_t b) {
@@ -360,6 +464,14 @@ std::tuple<at::Tensor, at::Tensor> filter_forward(const at::Tensor& input, const
     const auto r = filter_forward(transposed(input, 2, 3), transposed(guidance, 2, 3), swapped(kernel_size),
                                   sigma_color, sigma_space.flip(-1), border_type, color_distance_type, want_norm);
     return {untransposed(std::get<0>(r), 2, 3), untransposed(std::get<1>(r), 1, 2)};
+  }
+  if (const Segments g = column_segments(s); g.S > 1) {
+    const auto r = filter_forward(segmented(input, g, 3), segmented(guidance, g, 3), kernel_size,
+                                  per_segment(sigma_color, g), per_segment(sigma_space, g), border_type,
+                                  color_distance_type, want_norm);
+    const at::Tensor& nr = std::get<1>(r);
+    return {unsegmented(std::get<0>(r), g, 3, input.sizes(), Join::kOwn),
+            nr.defined() ? unsegmented(nr, g, 2, {s.N, s.H, s.W}, Join::kOwn) : nr};
   }
   const auto dt = compute_dtype(input.scalar_type());
   at::Tensor norm = want_norm ? at::empty({s.N, s.H, s.W}, input.options().dtype(filter_norm_dtype(input.scalar_type())))
@@ -414,6 +526,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
     const at::Tensor& gss = std::get<3>(r);
     return {untransposed(std::get<0>(r), 2, 3), untransposed(std::get<1>(r), 2, 3), std::get<2>(r),
             mask[3] ? gss.flip(-1) : gss};
+  }
+  if (const Segments g = column_segments(s); g.S > 1) {  // see column_segments
+    const auto r = bilateral_filter_backward(
+        segmented(grad_output, g, 3, true), segmented(input, g, 3), segmented(guidance, g, 3), kernel_size,
+        per_segment(sigma_color, g), per_segment(sigma_space, g), border_type, color_distance_type, mask,
+        segmented(output, g, 3), segmented(norm, g, 2));
+    return {unsegmented(std::get<0>(r), g, 3, input.sizes(), Join::kAdd),
+            unsegmented(std::get<1>(r), g, 3, gd_like.sizes(), Join::kAdd), per_image(std::get<2>(r), g),
+            per_image(std::get<3>(r), g)};
   }
   // Every wanted gradient is computed below (check_filter_mask refuses grad_guidance without a
   // guidance); the others come back masked out. Zeros here would be filled only to be replaced.
@@ -500,6 +621,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
 }
 
 }  // namespace
+
+Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, int border) {
+  FilterShape s{};
+  s.N = N;
+  s.H = H;
+  s.W = W;
+  s.ky = ky;
+  s.kx = kx;
+  s.py = ky / 2;
+  s.px = kx / 2;
+  s.border = border;
+  const bool t = s.pixels() > 0 && narrow(s);
+  if (t) {
+    std::swap(s.H, s.W);
+    std::swap(s.py, s.px);
+  }
+  return {t, column_segments(s).S};
+}
+
 }  // namespace filter
 }  // namespace cpu
 }  // namespace bilateral_ops

@@ -248,6 +248,15 @@ BO_ALWAYS_INLINE void fold_row(const Args<T>& p, const T* prow, T* drow, bool as
 
 enum class Pass { kForward, kPass1, kPass2 };
 
+// How the CPU filter runs a call of these sizes (bilateral_filter.cpp; the tests ask, through
+// bilateral_ops._C.filter_layout): whether as the image's transpose, and in how many column
+// segments of that image.
+struct Layout {
+  bool transposed;
+  int64_t segments;
+};
+Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, int border);
+
 // The task function of each instruction set's copy: the pass of band t, with p the call's
 // arguments and s the worker's scratch. Instantiated for float and double by the unit of each copy.
 #define BO_FILTER_TASK_DECL(NS)                                                    \
