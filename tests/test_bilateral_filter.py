@@ -887,8 +887,8 @@ def test_narrow_images_match_reference_with_gradients(h, w, ks, border, distance
 @pytest.mark.parametrize(
     "n, h, w, ks, border, distance, cg",
     [
-        (1, 1, 1100, (1, 9), "reflect", "l1", None),  # a one-row signal: 2 segments
-        (1, 2, 1700, (3, 5), "replicate", "l2", 2),  # 3 segments
+        (1, 1, 1100, (1, 31), "reflect", "l1", None),  # a one-row signal: 2 segments
+        (1, 2, 1700, (3, 9), "replicate", "l2", 2),  # 3 segments
         (2, 3, 1200, (3, 9), "constant", "l1", None),  # a batch of two strips: 2 segments each
         (1, 1, 5000, (1, 31), "reflect", "l2", 3),  # 9 of 8: the last segment's own columns fewer
         (1, 1300, 2, (9, 3), "replicate", "l1", 1),  # a narrow image's transpose, cut in 2
@@ -909,22 +909,23 @@ def test_segmented_images_keep_the_saved_weights():
     """A segmented image's weight sums W are the image's (each taken from its own segment), and
     the backward from them, which cuts them into segments too, equals the one that recomputes
     them. Circular borders read across the image and are not cut."""
-    assert bo._C.filter_layout(1, 1, 4000, 1, 9, "reflect") == (False, 7)
-    assert bo._C.filter_layout(1, 1, 4000, 1, 9, "circular") == (False, 1)
+    assert bo._C.filter_layout(1, 1, 4000, 1, 31, "reflect") == (False, 7)
+    assert bo._C.filter_layout(1, 1, 4000, 1, 31, "circular") == (False, 1)
+    assert bo._C.filter_layout(1, 1, 4000, 1, 9, "reflect") == (False, 1)  # too few taps to pay
     assert bo._C.filter_layout(1, 256, 256, 9, 9, "reflect") == (False, 1)
-    assert bo._C.filter_layout(1, 4000, 1, 9, 1, "reflect") == (True, 7)
+    assert bo._C.filter_layout(1, 4000, 1, 31, 1, "reflect") == (True, 7)
     x = _rand(2, 3, 2, 1500, dtype=F64, seed=19)
     sc, ss = torch.full((2,), 0.3, dtype=F64), torch.tensor([[1.0, 2.0]] * 2, dtype=F64)
-    assert bo._C.filter_layout(2, 2, 1500, 1, 7, "replicate")[1] == 2
-    out, norm = OPS._bilateral_filter_forward(x, None, [1, 7], sc, ss, "replicate", "l1")
+    assert bo._C.filter_layout(2, 2, 1500, 1, 31, "replicate")[1] == 2
+    out, norm = OPS._bilateral_filter_forward(x, None, [1, 31], sc, ss, "replicate", "l1")
     assert out.is_contiguous() and norm.is_contiguous() and norm.shape == (2, 2, 1500)
-    _assert_close(out, reference.bilateral_filter(x, None, (1, 7), sc, ss, "replicate", "l1"), 1e-12, "output")
+    _assert_close(out, reference.bilateral_filter(x, None, (1, 31), sc, ss, "replicate", "l1"), 1e-12, "output")
     # With a one-row window W away from the left and right edges does not depend on the border:
     # against the circular border's, computed on the image uncut.
-    _, norm_uncut = OPS._bilateral_filter_forward(x, None, [1, 7], sc, ss, "circular", "l1")
-    _assert_close(norm[..., 3:-3], norm_uncut[..., 3:-3], 1e-12, "W")
+    _, norm_uncut = OPS._bilateral_filter_forward(x, None, [1, 31], sc, ss, "circular", "l1")
+    _assert_close(norm[..., 15:-15], norm_uncut[..., 15:-15], 1e-12, "W")
     go = _rand(2, 3, 2, 1500, dtype=F64, seed=20)
-    args = (go, x, None, [1, 7], sc, ss, "replicate", "l1", [True, False, True, True])
+    args = (go, x, None, [1, 31], sc, ss, "replicate", "l1", [True, False, True, True])
     saved = OPS._bilateral_filter_backward(*args, out, norm)
     again = OPS._bilateral_filter_backward(*args, None, None)
     for a, b in zip(saved, again):

@@ -325,6 +325,9 @@ constexpr double kBandsInFlight = 2;
 constexpr int64_t kBandsWanted = 8;
 // A segment's own columns: at least this many, and 8 px (the overlap then costs at most a quarter).
 constexpr int64_t kMinSegment = 512;
+// Windows of fewer taps are not cut: the copies would cost about what a thread saves (a one-row
+// signal at k = (1, 9): 7 -> 8 ns a pixel forward at one thread, 6-7 -> 5-7 at two).
+constexpr int64_t kMinSegmentTaps = 25;
 
 struct Segments {
   int64_t S = 1;     // segments (1: not cut)
@@ -341,7 +344,7 @@ Segments column_segments(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px
   Segments g;
   g.W = W;
   g.px = px;
-  if (border == kCircular || N * H * W == 0) return g;
+  if (border == kCircular || N * H * W == 0 || (2 * py + 1) * (2 * px + 1) < kMinSegmentTaps) return g;
   // The sums pass's bands (Prepared's Bh and nb).
   const int64_t Hp = H + 2 * py, Bh = std::max<int64_t>(std::min<int64_t>(32, Hp), py);
   const int64_t bands = N * ((py + H + Bh - 1) / Bh);
