@@ -298,12 +298,15 @@ def test_grey_input_with_guidance_matches_kornia(distance, cg):
 
 @pytest.mark.parametrize("c, cg", [(2, None), (4, None), (2, 3), (1, 1)], ids=["flow", "rgba", "flow-by-rgb", "grey-by-grey"])
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_float32_channel_kernels_match_float64_with_gradients(c, cg, distance):
+@pytest.mark.parametrize("h, w, ks, border", [(45, 37, (7, 5), "reflect"), (20, 24, (33, 35), "replicate")],
+                         ids=["bands", "staged"])
+def test_float32_channel_kernels_match_float64_with_gradients(c, cg, distance, h, w, ks, border):
     """The CPU's float32 kernels for two- and four-channel images, a flow field guided by RGB and a
     grey image by a grey one (channel counts fixed at compile time), across band boundaries and
-    a batch of two: values against kornia, and values and every gradient (input, guidance, both
-    sigmas) against the float64 path, which takes the kernels of any channel count."""
-    n, h, w, ks = 2, 45, 37, (7, 5)
+    a batch of two, and with a window of more than 32 x 32 taps (sums in two levels): values
+    against kornia, and values and every gradient (input, guidance, both sigmas) against the
+    float64 path, which takes the kernels of any channel count."""
+    n = 2
     x = _rand(n, c, h, w)
     g = None if cg is None else _rand(n, cg, h, w, seed=1)
     sc = 0.15 + 0.1 * _rand(n, seed=2)
@@ -313,13 +316,13 @@ def test_float32_channel_kernels_match_float64_with_gradients(c, cg, distance):
     def run(dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (x, g, sc, ss) if t is not None]
         xx, gg = leaves[0], (leaves[1] if g is not None else None)
-        out = bo.bilateral_filter(xx, ks, leaves[-2], leaves[-1], "reflect", distance, guidance=gg)
+        out = bo.bilateral_filter(xx, ks, leaves[-2], leaves[-1], border, distance, guidance=gg)
         return out, torch.autograd.grad(out, leaves, go.to(dtype))
 
     out, grads = run(torch.float32)
     out64, grads64 = run(torch.float64)
-    theirs = (KF.bilateral_blur(x, ks, sc, ss, "reflect", distance) if g is None
-              else KF.joint_bilateral_blur(x, g, ks, sc, ss, "reflect", distance))
+    theirs = (KF.bilateral_blur(x, ks, sc, ss, border, distance) if g is None
+              else KF.joint_bilateral_blur(x, g, ks, sc, ss, border, distance))
     _assert_close(out, theirs, 1e-5, "kornia")
     _assert_close(out, out64, 1e-5, "output")
     for a, b in zip(grads, grads64):
