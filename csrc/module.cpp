@@ -688,17 +688,13 @@ PyObject* filter_layout(PyObject*, PyObject* args) {
   long long N, H, W, ky, kx;
   const char* border;
   if (!PyArg_ParseTuple(args, "LLLLLs", &N, &H, &W, &ky, &kx, &border)) return nullptr;
-  const std::string b = border;
-  int code = -1;
-  if (b == "reflect") code = bilateral_ops::kReflect;
-  if (b == "replicate") code = bilateral_ops::kReplicate;
-  if (b == "constant") code = bilateral_ops::kConstant;
-  if (b == "circular") code = bilateral_ops::kCircular;
-  if (code < 0) {
-    PyErr_Format(PyExc_ValueError, "unknown border '%s'", border);
+  bilateral_ops::cpu::filter::Layout l;
+  try {
+    l = bilateral_ops::cpu::filter::cpu_layout(N, H, W, ky, kx, border);
+  } catch (const c10::Error& e) {  // an unknown border (the ops' own parse_border)
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
   }
-  const auto l = bilateral_ops::cpu::filter::cpu_layout(N, H, W, ky, kx, code);
   return Py_BuildValue("(OL)", l.transposed ? Py_True : Py_False, static_cast<long long>(l.segments));
 }
 

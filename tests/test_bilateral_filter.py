@@ -917,6 +917,8 @@ def test_segmented_images_keep_the_saved_weights():
     assert bo._C.filter_layout(1, 1, 4000, 1, 9, "reflect") == (False, 1)  # too few taps to pay
     assert bo._C.filter_layout(1, 256, 256, 9, 9, "reflect") == (False, 1)
     assert bo._C.filter_layout(1, 4000, 1, 31, 1, "reflect") == (True, 7)
+    with pytest.raises(ValueError, match="border_type"):
+        bo._C.filter_layout(1, 1, 4000, 1, 31, "wrap")
     x = _rand(2, 3, 2, 1500, dtype=F64, seed=19)
     sc, ss = torch.full((2,), 0.3, dtype=F64), torch.tensor([[1.0, 2.0]] * 2, dtype=F64)
     assert bo._C.filter_layout(2, 2, 1500, 1, 31, "replicate")[1] == 2

@@ -232,6 +232,12 @@ void fold_pads(const Args<T>& a, const T* pads, T* dst, int64_t Cx) {
   });
 }
 
+// The bands' height: 32 padded rows, or the padded image's Hp = H + 2 py when fewer, and at least
+// py (see Prepared).
+inline int64_t band_height(int64_t H, int64_t py) {
+  return std::max<int64_t>(std::min<int64_t>(32, H + 2 * py), py);
+}
+
 // Everything both passes share: the input and guidance in T, the per-image sigma tables, and the
 // Args.
 template <typename T>
@@ -263,7 +269,7 @@ struct Prepared {
     // taller than the padded image: the band planes are allocated and cleared by the band's
     // height, and a one-row image paid for 32 rows (61x the time per pixel of 512 x 512). Bands
     // split the rows as with 32 (one band when Hp <= 32), so the sums and results are the same.
-    a.Bh = std::max<int64_t>(std::min<int64_t>(32, a.Hp), s.py);
+    a.Bh = band_height(s.H, s.py);
     a.nb = (a.PH + a.Bh - 1) / a.Bh;
     a.nb2 = (a.Hp + a.Bh - 1) / a.Bh;
     const int64_t pairs = (s.ky * s.kx - 1) / 2;
@@ -345,8 +351,8 @@ Segments column_segments(int64_t N, int64_t H, int64_t W, int64_t py, int64_t px
   g.W = W;
   g.px = px;
   if (border == kCircular || N * H * W == 0 || (2 * py + 1) * (2 * px + 1) < kMinSegmentTaps) return g;
-  // The sums pass's bands (Prepared's Bh and nb).
-  const int64_t Hp = H + 2 * py, Bh = std::max<int64_t>(std::min<int64_t>(32, Hp), py);
+  // The sums pass's bands (Prepared's nb).
+  const int64_t Bh = band_height(H, py);
   const int64_t bands = N * ((py + H + Bh - 1) / Bh);
   if (bands >= kBandsWanted) return g;
   const int64_t S = std::min((kBandsWanted + bands - 1) / bands, W / std::max(kMinSegment, 8 * px));
@@ -402,16 +408,21 @@ at::Tensor per_segment(const at::Tensor& t, const Segments& g) {
   return t.repeat_interleave(g.S, 0);
 }
 
+// A segmented result (N S, ...) as (N, S, ...).
+at::Tensor by_segment(const at::Tensor& t, const Segments& g) {
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] /= g.S;
+  sizes.insert(sizes.begin() + 1, g.S);
+  return t.view(sizes);
+}
+
 // A segmented result back on the image (full: its sizes): each segment's own columns (kOwn), or
 // (kAdd) every segment's columns added in segment order. Masked-out results pass as they are.
 enum class Join { kOwn, kAdd };
 
 at::Tensor unsegmented(const at::Tensor& t, const Segments& g, int64_t dim, at::IntArrayRef full, Join how) {
   if (!t.defined() || t.dim() != static_cast<int64_t>(full.size())) return t;
-  std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[0] /= g.S;
-  sizes.insert(sizes.begin() + 1, g.S);
-  const at::Tensor v = t.view(sizes);
+  const at::Tensor v = by_segment(t, g);
   at::Tensor out = how == Join::kOwn ? at::empty(full, t.options()) : at::zeros(full, t.options());
   for (int64_t k = 0; k < g.S; ++k) {
     const at::Tensor seg = v.select(1, k);
@@ -428,10 +439,7 @@ at::Tensor unsegmented(const at::Tensor& t, const Segments& g, int64_t dim, at::
 // Per-segment sigma gradients (N S, ...) summed per image, in segment order.
 at::Tensor per_image(const at::Tensor& t, const Segments& g) {
   if (!t.defined() || t.dim() == 0 || t.numel() == 0) return t;
-  std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[0] /= g.S;
-  sizes.insert(sizes.begin() + 1, g.S);
-  const at::Tensor v = t.view(sizes);
+  const at::Tensor v = by_segment(t, g);
   at::Tensor out = v.select(1, 0).clone();
   for (int64_t k = 1; k < g.S; ++k) out.add_(v.select(1, k));
   return out;
@@ -625,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_filter_back
 
 }  // namespace
 
-Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, int border) {
+Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, const std::string& border) {
   FilterShape s{};
   s.N = N;
   s.H = H;
@@ -634,7 +642,7 @@ Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, int b
   s.kx = kx;
   s.py = ky / 2;
   s.px = kx / 2;
-  s.border = border;
+  s.border = parse_border(border);
   const bool t = s.pixels() > 0 && narrow(s);
   if (t) {
     std::swap(s.H, s.W);

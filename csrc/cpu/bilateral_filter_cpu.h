@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "bilateral_ops/bilateral_filter.h"
 #include "simd.h"
@@ -255,7 +256,7 @@ struct Layout {
   bool transposed;
   int64_t segments;
 };
-Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, int border);
+Layout cpu_layout(int64_t N, int64_t H, int64_t W, int64_t ky, int64_t kx, const std::string& border);
 
 // The task function of each instruction set's copy: the pass of band t, with p the call's
 // arguments and s the worker's scratch. Instantiated for float and double by the unit of each copy.
